@@ -1,0 +1,239 @@
+"""The Mamba backbone, readable top-down: backbone -> residual block -> mixer -> norm.
+
+Parameter names follow transformers' ``MambaModel`` / ``Mamba2Model`` (``embeddings``,
+``layers.{i}.norm``, ``layers.{i}.mixer.*``, ``norm_f``), so that a transformers-format state dict
+loads with its ``backbone.`` prefix removed and a saved st-mamba model is itself a transformers
+checkpoint. The scans and the convolution come from ``st_mamba.ops``, which picks the backend.
+Symbols (B, L, D, Di, N, K, R, H, P, G): see ``config.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from st_mamba import ops
+from st_mamba.config import MambaConfig
+
+
+class LayerState(NamedTuple):
+    """What one layer carries from one chunk of a text to the next."""
+
+    conv: Tensor  # (B, K - 1, conv_dim): the last inputs of the causal convolution
+    ssm: Tensor  # (B, Di, N) for Mamba-1, (B, H, P, N) for Mamba-2; fp32
+
+
+class MambaBackbone(nn.Module):
+    """Token ids -> final hidden states: embedding, ``n_layer`` residual blocks, final RMSNorm."""
+
+    def __init__(self, config: MambaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(ResidualBlock(config) for _ in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        state: list[LayerState] | None = None,
+        return_state: bool = False,
+    ) -> Tensor | tuple[Tensor, list[LayerState]]:
+        """(B, L) token ids -> (B, L, D) hidden states, optionally continuing from and returning ``state``."""
+        hidden = self.embeddings(input_ids)  # (B, L, D)
+        new_state = []
+        for i, layer in enumerate(self.layers):
+            layer_state = None if state is None else state[i]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden, layer_state = checkpoint(layer, hidden, layer_state, return_state, use_reentrant=False)
+            else:
+                hidden, layer_state = layer(hidden, layer_state, return_state)
+            new_state.append(layer_state)
+        hidden = self.norm_f(hidden)
+        return (hidden, new_state) if return_state else hidden
+
+    def reset_parameters(self, seed: int | None = None) -> MambaBackbone:
+        """Random initialisation as in mamba_ssm (for models trained from scratch and for tests)."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            nn.init.normal_(self.embeddings.weight, std=0.02, generator=generator)
+            for layer in self.layers:
+                layer.mixer.reset_parameters(generator, n_layer=self.config.n_layer)
+        return self
+
+
+class ResidualBlock(nn.Module):
+    """Pre-norm residual block: ``x + mixer(norm(x))``, the residual kept in fp32 if configured."""
+
+    def __init__(self, config: MambaConfig) -> None:
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mixer = Mamba1Mixer(config) if config.version == 1 else Mamba2Mixer(config)
+
+    def forward(
+        self, hidden: Tensor, state: LayerState | None, return_state: bool
+    ) -> tuple[Tensor, LayerState | None]:
+        residual = hidden.float() if self.residual_in_fp32 else hidden
+        out, state = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), state, return_state)
+        return (residual + out).to(out.dtype), state
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, returned in the input dtype."""
+
+    def __init__(self, size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba-2's output norm: ``rmsnorm(y * silu(z)) * weight``, normalised over ``groups`` equal slices."""
+
+    def __init__(self, size: int, groups: int = 1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.groups = groups
+        self.eps = eps
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        gated = y.float() * F.silu(z.float())
+        grouped = gated.unflatten(-1, (self.groups, -1))  # (..., G, Di / G)
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * grouped.flatten(-2).to(y.dtype)
+
+
+def _conv_weight(conv: nn.Conv1d) -> Tensor:
+    return conv.weight[:, 0, :]  # (C, 1, K) -> (C, K)
+
+
+class Mamba1Mixer(nn.Module):
+    """Mamba-1 selective SSM: per-channel decays, dt from a low-rank projection, output gated by z."""
+
+    def __init__(self, config: MambaConfig) -> None:
+        super().__init__()
+        self.config = config
+        d_inner, d_state, dt_rank = config.d_inner, config.d_state, config.dt_rank
+        self.in_proj = nn.Linear(config.d_model, 2 * d_inner, bias=config.bias)
+        # The weight layout of nn.Conv1d (depthwise) keeps checkpoints interchangeable; we never call it.
+        self.conv1d = nn.Conv1d(d_inner, d_inner, config.d_conv, groups=d_inner, bias=config.conv_bias)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias)
+
+    def forward(
+        self, hidden: Tensor, state: LayerState | None, return_state: bool
+    ) -> tuple[Tensor, LayerState | None]:
+        d_inner, d_state, dt_rank = self.config.d_inner, self.config.d_state, self.config.dt_rank
+        x, z = self.in_proj(hidden).split(d_inner, dim=-1)  # (B, L, Di) each
+        conv_out = ops.causal_conv1d(
+            x, _conv_weight(self.conv1d), self.conv1d.bias,
+            initial_state=None if state is None else state.conv, activation="silu", return_final_state=return_state,
+        )  # fmt: skip
+        x, conv_state = conv_out if return_state else (conv_out, None)
+        dt, B, C = self.x_proj(x).split([dt_rank, d_state, d_state], dim=-1)  # (B, L, R), (B, L, N), (B, L, N)
+        dt = F.linear(dt, self.dt_proj.weight)  # (B, L, Di); the bias is added inside the scan
+        A = -torch.exp(self.A_log.float())  # (Di, N), negative so that the state decays
+        scan_out = ops.selective_scan(
+            x, dt, A, B, C, self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
+            initial_state=None if state is None else state.ssm, return_final_state=return_state,
+        )  # fmt: skip
+        y, ssm_state = scan_out if return_state else (scan_out, None)
+        out = self.out_proj(y)  # (B, L, D)
+        return out, (LayerState(conv_state, ssm_state) if return_state else None)
+
+    def reset_parameters(self, generator: torch.Generator | None, n_layer: int) -> None:
+        cfg = self.config
+        for linear in (self.in_proj, self.x_proj, self.out_proj):
+            nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5), generator=generator)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        self.out_proj.weight /= math.sqrt(n_layer)
+        nn.init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5), generator=generator)
+        if self.conv1d.bias is not None:
+            nn.init.uniform_(self.conv1d.bias, -0.5, 0.5, generator=generator)
+        std = cfg.dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std, generator=generator)
+        self.dt_proj.bias.copy_(_inverse_softplus_dt(cfg.d_inner, generator))
+        # S4D-real initialisation: A = -(1, 2, ..., N) for every channel.
+        self.A_log.copy_(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).repeat(cfg.d_inner, 1))
+        self.D.fill_(1.0)
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 SSD mixer: one scalar decay per head, B and C shared within groups, gated RMSNorm."""
+
+    def __init__(self, config: MambaConfig) -> None:
+        super().__init__()
+        self.config = config
+        d_inner, nheads = config.d_inner, config.nheads
+        self.in_proj = nn.Linear(config.d_model, d_inner + config.conv_dim + nheads, bias=config.bias)
+        self.conv1d = nn.Conv1d(
+            config.conv_dim, config.conv_dim, config.d_conv, groups=config.conv_dim, bias=config.conv_bias
+        )
+        self.dt_bias = nn.Parameter(torch.empty(nheads))
+        self.A_log = nn.Parameter(torch.empty(nheads))
+        self.D = nn.Parameter(torch.ones(nheads))
+        self.norm = GatedRMSNorm(d_inner, groups=config.norm_groups, eps=config.norm_eps)
+        self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias)
+
+    def forward(
+        self, hidden: Tensor, state: LayerState | None, return_state: bool
+    ) -> tuple[Tensor, LayerState | None]:
+        cfg = self.config
+        batch, length, _ = hidden.shape
+        z, xBC, dt = self.in_proj(hidden).split([cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
+        conv_out = ops.causal_conv1d(
+            xBC, _conv_weight(self.conv1d), self.conv1d.bias,
+            initial_state=None if state is None else state.conv, activation="silu", return_final_state=return_state,
+        )  # fmt: skip
+        xBC, conv_state = conv_out if return_state else (conv_out, None)
+        x, B, C = xBC.split([cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.ngroups * cfg.d_state], dim=-1)
+        scan_out = ops.ssd_scan(
+            x.reshape(batch, length, cfg.nheads, cfg.headdim),  # (B, L, H, P)
+            dt,  # (B, L, H)
+            -torch.exp(self.A_log.float()),  # (H,)
+            B.reshape(batch, length, cfg.ngroups, cfg.d_state),  # (B, L, G, N)
+            C.reshape(batch, length, cfg.ngroups, cfg.d_state),
+            self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True, dt_limit=cfg.dt_limit,
+            initial_state=None if state is None else state.ssm, return_final_state=return_state,
+        )  # fmt: skip
+        y, ssm_state = scan_out if return_state else (scan_out, None)
+        out = self.out_proj(self.norm(y.reshape(batch, length, cfg.d_inner), z))  # (B, L, D)
+        return out, (LayerState(conv_state, ssm_state) if return_state else None)
+
+    def reset_parameters(self, generator: torch.Generator | None, n_layer: int) -> None:
+        cfg = self.config
+        for linear in (self.in_proj, self.out_proj):
+            nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5), generator=generator)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        self.out_proj.weight /= math.sqrt(n_layer)
+        nn.init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5), generator=generator)
+        if self.conv1d.bias is not None:
+            nn.init.uniform_(self.conv1d.bias, -0.5, 0.5, generator=generator)
+        self.dt_bias.copy_(_inverse_softplus_dt(cfg.nheads, generator))
+        self.A_log.copy_(torch.log(torch.empty(cfg.nheads).uniform_(1, 16, generator=generator)))
+        self.D.fill_(1.0)
+        self.norm.weight.fill_(1.0)
+
+
+def _inverse_softplus_dt(size: int, generator: torch.Generator | None, dt_min=1e-3, dt_max=0.1) -> Tensor:
+    """Biases whose softplus is log-uniform in [dt_min, dt_max], as mamba_ssm initialises dt."""
+    u = torch.rand(size, generator=generator)
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
+    return dt + torch.log(-torch.expm1(-dt))

@@ -1,0 +1,201 @@
+"""MambaEncoder: the Sentence-Transformers input module that turns a Mamba backbone into an embedder.
+
+As in Mamba Retriever (Zhang et al., 2024): ``<EOS>`` is appended to every text, the backbone reads
+the text left to right, and the final hidden state at ``<EOS>`` is the text's embedding (the
+pipeline's ``Normalize`` module then makes ``model.similarity`` a cosine).
+
+Texts are right-padded with EOS under the attention mask. For a causal model right padding is
+exact: no position before a text's EOS can see the padding after it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from sentence_transformers.base.modules import InputModule
+from torch import Tensor
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from st_mamba.checkpoints import CheckpointError, load_backbone, resolve_folder, save_backbone
+from st_mamba.config import MambaConfig
+from st_mamba.modeling import LayerState, MambaBackbone
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+class TokenizerNotFoundError(CheckpointError):
+    """The checkpoint folder has no tokenizer and none was named."""
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, eos_token_id: int = 0) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a folder or Hub id, making sure it knows its EOS token."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise TokenizerNotFoundError(
+            f"no tokenizer in {path} (looked for {', '.join(_TOKENIZER_FILES)}). mamba_ssm checkpoints do not ship "
+            "one: pass tokenizer_name_or_path='EleutherAI/gpt-neox-20b' or a local folder holding its tokenizer.json"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else str(name_or_path))
+    except Exception as exc:
+        raise TokenizerNotFoundError(f"could not load a tokenizer from {str(name_or_path)!r}: {exc}") from exc
+    if tokenizer.eos_token_id is None:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_token_id)
+    # We truncate ourselves (to max_seq_length - 1, then EOS): silence the tokenizer's own length warning.
+    tokenizer.model_max_length = int(1e30)
+    return tokenizer
+
+
+class MambaEncoder(InputModule):
+    """Mamba backbone + EOS pooling, as a Sentence-Transformers input module.
+
+    Args:
+        backbone: the Mamba (or Mamba-2) backbone.
+        tokenizer: its tokenizer (GPT-NeoX-20B for the state-spaces checkpoints).
+        max_seq_length: most tokens per text, EOS included; longer texts are truncated before the
+            EOS is appended. None keeps every token.
+        chunk_size: if set, batches longer than this many tokens are read in chunks of this size,
+            each chunk starting from the SSM and convolution states the previous one left, so that
+            activation memory stays constant however long the text. The embedding equals the
+            one-pass embedding. ``token_embeddings`` are then not returned.
+    """
+
+    config_file_name = "st_mamba_config.json"
+    config_keys = ["max_seq_length", "chunk_size"]
+
+    def __init__(
+        self,
+        backbone: MambaBackbone,
+        tokenizer: PreTrainedTokenizerBase,
+        max_seq_length: int | None = 512,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+        self.chunk_size = chunk_size
+        self.eos_token_id = tokenizer.eos_token_id
+
+    @property
+    def max_seq_length(self) -> int | None:
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int | None) -> None:
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"max_seq_length must be a positive int or None, got {value!r}")
+        self._max_seq_length = value
+
+    @property
+    def chunk_size(self) -> int | None:
+        return self._chunk_size
+
+    @chunk_size.setter
+    def chunk_size(self, value: int | None) -> None:
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {value!r}")
+        self._chunk_size = value
+
+    @property
+    def config(self) -> MambaConfig:
+        return self.backbone.config
+
+    def get_embedding_dimension(self) -> int:
+        return self.backbone.config.d_model
+
+    # --- preprocess ---------------------------------------------------------------------------
+
+    def preprocess(self, inputs: Sequence[str], prompt: str | None = None, **kwargs) -> dict[str, Tensor]:
+        """Tokenise, truncate to ``max_seq_length - 1``, append EOS, right-pad with EOS.
+
+        Returns ``input_ids`` and ``attention_mask``, both (B, L_max) int64.
+        """
+        if isinstance(inputs, str):
+            raise TypeError("expected a list of strings, got a single str; wrap it in a list")
+        for index, text in enumerate(inputs):
+            if not isinstance(text, str):
+                raise TypeError(f"text {index} of the batch is {type(text).__name__} ({text!r:.40}), expected str")
+        texts = [prompt + text for text in inputs] if prompt else list(inputs)
+        if not texts:
+            empty = torch.zeros(0, 1, dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty.clone()}
+        limit = None if self.max_seq_length is None else self.max_seq_length - 1
+        ids = self.tokenizer(
+            texts, add_special_tokens=False, truncation=limit is not None, max_length=limit,
+            return_attention_mask=False,
+        )["input_ids"]  # fmt: skip
+        if limit == 0:
+            ids = [[] for _ in ids]
+        longest = max(len(row) for row in ids) + 1
+        input_ids = torch.full((len(ids), longest), self.eos_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), longest), dtype=torch.long)
+        for row, tokens in enumerate(ids):
+            input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            attention_mask[row, : len(tokens) + 1] = 1  # the tokens and their EOS
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def forward(self, features: dict[str, Tensor], **kwargs) -> dict[str, Tensor]:
+        """Adds ``sentence_embedding`` (B, D), the hidden state at each EOS, and ``token_embeddings`` (B, L, D)."""
+        input_ids, attention_mask = features["input_ids"], features["attention_mask"]
+        eos_positions = attention_mask.sum(dim=1) - 1  # (B,): right padding puts EOS last
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        if self.chunk_size is not None and input_ids.shape[1] > self.chunk_size:
+            features["sentence_embedding"] = self._forward_streaming(input_ids, eos_positions)
+            return features
+        hidden = self.backbone(input_ids)  # (B, L, D)
+        features["token_embeddings"] = hidden
+        features["sentence_embedding"] = hidden[rows, eos_positions]
+        return features
+
+    def _forward_streaming(self, input_ids: Tensor, eos_positions: Tensor) -> Tensor:
+        """Read (B, L) ids ``chunk_size`` tokens at a time; keep only each text's hidden state at EOS."""
+        state: list[LayerState] | None = None
+        embedding = None
+        for start in range(0, input_ids.shape[1], self.chunk_size):
+            hidden, state = self.backbone(input_ids[:, start : start + self.chunk_size], state, return_state=True)
+            if embedding is None:
+                embedding = hidden.new_zeros(input_ids.shape[0], hidden.shape[-1])
+            here = (eos_positions >= start) & (eos_positions < start + hidden.shape[1])
+            if here.any():
+                rows = here.nonzero().squeeze(1)
+                embedding = embedding.index_put((rows,), hidden[rows, eos_positions[rows] - start])
+        return embedding
+
+    # --- save / load --------------------------------------------------------------------------
+
+    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
+        """Write the backbone as a transformers Mamba checkpoint (safetensors), the tokenizer and our config."""
+        save_backbone(self.backbone, output_path)
+        self.save_tokenizer(output_path)
+        self.save_config(output_path)
+
+    @classmethod
+    def load(
+        cls,
+        model_name_or_path: str,
+        subfolder: str = "",
+        token: bool | str | None = None,
+        cache_folder: str | None = None,
+        revision: str | None = None,
+        local_files_only: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+        **kwargs,
+    ) -> MambaEncoder:
+        """Load a saved MambaEncoder (the inverse of ``save``); ``model_kwargs`` may hold a ``dtype``."""
+        hub = dict(token=token, cache_folder=cache_folder, revision=revision, local_files_only=local_files_only)
+        folder = Path(resolve_folder(model_name_or_path, **hub)) / subfolder
+        config_path = folder / cls.config_file_name
+        settings = cls.load_config(str(folder)) if config_path.is_file() else {}
+        backbone, _ = load_backbone(folder)
+        dtype = (model_kwargs or {}).get("dtype") or (model_kwargs or {}).get("torch_dtype")
+        if dtype is not None:
+            backbone = backbone.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        tokenizer = load_tokenizer(folder, backbone.config.eos_token_id)
+        return cls(backbone, tokenizer, **settings)

@@ -1,0 +1,170 @@
+"""The one place that picks a backend for the scans and the causal convolution.
+
+``selective_scan`` (Mamba-1), ``ssd_scan`` (Mamba-2) and ``causal_conv1d`` each choose, per call,
+in one visible ``if`` chain:
+
+1. ``mamba_ssm`` / ``causal_conv1d`` CUDA kernels: CUDA tensors, packages importable, and the
+   call is one they support (mamba-ssm's Mamba-1 scan takes no initial state).
+2. ``cpu``: the compiled CPU scan (``ops/cpu.py``) for Mamba-1 on CPU when no gradient is needed.
+3. ``chunked``: pure PyTorch (``ops/chunked.py``), any device, differentiable.
+
+The Triton path (``ops/triton.py``) slots in as the first CUDA choice when it exists.
+``use_backend("reference")`` (or ``ST_MAMBA_BACKEND=reference``) forces one backend, for tests and
+benchmarks. Each (operation, backend, device) choice is logged once at INFO level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from st_mamba.ops import cpu as _cpu
+from st_mamba.ops.chunked import causal_conv1d_torch, selective_scan_chunked, ssd_scan_chunked
+from st_mamba.ops.reference import causal_conv1d_reference, selective_scan_reference, ssd_scan_reference
+
+try:
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_ssm_selective_scan
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _mamba_ssm_chunk_scan
+except ImportError:
+    _mamba_ssm_selective_scan = _mamba_ssm_chunk_scan = None
+try:
+    from causal_conv1d import causal_conv1d_fn as _causal_conv1d_cuda
+except ImportError:
+    _causal_conv1d_cuda = None
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("mamba_ssm", "cpu", "chunked", "reference")
+_forced: str | None = os.environ.get("ST_MAMBA_BACKEND") or None
+_announced: set[tuple[str, str, str]] = set()
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force one backend inside the block (None restores automatic choice)."""
+    global _forced
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def _announce(op: str, backend: str, device: torch.device) -> str:
+    key = (op, backend, device.type)
+    if key not in _announced:
+        _announced.add(key)
+        logger.info("st_mamba: %s runs on the %r backend (%s)", op, backend, device.type)
+    return backend
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def selective_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Mamba-1 selective scan. Shapes: see ``reference.selective_scan_reference``."""
+    args = (x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, return_final_state)
+    backend = _forced
+    if backend is None:
+        if x.is_cuda and _mamba_ssm_selective_scan is not None and initial_state is None:
+            backend = "mamba_ssm"
+        elif x.device.type == "cpu" and _cpu.available() and not _needs_grad(x, dt, A, B, C, D, z, dt_bias):
+            backend = "cpu"
+        else:
+            backend = "chunked"
+    _announce("selective_scan", backend, x.device)
+    if backend == "mamba_ssm":
+        out = _mamba_ssm_selective_scan(
+            x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D,
+            z=None if z is None else z.transpose(1, 2), delta_bias=dt_bias, delta_softplus=dt_softplus,
+            return_last_state=return_final_state,
+        )  # fmt: skip
+        if return_final_state:
+            return out[0].transpose(1, 2), out[1]
+        return out.transpose(1, 2)
+    if backend == "cpu":
+        return _cpu.selective_scan_cpu(*args)
+    if backend == "reference":
+        return selective_scan_reference(*args)
+    return selective_scan_chunked(*args)
+
+
+def ssd_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Mamba-2 scan. Shapes: see ``reference.ssd_scan_reference``."""
+    args = (x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, return_final_state)
+    backend = _forced
+    if backend is None or backend == "cpu":
+        backend = "mamba_ssm" if x.is_cuda and _mamba_ssm_chunk_scan is not None else "chunked"
+    _announce("ssd_scan", backend, x.device)
+    if backend == "mamba_ssm":
+        return _mamba_ssm_chunk_scan(
+            x, dt, A, B, C, chunk_size=256, D=D, dt_bias=dt_bias, initial_states=initial_state,
+            dt_softplus=dt_softplus, dt_limit=tuple(dt_limit), return_final_states=return_final_state,
+        )  # fmt: skip
+    if backend == "reference":
+        return ssd_scan_reference(*args)
+    return ssd_scan_chunked(*args)
+
+
+def causal_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    activation: str | None = "silu",
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Depthwise causal convolution, channels last. Shapes: see ``reference.causal_conv1d_reference``."""
+    args = (x, weight, bias, initial_state, activation, return_final_state)
+    backend = _forced
+    if backend is None or backend == "cpu":
+        backend = "mamba_ssm" if x.is_cuda and _causal_conv1d_cuda is not None else "chunked"
+    _announce("causal_conv1d", backend, x.device)
+    if backend == "mamba_ssm":
+        # causal-conv1d reads channels-last (B, C, L) views, which is what a transpose of (B, L, C) is.
+        out = _causal_conv1d_cuda(
+            x.transpose(1, 2), weight, bias,
+            initial_states=None if initial_state is None else initial_state.transpose(1, 2),
+            return_final_states=return_final_state, activation=activation,
+        )  # fmt: skip
+        if return_final_state:
+            return out[0].transpose(1, 2), out[1].transpose(1, 2)
+        return out.transpose(1, 2)
+    if backend == "reference":
+        return causal_conv1d_reference(*args)
+    return causal_conv1d_torch(*args)
+
+
+__all__ = ["BACKENDS", "causal_conv1d", "selective_scan", "ssd_scan", "use_backend"]
