@@ -107,7 +107,7 @@ def _config_from_transformers(raw: dict[str, Any]) -> MambaConfig:
             f"num_heads * head_dim = {nheads * headdim} does not equal expand * hidden_size = "
             f"{common['expand'] * common['d_model']}"
         )
-    limit = raw.get("time_step_limit", (0.0, math.inf))
+    limit = [_json_float(v) for v in raw.get("time_step_limit", (0.0, math.inf))]
     # transformers normalises the gated RMSNorm over all of d_inner (a single group).
     return MambaConfig(
         version=2, headdim=headdim, ngroups=raw.get("n_groups", 1), norm_groups=1, dt_limit=tuple(limit), **common
@@ -140,7 +140,7 @@ def _config_from_mamba_ssm(raw: dict[str, Any]) -> MambaConfig:
         # mamba_ssm's Mamba2 module normalises the gated output per group of heads.
         config = MambaConfig(
             version=2, headdim=ssm_cfg.pop("headdim", 64), ngroups=ngroups, norm_groups=ngroups,
-            dt_limit=tuple(ssm_cfg.pop("dt_limit", (0.0, math.inf))), **common,
+            dt_limit=tuple(_json_float(v) for v in ssm_cfg.pop("dt_limit", (0.0, math.inf))), **common,
         )  # fmt: skip
         if ssm_cfg.pop("norm_before_gate", False) or not ssm_cfg.pop("rmsnorm", True) or ssm_cfg.pop("D_has_hdim", False):
             raise CheckpointError("Mamba-2 variants with norm_before_gate, D_has_hdim or without rmsnorm are not supported")
@@ -148,6 +148,19 @@ def _config_from_mamba_ssm(raw: dict[str, Any]) -> MambaConfig:
     if ignored:
         raise CheckpointError(f"unsupported ssm_cfg options: {sorted(ignored)}")
     return config
+
+
+def _json_float(value: Any) -> float:
+    """transformers 5 writes non-finite floats as ``{"__float__": "Infinity"}``."""
+    if isinstance(value, dict) and "__float__" in value:
+        return float(value["__float__"])
+    return float(value)
+
+
+def _to_json_float(value: float) -> float | dict[str, str]:
+    if math.isfinite(value):
+        return value
+    return {"__float__": "Infinity" if value > 0 else "-Infinity"}
 
 
 def _first(value: Any, default: int) -> int:
@@ -253,7 +266,8 @@ def to_transformers_config(config: MambaConfig) -> dict[str, Any]:
         raise CheckpointError("transformers' Mamba2Model normalises over one group; this backbone uses norm_groups > 1")
     return {
         "model_type": "mamba2", "architectures": ["Mamba2Model"], "num_heads": config.nheads,
-        "head_dim": config.headdim, "n_groups": config.ngroups, "time_step_limit": list(config.dt_limit), **common,
+        "head_dim": config.headdim, "n_groups": config.ngroups,
+        "time_step_limit": [_to_json_float(v) for v in config.dt_limit], **common,
     }  # fmt: skip
 
 

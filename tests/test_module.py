@@ -1,0 +1,169 @@
+"""MambaEncoder inside a SentenceTransformer: preprocessing, EOS pooling, streaming, bad input, save/load."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import GPT_NEOX_DIR, random_texts, tiny_config
+from sentence_transformers import SentenceTransformer
+
+import st_mamba
+from st_mamba import MambaEncoder, TokenizerNotFoundError
+
+
+def encoder_of(model: SentenceTransformer) -> MambaEncoder:
+    return model[0]
+
+
+def test_preprocess_appends_eos_and_right_pads(tiny_model):
+    enc = encoder_of(tiny_model)
+    eos = enc.tokenizer.eos_token_id
+    features = enc.preprocess(["a b c d e f g", "a", ""])
+    ids, mask = features["input_ids"], features["attention_mask"]
+    lengths = mask.sum(1)
+    assert lengths[2] == 1 and ids[2, 0] == eos  # the empty string is EOS alone
+    for row in range(3):
+        n = int(lengths[row])
+        assert ids[row, n - 1] == eos and mask[row, :n].all() and not mask[row, n:].any()
+        assert (ids[row, n:] == eos).all()  # padding is EOS under a zero mask
+    plain = enc.tokenizer("a b c d e f g", add_special_tokens=False)["input_ids"]
+    assert ids[0, : len(plain)].tolist() == plain
+
+
+def test_truncation_keeps_eos(tiny_model):
+    enc = encoder_of(tiny_model)
+    enc.max_seq_length = 5
+    features = enc.preprocess([" ".join(["token"] * 50)])
+    assert features["input_ids"].shape == (1, 5)
+    assert features["input_ids"][0, -1] == enc.tokenizer.eos_token_id
+
+
+def test_embedding_is_normalised_hidden_state_at_eos(tiny_model):
+    enc = encoder_of(tiny_model)
+    features = enc.preprocess(["state space models"])
+    with torch.no_grad():
+        hidden = enc.backbone(features["input_ids"])
+    expected = torch.nn.functional.normalize(hidden[0, -1], dim=-1)
+    actual = tiny_model.encode(["state space models"], convert_to_tensor=True)[0]
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    sims = tiny_model.similarity(actual[None], actual[None])
+    assert sims.item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_padding_invariance(tiny_model):
+    texts = random_texts(6, seed=1, max_words=80)
+    short = min(texts, key=len)
+    alone = tiny_model.encode([short], convert_to_tensor=True)
+    in_batch = tiny_model.encode(texts, convert_to_tensor=True, batch_size=6)[texts.index(short)]
+    assert (alone[0] - in_batch).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 16])
+def test_streaming_equals_one_pass(tiny_model, chunk_size):
+    texts = random_texts(5, seed=2, max_words=60)
+    one_pass = tiny_model.encode(texts, convert_to_tensor=True)
+    encoder_of(tiny_model).chunk_size = chunk_size
+    streamed = tiny_model.encode(texts, convert_to_tensor=True)
+    assert (one_pass - streamed).abs().max().item() <= 1e-4
+
+
+def test_streaming_returns_no_token_embeddings(tiny_model):
+    enc = encoder_of(tiny_model)
+    enc.chunk_size = 4
+    out = enc(enc.preprocess(["a text that is longer than four tokens for sure"]))
+    assert "token_embeddings" not in out and out["sentence_embedding"].shape == (1, 32)
+
+
+def test_prompts_are_used_and_explicit_prompt_wins(tiny_model):
+    text = ["what is a state space model"]
+    query = tiny_model.encode_query(text)
+    assert np.allclose(query, tiny_model.encode(text, prompt="query: "), atol=1e-6)
+    # A random model forgets a prefix fast, so the prompt moves the embedding only a little; but it moves it.
+    assert np.abs(query - tiny_model.encode(text)).max() > 1e-5
+    document = tiny_model.encode_document(text)
+    assert np.allclose(document, tiny_model.encode(text, prompt="passage: "), atol=1e-6)
+    assert np.allclose(tiny_model.encode_query(text, prompt="custom: "), tiny_model.encode(["custom: " + text[0]]), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [None, 3, b"bytes", ["nested"]])
+def test_non_strings_raise_type_error_naming_position(tiny_model, bad):
+    with pytest.raises(TypeError, match=r"text \d+ of the batch is .*expected str"):
+        tiny_model.encode(["fine", bad, "also fine"])
+
+
+def test_empty_batch_and_empty_string(tiny_model):
+    assert len(tiny_model.encode([])) == 0
+    assert tiny_model.encode([""]).shape == (1, 32)
+    features = encoder_of(tiny_model).preprocess([])
+    assert features["input_ids"].shape[0] == 0
+
+
+def test_invalid_settings_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="max_seq_length"):
+        encoder_of(tiny_model).max_seq_length = 0
+    with pytest.raises(ValueError, match="chunk_size"):
+        encoder_of(tiny_model).chunk_size = -3
+
+
+def test_save_load_round_trip(tiny_model, tmp_path):
+    texts = random_texts(4, seed=3)
+    before = tiny_model.encode(texts)
+    tiny_model.save(str(tmp_path))
+    assert (tmp_path / "model.safetensors").is_file() and not list(tmp_path.glob("*.bin"))
+    assert "MambaEncoder" in (tmp_path / "modules.json").read_text()
+    assert (tmp_path / "README.md").is_file()  # Sentence-Transformers' model card
+    reloaded = SentenceTransformer(str(tmp_path), trust_remote_code=True, device="cpu")
+    np.testing.assert_array_equal(reloaded.encode(texts), before)
+    assert reloaded.prompts["query"] == "query: "
+    assert reloaded.max_seq_length == 256
+
+
+def test_loading_custom_module_needs_trust_remote_code(tiny_model, tmp_path):
+    tiny_model.save(str(tmp_path))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        SentenceTransformer(str(tmp_path), device="cpu")
+
+
+def test_missing_tokenizer_is_named(tiny_model, tmp_path):
+    tiny_model.save(str(tmp_path))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).unlink()
+    with pytest.raises(TokenizerNotFoundError, match="no tokenizer in"):
+        SentenceTransformer(str(tmp_path), trust_remote_code=True, device="cpu")
+
+
+def test_from_backbone_reads_a_checkpoint_and_its_tokenizer(tiny_model, tokenizer_dir, tmp_path):
+    tiny_model.save(str(tmp_path / "saved"))
+    backbone_dir = tmp_path / "lm"
+    backbone_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "saved" / name, backbone_dir / name)
+    with pytest.raises(TokenizerNotFoundError, match="no tokenizer in"):
+        st_mamba.from_backbone(backbone_dir, tokenizer_name_or_path=backbone_dir)
+    model = st_mamba.from_backbone(backbone_dir, tokenizer_name_or_path=tokenizer_dir, max_seq_length=256, device="cpu")
+    texts = random_texts(3, seed=4)
+    np.testing.assert_allclose(model.encode(texts), tiny_model.encode(texts), atol=1e-6)
+
+
+def test_ready_to_train_with_mnrl(tiny_model):
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    tiny_model.train()
+    loss_fn = MultipleNegativesRankingLoss(tiny_model)
+    queries = tiny_model.preprocess(["what is mamba", "how do retrievers rank"], prompt="query: ")
+    docs = tiny_model.preprocess(["Mamba is a state space model.", "Retrievers rank by cosine."], prompt="passage: ")
+    loss = loss_fn([queries, docs], labels=None)
+    loss.backward()
+    grads = [p.grad for p in encoder_of(tiny_model).backbone.parameters()]
+    assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.skipif(not GPT_NEOX_DIR.is_dir(), reason="needs ../shared/assets/gpt-neox-20b (the real Mamba tokenizer)")
+def test_gpt_neox_tokenizer_from_shared():
+    model = st_mamba.from_config(tiny_config(1, vocab_size=50280), GPT_NEOX_DIR, seed=0, device="cpu")
+    features = model[0].preprocess(["Hello world"])
+    assert features["input_ids"].tolist() == [[12092, 1533, 0]]  # <|endoftext|> = 0 appended
