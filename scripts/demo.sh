@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh) and run the main job: `st-mamba demo`, offline. Extra arguments go to the demo.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bash "$root/scripts/setup.sh"
+cd "$root"
+export HF_HUB_OFFLINE=1
+exec .venv/bin/st-mamba demo "$@"
