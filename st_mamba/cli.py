@@ -1,0 +1,548 @@
+"""The ``st-mamba`` command: encode, index, search, evaluate, bench and demo.
+
+    st-mamba demo                                            # retrieval over this repository's docs, offline
+    st-mamba encode --model M --input texts.txt --output vectors.npy
+    st-mamba index shared/data/scifact --model M --output scifact.index
+    st-mamba search scifact.index "do statins lower cholesterol?"
+    st-mamba evaluate beir --model M --data shared/data/scifact  # the same as python -m st_mamba.evaluation ...
+    st-mamba bench ...                                       # the same as python benchmarks/bench_cpu.py ...
+
+Every verb takes ``--help``. Texts are encoded exactly as read: a plain-text file gives one text per
+line (the line break itself is dropped), a JSONL file one text per line from ``--field``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import re
+import runpy
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger("st_mamba.cli")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO_ROOT / "models" / "st-mamba-distilled"
+"""The distilled st-mamba model shipped with the repository: the offline default of ``demo``."""
+GPT_NEOX_TOKENIZER_DIR = REPO_ROOT.parent / "shared" / "assets" / "gpt-neox-20b"
+"""Tokenizer of the untrained stand-in model ``demo`` builds while DEFAULT_MODEL does not exist."""
+
+DEMO_QUERIES = [
+    "How is a text turned into an embedding?",
+    "How can I embed a document that is too long to fit in memory?",
+    "Which checkpoint formats can st-mamba load?",
+    "Which backend runs the selective scan?",
+]
+INDEX_FILE, IDS_FILE, OFFSETS_FILE, META_FILE = "index.faiss", "ids.json", "offsets.npy", "index.json"
+_INDEX_BLOCK = 1024  # documents encoded and added to the index at a time, so memory stays flat
+
+
+class CliError(Exception):
+    """A bad input or missing file: reported on one line, exit status 1."""
+
+
+# --- models -----------------------------------------------------------------------------------------
+
+
+def load_model(name_or_path: str | os.PathLike, device: str | None = None) -> SentenceTransformer:
+    """Load a saved Sentence-Transformers folder (st-mamba or other) or a Hub id, naming what is missing."""
+    from sentence_transformers import SentenceTransformer
+
+    text = os.fspath(name_or_path)
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        return SentenceTransformer(str(folder), device=device, trust_remote_code=_is_st_mamba_folder(folder))
+    if folder.exists() or folder.is_absolute() or text.startswith((".", "~")):
+        raise CliError(f"no model folder at {folder}")
+    try:
+        return SentenceTransformer(text, device=device)
+    except OSError as exc:
+        raise CliError(
+            f"no model folder {folder.resolve()}, and the Hugging Face Hub did not give {text!r}: {exc}"
+        ) from exc
+
+
+def _is_st_mamba_folder(folder: Path) -> bool:
+    """True if modules.json names only st-mamba and Sentence-Transformers classes (both installed code)."""
+    modules = folder / "modules.json"
+    if not modules.is_file():
+        return False
+    types = [module.get("type", "") for module in json.loads(modules.read_text(encoding="utf-8"))]
+    return all(kind.startswith(("st_mamba.", "sentence_transformers.")) for kind in types)
+
+
+def untrained_model(tokenizer_dir: str | os.PathLike, seed: int = 0) -> SentenceTransformer:
+    """A small random st-mamba model: it runs everywhere, and its rankings mean nothing."""
+    from st_mamba import MambaConfig, from_config, load_tokenizer
+
+    vocab_size = len(load_tokenizer(tokenizer_dir))
+    config = MambaConfig(d_model=64, n_layer=2, vocab_size=vocab_size, d_state=8)
+    return from_config(config, tokenizer_dir, max_seq_length=512, seed=seed, device="cpu")
+
+
+def demo_model(model: str | None = None, tokenizer: str | None = None) -> tuple[SentenceTransformer, str, bool]:
+    """The model of the demo and examples: ``model``, else DEFAULT_MODEL, else an untrained stand-in.
+
+    Returns:
+        The model, a one-line description of it, and whether it is trained (False only for the
+        stand-in, which is also announced with a warning).
+    """
+    if model is not None:
+        return load_model(model), f"{model}", True
+    if DEFAULT_MODEL.is_dir():
+        return load_model(DEFAULT_MODEL), f"{DEFAULT_MODEL} (the repository's distilled model)", True
+    tokenizer_dir = Path(tokenizer) if tokenizer is not None else GPT_NEOX_TOKENIZER_DIR
+    if not tokenizer_dir.is_dir():
+        raise CliError(
+            f"no trained model at {DEFAULT_MODEL} and no tokenizer folder at {tokenizer_dir} to build an "
+            "untrained stand-in; pass --model PATH (a saved st-mamba or Sentence-Transformers folder) or --tokenizer DIR"
+        )
+    logger.warning(
+        "no trained model at %s: using an UNTRAINED random st-mamba model (tokenizer %s); its rankings are "
+        "meaningless. Pass --model PATH for real results.",
+        DEFAULT_MODEL,
+        tokenizer_dir,
+    )
+    description = f"UNTRAINED random st-mamba (d_model=64, 2 layers, tokenizer {tokenizer_dir})"
+    return untrained_model(tokenizer_dir), description, False
+
+
+def _apply_chunk_size(model: SentenceTransformer, chunk_size: int | None) -> None:
+    if chunk_size is None:
+        return
+    from st_mamba import MambaEncoder
+
+    if not isinstance(model[0], MambaEncoder):
+        raise CliError(f"--chunk-size is an st-mamba option; this model starts with {type(model[0]).__name__}")
+    model[0].chunk_size = chunk_size
+
+
+# --- reading texts -------------------------------------------------------------------------------------
+
+
+def read_texts(path: str, field: str) -> tuple[list[str], list[str]]:
+    """(ids, texts) from a JSONL file (one object a line, text in ``field``) or a plain file (one text a line)."""
+    stream = sys.stdin if path == "-" else _open(path)
+    ids, texts = [], []
+    with stream:
+        for number, line in enumerate(stream, start=1):
+            line = line.removesuffix("\n")
+            if path.endswith(".jsonl"):
+                if not line.strip():
+                    continue
+                row = _json_line(line, path, number)
+                if not isinstance(row.get(field), str):
+                    raise CliError(f"{path}:{number}: field {field!r} is missing or not a string")
+                ids.append(str(row.get("_id", row.get("id", number))))
+                texts.append(row[field])
+            else:
+                ids.append(str(number))
+                texts.append(line)
+    return ids, texts
+
+
+def iter_corpus(path: Path) -> Iterator[tuple[str, str, int]]:
+    """(id, text, byte offset) per document of a BEIR ``corpus.jsonl``: text is ``title + " " + text``, stripped.
+
+    That is the BEIR / MTEB convention, also used by ``st_mamba.evaluation``.
+    """
+    with path.open("rb") as stream:
+        offset = 0
+        for number, raw in enumerate(stream, start=1):
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
+                continue
+            row = _json_line(raw.decode("utf-8"), str(path), number)
+            doc_id, text = row.get("_id", row.get("id")), row.get("text")
+            if doc_id is None or not isinstance(text, str):
+                raise CliError(f"{path}:{number}: a corpus line needs an _id (or id) and a string text")
+            yield str(doc_id), f"{row.get('title') or ''} {text}".strip(), start
+
+
+def _corpus_file(corpus: str) -> Path:
+    path = Path(corpus).expanduser()
+    if path.is_dir():
+        path = path / "corpus.jsonl"
+    if not path.is_file():
+        raise CliError(f"no corpus at {path} (expected a JSONL file or a BEIR folder holding corpus.jsonl)")
+    return path
+
+
+def _open(path: str):
+    try:
+        return open(path, encoding="utf-8")  # noqa: SIM115 (closed by the caller's with)
+    except FileNotFoundError:
+        raise CliError(f"no file at {Path(path).resolve()}") from None
+
+
+def _json_line(line: str, path: str, number: int) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{path}:{number}: not JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise CliError(f"{path}:{number}: expected a JSON object")
+    return row
+
+
+# --- encode / index / search ---------------------------------------------------------------------------
+
+
+def _encode(model: SentenceTransformer, texts: list[str], kind: str, args: argparse.Namespace, progress: bool):
+    encode = model.encode_query if kind == "query" else model.encode_document
+    return encode(
+        texts, prompt=getattr(args, "prompt", None), batch_size=args.batch_size, show_progress_bar=progress,
+        convert_to_numpy=True,
+    )  # fmt: skip
+
+
+def command_encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    if bool(args.texts) == bool(args.input):
+        raise CliError("give texts as arguments or --input FILE (one of the two)")
+    ids, texts = (
+        (list(map(str, range(1, len(args.texts) + 1))), args.texts)
+        if args.texts
+        else read_texts(args.input, args.field)
+    )
+    model = load_model(args.model, args.device)
+    _apply_chunk_size(model, args.chunk_size)
+    embeddings = _encode(model, texts, args.kind, args, progress=not args.no_progress)
+    if args.output and args.output.endswith(".npy"):
+        np.save(args.output, embeddings.astype(np.float32))
+    else:
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+        for doc_id, vector in zip(ids, embeddings.tolist(), strict=True):
+            out.write(json.dumps({"id": doc_id, "embedding": vector}) + "\n")
+        if args.output:
+            out.close()
+    if args.output:
+        logger.info("wrote %d embeddings of dimension %d to %s", *embeddings.shape, args.output)
+    return 0
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise CliError("index and search need FAISS: pip install faiss-cpu (or pip install 'st-mamba[eval]')") from None
+    return faiss
+
+
+def command_index(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    faiss = _faiss()
+    corpus = _corpus_file(args.corpus)
+    model = load_model(args.model, args.device)
+    _apply_chunk_size(model, args.chunk_size)
+    index = faiss.IndexFlatIP(model.get_embedding_dimension())
+    ids, offsets = [], []
+    total = sum(1 for line in corpus.open("rb") if line.strip())
+    with tqdm(total=total, unit="doc", desc="Indexing", disable=args.no_progress) as bar:
+        block: list[tuple[str, str, int]] = []
+        for document in [*iter_corpus(corpus), None]:
+            if document is not None:
+                block.append(document)
+            if block and (document is None or len(block) == _INDEX_BLOCK):
+                vectors = _encode(model, [text for _, text, _ in block], "document", args, progress=False)
+                index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+                ids += [doc_id for doc_id, _, _ in block]
+                offsets += [offset for _, _, offset in block]
+                bar.update(len(block))
+                block = []
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, str(output / INDEX_FILE))
+    (output / IDS_FILE).write_text(json.dumps(ids), encoding="utf-8")
+    np.save(output / OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
+    meta = {"model": str(Path(args.model).expanduser().resolve()) if Path(args.model).expanduser().is_dir() else args.model,
+            "corpus": str(corpus.resolve()), "documents": len(ids), "dimension": index.d, "metric": "inner product",
+            "document_prompt": args.prompt}  # fmt: skip
+    (output / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    print(f"indexed {len(ids)} documents from {corpus} into {output}/ ({INDEX_FILE}, {IDS_FILE}, {META_FILE})")
+    return 0
+
+
+def command_search(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    faiss = _faiss()
+    folder = Path(args.index)
+    if not (folder / INDEX_FILE).is_file():
+        raise CliError(f"no index at {folder / INDEX_FILE} (build one with st-mamba index)")
+    meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    ids = json.loads((folder / IDS_FILE).read_text(encoding="utf-8"))
+    offsets = np.load(folder / OFFSETS_FILE)
+    if bool(args.queries) == bool(args.queries_file):
+        raise CliError("give queries as arguments or --queries-file FILE (one of the two)")
+    query_ids, queries = (
+        (list(map(str, range(1, len(args.queries) + 1))), args.queries) if args.queries else read_texts(args.queries_file, "text")
+    )  # fmt: skip
+    model = load_model(args.model or meta["model"], args.device)
+    vectors = _encode(model, queries, "query", args, progress=False)
+    scores, rows = faiss.read_index(str(folder / INDEX_FILE)).search(
+        np.ascontiguousarray(vectors, dtype=np.float32), args.top_k
+    )
+    corpus = Path(meta["corpus"])
+    run_lines = []
+    for query_id, query, query_scores, query_rows in zip(query_ids, queries, scores, rows, strict=True):
+        print(f"\nquery {query_id}: {query}")
+        for rank, (score, row) in enumerate(zip(query_scores, query_rows, strict=True), start=1):
+            if row < 0:  # fewer documents than top_k
+                break
+            run_lines.append(f"{query_id} Q0 {ids[row]} {rank} {score:.6f} st-mamba")
+            print(f"  {rank:>2}. {score:7.4f}  {ids[row]}  {_snippet(_document_at(corpus, int(offsets[row])))}")
+    if args.output:
+        Path(args.output).write_text("\n".join(run_lines) + "\n", encoding="utf-8")
+        print(f"\nwrote a TREC run of {len(run_lines)} lines to {args.output}")
+    return 0
+
+
+def _document_at(corpus: Path, offset: int) -> str:
+    if not corpus.is_file():
+        return "(corpus file moved)"
+    with corpus.open("rb") as stream:
+        stream.seek(offset)
+        row = json.loads(stream.readline())
+    return f"{row.get('title') or ''} {row.get('text', '')}".strip()
+
+
+def _snippet(text: str, width: int = 110) -> str:
+    """For display only: whitespace runs shown as one space, cut to ``width`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+# --- delegations ----------------------------------------------------------------------------------------
+
+
+def command_evaluate(arguments: Sequence[str]) -> int:
+    """Run ``python -m st_mamba.evaluation ARGUMENTS`` in this process."""
+    if importlib.util.find_spec("st_mamba.evaluation") is None:
+        raise CliError(
+            "st-mamba evaluate needs the evaluation harness st_mamba.evaluation, which this installation lacks"
+        )
+    saved_argv = sys.argv
+    sys.argv = ["st-mamba evaluate", *arguments]
+    try:
+        runpy.run_module("st_mamba.evaluation", run_name="__main__")
+    except SystemExit as exit_:
+        return _exit_status(exit_.code)
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+def command_bench(arguments: Sequence[str]) -> int:
+    """Run ``python benchmarks/bench_cpu.py ARGUMENTS`` from the source checkout."""
+    script = REPO_ROOT / "benchmarks" / "bench_cpu.py"
+    if not script.is_file():
+        raise CliError(
+            f"st-mamba bench runs {script}, which does not exist here (the benchmarks live in a source checkout of st-mamba)"
+        )
+    return subprocess.call([sys.executable, str(script), *arguments])
+
+
+def _exit_status(code: object) -> int:
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=sys.stderr)
+    return 1
+
+
+# --- demo -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Passage:
+    """A paragraph of a Markdown file and where it comes from (``docs/design.md § Long documents``)."""
+
+    source: str
+    text: str
+
+
+def read_passages(paths: Sequence[Path], root: Path | None = None) -> list[Passage]:
+    """Split Markdown files into passages: blank-line separated blocks, a fenced code block kept whole.
+
+    Headings are not passages; they name the passages under them. Passage text is the file's text.
+    """
+    return [passage for path in paths for passage in _markdown_passages(_short(path, root), path.read_text("utf-8"))]
+
+
+def _markdown_passages(name: str, markdown: str) -> list[Passage]:
+    passages: list[Passage] = []
+    heading, block, fenced = "", [], False
+
+    def flush() -> None:
+        if block:
+            passages.append(Passage(f"{name} § {heading}" if heading else name, "\n".join(block)))
+            block.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+            block.append(line)
+        elif fenced:
+            block.append(line)
+        elif match := re.match(r"#{1,6}\s+(.*)", line):
+            flush()
+            heading = match.group(1).strip()
+        elif line.strip():
+            block.append(line)
+        else:
+            flush()
+    flush()
+    return passages
+
+
+def demo_documents(corpus: Sequence[str] | None = None) -> tuple[list[Path], Path | None]:
+    """The demo's Markdown files: ``corpus`` (files or folders), else the repository's README.md and docs/."""
+    if corpus:
+        paths = []
+        for item in map(Path, corpus):
+            if item.is_dir():
+                paths += sorted(item.rglob("*.md")) + sorted(item.rglob("*.txt"))
+            elif item.is_file():
+                paths.append(item)
+            else:
+                raise CliError(f"no file or folder at {item.resolve()}")
+        return paths, None
+    paths = [p for p in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))] if p.is_file()]
+    return paths, REPO_ROOT
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    paths, root = demo_documents(args.corpus)
+    passages = read_passages(paths, root)
+    if not passages:
+        raise CliError("the demo found no passages: pass --corpus with Markdown or text files")
+    model, description, trained = demo_model(args.model, args.tokenizer)
+    queries = args.query or DEMO_QUERIES
+
+    started = time.perf_counter()
+    documents = model.encode_document([p.text for p in passages], batch_size=16, convert_to_numpy=True)
+    query_vectors = model.encode_query(queries, convert_to_numpy=True)
+    seconds = time.perf_counter() - started
+    scores = np.asarray(model.similarity(query_vectors, documents))
+
+    rule = "=" * 100
+    print(rule)
+    print("st-mamba demo: dense retrieval over Markdown passages")
+    print(f"model   : {description}")
+    if not trained:
+        print("WARNING : this model is UNTRAINED (random weights). The rankings below are MEANINGLESS; they only")
+        print(f"          show the pipeline working. Put a trained model at {DEFAULT_MODEL} or pass --model PATH.")
+    print(f"corpus  : {len(passages)} passages from {len(paths)} files ({', '.join(_short(p, root) for p in paths)})")
+    print(f"encoded : {len(passages)} passages + {len(queries)} queries in {seconds:.1f} s on {model.device}")
+    print(rule)
+    for query, row in zip(queries, scores, strict=True):
+        print(f"\nquery: {query}")
+        for rank, index in enumerate(np.argsort(-row)[: args.top_k], start=1):
+            print(f"  {rank}. {row[index]:.3f}  [{passages[index].source}]")
+            print(f"     {_snippet(passages[index].text, 160)}")
+    return 0
+
+
+def _short(path: Path, root: Path | None) -> str:
+    return str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else str(path)
+
+
+# --- command line ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="st-mamba", description="Mamba Retriever embeddings from the command line.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def add_model_options(verb: argparse.ArgumentParser, required: bool = True) -> None:
+        verb.add_argument(
+            "--model", required=required, help="saved st-mamba / Sentence-Transformers folder (or Hub id)"
+        )
+        verb.add_argument("--device", help="cpu, cuda, cuda:1... (default: Sentence-Transformers picks)")
+        verb.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: %(default)s)")
+        verb.add_argument("--prompt", help="prompt to prepend instead of the model's saved query/document prompt")
+
+    encode = verbs.add_parser("encode", help="embed texts into .npy or JSONL")
+    encode.add_argument("texts", nargs="*", help="texts to embed (or use --input)")
+    encode.add_argument("--input", help="plain-text file (one text a line), JSONL file (see --field), or - for stdin")
+    encode.add_argument("--field", default="text", help="JSONL field holding the text (default: %(default)s)")
+    encode.add_argument("--kind", choices=["document", "query"], default="document",
+                        help="encode_document or encode_query, i.e. which saved prompt (default: %(default)s)")  # fmt: skip
+    encode.add_argument("--output", "-o", help="out.npy (float32 matrix) or out.jsonl; default: JSONL on stdout")
+    encode.add_argument("--chunk-size", type=int, help="st-mamba: read texts longer than this many tokens in chunks")
+    encode.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_options(encode)
+    encode.set_defaults(run=command_encode)
+
+    index = verbs.add_parser("index", help="build a FAISS flat inner-product index of a JSONL / BEIR corpus")
+    index.add_argument("corpus", help="corpus.jsonl ({_id, title, text} lines) or a BEIR folder holding one")
+    index.add_argument(
+        "--output", "-o", required=True, help="folder for index.faiss, ids.json, offsets.npy, index.json"
+    )
+    index.add_argument("--chunk-size", type=int, help="st-mamba: read documents longer than this many tokens in chunks")
+    index.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_options(index)
+    index.set_defaults(run=command_index)
+
+    search = verbs.add_parser("search", help="query an index built by st-mamba index")
+    search.add_argument("index", help="folder written by st-mamba index")
+    search.add_argument("queries", nargs="*", help="query texts (or use --queries-file)")
+    search.add_argument("--queries-file", help="plain-text file (one query a line) or JSONL ({_id, text} lines)")
+    search.add_argument("--top-k", type=int, default=10, help="results per query (default: %(default)s)")
+    search.add_argument("--output", "-o", help="also write a TREC run file here")
+    add_model_options(search, required=False)
+    search.set_defaults(run=command_search)
+
+    # Listed for --help only: main() hands everything after these verbs to their own command lines.
+    verbs.add_parser("evaluate", help="retrieval evaluation: python -m st_mamba.evaluation ARGS (see evaluate --help)")
+    verbs.add_parser("bench", help="CPU benchmark: python benchmarks/bench_cpu.py ARGS (see bench --help)")
+
+    demo = verbs.add_parser("demo", help="retrieve passages of this repository's docs for a few questions, offline")
+    demo.add_argument("--model", help=f"model folder (default: {DEFAULT_MODEL}, else an untrained stand-in)")
+    demo.add_argument(
+        "--tokenizer", help=f"tokenizer folder for the untrained stand-in (default: {GPT_NEOX_TOKENIZER_DIR})"
+    )
+    demo.add_argument("--corpus", nargs="+", help="Markdown/text files or folders (default: README.md and docs/)")
+    demo.add_argument("--query", action="append", help="a question (repeatable; default: four about st-mamba)")
+    demo.add_argument("--top-k", type=int, default=3, help="passages shown per question (default: %(default)s)")
+    demo.set_defaults(run=command_demo)
+    return parser
+
+
+_DELEGATED_VERBS = {"evaluate": command_evaluate, "bench": command_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``st-mamba`` (and ``python -m st_mamba``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    verb = argv[0] if argv else None
+    try:
+        if verb in _DELEGATED_VERBS:
+            return _DELEGATED_VERBS[verb](argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except CliError as exc:
+        print(f"st-mamba {verb}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
