@@ -1,0 +1,3 @@
+from st_mamba.evaluation.cli import main
+
+raise SystemExit(main())

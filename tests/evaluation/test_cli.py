@@ -1,0 +1,99 @@
+"""The command line, run in-process through ``main([...])``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from st_mamba.evaluation.cli import build_parser, main
+
+
+@pytest.fixture
+def saved_model(tiny_model, tmp_path):
+    folder = tmp_path / "tiny-mamba"
+    tiny_model.save(str(folder))
+    return folder
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("beir", "score-run", "download", "mteb"):
+        assert command in out
+
+
+def test_score_run_writes_json_and_markdown(tiny_beir, tmp_path, capsys):
+    output = tmp_path / "scores.json"
+    status = main([
+        "score-run", "--qrels", str(tiny_beir / "qrels" / "test.tsv"), "--run", str(tiny_beir / "runs" / "first-stage.trec"),
+        "--measures", "nDCG@10", "RR@10", "--min-relevance", "2", "--output", str(output),
+    ])  # fmt: skip
+    assert status == 0
+    table = capsys.readouterr().out
+    assert table.startswith("| run | nDCG@10 | RR(rel=2)@10 | queries | seconds |")
+    report = json.loads(output.read_text())
+    assert report["min_relevance"] == 2 and report["results"][0]["queries"] == 3
+    assert output.with_suffix(".md").read_text() == table
+
+
+def test_beir_bm25_only(tiny_beir, tmp_path, capsys):
+    status = main(["beir", "--data", str(tiny_beir), "--bm25", "--no-progress", "--save-runs", str(tmp_path / "runs")])
+    assert status == 0
+    assert "| bm25 |" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "bm25.trec").is_file()
+
+
+def test_beir_model_compares_document_modes(saved_model, tiny_beir, tmp_path, capsys):
+    output = tmp_path / "results.json"
+    status = main([
+        "beir", "--model", str(saved_model), "--data", str(tiny_beir), "--top-k", "5", "--no-progress",
+        "--doc-mode", "one-pass", "--doc-mode", "truncate:16", "--doc-mode", "chunk:8:mean", "--output", str(output),
+    ])  # fmt: skip
+    assert status == 0, capsys.readouterr().err
+    names = [result["name"] for result in json.loads(output.read_text())["results"]]
+    assert names == ["tiny-mamba [one-pass]", "tiny-mamba [truncate:16]", "tiny-mamba [chunk:8:mean]"]
+
+
+def test_beir_rerank_reports_first_stage_and_model(saved_model, tiny_beir, capsys):
+    run_file = tiny_beir / "runs" / "first-stage.trec"
+    status = main(
+        [
+            "beir",
+            "--model",
+            str(saved_model),
+            "--data",
+            str(tiny_beir),
+            "--rerank",
+            str(run_file),
+            "--depth",
+            "2",
+            "--no-progress",
+        ]
+    )
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "| first-stage.trec (top 2) |" in out and "| tiny-mamba [model] rerank top 2 |" in out
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["beir", "--data", "{tiny}", "--no-progress"], "nothing to evaluate: give --model, --bm25 or both"),
+        (["beir", "--data", "{tiny}", "--bm25", "--rerank", "{tiny}/runs/first-stage.trec"], "--rerank needs --model"),
+        (["beir", "--data", "{tiny}/absent", "--bm25"], "BEIR folder not found"),
+        (["beir", "--data", "{tiny}", "--bm25", "--measures", "Foo@3"], "unknown measure 'Foo@3'"),
+        (["beir", "--data", "{tiny}", "--bm25", "--doc-mode", "chunk:x"], "'x' is not a number of tokens"),
+        (
+            ["score-run", "--qrels", "{tiny}/qrels/test.tsv", "--run", "{tiny}/corpus.jsonl"],
+            "corpus.jsonl:1: expected 6 columns",
+        ),
+        (["download", "beir", "--to", "{tiny}"], "download beir needs a name"),
+    ],
+)
+def test_bad_input_exits_1_with_a_clear_message(tiny_beir, capsys, arguments, message):
+    status = main([argument.replace("{tiny}", str(tiny_beir)) for argument in arguments])
+    assert status == 1
+    assert message in capsys.readouterr().err
