@@ -519,7 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--tokenizer", help=f"tokenizer folder for the untrained stand-in (default: {GPT_NEOX_TOKENIZER_DIR})"
     )
-    demo.add_argument("--corpus", nargs="+", help="Markdown/text files or folders (default: README.md and docs/)")
+    demo.add_argument(
+        "--corpus", action="append", help="a Markdown/text file or folder (repeatable; default: README.md and docs/)"
+    )
     demo.add_argument("--query", action="append", help="a question (repeatable; default: four about st-mamba)")
     demo.add_argument("--top-k", type=int, default=3, help="passages shown per question (default: %(default)s)")
     demo.set_defaults(run=command_demo)

@@ -8,10 +8,9 @@ from importlib.metadata import entry_points
 
 import numpy as np
 import pytest
-from conftest import GPT_NEOX_DIR, tiny_config
 from sentence_transformers import SentenceTransformer
 
-from st_mamba import cli, from_config
+from st_mamba import MambaConfig, cli, from_config
 
 PROMPTS = {"query": "query: ", "document": "passage: "}
 CORPUS_ROWS = [
@@ -24,7 +23,8 @@ CORPUS_ROWS = [
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer_dir):
-    model = from_config(tiny_config(1), tokenizer_dir, seed=0, max_seq_length=256, prompts=PROMPTS, device="cpu")
+    config = MambaConfig(d_model=32, n_layer=2, vocab_size=400, d_state=8, dt_rank=4)
+    model = from_config(config, tokenizer_dir, seed=0, max_seq_length=256, prompts=PROMPTS, device="cpu")
     folder = tmp_path_factory.mktemp("cli-model")
     model.save(str(folder))
     return folder
@@ -51,7 +51,8 @@ def test_console_script_is_declared():
 
 
 @pytest.mark.skipif(
-    not cli.DEFAULT_MODEL.is_dir() and not GPT_NEOX_DIR.is_dir(), reason="needs the shipped model or ../shared"
+    not cli.DEFAULT_MODEL.is_dir() and not cli.GPT_NEOX_TOKENIZER_DIR.is_dir(),
+    reason="needs the shipped model or ../shared",
 )
 def test_demo_with_its_defaults_runs_offline(capsys):
     """What the README's main command runs: the shipped model, else the loudly announced stand-in."""
