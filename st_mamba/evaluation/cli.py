@@ -15,7 +15,7 @@ from st_mamba.evaluation.files import DataFileError
 from st_mamba.evaluation.hub import HubUnavailableError
 from st_mamba.evaluation.metrics import DEFAULT_MEASURES, evaluate, parse_measures
 from st_mamba.evaluation.qrels import read_qrels
-from st_mamba.evaluation.report import RunResult, markdown_table, write_report
+from st_mamba.evaluation.report import RunResult, check_output_path, markdown_table, write_report
 from st_mamba.evaluation.runs import Run, read_run, top_k, write_run
 
 logger = logging.getLogger("st_mamba.evaluation")
@@ -218,7 +218,7 @@ def _run_mteb(args: argparse.Namespace) -> int:
     from st_mamba.evaluation.hub import run_mteb
 
     rows = run_mteb(_load_model(args.model, args.device), args.task)
-    results = [RunResult(f"{row['task']} ({row['split']})", {"main_score": row["main_score"]}, 0) for row in rows]
+    results = [RunResult(f"{row['task']} ({row['split']})", {"main_score": row["main_score"]}, None) for row in rows]
     _finish(results, {"model": args.model, "mteb": rows}, args.output)
     return 0
 
@@ -236,9 +236,14 @@ _COMMANDS = {"beir": _run_beir, "score-run": _run_score, "download": _run_downlo
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (1 for a bad input, with the reason on stderr)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The handler's own level keeps libraries that set DEBUG on their loggers (bm25s) quiet.
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.INFO)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", handlers=[handler])
     logger.setLevel(logging.INFO)
     try:
+        if getattr(args, "output", None) is not None:
+            check_output_path(args.output)  # before any slow work
         return _COMMANDS[args.command](args)
     except (OSError, ValueError, ImportError, DataFileError, HubUnavailableError) as exc:
         sys.stderr.write(f"error: {exc}\n")

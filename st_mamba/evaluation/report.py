@@ -18,14 +18,14 @@ class RunResult:
     Attributes:
         name: the row label, e.g. ``dense (chunk:512:max)``.
         scores: measure -> mean over ``queries``.
-        queries: judged queries averaged (those missing from the run scored 0).
+        queries: judged queries averaged (those missing from the run scored 0); None when not known (MTEB).
         seconds: wall time to produce the run (encoding and search), None for a file read from disk.
         settings: what produced it (model path, document mode, BM25 parameters, ...).
     """
 
     name: str
     scores: dict[str, float]
-    queries: int
+    queries: int | None
     seconds: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -53,14 +53,23 @@ def markdown_table(results: list[RunResult]) -> str:
     for result in results:
         cells = [result.name.replace("|", "\\|")]
         cells += [f"{result.scores[m]:.4f}" if m in result.scores else "" for m in measures]
-        cells += [str(result.queries), "" if result.seconds is None else f"{result.seconds:.1f}"]
+        cells += ["" if result.queries is None else str(result.queries)]
+        cells += ["" if result.seconds is None else f"{result.seconds:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def check_output_path(path: str | Path) -> Path:
+    """The JSON output path; refuses a ``.md`` name, which the table beside it would overwrite."""
+    path = Path(path)
+    if path.suffix == ".md":
+        raise ValueError(f"{path}: the output is the JSON file; the markdown table is written beside it as .md")
+    return path
+
+
 def write_report(path: str | Path, results: list[RunResult], context: dict[str, Any]) -> tuple[Path, Path]:
     """Write ``path`` (JSON) and the markdown table beside it (same name, ``.md``); returns both paths."""
-    path = Path(path)
+    path = check_output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(to_json(results, context), indent=2) + "\n", encoding="utf-8")
     table_path = path.with_suffix(".md")

@@ -39,6 +39,13 @@ def test_score_run_writes_json_and_markdown(tiny_beir, tmp_path, capsys):
     assert output.with_suffix(".md").read_text() == table
 
 
+def test_output_must_be_the_json_path(tiny_beir, tmp_path, capsys):
+    qrels, run = tiny_beir / "qrels" / "test.tsv", tiny_beir / "runs" / "first-stage.trec"
+    status = main(["score-run", "--qrels", str(qrels), "--run", str(run), "--output", str(tmp_path / "scores.md")])
+    assert status == 1
+    assert "the markdown table is written beside it" in capsys.readouterr().err
+
+
 def test_beir_bm25_only(tiny_beir, tmp_path, capsys):
     status = main(["beir", "--data", str(tiny_beir), "--bm25", "--no-progress", "--save-runs", str(tmp_path / "runs")])
     assert status == 0
@@ -59,20 +66,18 @@ def test_beir_model_compares_document_modes(saved_model, tiny_beir, tmp_path, ca
 
 def test_beir_rerank_reports_first_stage_and_model(saved_model, tiny_beir, capsys):
     run_file = tiny_beir / "runs" / "first-stage.trec"
-    status = main(
-        [
-            "beir",
-            "--model",
-            str(saved_model),
-            "--data",
-            str(tiny_beir),
-            "--rerank",
-            str(run_file),
-            "--depth",
-            "2",
-            "--no-progress",
-        ]
-    )
+    arguments = [
+        "beir",
+        "--model",
+        str(saved_model),
+        "--data",
+        str(tiny_beir),
+        "--rerank",
+        str(run_file),
+        "--depth",
+        "2",
+    ]
+    status = main([*arguments, "--no-progress"])
     assert status == 0
     out = capsys.readouterr().out
     assert "| first-stage.trec (top 2) |" in out and "| tiny-mamba [model] rerank top 2 |" in out
