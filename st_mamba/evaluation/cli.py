@@ -31,6 +31,13 @@ _EXAMPLES = """examples:
 """
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_measure_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--measures", nargs="+", default=list(DEFAULT_MEASURES), metavar="MEASURE",
@@ -74,10 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-rank this TREC run's candidates instead of searching the corpus",
     )
     beir.add_argument(
-        "--depth", type=int, default=100, help="candidates per query taken from --rerank (default: %(default)s)"
+        "--depth",
+        type=_positive_int,
+        default=100,
+        help="candidates per query taken from --rerank (default: %(default)s)",
     )
     beir.add_argument(
-        "--top-k", type=int, default=1000, help="results per query for full-corpus search (default: %(default)s)"
+        "--top-k",
+        type=_positive_int,
+        default=1000,
+        help="results per query for full-corpus search (default: %(default)s)",
     )
     beir.add_argument(
         "--doc-mode", action="append", metavar="MODE",
@@ -87,7 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     beir.add_argument(
         "--chunk-overlap", type=int, default=0, metavar="TOKENS", help="tokens shared by neighbouring chunks"
     )
-    beir.add_argument("--batch-size", type=int, default=32)
+    beir.add_argument(
+        "--stream-chunk-size", type=_positive_int, metavar="TOKENS",
+        help="st-mamba models only: read texts longer than this in pieces that carry the state (the same "
+        "embeddings in bounded memory; sets the MambaEncoder's chunk_size, e.g. 2048 for one-pass)",
+    )  # fmt: skip
+    beir.add_argument("--batch-size", type=_positive_int, default=32)
     beir.add_argument("--device", help="e.g. cpu, cuda (default: sentence-transformers picks)")
     beir.add_argument("--backend", choices=("auto", "faiss", "torch"), default="auto", help="exact search backend")
     beir.add_argument("--save-runs", type=Path, metavar="FOLDER", help="write each ranked list as a TREC run file here")
@@ -131,7 +149,7 @@ def _slug(name: str) -> str:
 
 def _run_beir(args: argparse.Namespace) -> int:
     from st_mamba.evaluation.bm25 import BM25Settings, bm25_search
-    from st_mamba.evaluation.encoding import DocumentEncoding
+    from st_mamba.evaluation.encoding import DocumentEncoding, reads_any_length
     from st_mamba.evaluation.retrieval import dense_rerank, dense_search
 
     if args.model is None and not args.bm25:
@@ -163,6 +181,10 @@ def _run_beir(args: argparse.Namespace) -> int:
         record("bm25", run, time.perf_counter() - start, {"bm25": settings.as_dict(), "top_k": args.top_k})
     if args.model is not None:
         model = _load_model(args.model, args.device)
+        if args.stream_chunk_size is not None:
+            if not reads_any_length(model):
+                raise ValueError("--stream-chunk-size is for st-mamba models (MambaEncoder); this model has none")
+            model[0].chunk_size = args.stream_chunk_size
         model_name = Path(args.model).name or args.model
         for encoding in encodings:
             start = time.perf_counter()
@@ -173,6 +195,8 @@ def _run_beir(args: argparse.Namespace) -> int:
                 run = dense_rerank(model, dataset, candidates, encoding, args.batch_size, progress)
                 name = f"{model_name} [{encoding}] rerank top {args.depth}"
             settings = {"model": args.model, "documents": str(encoding), "batch_size": args.batch_size}
+            if args.stream_chunk_size is not None:
+                settings["stream_chunk_size"] = args.stream_chunk_size
             record(name, run, time.perf_counter() - start, settings)
 
     if args.save_runs is not None:

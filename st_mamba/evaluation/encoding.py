@@ -155,6 +155,11 @@ def encode_documents(
                 f"one-pass needs a model without a length limit (st-mamba); this one reads at most "
                 f"{model.max_seq_length} tokens: use truncate:N or chunk:N"
             )
+        if model[0].chunk_size is None:
+            logger.warning(
+                "one-pass with chunk_size=None keeps every token's activations of a batch; for long documents set "
+                "model[0].chunk_size (CLI: --stream-chunk-size 2048; same embeddings, bounded memory)"
+            )
         with _max_seq_length(model, None):
             return DocumentEmbeddings.one_per_document(encode(texts))
     if encoding.mode == "truncate":

@@ -58,10 +58,12 @@ def test_beir_model_compares_document_modes(saved_model, tiny_beir, tmp_path, ca
     status = main([
         "beir", "--model", str(saved_model), "--data", str(tiny_beir), "--top-k", "5", "--no-progress",
         "--doc-mode", "one-pass", "--doc-mode", "truncate:16", "--doc-mode", "chunk:8:mean", "--output", str(output),
+        "--stream-chunk-size", "8",
     ])  # fmt: skip
     assert status == 0, capsys.readouterr().err
     names = [result["name"] for result in json.loads(output.read_text())["results"]]
     assert names == ["tiny-mamba [one-pass]", "tiny-mamba [truncate:16]", "tiny-mamba [chunk:8:mean]"]
+    assert json.loads(output.read_text())["results"][0]["settings"]["stream_chunk_size"] == 8
 
 
 def test_beir_rerank_reports_first_stage_and_model(saved_model, tiny_beir, capsys):
