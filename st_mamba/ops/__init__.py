@@ -5,7 +5,8 @@ in one visible ``if`` chain:
 
 1. ``mamba_ssm`` / ``causal_conv1d`` CUDA kernels: CUDA tensors, packages importable, and the
    call is one they support (mamba-ssm's Mamba-1 scan takes no initial state).
-2. ``cpu``: the compiled CPU scan (``ops/cpu.py``) for Mamba-1 on CPU when no gradient is needed.
+2. ``cpu``: the compiled CPU kernels (``ops/cpu.py``) for the Mamba-1 scan and the causal
+   convolution, on CPU when no gradient is needed.
 3. ``chunked``: pure PyTorch (``ops/chunked.py``), any device, differentiable.
 
 The Triton path (``ops/triton.py``) slots in as the first CUDA choice when it exists.
@@ -149,8 +150,13 @@ def causal_conv1d(
     """Depthwise causal convolution, channels last. Shapes: see ``reference.causal_conv1d_reference``."""
     args = (x, weight, bias, initial_state, activation, return_final_state)
     backend = _forced
-    if backend is None or backend == "cpu":
-        backend = "mamba_ssm" if x.is_cuda and _causal_conv1d_cuda is not None else "chunked"
+    if backend is None:
+        if x.is_cuda and _causal_conv1d_cuda is not None:
+            backend = "mamba_ssm"
+        elif x.device.type == "cpu" and _cpu.available() and not _needs_grad(x, weight, bias, initial_state):
+            backend = "cpu"
+        else:
+            backend = "chunked"
     _announce("causal_conv1d", backend, x.device)
     if backend == "mamba_ssm":
         # causal-conv1d reads channels-last (B, C, L) views, which is what a transpose of (B, L, C) is.
@@ -162,6 +168,8 @@ def causal_conv1d(
         if return_final_state:
             return out[0].transpose(1, 2), out[1].transpose(1, 2)
         return out.transpose(1, 2)
+    if backend == "cpu":
+        return _cpu.causal_conv1d_cpu(*args)
     if backend == "reference":
         return causal_conv1d_reference(*args)
     return causal_conv1d_torch(*args)

@@ -9,7 +9,7 @@
   decay per token, so within a chunk the scan is a masked matrix product, and chunks are joined
   through their states.
 - ``causal_conv1d_torch``: the depthwise causal convolution as ``K`` shifted multiply-adds on
-  channels-last tensors (no transposes).
+  channels-last tensors (no transposes), in place into one output buffer.
 
 Shapes and symbols: see ``ops/README.md``.
 """
@@ -185,22 +185,44 @@ def causal_conv1d_torch(
     activation: str | None = "silu",
     return_final_state: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Depthwise causal convolution; same signature and shapes as ``causal_conv1d_reference``."""
-    batch, length, channels = x.shape
+    """Depthwise causal convolution; same signature and shapes as ``causal_conv1d_reference``.
+
+    One output buffer, updated in place by one multiply-add per tap: on CPU every extra
+    (B, L, C) temporary costs about as much as the arithmetic.
+    """
+    length = x.shape[1]
     width = weight.shape[1]
-    if initial_state is None:
-        initial_state = x.new_zeros(batch, width - 1, channels)
-    padded = torch.cat([initial_state.to(x.dtype), x], dim=1)  # (B, K - 1 + L, C)
     weight = weight.to(x.dtype)
-    y = padded[:, width - 1 :] * weight[:, width - 1]
-    for k in range(width - 1):
-        y = y + padded[:, k : k + length] * weight[:, k]
-    if bias is not None:
-        y = y + bias.to(x.dtype)
+    # Without a carried state the inputs before the first token are zeros, and their taps are skipped.
+    inputs = x if initial_state is None else torch.cat([initial_state.to(x.dtype), x], dim=1)  # (B, P + L, C)
+    past = inputs.shape[1] - length  # P: 0, or K - 1 carried inputs
+    if bias is None:
+        y = x * weight[:, width - 1]
+    else:
+        y = torch.addcmul(bias.to(x.dtype), x, weight[:, width - 1])
+    for shift in range(1, width):  # the tap that reads the input `shift` tokens back
+        first = max(shift - past, 0)  # the first output that has such an input
+        if first < length:
+            y[:, first:].addcmul_(inputs[:, past + first - shift : past + length - shift], weight[:, width - 1 - shift])
     if activation == "silu":
-        y = F.silu(y)
+        y = F.silu(y, inplace=not torch.is_grad_enabled())  # in place only where autograd keeps no copy of y
     elif activation is not None:
         raise ValueError(f"unsupported activation {activation!r}")
     if return_final_state:
-        return y, padded[:, padded.shape[1] - (width - 1) :]
+        return y, conv_final_state(x, initial_state, width)
     return y
+
+
+def conv_final_state(x: Tensor, initial_state: Tensor | None, width: int) -> Tensor:
+    """The last K - 1 inputs (B, K - 1, C), in the dtype of x: the convolution's state for the next chunk.
+
+    A text shorter than K - 1 tokens reaches back into ``initial_state`` (zeros if None).
+    """
+    length = x.shape[1]
+    recent = x[:, length - min(length, width - 1) :]
+    missing = width - 1 - recent.shape[1]
+    if missing == 0:
+        return recent
+    if initial_state is None:
+        return F.pad(recent, (0, 0, missing, 0))
+    return torch.cat([initial_state[:, initial_state.shape[1] - missing :].to(x.dtype), recent], dim=1)

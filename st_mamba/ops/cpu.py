@@ -1,11 +1,246 @@
-"""Compiled CPU selective scan (placeholder until the kernel lands): reports itself unavailable."""
+"""Compiled CPU kernels of the Mamba-1 mixer, forward only, fp32: built on first use, loaded with ctypes.
+
+- ``selective_scan_cpu``: the selective scan with softplus(dt + dt_bias), the D skip and the
+  SiLU(z) gate fused (``csrc/selective_scan_cpu.c``).
+- ``causal_conv1d_cpu``: the depthwise causal convolution with bias and SiLU fused
+  (``csrc/causal_conv1d_cpu.c``).
+
+On first use, ``csrc/*.c`` is compiled with the system C compiler (``$CC``, else ``cc`` or
+``gcc``) for this machine (``-march=native``) into one library in a cache folder
+(``$ST_MAMBA_CACHE``, else ``~/.cache/st_mamba``), under a name that hashes the sources, the
+flags, the compiler and the CPU it targets; later processes load the cached library. When there
+is no compiler or the build fails, ``available()`` is False, one warning says why, and the
+dispatcher in ``ops/__init__.py`` uses the pure-PyTorch paths instead.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from st_mamba.ops.chunked import conv_final_state
+
+logger = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).with_name("csrc")
+# No -ffast-math: the kernel's exp rounds with an add-and-subtract trick that reassociation would remove.
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+
+
+class _Seq(ctypes.Structure):
+    """Mirror of the C ``Seq``: a (B, L, C) tensor whose channels have stride 1."""
+
+    _fields_ = [("data", ctypes.c_void_p), ("batch_stride", ctypes.c_int64), ("time_stride", ctypes.c_int64)]
+
+
+class _ScanArgs(ctypes.Structure):
+    """Mirror of the C ``ScanArgs``; field order and types must match the C struct exactly."""
+
+    _fields_ = [
+        ("batch", ctypes.c_int64),
+        ("length", ctypes.c_int64),
+        ("d_inner", ctypes.c_int64),
+        ("d_state", ctypes.c_int64),
+        ("x", _Seq),
+        ("dt", _Seq),
+        ("z", _Seq),
+        ("B", _Seq),
+        ("C", _Seq),
+        ("A", ctypes.c_void_p),
+        ("D", ctypes.c_void_p),
+        ("dt_bias", ctypes.c_void_p),
+        ("dt_softplus", ctypes.c_int),
+        ("initial_state", ctypes.c_void_p),
+        ("y", ctypes.c_void_p),
+        ("final_state", ctypes.c_void_p),
+    ]
+
+
+class _ConvArgs(ctypes.Structure):
+    """Mirror of the C ``ConvArgs``."""
+
+    _fields_ = [
+        ("batch", ctypes.c_int64),
+        ("length", ctypes.c_int64),
+        ("channels", ctypes.c_int64),
+        ("width", ctypes.c_int64),
+        ("x", _Seq),
+        ("weight", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("silu", ctypes.c_int),
+        ("initial_state", ctypes.c_void_p),
+        ("y", ctypes.c_void_p),
+    ]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("ST_MAMBA_CACHE") or Path.home() / ".cache" / "st_mamba")
+
+
+def _find_compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build(compiler: str) -> Path:
+    """Compile the kernels into the cache (once per sources, flags, compiler and CPU); return the library's path."""
+    # The predefined macros name the compiler's version and every instruction set that -march=native
+    # enables on this CPU, so that a cache folder shared between machines never serves the wrong code.
+    target = subprocess.run(
+        [compiler, *FLAGS, "-E", "-dM", "-x", "c", os.devnull], capture_output=True, text=True, timeout=60
+    )
+    sources = sorted(SOURCE_DIR.glob("*.c"))
+    digest = hashlib.sha256(target.stdout.encode() + " ".join(FLAGS).encode())
+    for path in sorted(SOURCE_DIR.glob("*.[ch]")):
+        digest.update(path.name.encode() + path.read_bytes())
+    library = _cache_dir() / f"st_mamba_cpu-{digest.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name, then rename: two processes building at once each write their own
+    # file, and the rename that lands last replaces an identical library.
+    fd, partial = tempfile.mkstemp(prefix=library.stem + "-", suffix=".partial", dir=library.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [compiler, *FLAGS, "-o", partial, *map(str, sources)], capture_output=True, text=True, timeout=300
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"`{compiler} {' '.join(FLAGS)}` failed:\n{result.stderr.strip()[-2000:]}")
+        os.replace(partial, library)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return library
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    compiler = _find_compiler()
+    if compiler is None:
+        reason = "no C compiler found (set $CC, or install gcc)"
+    else:
+        try:
+            library = ctypes.CDLL(str(_build(compiler)))
+            library.selective_scan_fwd.argtypes = [ctypes.POINTER(_ScanArgs), ctypes.c_int]
+            library.causal_conv1d_fwd.argtypes = [ctypes.POINTER(_ConvArgs), ctypes.c_int]
+            library.selective_scan_fwd.restype = library.causal_conv1d_fwd.restype = None
+            return library
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            reason = f"building or loading {SOURCE_DIR} failed: {error}"
+    logger.warning(
+        "st_mamba: the compiled CPU kernels are unavailable, %s; the pure-PyTorch scan and convolution are used.",
+        reason,
+    )
+    return None
+
 
 def available() -> bool:
-    return False
+    """True when the kernels are built (or were built before) and load; the first call may compile them."""
+    return _library() is not None
 
 
-def selective_scan_cpu(*args):
-    raise RuntimeError("the compiled CPU scan is not available")
+def _checked_library(x: Tensor) -> ctypes.CDLL:
+    library = _library()
+    if library is None:
+        raise RuntimeError("the compiled CPU kernels are not available (see the warning logged by st_mamba.ops.cpu)")
+    if x.device.type != "cpu":
+        raise ValueError(f"the compiled CPU kernels need CPU tensors, got {x.device}")
+    return library
+
+
+def _fp32_rows(t: Tensor) -> Tensor:
+    """fp32 with unit stride on the last dim; strided views such as a ``split`` of a projection pass uncopied."""
+    t = t.float()
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _seq(t: Tensor | None) -> _Seq:
+    if t is None:
+        return _Seq(None, 0, 0)
+    return _Seq(t.data_ptr(), t.stride(0), t.stride(1))
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def selective_scan_cpu(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Mamba-1 selective scan on CPU, forward only; same signature and shapes as ``selective_scan_reference``.
+
+    Computes in fp32: bf16 and fp16 inputs are upcast, and y is returned in the dtype of x.
+    """
+    library = _checked_library(x)
+    batch, length, d_inner = x.shape
+    d_state = A.shape[1]
+    xs, dts, Bs, Cs = (_fp32_rows(t) for t in (x, dt, B, C))
+    zs = None if z is None else _fp32_rows(z)
+    A, D, dt_bias = (None if t is None else t.float().contiguous() for t in (A, D, dt_bias))
+    if initial_state is not None:
+        initial_state = initial_state.float().contiguous()
+    y = torch.empty(batch, length, d_inner, dtype=torch.float32)
+    final_state = torch.empty(batch, d_inner, d_state, dtype=torch.float32) if return_final_state else None
+    args = _ScanArgs(
+        batch, length, d_inner, d_state,
+        _seq(xs), _seq(dts), _seq(zs), _seq(Bs), _seq(Cs),
+        _ptr(A), _ptr(D), _ptr(dt_bias), int(dt_softplus),
+        _ptr(initial_state), _ptr(y), _ptr(final_state),
+    )  # fmt: skip
+    library.selective_scan_fwd(ctypes.byref(args), torch.get_num_threads())
+    y = y.to(x.dtype)
+    return (y, final_state) if return_final_state else y
+
+
+def causal_conv1d_cpu(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    activation: str | None = "silu",
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Depthwise causal convolution on CPU, forward only; same signature and shapes as ``causal_conv1d_reference``.
+
+    Computes in fp32 and returns y and the final state in the dtype of x.
+    """
+    if activation not in ("silu", None):
+        raise ValueError(f"unsupported activation {activation!r}")
+    library = _checked_library(x)
+    batch, length, channels = x.shape
+    width = weight.shape[1]
+    xs = _fp32_rows(x)
+    weight_by_tap = weight.float().t().contiguous()  # (K, C): one row of channels per tap
+    bias = None if bias is None else bias.float().contiguous()
+    carried = None if initial_state is None else initial_state.float().contiguous()
+    y = torch.empty(batch, length, channels, dtype=torch.float32)
+    args = _ConvArgs(
+        batch, length, channels, width, _seq(xs), _ptr(weight_by_tap), _ptr(bias), int(activation == "silu"),
+        _ptr(carried), _ptr(y),
+    )  # fmt: skip
+    library.causal_conv1d_fwd(ctypes.byref(args), torch.get_num_threads())
+    y = y.to(x.dtype)
+    return (y, conv_final_state(x, initial_state, width)) if return_final_state else y

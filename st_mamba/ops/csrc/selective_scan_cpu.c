@@ -1,0 +1,89 @@
+/*
+ * Mamba-1 selective scan, forward only, fp32, for CPUs: the compiled kernel behind ops/cpu.py.
+ *
+ * For every batch row b and channel d, with N states per channel (see ops/README.md):
+ *
+ *     delta_t = softplus(dt_t + dt_bias)        (dt_t + dt_bias when softplus is off)
+ *     h_t     = exp(delta_t * A) * h_{t-1} + delta_t * x_t * B_t
+ *     y_t     = (<h_t, C_t> + D * x_t) * silu(z_t)
+ *
+ * Layout of the work: 16 neighbouring channels share one vector of 16 lanes. The N states of
+ * those 16 channels are carried while the loop walks the whole sequence, so every input is read
+ * once and the (B, L, Di, N) tensor of the textbook form never exists. Blocks of
+ * (batch row, 16 channels) are independent and are shared out to OpenMP threads.
+ */
+
+#include "vector_math.h"
+
+typedef struct {
+    int64_t batch, length, d_inner, d_state;
+    Seq x, dt, z, B, C;      /* z.data may be NULL: no gate */
+    const float *A;          /* (Di, N) contiguous */
+    const float *D;          /* (Di,) or NULL */
+    const float *dt_bias;    /* (Di,) or NULL */
+    int dt_softplus;
+    const float *initial_state; /* (B, Di, N) contiguous, or NULL for zeros */
+    float *y;                /* (B, L, Di) contiguous */
+    float *final_state;      /* (B, Di, N) contiguous, or NULL */
+} ScanArgs;
+
+/*
+ * The whole sequence of batch row b for channels [d0, d0 + width). Inlined with a literal
+ * d_state (16, the released Mamba-1 models) the state loop unrolls; with a run-time d_state the
+ * same code serves any N. About 11 multiply-class vector instructions per state and token, most
+ * of them the exp: the loop runs near that bound.
+ */
+static inline __attribute__((always_inline)) void scan_block(const ScanArgs *a, int64_t b, int64_t d0, int width,
+                                                             const int64_t d_state) {
+    vf h[d_state], A_log2[d_state];
+    for (int64_t n = 0; n < d_state; n++) {
+        h[n] = broadcast(0.0f);
+        A_log2[n] = broadcast(0.0f);
+        for (int lane = 0; lane < width; lane++) {
+            int64_t channel = d0 + lane;
+            A_log2[n][lane] = a->A[channel * d_state + n] * LOG2E; /* exp(delta A) = 2^(delta A log2 e) */
+            if (a->initial_state) h[n][lane] = a->initial_state[(b * a->d_inner + channel) * d_state + n];
+        }
+    }
+    vf D = a->D ? load(a->D + d0, width) : broadcast(0.0f);
+    vf dt_bias = a->dt_bias ? load(a->dt_bias + d0, width) : broadcast(0.0f);
+    float *y = a->y + b * a->length * a->d_inner + d0;
+
+    for (int64_t t = 0; t < a->length; t++) {
+        vf delta = load(seq_at(a->dt, b, t) + d0, width) + dt_bias;
+        if (a->dt_softplus) delta = softplus_vec(delta);
+        vf x = load(seq_at(a->x, b, t) + d0, width);
+        vf delta_x = delta * x;
+        const float *B = seq_at(a->B, b, t), *C = seq_at(a->C, b, t);
+        vf out = D * x;
+#pragma GCC unroll 16
+        for (int64_t n = 0; n < d_state; n++) {
+            h[n] = exp2_vec(delta * A_log2[n]) * h[n] + delta_x * B[n];
+            out += h[n] * C[n];
+        }
+        if (a->z.data) out *= silu_vec(load(seq_at(a->z, b, t) + d0, width));
+        store(y + t * a->d_inner, out, width);
+    }
+
+    if (a->final_state) {
+        for (int64_t n = 0; n < d_state; n++)
+            for (int lane = 0; lane < width; lane++)
+                a->final_state[(b * a->d_inner + d0 + lane) * d_state + n] = h[n][lane];
+    }
+}
+
+/* Literal arguments let the compiler specialise the inlined body: N = 16 and a full vector of channels. */
+static void scan_block_n16(const void *args, int64_t b, int64_t d0, int width) {
+    if (width == LANES) scan_block(args, b, d0, LANES, 16);
+    else scan_block(args, b, d0, width, 16);
+}
+
+static void scan_block_any_n(const void *args, int64_t b, int64_t d0, int width) {
+    scan_block(args, b, d0, width, ((const ScanArgs *)args)->d_state);
+}
+
+/* Entry point for ctypes. */
+void selective_scan_fwd(const ScanArgs *args, int n_threads) {
+    BlockFn block = args->d_state == 16 ? scan_block_n16 : scan_block_any_n;
+    for_each_block(block, args, args->batch, args->d_inner, n_threads);
+}

@@ -1,0 +1,134 @@
+/*
+ * What the CPU kernels share: a 16-lane float vector type, partial loads and stores, exp,
+ * softplus and silu on whole vectors, the strided (B, L, C) tensor they read, and the loop that
+ * shares (batch row, 16 channels) blocks out to OpenMP threads.
+ *
+ * The vector type is GCC/Clang's vector extension: one AVX-512 register where the CPU has
+ * AVX-512, split by the compiler into narrower registers elsewhere. exp, softplus and silu are
+ * written here because the kernels need them on vectors, libm only has scalars, and libmvec
+ * would tie the kernels to glibc. Build without -ffast-math: the rounding trick in exp2_vec must
+ * not be reassociated away.
+ */
+
+#ifndef ST_MAMBA_VECTOR_MATH_H
+#define ST_MAMBA_VECTOR_MATH_H
+
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define LANES 16
+
+typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
+typedef float vf_unaligned __attribute__((vector_size(LANES * sizeof(float)), aligned(sizeof(float))));
+
+static const float LOG2E = 1.4426950408889634f;
+/* 1.5 * 2^23: adding it rounds a float of magnitude < 2^22 to an integer held in the low mantissa bits. */
+static const float ROUND_SHIFT = 12582912.0f;
+
+static inline vf broadcast(float value) { return (vf){} + value; }
+
+/* Lane-wise a where mask is set, else b. */
+static inline vf select_vec(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+
+/* max and min that return a when a is NaN, so that NaN propagates. */
+static inline vf max_vec(vf a, vf b) { return select_vec(a < b, b, a); }
+static inline vf min_vec(vf a, vf b) { return select_vec(a > b, b, a); }
+
+/* Reads `width` <= LANES floats; lanes past `width` are 0. */
+static inline vf load(const float *p, int width) {
+    if (width == LANES) return *(const vf_unaligned *)p;
+    vf v = {};
+    memcpy(&v, p, (size_t)width * sizeof(float));
+    return v;
+}
+
+static inline void store(float *p, vf v, int width) {
+    if (width == LANES) {
+        *(vf_unaligned *)p = v;
+        return;
+    }
+    memcpy(p, &v, (size_t)width * sizeof(float));
+}
+
+/*
+ * 2^f for |f| <= 1/2: the degree-5 polynomial that interpolates 2^f at the 6 Chebyshev nodes of
+ * [-1/2, 1/2] (numpy.polyfit at those nodes); relative error 1.1e-7, 2.5e-7 evaluated in fp32.
+ */
+static inline vf exp2_fraction(vf f) {
+    vf p = broadcast(1.3390897e-3f);
+    p = p * f + 9.6760280e-3f;
+    p = p * f + 5.5503571e-2f;
+    p = p * f + 2.4022107e-1f;
+    p = p * f + 6.9314719e-1f;
+    return p * f + 1.0000001f;
+}
+
+/* 2^w = 2^n * 2^f with n the integer nearest to w and |f| <= 1/2. */
+static inline vf exp2_vec(vf w) {
+#ifdef __AVX512F__
+    /* One instruction rounds, one scales by 2^n with IEEE underflow to 0 and overflow to inf. */
+    vf n = (vf)_mm512_roundscale_ps((__m512)w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return (vf)_mm512_scalef_ps((__m512)exp2_fraction(w - n), (__m512)n);
+#else
+    /* Clamped so that n + 127 stays a valid exponent: below -125.5 the result is about 1e-38
+       instead of 0; above 127 the float range ends. */
+    w = min_vec(max_vec(w, broadcast(-125.5f)), broadcast(127.0f));
+    vf shifted = w + ROUND_SHIFT;
+    vf n = shifted - ROUND_SHIFT;
+    vi exponent = ((vi)shifted - (vi)broadcast(ROUND_SHIFT)) << 23;
+    return (vf)((vi)exp2_fraction(w - n) + exponent);
+#endif
+}
+
+static inline vf exp_vec(vf v) { return exp2_vec(v * LOG2E); }
+
+/*
+ * softplus(u) = max(u, 0) + log1p(exp(-|u|)), and log1p(q) = 2 atanh(s) with s = q / (2 + q)
+ * <= 1/3, summed as an odd series to s^15 (relative error below 2e-9). Unlike
+ * log(1 + exp(u)), this keeps full relative precision for u << 0, where dt is small.
+ */
+static inline vf softplus_vec(vf u) {
+    vf abs_u = (vf)((vi)u & 0x7fffffff);
+    vf q = exp_vec(-abs_u);
+    vf s = q / (2.0f + q);
+    vf s2 = s * s;
+    vf series = broadcast(1.0f / 15.0f);
+    series = series * s2 + 1.0f / 13.0f;
+    series = series * s2 + 1.0f / 11.0f;
+    series = series * s2 + 1.0f / 9.0f;
+    series = series * s2 + 1.0f / 7.0f;
+    series = series * s2 + 1.0f / 5.0f;
+    series = series * s2 + 1.0f / 3.0f;
+    series = series * s2 + 1.0f;
+    return max_vec(u, broadcast(0.0f)) + 2.0f * s * series;
+}
+
+static inline vf silu_vec(vf z) { return z / (1.0f + exp_vec(-z)); }
+
+/* One (batch, length, channels) tensor: base pointer and strides in elements; channels have stride 1. */
+typedef struct {
+    const float *data;
+    int64_t batch_stride;
+    int64_t time_stride;
+} Seq;
+
+static inline const float *seq_at(Seq s, int64_t b, int64_t t) { return s.data + b * s.batch_stride + t * s.time_stride; }
+
+/* Work on the whole sequence of batch row b for channels [c0, c0 + width), width <= LANES. */
+typedef void (*BlockFn)(const void *args, int64_t b, int64_t c0, int width);
+
+/* Runs `block` on every (batch row, LANES channels) block; blocks are independent. */
+static void for_each_block(BlockFn block, const void *args, int64_t batch, int64_t channels, int n_threads) {
+    int64_t blocks_per_row = (channels + LANES - 1) / LANES;
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
+    for (int64_t i = 0; i < batch * blocks_per_row; i++) {
+        int64_t b = i / blocks_per_row, c0 = (i % blocks_per_row) * LANES;
+        block(args, b, c0, channels - c0 < LANES ? (int)(channels - c0) : LANES);
+    }
+}
+
+#endif

@@ -1,0 +1,169 @@
+"""The compiled CPU kernels against the sequential references, and the dispatcher's choice of them."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from test_chunked import assert_close  # the sibling test module (pytest puts tests/ops on the path)
+
+from st_mamba import ops
+from st_mamba.ops import cpu
+from st_mamba.ops.reference import causal_conv1d_reference, selective_scan_reference
+
+pytestmark = pytest.mark.skipif(
+    not cpu.available(), reason="the compiled CPU kernels did not build here (no C compiler?)"
+)
+
+
+def _inputs(batch: int, length: int, d_inner: int, d_state: int, seed: int, strided: bool = False) -> dict:
+    """Random scan inputs; with ``strided``, x/z and B/C are views of one projection, as in ``Mamba1Mixer``."""
+    g = torch.Generator().manual_seed(seed)
+    if strided:
+        x, z = torch.randn(batch, length, 2 * d_inner, generator=g).split(d_inner, dim=-1)
+        _, B, C = torch.randn(batch, length, 3 + 2 * d_state, generator=g).split([3, d_state, d_state], dim=-1)
+    else:
+        x, z = torch.randn(batch, length, d_inner, generator=g), torch.randn(batch, length, d_inner, generator=g)
+        B, C = torch.randn(batch, length, d_state, generator=g), torch.randn(batch, length, d_state, generator=g)
+    return dict(
+        x=x, dt=torch.randn(batch, length, d_inner, generator=g) - 1.0,
+        A=-torch.rand(d_inner, d_state, generator=g) * 4, B=B, C=C,
+        D=torch.randn(d_inner, generator=g), z=z, dt_bias=torch.randn(d_inner, generator=g),
+        initial_state=torch.randn(batch, d_inner, d_state, generator=g),
+    )  # fmt: skip
+
+
+def _check(inputs: dict, dt_softplus: bool = True) -> None:
+    kw = dict(dt_softplus=dt_softplus, return_final_state=True)
+    y, h = cpu.selective_scan_cpu(**inputs, **kw)
+    y_ref, h_ref = selective_scan_reference(**inputs, **kw)
+    assert_close("y", y, y_ref)
+    assert_close("final_state", h, h_ref)
+
+
+# N = 16 takes the kernel's unrolled path, other N the generic one; d_inner 40 and 7 leave a partial
+# block of channels; lengths 1, odd and 257 are multiples of nothing in particular.
+@pytest.mark.parametrize(
+    "batch,length,d_inner,d_state",
+    [(1, 1, 16, 16), (2, 37, 40, 16), (2, 130, 48, 16), (2, 19, 7, 3), (1, 64, 33, 5), (2, 23, 20, 64)],
+)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_matches_reference(batch, length, d_inner, d_state, strided):
+    _check(_inputs(batch, length, d_inner, d_state, seed=batch * 1000 + length, strided=strided))
+
+
+@pytest.mark.parametrize("missing", ["D", "z", "dt_bias", "initial_state"])
+def test_optional_inputs_can_be_left_out(missing):
+    inputs = _inputs(2, 29, 24, 16, seed=11, strided=True)
+    inputs[missing] = None
+    _check(inputs)
+
+
+def test_without_softplus_and_without_final_state():
+    inputs = _inputs(2, 31, 20, 16, seed=12)
+    _check({**inputs, "dt": inputs["dt"].abs(), "dt_bias": inputs["dt_bias"].abs()}, dt_softplus=False)
+    y = cpu.selective_scan_cpu(**inputs, dt_softplus=True)
+    assert_close("y", y, selective_scan_reference(**inputs, dt_softplus=True))
+
+
+def test_softplus_keeps_precision_for_small_dt():
+    """dt + dt_bias around -7 (softplus ~ 1e-3, mamba's smallest initial step) must not lose digits."""
+    inputs = _inputs(1, 50, 32, 16, seed=13)
+    inputs["dt"] = inputs["dt"] * 0.1 - 7.0
+    inputs["dt_bias"] = None
+    _check(inputs)
+
+
+def test_extreme_decays_stay_finite():
+    """Large steps drive exp(dt * A) far below the float range; the state must simply be forgotten."""
+    inputs = _inputs(1, 20, 16, 16, seed=14)
+    inputs["dt"] = inputs["dt"] * 20 + 60.0  # softplus(dt) up to ~100, dt * A down to ~ -400
+    _check(inputs)
+
+
+def test_half_precision_inputs_are_computed_in_fp32():
+    inputs = _inputs(2, 17, 24, 16, seed=15)
+    low = {k: v.to(torch.bfloat16) if k in ("x", "dt", "z", "B", "C") else v for k, v in inputs.items()}
+    y = cpu.selective_scan_cpu(**low, dt_softplus=True)
+    assert y.dtype == torch.bfloat16
+    assert_close("y", y.float(), selective_scan_reference(**low, dt_softplus=True).float())
+
+
+def test_nan_propagates():
+    inputs = _inputs(1, 10, 16, 16, seed=16)
+    inputs["dt"][0, 3, 5] = float("nan")
+    y = cpu.selective_scan_cpu(**inputs, dt_softplus=True)
+    assert torch.isnan(y[0, 3:, 5]).all() and not torch.isnan(y[0, :3]).any()
+
+
+def test_chunks_with_carried_state_equal_one_pass():
+    inputs = _inputs(2, 90, 24, 16, seed=17)
+    whole = cpu.selective_scan_cpu(**inputs, dt_softplus=True)
+    state, parts = inputs["initial_state"], []
+    for start in range(0, 90, 25):
+        part = {k: v[:, start : start + 25] if k in ("x", "dt", "z", "B", "C") else v for k, v in inputs.items()}
+        y, state = cpu.selective_scan_cpu(**{**part, "initial_state": state}, dt_softplus=True, return_final_state=True)
+        parts.append(y)
+    assert_close("y", torch.cat(parts, dim=1), whole)
+
+
+def test_without_a_compiler_it_reports_unavailable_and_warns_once(monkeypatch, caplog):
+    monkeypatch.setattr(cpu, "_find_compiler", lambda: None)
+    cpu._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=cpu.__name__):
+            assert not cpu.available() and not cpu.available()
+    finally:
+        cpu._library.cache_clear()
+    assert len(caplog.records) == 1 and "pure-PyTorch scan and convolution are used" in caplog.text
+
+
+def test_build_writes_one_library_to_the_cache_and_reuses_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("ST_MAMBA_CACHE", str(tmp_path))
+    library = cpu._build(cpu._find_compiler())
+    assert [p.name for p in tmp_path.iterdir()] == [library.name]  # and no partial file left behind
+    modified = library.stat().st_mtime_ns
+    assert cpu._build(cpu._find_compiler()) == library and library.stat().st_mtime_ns == modified
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 17, 100])
+@pytest.mark.parametrize("channels,width", [(16, 4), (40, 4), (6, 4), (20, 2), (33, 5)])
+@pytest.mark.parametrize("with_state", [False, True], ids=["no_state", "state"])
+def test_causal_conv1d_matches_reference(length, channels, width, with_state):
+    g = torch.Generator().manual_seed(length * 100 + channels)
+    x = torch.randn(2, length, 2 * channels, generator=g)[..., :channels]  # strided, like x of the in_proj split
+    weight, bias = torch.randn(channels, width, generator=g), torch.randn(channels, generator=g)
+    state = torch.randn(2, width - 1, channels, generator=g) if with_state else None
+    y, s = cpu.causal_conv1d_cpu(x, weight, bias, state, activation="silu", return_final_state=True)
+    y_ref, s_ref = causal_conv1d_reference(x, weight, bias, state, activation="silu", return_final_state=True)
+    assert_close("y", y, y_ref)
+    assert_close("final_state", s, s_ref)
+
+
+def test_causal_conv1d_without_bias_or_activation():
+    g = torch.Generator().manual_seed(5)
+    x, weight = torch.randn(3, 21, 24, generator=g), torch.randn(24, 4, generator=g)
+    assert_close(
+        "y", cpu.causal_conv1d_cpu(x, weight, activation=None), causal_conv1d_reference(x, weight, activation=None)
+    )
+
+
+def _backends_used(requires_grad: bool) -> dict[str, str]:
+    """Run the scan and the convolution through the dispatcher once; report the backend each announced."""
+    ops._announced.clear()
+    inputs = _inputs(1, 8, 16, 16, seed=18)
+    x = inputs.pop("x").clone().requires_grad_(requires_grad)
+    ops.selective_scan(x, **inputs, dt_softplus=True)
+    ops.causal_conv1d(x, torch.randn(16, 4))
+    return {op: backend for op, backend, _ in ops._announced}
+
+
+def test_dispatcher_uses_the_kernels_only_without_gradients(monkeypatch):
+    monkeypatch.setattr(ops, "_forced", None)
+    monkeypatch.setattr(ops, "_announced", set())
+    compiled = {"selective_scan": "cpu", "causal_conv1d": "cpu"}
+    with torch.no_grad():
+        assert _backends_used(requires_grad=True) == compiled
+    assert _backends_used(requires_grad=False) == compiled
+    assert _backends_used(requires_grad=True) == {"selective_scan": "chunked", "causal_conv1d": "chunked"}
