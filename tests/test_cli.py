@@ -100,11 +100,14 @@ def test_read_passages_keeps_code_blocks_whole_and_names_sections(tmp_path):
 # --- encode ---------------------------------------------------------------------------------------
 
 
-def test_encode_texts_to_npy_uses_the_document_prompt(model_dir, model, tmp_path):
+@pytest.mark.parametrize("prompt", [None, ""], ids=["saved-prompt", "explicit-empty-prompt"])
+def test_encode_texts_to_npy(model_dir, model, tmp_path, prompt):
     out = tmp_path / "vectors.npy"
     texts = ["first text", "second\ntext"]
-    assert cli.main(["encode", *texts, "--model", str(model_dir), "--output", str(out), "--no-progress"]) == 0
-    np.testing.assert_allclose(np.load(out), model.encode(["passage: " + t for t in texts]), atol=1e-6)
+    argv = ["encode", *texts, "--model", str(model_dir), "--output", str(out), "--no-progress"]
+    assert cli.main(argv + ([] if prompt is None else ["--prompt", prompt])) == 0
+    used = "passage: " if prompt is None else prompt
+    np.testing.assert_allclose(np.load(out), model.encode([used + t for t in texts]), atol=1e-6)
 
 
 def test_encode_jsonl_to_jsonl_keeps_ids_and_text_as_is(model_dir, model, corpus_file, tmp_path):
