@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -230,7 +231,7 @@ def command_encode(args: argparse.Namespace) -> int:
         if args.output:
             out.close()
     if args.output:
-        logger.info("wrote %d embeddings of dimension %d to %s", *embeddings.shape, args.output)
+        print(f"wrote {len(texts)} embeddings of dimension {embeddings.shape[1]} to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -252,19 +253,16 @@ def command_index(args: argparse.Namespace) -> int:
     _apply_chunk_size(model, args.chunk_size)
     index = faiss.IndexFlatIP(model.get_embedding_dimension())
     ids, offsets = [], []
-    total = sum(1 for line in corpus.open("rb") if line.strip())
+    with corpus.open("rb") as stream:
+        total = sum(1 for line in stream if line.strip())
+    documents = iter_corpus(corpus)
     with tqdm(total=total, unit="doc", desc="Indexing", disable=args.no_progress) as bar:
-        block: list[tuple[str, str, int]] = []
-        for document in [*iter_corpus(corpus), None]:
-            if document is not None:
-                block.append(document)
-            if block and (document is None or len(block) == _INDEX_BLOCK):
-                vectors = _encode(model, [text for _, text, _ in block], "document", args, progress=False)
-                index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-                ids += [doc_id for doc_id, _, _ in block]
-                offsets += [offset for _, _, offset in block]
-                bar.update(len(block))
-                block = []
+        while block := list(itertools.islice(documents, _INDEX_BLOCK)):
+            vectors = _encode(model, [text for _, text, _ in block], "document", args, progress=False)
+            index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+            ids += [doc_id for doc_id, _, _ in block]
+            offsets += [offset for _, _, offset in block]
+            bar.update(len(block))
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     faiss.write_index(index, str(output / INDEX_FILE))
