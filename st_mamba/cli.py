@@ -479,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     encode = verbs.add_parser("encode", help="embed texts into .npy or JSONL")
     encode.add_argument("texts", nargs="*", help="texts to embed (or use --input)")
-    encode.add_argument("--input", help="plain-text file (one text a line), JSONL file (see --field), or - for stdin")
+    encode.add_argument(
+        "--input", help="plain-text file (one text a line), .jsonl file (text in --field), or - for plain text on stdin"
+    )
     encode.add_argument("--field", default="text", help="JSONL field holding the text (default: %(default)s)")
     encode.add_argument("--kind", choices=["document", "query"], default="document",
                         help="encode_document or encode_query, i.e. which saved prompt (default: %(default)s)")  # fmt: skip
