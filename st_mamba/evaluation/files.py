@@ -36,7 +36,7 @@ def find_file(folder: Path, name: str, what: str) -> Path:
 def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number from 1, line without its newline) for each non-blank line; ``.gz`` files are unzipped."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as lines:
+    with opener(path, "rt", encoding="utf-8-sig") as lines:  # -sig: a byte-order mark is not data
         for number, line in enumerate(lines, start=1):
             line = line.rstrip("\r\n")
             if line.strip():
