@@ -44,16 +44,24 @@ class MambaBackbone(nn.Module):
         input_ids: Tensor,
         state: list[LayerState] | None = None,
         return_state: bool = False,
+        cu_seqlens: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, list[LayerState]]:
-        """(B, L) token ids -> (B, L, D) hidden states, optionally continuing from and returning ``state``."""
+        """(B, L) token ids -> (B, L, D) hidden states, optionally continuing from and returning ``state``.
+
+        With ``cu_seqlens`` (n + 1,) int32 the batch is packed: ``input_ids`` is (1, T), the n texts laid
+        end to end, text i at ``cu_seqlens[i]:cu_seqlens[i + 1]``; no text sees another, and states are
+        (n, ...), one per text.
+        """
         hidden = self.embeddings(input_ids)  # (B, L, D)
         new_state = []
         for i, layer in enumerate(self.layers):
             layer_state = None if state is None else state[i]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden, layer_state = checkpoint(layer, hidden, layer_state, return_state, use_reentrant=False)
+                hidden, layer_state = checkpoint(
+                    layer, hidden, layer_state, return_state, cu_seqlens, use_reentrant=False
+                )
             else:
-                hidden, layer_state = layer(hidden, layer_state, return_state)
+                hidden, layer_state = layer(hidden, layer_state, return_state, cu_seqlens)
             new_state.append(layer_state)
         hidden = self.norm_f(hidden)
         return (hidden, new_state) if return_state else hidden
@@ -78,10 +86,14 @@ class ResidualBlock(nn.Module):
         self.mixer = Mamba1Mixer(config) if config.version == 1 else Mamba2Mixer(config)
 
     def forward(
-        self, hidden: Tensor, state: LayerState | None, return_state: bool
+        self, hidden: Tensor, state: LayerState | None, return_state: bool, cu_seqlens: Tensor | None = None
     ) -> tuple[Tensor, LayerState | None]:
+        out, state = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), state, return_state, cu_seqlens)
+        if hidden.dtype == out.dtype:
+            # PyTorch adds bf16 / fp16 tensors in fp32 and rounds once, so this one kernel is the fp32
+            # residual add (residual_in_fp32) without the three passes of upcast, add and downcast.
+            return hidden + out, state
         residual = hidden.float() if self.residual_in_fp32 else hidden
-        out, state = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), state, return_state)
         return (residual + out).to(out.dtype), state
 
 
@@ -94,6 +106,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda and x.dtype == self.weight.dtype:
+            # One fused kernel on GPU (fp32 inside); five elementwise passes cost more than the scan.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -136,13 +151,14 @@ class Mamba1Mixer(nn.Module):
         self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias)
 
     def forward(
-        self, hidden: Tensor, state: LayerState | None, return_state: bool
+        self, hidden: Tensor, state: LayerState | None, return_state: bool, cu_seqlens: Tensor | None = None
     ) -> tuple[Tensor, LayerState | None]:
         d_inner, d_state, dt_rank = self.config.d_inner, self.config.d_state, self.config.dt_rank
         x, z = self.in_proj(hidden).split(d_inner, dim=-1)  # (B, L, Di) each
         conv_out = ops.causal_conv1d(
             x, _conv_weight(self.conv1d), self.conv1d.bias,
             initial_state=None if state is None else state.conv, activation="silu", return_final_state=return_state,
+            cu_seqlens=cu_seqlens,
         )  # fmt: skip
         x, conv_state = conv_out if return_state else (conv_out, None)
         dt, B, C = self.x_proj(x).split([dt_rank, d_state, d_state], dim=-1)  # (B, L, R), (B, L, N), (B, L, N)
@@ -150,7 +166,7 @@ class Mamba1Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())  # (Di, N), negative so that the state decays
         scan_out = ops.selective_scan(
             x, dt, A, B, C, self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
-            initial_state=None if state is None else state.ssm, return_final_state=return_state,
+            initial_state=None if state is None else state.ssm, return_final_state=return_state, cu_seqlens=cu_seqlens,
         )  # fmt: skip
         y, ssm_state = scan_out if return_state else (scan_out, None)
         out = self.out_proj(y)  # (B, L, D)
@@ -192,7 +208,7 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias)
 
     def forward(
-        self, hidden: Tensor, state: LayerState | None, return_state: bool
+        self, hidden: Tensor, state: LayerState | None, return_state: bool, cu_seqlens: Tensor | None = None
     ) -> tuple[Tensor, LayerState | None]:
         cfg = self.config
         batch, length, _ = hidden.shape
@@ -200,6 +216,7 @@ class Mamba2Mixer(nn.Module):
         conv_out = ops.causal_conv1d(
             xBC, _conv_weight(self.conv1d), self.conv1d.bias,
             initial_state=None if state is None else state.conv, activation="silu", return_final_state=return_state,
+            cu_seqlens=cu_seqlens,
         )  # fmt: skip
         xBC, conv_state = conv_out if return_state else (conv_out, None)
         x, B, C = xBC.split([cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.ngroups * cfg.d_state], dim=-1)
@@ -210,7 +227,7 @@ class Mamba2Mixer(nn.Module):
             B.reshape(batch, length, cfg.ngroups, cfg.d_state),  # (B, L, G, N)
             C.reshape(batch, length, cfg.ngroups, cfg.d_state),
             self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True, dt_limit=cfg.dt_limit,
-            initial_state=None if state is None else state.ssm, return_final_state=return_state,
+            initial_state=None if state is None else state.ssm, return_final_state=return_state, cu_seqlens=cu_seqlens,
         )  # fmt: skip
         y, ssm_state = scan_out if return_state else (scan_out, None)
         out = self.out_proj(self.norm(y.reshape(batch, length, cfg.d_inner), z))  # (B, L, D)

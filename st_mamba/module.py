@@ -20,6 +20,7 @@ from sentence_transformers.base.modules import InputModule
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from st_mamba import ops
 from st_mamba.checkpoints import CheckpointError, load_backbone, resolve_folder, save_backbone
 from st_mamba.config import MambaConfig
 from st_mamba.modeling import LayerState, MambaBackbone
@@ -113,7 +114,9 @@ class MambaEncoder(InputModule):
     def preprocess(self, inputs: Sequence[str], prompt: str | None = None, **kwargs) -> dict[str, Tensor]:
         """Tokenise, truncate to ``max_seq_length - 1``, append EOS, right-pad with EOS.
 
-        Returns ``input_ids`` and ``attention_mask``, both (B, L_max) int64.
+        Returns ``input_ids`` and ``attention_mask``, both (B, L_max) int64. Where the backbone reads
+        packed batches in one pass (Mamba-1 on a CUDA GPU with Triton, no ``chunk_size``), the texts are
+        instead packed end to end without padding: see ``_pack``.
         """
         if isinstance(inputs, str):
             raise TypeError("expected a list of strings, got a single str; wrap it in a list")
@@ -137,13 +140,40 @@ class MambaEncoder(InputModule):
         for row, tokens in enumerate(ids):
             input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             attention_mask[row, : len(tokens) + 1] = 1  # the tokens and their EOS
+        if self.chunk_size is None and ops.packs_in_one_pass(self.backbone.embeddings.weight.device, self.config.version):
+            return self._pack(input_ids, attention_mask)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def _pack(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        """The padded batch without its padding: the texts (each with its EOS) end to end in one row.
+
+        Returns ``input_ids`` (1, T), ``cu_seqlens`` (B + 1,) int32 (text i is ``cu_seqlens[i]:cu_seqlens[i + 1]``),
+        ``packed_positions`` (T,), each token's index in the flattened (B, L_max) padded layout, and the
+        padded ``attention_mask`` (B, L_max), so that ``token_embeddings`` keep their usual shape.
+
+        In the main process the tensors are already sent (pinned, non-blocking) to the model's GPU, so
+        that moving the batch to the device does not wait for the previous batch's forward pass.
+        """
+        keep = attention_mask.bool()
+        lengths = attention_mask.sum(dim=1)
+        features = {
+            "input_ids": input_ids[keep].unsqueeze(0),
+            "cu_seqlens": torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
+            "packed_positions": keep.flatten().nonzero().squeeze(1),
+            "attention_mask": attention_mask,
+        }
+        if torch.utils.data.get_worker_info() is None:
+            device = self.backbone.embeddings.weight.device
+            features = {k: v.pin_memory().to(device, non_blocking=True) for k, v in features.items()}
+        return features
 
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, features: dict[str, Tensor], **kwargs) -> dict[str, Tensor]:
         """Adds ``sentence_embedding`` (B, D), the hidden state at each EOS, and ``token_embeddings`` (B, L, D)."""
         input_ids, attention_mask = features["input_ids"], features["attention_mask"]
+        if "cu_seqlens" in features:
+            return self._forward_packed(features)
         eos_positions = attention_mask.sum(dim=1) - 1  # (B,): right padding puts EOS last
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         if self.chunk_size is not None and input_ids.shape[1] > self.chunk_size:
@@ -152,6 +182,16 @@ class MambaEncoder(InputModule):
         hidden = self.backbone(input_ids)  # (B, L, D)
         features["token_embeddings"] = hidden
         features["sentence_embedding"] = hidden[rows, eos_positions]
+        return features
+
+    def _forward_packed(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The same outputs from a packed batch (see ``_pack``): one pass over T tokens, no padding."""
+        cu_seqlens, attention_mask = features["cu_seqlens"], features["attention_mask"]
+        hidden = self.backbone(features["input_ids"], cu_seqlens=cu_seqlens)[0]  # (T, D)
+        features["sentence_embedding"] = hidden[cu_seqlens[1:].long() - 1]  # each text's EOS is its last token
+        padded = hidden.new_zeros(attention_mask.numel(), hidden.shape[-1])
+        padded.index_copy_(0, features["packed_positions"], hidden)
+        features["token_embeddings"] = padded.view(*attention_mask.shape, hidden.shape[-1])  # (B, L_max, D)
         return features
 
     def _forward_streaming(self, input_ids: Tensor, eos_positions: Tensor) -> Tensor:

@@ -9,7 +9,11 @@ in one visible ``if`` chain:
    convolution, on CPU when no gradient is needed.
 3. ``chunked``: pure PyTorch (``ops/chunked.py``), any device, differentiable.
 
-The Triton path (``ops/triton.py``) slots in as the first CUDA choice when it exists.
+Ahead of all of these on CUDA tensors comes ``triton``: the Triton kernels (``ops/triton.py``) for the
+Mamba-1 scan and the causal convolution, used whenever Triton is importable (PyTorch's CUDA wheels
+bring it). On the H200 it measured faster than the mamba-ssm kernels in every dtype
+(``benchmarks/bench_encode.py``, docs/benchmarks.md). Only ``triton`` reads packed batches
+(``cu_seqlens``) in one pass; every other backend runs a packed batch one sequence at a time.
 ``use_backend("reference")`` (or ``ST_MAMBA_BACKEND=reference``) forces one backend, for tests and
 benchmarks. Each (operation, backend, device) choice is logged once at INFO level.
 """
@@ -37,10 +41,14 @@ try:
     from causal_conv1d import causal_conv1d_fn as _causal_conv1d_cuda
 except ImportError:
     _causal_conv1d_cuda = None
+try:
+    from st_mamba.ops import triton as _triton
+except ImportError:  # no Triton (CPU-only installs): the CUDA paths below take over
+    _triton = None
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("mamba_ssm", "cpu", "chunked", "reference")
+BACKENDS = ("triton", "mamba_ssm", "cpu", "chunked", "reference")
 _forced: str | None = os.environ.get("ST_MAMBA_BACKEND") or None
 _announced: set[tuple[str, str, str]] = set()
 
@@ -70,6 +78,27 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def packs_in_one_pass(device: torch.device, version: int) -> bool:
+    """Whether a packed batch (``cu_seqlens``) runs in one pass here: the Triton Mamba-1 path on CUDA."""
+    return device.type == "cuda" and _triton is not None and version == 1 and _forced in (None, "triton")
+
+
+def _one_sequence_at_a_time(
+    op, cu_seqlens: Tensor, packed: list[Tensor | None], initial_state: Tensor | None, return_final_state: bool
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Run ``op(pieces, state)`` on each packed sequence and join the outputs along time (dim 1)."""
+    bounds = cu_seqlens.tolist()
+    outputs, finals = [], []
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        pieces = [None if t is None else t[:, start:end] for t in packed]
+        out = op(pieces, None if initial_state is None else initial_state[i : i + 1])
+        outputs.append(out[0] if return_final_state else out)
+        if return_final_state:
+            finals.append(out[1])
+    y = torch.cat(outputs, dim=1)
+    return (y, torch.cat(finals, dim=0)) if return_final_state else y
+
+
 def selective_scan(
     x: Tensor,
     dt: Tensor,
@@ -82,10 +111,16 @@ def selective_scan(
     dt_softplus: bool = False,
     initial_state: Tensor | None = None,
     return_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Mamba-1 selective scan. Shapes: see ``reference.selective_scan_reference``."""
+    """Mamba-1 selective scan. Shapes: see ``reference.selective_scan_reference``.
+
+    ``cu_seqlens`` (n + 1,) int32 marks a packed batch: x, dt, z (1, T, Di), B, C (1, T, N), states (n, Di, N).
+    """
     args = (x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, return_final_state)
     backend = _forced
+    if backend is None and x.is_cuda and _triton is not None:
+        backend = "triton"
     if backend is None:
         if x.is_cuda and _mamba_ssm_selective_scan is not None and initial_state is None:
             backend = "mamba_ssm"
@@ -94,6 +129,14 @@ def selective_scan(
         else:
             backend = "chunked"
     _announce("selective_scan", backend, x.device)
+    if backend == "triton":
+        return _triton.selective_scan_triton(*args, cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None:
+        with use_backend(backend):
+            return _one_sequence_at_a_time(
+                lambda p, h: selective_scan(p[0], p[1], A, p[2], p[3], D, p[4], dt_bias, dt_softplus, h, return_final_state),
+                cu_seqlens, [x, dt, B, C, z], initial_state, return_final_state,
+            )  # fmt: skip
     if backend == "mamba_ssm":
         out = _mamba_ssm_selective_scan(
             x.transpose(1, 2), dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D,
@@ -122,11 +165,17 @@ def ssd_scan(
     dt_limit: tuple[float, float] = (0.0, float("inf")),
     initial_state: Tensor | None = None,
     return_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Mamba-2 scan. Shapes: see ``reference.ssd_scan_reference``."""
+    """Mamba-2 scan. Shapes: see ``reference.ssd_scan_reference``; ``cu_seqlens`` as in ``selective_scan``."""
+    if cu_seqlens is not None:
+        return _one_sequence_at_a_time(
+            lambda p, h: ssd_scan(p[0], p[1], A, p[2], p[3], D, dt_bias, dt_softplus, dt_limit, h, return_final_state),
+            cu_seqlens, [x, dt, B, C], initial_state, return_final_state,
+        )  # fmt: skip
     args = (x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, return_final_state)
     backend = _forced
-    if backend is None or backend == "cpu":
+    if backend is None or backend in ("cpu", "triton"):  # neither has a Mamba-2 kernel of its own
         backend = "mamba_ssm" if x.is_cuda and _mamba_ssm_chunk_scan is not None else "chunked"
     _announce("ssd_scan", backend, x.device)
     if backend == "mamba_ssm":
@@ -146,10 +195,16 @@ def causal_conv1d(
     initial_state: Tensor | None = None,
     activation: str | None = "silu",
     return_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Depthwise causal convolution, channels last. Shapes: see ``reference.causal_conv1d_reference``."""
+    """Depthwise causal convolution, channels last. Shapes: see ``reference.causal_conv1d_reference``.
+
+    ``cu_seqlens`` (n + 1,) int32 marks a packed batch: x (1, T, C), states (n, K - 1, C).
+    """
     args = (x, weight, bias, initial_state, activation, return_final_state)
     backend = _forced
+    if backend is None and x.is_cuda and _triton is not None:
+        backend = "triton"
     if backend is None:
         if x.is_cuda and _causal_conv1d_cuda is not None:
             backend = "mamba_ssm"
@@ -158,6 +213,14 @@ def causal_conv1d(
         else:
             backend = "chunked"
     _announce("causal_conv1d", backend, x.device)
+    if backend == "triton":
+        return _triton.causal_conv1d_triton(*args, cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None:
+        with use_backend(backend):
+            return _one_sequence_at_a_time(
+                lambda p, h: causal_conv1d(p[0], weight, bias, h, activation, return_final_state),
+                cu_seqlens, [x], initial_state, return_final_state,
+            )  # fmt: skip
     if backend == "mamba_ssm":
         # causal-conv1d reads channels-last (B, C, L) views, which is what a transpose of (B, L, C) is.
         out = _causal_conv1d_cuda(
@@ -175,4 +238,4 @@ def causal_conv1d(
     return causal_conv1d_torch(*args)
 
 
-__all__ = ["BACKENDS", "causal_conv1d", "selective_scan", "ssd_scan", "use_backend"]
+__all__ = ["BACKENDS", "causal_conv1d", "packs_in_one_pass", "selective_scan", "ssd_scan", "use_backend"]

@@ -1,0 +1,815 @@
+"""Triton kernels for CUDA GPUs: the Mamba-1 selective scan and the depthwise causal convolution.
+
+Nothing here is compiled at install time: Triton compiles each kernel on first use. Both
+operations take channels-last tensors exactly as ``reference.py`` documents them, and both accept
+**packed** batches: texts laid end to end in one (1, T, ...) sequence with ``cu_seqlens`` (n + 1,)
+int32 marking where each starts, the state and the convolution window reset at every start.
+
+Selective scan, forward (``_scan_fwd_kernel``). One program owns ``BLOCK_D`` channels of one
+piece of one sequence and walks it token by token, the (N, BLOCK_D) state in registers. Per token
+it fuses what mamba-ssm spreads over several kernels: softplus(dt + bias), exp(dt * A), the state
+update, the read-out through C, the D skip and the SiLU(z) gate; only y is written. When there are
+too few (sequence, channel block) pairs to fill the GPU, sequences are cut into chunks run side by
+side: phase 1 gives each chunk's end state from a zero start, phase 2 folds the earlier chunks'
+end states into each chunk's start state and produces the outputs.
+
+Selective scan, backward (``_scan_bwd_kernel``). A reverse walk over tiles of ``BLOCK_T`` tokens.
+The forward kernel first re-runs to store the state at every tile start (nothing but the inputs is
+kept from the forward pass). Inside a tile, the states h_t come from a parallel scan forward from
+the tile's start state, and the adjoints g_t = C_t dy_t + a_{t+1} g_{t+1} from a parallel scan
+backward from the next tile's first adjoint; every gradient is then a local product of the two.
+
+Causal convolution. One program per (token block, channel block): the K shifted windows are read
+straight from the (possibly strided) input, so the x half of ``in_proj``'s output needs no copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = math.log2(math.e)
+
+# Launch shapes, from the H200 measurements (benchmarks/bench_encode.py). The forward scan runs one
+# warp per program: with one warp the per-token vectors and the state tile share a layout, so no
+# token pays for a shuffle through shared memory (read off the SASS: no BAR in the loop). The
+# backward tile holds BLOCK_T x N x BLOCK_D values per tensor.
+SCAN_FWD_BLOCK_D = 128
+SCAN_FWD_WARPS = 1
+SCAN_BWD_BLOCK_T = 8
+SCAN_BWD_BLOCK_D = 32
+SCAN_BWD_WARPS = 4
+# With fewer (sequence, channel block) programs than SCAN_MIN_PROGRAMS, the forward scan cuts the
+# sequences into chunks of at least SCAN_MIN_CHUNK tokens, aiming at SCAN_CHUNK_PROGRAMS programs.
+SCAN_MIN_PROGRAMS = 256
+SCAN_CHUNK_PROGRAMS = 4096
+SCAN_MIN_CHUNK = 256
+CONV_BLOCK_T = 32
+CONV_BLOCK_C = 128
+CONV_WARPS = 4
+
+
+# --- shared device helpers ----------------------------------------------------------------------
+
+
+@triton.jit
+def _softplus(u):
+    # log(1 + e^u), and u itself where e^u would overflow (the same threshold as torch).
+    return tl.where(u > 20.0, u, tl.log(1.0 + tl.exp(tl.minimum(u, 20.0))))
+
+
+@triton.jit
+def _sigmoid(u):
+    return 1.0 / (1.0 + tl.exp(-u))
+
+
+@triton.jit
+def _affine_combine(a_first, b_first, a_second, b_second):
+    # Compose h -> a_first h + b_first, then h -> a_second h + b_second.
+    return a_first * a_second, a_second * b_first + b_second
+
+
+@triton.jit
+def _find_segment(offsets_ptr, index, n_segments, STEPS: tl.constexpr):
+    """For each entry of ``index``, the segment s with offsets[s] <= index < offsets[s + 1] (bisection)."""
+    lo = tl.zeros_like(index)
+    hi = lo + n_segments
+    for _ in tl.static_range(STEPS):
+        mid = (lo + hi) // 2
+        right = tl.load(offsets_ptr + mid) <= index
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    return lo
+
+
+def _search_steps(n: int) -> int:
+    return max(1, int(n).bit_length())
+
+
+# --- selective scan: forward --------------------------------------------------------------------
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, y_ptr,
+    h0_ptr, hfinal_ptr, chunk_state_ptr, chunk_dtsum_ptr, ckpt_ptr, cu_ptr, chunk_off_ptr, tile_off_ptr,
+    seqlen, n_seq, d_inner, d_state, chunk, chunks_per_seq, ckpt_every,
+    stride_xb, stride_xt, stride_dtb, stride_dtt, stride_zb, stride_zt,
+    stride_bb, stride_bt, stride_cb, stride_ct, stride_yb, stride_yt,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    PHASE: tl.constexpr, STORE_Y: tl.constexpr, STORE_CKPT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """PHASE 1: a chunk's end state from zero (and its summed dt). PHASE 2: outputs and/or checkpoints."""
+    chunk_id = tl.program_id(0)  # global chunk index: also the row of chunk_state / chunk_dtsum
+    if VARLEN:
+        seq = _find_segment(chunk_off_ptr, chunk_id, n_seq, SEARCH_STEPS)
+        if chunk_id >= tl.load(chunk_off_ptr + n_seq):
+            return
+        first_chunk = tl.load(chunk_off_ptr + seq)
+        start = tl.load(cu_ptr + seq)
+        end = tl.load(cu_ptr + seq + 1)
+        batch = 0
+    else:
+        seq = chunk_id // chunks_per_seq
+        first_chunk = seq * chunks_per_seq
+        start = 0
+        end = seqlen
+        batch = seq
+    pid_d = tl.program_id(1)
+    local_chunk = chunk_id - first_chunk
+    t_begin = start + local_chunk * chunk
+    t_end = tl.minimum(t_begin + chunk, end)
+    if PHASE == 1:
+        if t_end == end:  # the last chunk's end state is nobody's start state
+            return
+
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < d_inner
+    mask_nd = (offs_n[:, None] < d_state) & mask_d[None, :]
+    # A arrives transposed, (N, Di), so that it loads in the layout of the (N, BLOCK_D) state tile (no
+    # shuffle through shared memory per token); N runs down the tile so that the read-out sums in-thread.
+    A2 = tl.load(a_ptr + offs_n[:, None] * d_inner + offs_d[None, :], mask=mask_nd, other=0.0) * 1.4426950408889634
+    if HAS_D:
+        D = tl.load(d_ptr + offs_d, mask=mask_d, other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
+    state_offs = offs_n[:, None] * d_inner + offs_d[None, :]  # a (N, Di) slab of chunk_state / ckpt
+
+    h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    if PHASE == 2:
+        if HAS_H0:
+            h = tl.load(h0_ptr + seq * d_inner * d_state + offs_d[None, :] * d_state + offs_n[:, None], mask=mask_nd, other=0.0)  # fmt: skip
+        for prev in range(first_chunk, chunk_id):
+            dtsum = tl.load(chunk_dtsum_ptr + prev * d_inner + offs_d, mask=mask_d, other=0.0)
+            local_end = tl.load(chunk_state_ptr + prev * d_inner * d_state + state_offs, mask=mask_nd, other=0.0)
+            h = tl.exp2(A2 * dtsum[None, :]) * h + local_end
+    dtsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if STORE_CKPT:
+        if VARLEN:
+            ckpt_base = tl.load(tile_off_ptr + seq)
+        else:
+            ckpt_base = seq * tl.cdiv(seqlen, ckpt_every)
+
+    x_row = x_ptr + batch * stride_xb + offs_d
+    dt_row = dt_ptr + batch * stride_dtb + offs_d
+    z_row = z_ptr + batch * stride_zb + offs_d
+    b_row = b_ptr + batch * stride_bb + offs_n
+    c_row = c_ptr + batch * stride_cb + offs_n
+    y_row = y_ptr + batch * stride_yb + offs_d
+    mask_n = offs_n < d_state
+    # Token t + 1's inputs are loaded while token t is computed (a hand-written prefetch).
+    t_begin = t_begin.to(tl.int64)  # row offsets can pass 2**31 elements in long packed batches
+    t_end = t_end.to(tl.int64)
+    t0 = t_begin
+    x_next = tl.load(x_row + t0 * stride_xt, mask=mask_d, other=0.0)
+    dt_next = tl.load(dt_row + t0 * stride_dtt, mask=mask_d, other=0.0)
+    b_next = tl.load(b_row + t0 * stride_bt, mask=mask_n, other=0.0)
+    if STORE_Y:
+        c_next = tl.load(c_row + t0 * stride_ct, mask=mask_n, other=0.0)
+        if HAS_Z:
+            z_next = tl.load(z_row + t0 * stride_zt, mask=mask_d, other=0.0)
+    for t in range(t_begin, t_end):
+        x = x_next.to(tl.float32)
+        dt = dt_next.to(tl.float32)
+        Bt = b_next.to(tl.float32)
+        if STORE_Y:
+            Ct = c_next.to(tl.float32)
+            if HAS_Z:
+                z = z_next.to(tl.float32)
+        t1 = t + 1
+        more = t1 < t_end
+        x_next = tl.load(x_row + t1 * stride_xt, mask=mask_d & more, other=0.0)
+        dt_next = tl.load(dt_row + t1 * stride_dtt, mask=mask_d & more, other=0.0)
+        b_next = tl.load(b_row + t1 * stride_bt, mask=mask_n & more, other=0.0)
+        if STORE_Y:
+            c_next = tl.load(c_row + t1 * stride_ct, mask=mask_n & more, other=0.0)
+            if HAS_Z:
+                z_next = tl.load(z_row + t1 * stride_zt, mask=mask_d & more, other=0.0)
+
+        if STORE_CKPT:
+            if (t - start) % ckpt_every == 0:
+                tile = ckpt_base + (t - start) // ckpt_every
+                tl.store(ckpt_ptr + tile * d_inner * d_state + state_offs, h, mask=mask_nd)
+        if HAS_BIAS:
+            dt = dt + bias
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        if PHASE == 1:
+            dtsum += dt
+        # Zero-order hold for A, Euler for B (as in the reference).
+        h = tl.exp2(A2 * dt[None, :]) * h + Bt[:, None] * (dt * x)[None, :]
+        if STORE_Y:
+            y = tl.sum(h * Ct[:, None], axis=0)
+            if HAS_D:
+                y += D * x
+            if HAS_Z:
+                y *= z * _sigmoid(z)
+            tl.store(y_row + t * stride_yt, y, mask=mask_d)
+
+    if PHASE == 1:
+        tl.store(chunk_state_ptr + chunk_id * d_inner * d_state + state_offs, h, mask=mask_nd)
+        tl.store(chunk_dtsum_ptr + chunk_id * d_inner + offs_d, dtsum, mask=mask_d)
+    if STORE_FINAL:
+        if t_end == end:
+            tl.store(hfinal_ptr + seq * d_inner * d_state + offs_d[None, :] * d_state + offs_n[:, None], h, mask=mask_nd)  # fmt: skip
+
+
+# --- selective scan: backward -------------------------------------------------------------------
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, dy_ptr, ckpt_ptr, dhfinal_ptr, cu_ptr, tile_off_ptr,
+    dx_ptr, ddt_ptr, dz_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr, dh0_ptr,
+    seqlen, d_inner, d_state,
+    stride_xb, stride_xt, stride_dtb, stride_dtt, stride_zb, stride_zt,
+    stride_bb, stride_bt, stride_cb, stride_ct, stride_dyb, stride_dyt,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_DHFINAL: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_D channels of one sequence, tiles of BLOCK_T tokens from last to first.
+
+    Writes dx, ddt, dz (same layout as the inputs, contiguous), adds dB and dC into fp32 (rows, N)
+    buffers, and writes per-sequence partial sums of dA, dD and ddt_bias.
+    """
+    seq = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    if VARLEN:
+        start = tl.load(cu_ptr + seq)
+        end = tl.load(cu_ptr + seq + 1)
+        batch = 0
+        ckpt_base = tl.load(tile_off_ptr + seq)
+    else:
+        start = 0
+        end = seqlen
+        batch = seq
+        ckpt_base = seq * tl.cdiv(seqlen, BLOCK_T)
+    n_tiles = tl.cdiv(end - start, BLOCK_T)
+
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_d = offs_d < d_inner
+    mask_n = offs_n < d_state
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    A = tl.load(a_ptr + offs_n[:, None] * d_inner + offs_d[None, :], mask=mask_nd, other=0.0)  # (N, BLOCK_D), from A^T
+    A2 = A * 1.4426950408889634
+    if HAS_D:
+        D = tl.load(d_ptr + offs_d, mask=mask_d, other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
+    state_offs = offs_n[:, None] * d_inner + offs_d[None, :]
+    hfinal_offs = seq * d_inner * d_state + offs_d[None, :] * d_state + offs_n[:, None]
+
+    if HAS_DHFINAL:
+        g_carry = tl.load(dhfinal_ptr + hfinal_offs, mask=mask_nd, other=0.0)
+    else:
+        g_carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    for step in range(0, n_tiles):
+        tile = n_tiles - 1 - step
+        t = start + tile * BLOCK_T + offs_t  # (BLOCK_T,)
+        in_seq = t < end
+        next_in_seq = (t + 1) < end
+        rows = t.to(tl.int64)
+        if VARLEN:
+            token_rows = rows  # row of the contiguous (rows, Di) gradient outputs and (rows, N) dB, dC
+        else:
+            token_rows = batch * seqlen + rows
+        out_offs = token_rows[:, None] * d_inner + offs_d[None, :]
+        m_td = in_seq[:, None] & mask_d[None, :]
+        m_tn = in_seq[:, None] & mask_n[None, :]
+        x = tl.load(x_ptr + batch * stride_xb + rows[:, None] * stride_xt + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)  # fmt: skip
+        dt_raw = tl.load(dt_ptr + batch * stride_dtb + rows[:, None] * stride_dtt + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)  # fmt: skip
+        dt_raw_next = tl.load(dt_ptr + batch * stride_dtb + (rows + 1)[:, None] * stride_dtt + offs_d[None, :], mask=next_in_seq[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        dy = tl.load(dy_ptr + batch * stride_dyb + rows[:, None] * stride_dyt + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)  # fmt: skip
+        Bt = tl.load(b_ptr + batch * stride_bb + rows[:, None] * stride_bt + offs_n[None, :], mask=m_tn, other=0.0).to(tl.float32)  # fmt: skip
+        Ct = tl.load(c_ptr + batch * stride_cb + rows[:, None] * stride_ct + offs_n[None, :], mask=m_tn, other=0.0).to(tl.float32)  # fmt: skip
+        if HAS_BIAS:
+            dt_raw = dt_raw + bias[None, :]
+            dt_raw_next = dt_raw_next + bias[None, :]
+        dt = dt_raw
+        dt_next = dt_raw_next
+        if SOFTPLUS:
+            dt = _softplus(dt_raw)
+            dt_next = _softplus(dt_raw_next)
+        dt = tl.where(m_td, dt, 0.0)  # padding rows: decay 1, input 0
+
+        # States inside the tile, from the checkpointed start state.
+        a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (BLOCK_T, N, BLOCK_D)
+        dtx = dt * x
+        b = Bt[:, :, None] * dtx[:, None, :]
+        a_cum, h_local = tl.associative_scan((a, b), 0, _affine_combine)
+        h_start = tl.load(ckpt_ptr + (ckpt_base + tile).to(tl.int64) * d_inner * d_state + state_offs, mask=mask_nd, other=0.0)  # fmt: skip
+        h = a_cum * h_start[None, :, :] + h_local
+
+        # Adjoints g_t = C_t dy_t + a_{t+1} g_{t+1}, from the next tile's first adjoint.
+        if HAS_Z:
+            z = tl.load(z_ptr + batch * stride_zb + rows[:, None] * stride_zt + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)  # fmt: skip
+            gate_sig = _sigmoid(z)
+            dy_ssm = dy * z * gate_sig
+        else:
+            dy_ssm = dy
+        a_next = tl.exp2(dt_next[:, None, :] * A2[None, :, :])
+        a_next = tl.where(next_in_seq[:, None, None], a_next, 1.0)
+        c_dy = Ct[:, :, None] * dy_ssm[:, None, :]
+        a_rcum, g_local = tl.associative_scan((a_next, c_dy), 0, _affine_combine, reverse=True)
+        g = a_rcum * g_carry[None, :, :] + g_local
+
+        g_b = tl.sum(g * Bt[:, :, None], axis=1)  # (BLOCK_T, BLOCK_D)
+        g_decay = g * (h - b)  # g_t * a_t * h_{t-1}
+        dx = g_b * dt
+        ddt = g_b * x + tl.sum(g_decay * A[None, :, :], axis=1)
+        dA_acc += tl.sum(g_decay * dt[:, None, :], axis=0)
+        if HAS_D:
+            dx += dy_ssm * D[None, :]
+            dD_acc += tl.sum(dy_ssm * x, axis=0)
+        if HAS_Z:
+            y = tl.sum(h * Ct[:, :, None], axis=1)
+            if HAS_D:
+                y += D[None, :] * x
+            dz = dy * y * gate_sig * (1.0 + z * (1.0 - gate_sig))
+            tl.store(dz_ptr + out_offs, dz, mask=m_td)
+        if SOFTPLUS:
+            ddt = ddt * _sigmoid(dt_raw)
+        ddt = tl.where(m_td, ddt, 0.0)
+        if HAS_BIAS:
+            dbias_acc += tl.sum(ddt, axis=0)
+        tl.store(dx_ptr + out_offs, dx, mask=m_td)
+        tl.store(ddt_ptr + out_offs, ddt, mask=m_td)
+        # dB and dC sum over all channels: each channel block adds its share.
+        db = tl.sum(g * dtx[:, None, :], axis=2)  # (BLOCK_T, N)
+        dc = tl.sum(h * dy_ssm[:, None, :], axis=2)
+        tl.atomic_add(db_ptr + token_rows[:, None] * d_state + offs_n[None, :], db, mask=m_tn)
+        tl.atomic_add(dc_ptr + token_rows[:, None] * d_state + offs_n[None, :], dc, mask=m_tn)
+
+        first_row = offs_t[:, None, None] == 0
+        if HAS_H0:
+            if tile == 0:
+                dh0 = tl.sum(tl.where(first_row, a * g, 0.0), axis=0)
+                tl.store(dh0_ptr + hfinal_offs, dh0, mask=mask_nd)
+        g_carry = tl.sum(tl.where(first_row, g, 0.0), axis=0)
+
+    partial = seq * d_inner
+    tl.store(da_ptr + seq * d_inner * d_state + offs_d[None, :] * d_state + offs_n[:, None], dA_acc, mask=mask_nd)
+    if HAS_D:
+        tl.store(dd_ptr + partial + offs_d, dD_acc, mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + partial + offs_d, dbias_acc, mask=mask_d)
+
+
+# --- selective scan: host side ------------------------------------------------------------------
+
+
+class _Packing:
+    """Where each sequence lives: uniform (B, L) batch rows, or packed segments of one row."""
+
+    def __init__(self, x: Tensor, cu_seqlens: Tensor | None) -> None:
+        self.varlen = cu_seqlens is not None
+        if self.varlen:
+            if x.shape[0] != 1:
+                raise ValueError(f"packed input (cu_seqlens given) must have batch size 1, got {x.shape[0]}")
+            self.cu_seqlens = cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()
+            self.n_seq = self.cu_seqlens.numel() - 1
+            self.lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+        else:
+            self.cu_seqlens = None
+            self.n_seq = x.shape[0]
+        self.seqlen = x.shape[1]
+
+    def segment_offsets(self, block: int) -> Tensor | None:
+        """(n + 1,) int32: where each sequence's first piece of ``block`` tokens is numbered (packed only)."""
+        if not self.varlen:
+            return None
+        counts = torch.div(self.lengths + block - 1, block, rounding_mode="floor")
+        return torch.nn.functional.pad(torch.cumsum(counts, 0, dtype=torch.int32), (1, 0))
+
+    def pieces(self, block: int) -> tuple[int, int]:
+        """(grid size, pieces per sequence) for cutting every sequence into pieces of ``block`` tokens.
+
+        Packed: an upper bound on the number of pieces (programs past the real count return at once).
+        """
+        if self.varlen:
+            return -(-self.seqlen // block) + self.n_seq, 0
+        per_seq = max(1, -(-self.seqlen // block))
+        return self.n_seq * per_seq, per_seq
+
+
+def _scan_chunk(packing: _Packing, n_dblocks: int) -> int:
+    """Chunk length: whole sequences when (sequence, channel block) pairs already fill the GPU."""
+    whole = max(1, packing.seqlen)
+    if packing.n_seq * n_dblocks >= SCAN_MIN_PROGRAMS:
+        return whole
+    tokens = packing.seqlen if packing.varlen else packing.seqlen * packing.n_seq
+    chunk = max(SCAN_MIN_CHUNK, triton.next_power_of_2(max(1, tokens * n_dblocks // SCAN_CHUNK_PROGRAMS)))
+    return min(chunk, whole)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """The tensor with a unit stride along its last dim (a view when it already has one)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _scan_forward_pass(
+    x, dt, z, B, C, A, D, dt_bias, softplus, h0, packing: _Packing, y=None, hfinal=None, ckpt=None, ckpt_every=1
+):  # fmt: skip
+    """Run phase 1 (if chunked) and phase 2 of the forward kernel; fills y / hfinal / ckpt when given."""
+    d_inner, d_state = A.shape
+    block_d = min(SCAN_FWD_BLOCK_D, triton.next_power_of_2(d_inner))
+    n_dblocks = triton.cdiv(d_inner, block_d)
+    chunk = _scan_chunk(packing, n_dblocks)
+    n_chunks, chunks_per_seq = packing.pieces(chunk)
+    chunked = chunk < packing.seqlen
+    chunk_off = packing.segment_offsets(chunk)
+    tile_off = packing.segment_offsets(ckpt_every) if ckpt is not None else None
+    dummy = x.new_empty(0, dtype=torch.float32)
+    chunk_state = x.new_empty(n_chunks, d_state, d_inner, dtype=torch.float32) if chunked else dummy
+    chunk_dtsum = x.new_empty(n_chunks, d_inner, dtype=torch.float32) if chunked else dummy
+    y_arg = y if y is not None else x
+    strides = (
+        x.stride(0), x.stride(1), dt.stride(0), dt.stride(1),
+        (z if z is not None else x).stride(0), (z if z is not None else x).stride(1),
+        B.stride(0), B.stride(1), C.stride(0), C.stride(1), y_arg.stride(0), y_arg.stride(1),
+    )  # fmt: skip
+    common = dict(
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus,
+        HAS_H0=h0 is not None, VARLEN=packing.varlen, SEARCH_STEPS=_search_steps(packing.n_seq),
+        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), num_warps=SCAN_FWD_WARPS,
+    )  # fmt: skip
+    pointers = (
+        x, dt, z if z is not None else x, B, C, A.T.contiguous(), D if D is not None else A,
+        dt_bias if dt_bias is not None else A, y_arg, h0 if h0 is not None else dummy, hfinal if hfinal is not None else dummy, chunk_state, chunk_dtsum,
+        ckpt if ckpt is not None else dummy, packing.cu_seqlens if packing.varlen else dummy,
+        chunk_off if chunk_off is not None else dummy, tile_off if tile_off is not None else dummy,
+    )  # fmt: skip
+    sizes = (packing.seqlen, packing.n_seq, d_inner, d_state, chunk, chunks_per_seq, ckpt_every)
+    grid = (n_chunks, n_dblocks)
+    if chunked:
+        _scan_fwd_kernel[grid](
+            *pointers, *sizes, *strides, STORE_FINAL=False, PHASE=1, STORE_Y=False, STORE_CKPT=False, **common
+        )
+    _scan_fwd_kernel[grid](
+        *pointers, *sizes, *strides, STORE_FINAL=hfinal is not None, PHASE=2, STORE_Y=y is not None,
+        STORE_CKPT=ckpt is not None, **common,
+    )  # fmt: skip
+
+
+class _SelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, softplus, h0, return_final, cu_seqlens):
+        ctx.dtypes = [None if t is None else t.dtype for t in (A, D, dt_bias, h0)]
+        x, dt, B, C = _rows(x), _rows(dt), _rows(B), _rows(C)
+        z = None if z is None else _rows(z)
+        A = A.float().contiguous()
+        D = None if D is None else D.float().contiguous()
+        dt_bias = None if dt_bias is None else dt_bias.float().contiguous()
+        h0 = None if h0 is None else h0.float().contiguous()
+        packing = _Packing(x, cu_seqlens)
+        y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        hfinal = None
+        if return_final:  # empty sequences launch nothing: their final state is their initial state
+            hfinal = h0.clone() if h0 is not None else x.new_zeros(packing.n_seq, *A.shape, dtype=torch.float32)
+        _scan_forward_pass(x, dt, z, B, C, A, D, dt_bias, softplus, h0, packing, y=y, hfinal=hfinal)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens)
+        ctx.softplus = softplus
+        return (y, hfinal) if return_final else (y, None)
+
+    @staticmethod
+    def backward(ctx, dy, dhfinal):
+        x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens = ctx.saved_tensors
+        packing = _Packing(x, cu_seqlens)
+        d_inner, d_state = A.shape
+        block_t = SCAN_BWD_BLOCK_T
+        n_tiles, _ = packing.pieces(block_t)
+        ckpt = x.new_empty(n_tiles, d_state, d_inner, dtype=torch.float32)
+        _scan_forward_pass(x, dt, z, B, C, A, D, dt_bias, ctx.softplus, h0, packing, ckpt=ckpt, ckpt_every=block_t)
+
+        dy = _rows(dy)
+        f32 = dict(device=x.device, dtype=torch.float32)
+        dx = torch.empty(x.shape, **f32)
+        ddt = torch.empty(x.shape, **f32)
+        dz = torch.empty(x.shape, **f32) if z is not None else None
+        dB = torch.zeros(B.shape[0] * B.shape[1], d_state, **f32)
+        dC = torch.zeros(C.shape[0] * C.shape[1], d_state, **f32)
+        dA = torch.zeros(packing.n_seq, d_inner, d_state, **f32)
+        dD = torch.zeros(packing.n_seq, d_inner, **f32) if D is not None else None
+        dbias = torch.zeros(packing.n_seq, d_inner, **f32) if dt_bias is not None else None
+        dh0 = None
+        if h0 is not None:  # kept as is for empty sequences, whose final state is their initial state
+            dh0 = dhfinal.float().clone() if dhfinal is not None else torch.zeros(packing.n_seq, d_inner, d_state, **f32)
+        block_d = min(SCAN_BWD_BLOCK_D, triton.next_power_of_2(d_inner))
+        dummy = dx.new_empty(0)
+        zz = z if z is not None else x
+        grid = (packing.n_seq, triton.cdiv(d_inner, block_d))
+        _scan_bwd_kernel[grid](
+            x, dt, zz, B, C, A.T.contiguous(), D if D is not None else A, dt_bias if dt_bias is not None else A, dy, ckpt,
+            dhfinal.contiguous() if dhfinal is not None else dummy,
+            packing.cu_seqlens if packing.varlen else dummy,
+            packing.segment_offsets(block_t) if packing.varlen else dummy,
+            dx, ddt, dz if dz is not None else dummy, dB, dC, dA, dD if dD is not None else dummy,
+            dbias if dbias is not None else dummy, dh0 if dh0 is not None else dummy,
+            packing.seqlen, d_inner, d_state,
+            x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),
+            B.stride(0), B.stride(1), C.stride(0), C.stride(1), dy.stride(0), dy.stride(1),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=ctx.softplus,
+            HAS_H0=h0 is not None, HAS_DHFINAL=dhfinal is not None, VARLEN=packing.varlen,
+            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), num_warps=SCAN_BWD_WARPS,
+        )  # fmt: skip
+        dtype_A, dtype_D, dtype_bias, dtype_h0 = ctx.dtypes
+        return (
+            dx.to(x.dtype), ddt.to(dt.dtype), dA.sum(0).to(dtype_A), dB.view(B.shape).to(B.dtype),
+            dC.view(C.shape).to(C.dtype), None if dD is None else dD.sum(0).to(dtype_D),
+            None if dz is None else dz.to(z.dtype), None if dbias is None else dbias.sum(0).to(dtype_bias),
+            None, None if dh0 is None else dh0.to(dtype_h0), None, None,
+        )  # fmt: skip
+
+
+def selective_scan_triton(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Mamba-1 selective scan on a CUDA GPU; same signature and shapes as ``selective_scan_reference``.
+
+    With ``cu_seqlens`` (n + 1,) the batch is packed: x, dt, z are (1, T, Di), B and C (1, T, N), and
+    ``initial_state`` and the final state are (n, Di, N), one per sequence.
+    Gradients reach every tensor input (x, dt, A, B, C, D, z, dt_bias, initial_state).
+    """
+    y, final_state = _SelectiveScan.apply(
+        x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, return_final_state, cu_seqlens
+    )
+    return (y, final_state) if return_final_state else y
+
+
+# --- causal convolution -------------------------------------------------------------------------
+
+
+@triton.jit
+def _conv_position(tok, cu_ptr, seqlen, n_seq, VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """(sequence, batch row, time index within that row, position within the sequence) of each token."""
+    if VARLEN:
+        seq = _find_segment(cu_ptr, tok, n_seq, SEARCH_STEPS)
+        seq_start = tl.load(cu_ptr + seq)
+        seq_len = tl.load(cu_ptr + seq + 1) - seq_start
+        return seq, tl.zeros_like(tok), tok, tok - seq_start, seq_len
+    seq = tok // seqlen
+    pos = tok - seq * seqlen
+    return seq, seq, pos, pos, tl.zeros_like(tok) + seqlen
+
+
+@triton.jit
+def _conv_window(
+    x_ptr, w_ptr, h0_ptr, seq, batch, time, pos, tok_mask, offs_c, mask_c,
+    stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k, k: tl.constexpr,
+    HAS_H0: tl.constexpr, WIDTH: tl.constexpr,
+):  # fmt: skip
+    """Tap k of the window: the input ``WIDTH - 1 - k`` tokens back (from the initial state before the start)."""
+    back = WIDTH - 1 - k
+    src = pos - back
+    inside = tok_mask & (src >= 0)
+    rows = batch.to(tl.int64) * stride_xb + (time - back).to(tl.int64) * stride_xt
+    x = tl.load(x_ptr + rows[:, None] + offs_c[None, :], mask=inside[:, None] & mask_c[None, :], other=0.0)
+    x = x.to(tl.float32)
+    if HAS_H0:
+        before = tok_mask & (src < 0)
+        h0_rows = seq.to(tl.int64) * stride_h0s + (src + WIDTH - 1).to(tl.int64) * stride_h0k
+        x += tl.load(h0_ptr + h0_rows[:, None] + offs_c[None, :], mask=before[:, None] & mask_c[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    w = tl.load(w_ptr + offs_c * stride_wc + k * stride_wk, mask=mask_c, other=0.0).to(tl.float32)
+    return x, w
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, h0_ptr, y_ptr, cu_ptr,
+    n_tokens, seqlen, channels, n_seq,
+    stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SILU: tl.constexpr,
+    VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tok_mask = tok < n_tokens
+    mask_c = offs_c < channels
+    seq, batch, time, pos, _ = _conv_position(tok, cu_ptr, seqlen, n_seq, VARLEN, SEARCH_STEPS)
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for k in tl.static_range(WIDTH):
+        x, w = _conv_window(
+            x_ptr, w_ptr, h0_ptr, seq, batch, time, pos, tok_mask, offs_c, mask_c,
+            stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k, k, HAS_H0, WIDTH,
+        )  # fmt: skip
+        acc += x * w[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if SILU:
+        acc = acc * _sigmoid(acc)
+    out = tok.to(tl.int64)[:, None] * channels + offs_c[None, :]
+    tl.store(y_ptr + out, acc, mask=tok_mask[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _conv_bwd_pre_kernel(
+    x_ptr, w_ptr, bias_ptr, h0_ptr, dy_ptr, dpre_ptr, dw_ptr, dbias_ptr, cu_ptr,
+    n_tokens, seqlen, channels, n_seq,
+    stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SILU: tl.constexpr,
+    VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """dpre = dy * silu'(pre), and this token block's share of dweight (WIDTH, C) and dbias (C,)."""
+    pid_t = tl.program_id(0)
+    tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tok_mask = tok < n_tokens
+    mask_c = offs_c < channels
+    mask = tok_mask[:, None] & mask_c[None, :]
+    seq, batch, time, pos, _ = _conv_position(tok, cu_ptr, seqlen, n_seq, VARLEN, SEARCH_STEPS)
+    pre = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for k in tl.static_range(WIDTH):
+        x, w = _conv_window(
+            x_ptr, w_ptr, h0_ptr, seq, batch, time, pos, tok_mask, offs_c, mask_c,
+            stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k, k, HAS_H0, WIDTH,
+        )  # fmt: skip
+        pre += x * w[None, :]
+    if HAS_BIAS:
+        pre += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    flat = tok.to(tl.int64)[:, None] * channels + offs_c[None, :]
+    dpre = tl.load(dy_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        sig = _sigmoid(pre)
+        dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
+    tl.store(dpre_ptr + flat, dpre, mask=mask)
+    for k in tl.static_range(WIDTH):
+        x, w = _conv_window(
+            x_ptr, w_ptr, h0_ptr, seq, batch, time, pos, tok_mask, offs_c, mask_c,
+            stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k, k, HAS_H0, WIDTH,
+        )  # fmt: skip
+        tl.store(dw_ptr + (pid_t * WIDTH + k) * channels + offs_c, tl.sum(x * dpre, axis=0), mask=mask_c)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + pid_t * channels + offs_c, tl.sum(dpre, axis=0), mask=mask_c)
+
+
+@triton.jit
+def _conv_bwd_input_kernel(
+    dpre_ptr, w_ptr, dx_ptr, cu_ptr, n_tokens, seqlen, channels, n_seq, stride_wc, stride_wk,
+    WIDTH: tl.constexpr, VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """dx_t = sum_k w_k dpre_{t + WIDTH - 1 - k}, over the taps that stay inside the sequence."""
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tok_mask = tok < n_tokens
+    mask_c = offs_c < channels
+    _, _, _, pos, seq_len = _conv_position(tok, cu_ptr, seqlen, n_seq, VARLEN, SEARCH_STEPS)
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for k in tl.static_range(WIDTH):
+        ahead = WIDTH - 1 - k
+        inside = tok_mask & (pos + ahead < seq_len)
+        flat = (tok + ahead).to(tl.int64)[:, None] * channels + offs_c[None, :]
+        dpre = tl.load(dpre_ptr + flat, mask=inside[:, None] & mask_c[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_c * stride_wc + k * stride_wk, mask=mask_c, other=0.0).to(tl.float32)
+        acc += dpre * w[None, :]
+    tl.store(dx_ptr + tok.to(tl.int64)[:, None] * channels + offs_c[None, :], acc, mask=tok_mask[:, None] & mask_c[None, :])  # fmt: skip
+
+
+def _conv_launch(x: Tensor, packing: _Packing) -> tuple[int, tuple[int, int]]:
+    n_tokens = x.shape[0] * x.shape[1]
+    return n_tokens, (triton.cdiv(n_tokens, CONV_BLOCK_T), triton.cdiv(x.shape[2], CONV_BLOCK_C))
+
+
+def _sequence_starts(packing: _Packing, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(n,) first token row of each sequence in the flattened (B * L) order, and (n,) lengths."""
+    if packing.varlen:
+        return packing.cu_seqlens[:-1].long(), packing.lengths.long()
+    starts = torch.arange(packing.n_seq, device=device) * packing.seqlen
+    return starts, torch.full_like(starts, packing.seqlen)
+
+
+class _CausalConv1d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, h0, activation, cu_seqlens):
+        packing = _Packing(x, cu_seqlens)
+        h0 = None if h0 is None else _rows(h0)
+        n_tokens, grid = _conv_launch(x, packing)
+        y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        dummy = x.new_empty(0)
+        h0_arg = h0 if h0 is not None else x
+        _conv_fwd_kernel[grid](
+            x, weight, bias if bias is not None else weight, h0_arg, y,
+            packing.cu_seqlens if packing.varlen else dummy,
+            n_tokens, packing.seqlen, x.shape[2], packing.n_seq,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            h0_arg.stride(0) if h0 is not None else 0, h0_arg.stride(1) if h0 is not None else 0,
+            WIDTH=weight.shape[1], HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=activation == "silu",
+            VARLEN=packing.varlen, SEARCH_STEPS=_search_steps(packing.n_seq),
+            BLOCK_T=CONV_BLOCK_T, BLOCK_C=CONV_BLOCK_C, num_warps=CONV_WARPS,
+        )  # fmt: skip
+        ctx.save_for_backward(x, weight, bias, h0, cu_seqlens)
+        ctx.activation = activation
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, h0, cu_seqlens = ctx.saved_tensors
+        packing = _Packing(x, cu_seqlens)
+        n_tokens, grid = _conv_launch(x, packing)
+        channels, width = weight.shape
+        dy = dy.contiguous()
+        f32 = dict(device=x.device, dtype=torch.float32)
+        dpre = torch.empty(n_tokens, channels, **f32)
+        dw_part = torch.empty(grid[0], width, channels, **f32)
+        dbias_part = torch.empty(grid[0], channels, **f32) if bias is not None else dpre
+        dummy = x.new_empty(0)
+        h0_arg = h0 if h0 is not None else x
+        common = dict(
+            WIDTH=width, VARLEN=packing.varlen, SEARCH_STEPS=_search_steps(packing.n_seq),
+            BLOCK_T=CONV_BLOCK_T, BLOCK_C=CONV_BLOCK_C, num_warps=CONV_WARPS,
+        )  # fmt: skip
+        cu = packing.cu_seqlens if packing.varlen else dummy
+        _conv_bwd_pre_kernel[grid](
+            x, weight, bias if bias is not None else weight, h0_arg, dy, dpre, dw_part, dbias_part, cu,
+            n_tokens, packing.seqlen, channels, packing.n_seq,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            h0_arg.stride(0) if h0 is not None else 0, h0_arg.stride(1) if h0 is not None else 0,
+            HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=ctx.activation == "silu", **common,
+        )  # fmt: skip
+        dx = torch.empty(n_tokens, channels, **f32)
+        _conv_bwd_input_kernel[grid](
+            dpre, weight, dx, cu, n_tokens, packing.seqlen, channels, packing.n_seq,
+            weight.stride(0), weight.stride(1), **common,
+        )  # fmt: skip
+        dh0 = None
+        if h0 is not None:
+            # Initial-state slot j stands for position j - (K - 1): it meets dpre at positions j - k.
+            starts, lengths = _sequence_starts(packing, x.device)
+            dh0 = torch.zeros(packing.n_seq, width - 1, channels, **f32)
+            for j in range(width - 1):
+                for k in range(j + 1):
+                    reach = j - k
+                    rows = (starts + reach).clamp(max=n_tokens - 1)
+                    valid = (reach < lengths).to(torch.float32)[:, None]
+                    dh0[:, j] += dpre[rows] * valid * weight[:, k].float()
+            dh0 = dh0.to(h0.dtype)
+        dbias = dbias_part.sum(0).to(bias.dtype) if bias is not None else None
+        dweight = dw_part.sum(0).T.to(weight.dtype)
+        return dx.view(x.shape).to(x.dtype), dweight, dbias, dh0, None, None
+
+
+def _conv_final_state(x: Tensor, h0: Tensor | None, width: int, packing: _Packing) -> Tensor:
+    """The last K - 1 inputs of each sequence (reaching into the initial state for short ones)."""
+    starts, lengths = _sequence_starts(packing, x.device)
+    # Slot j holds position length - (K - 1) + j of its sequence.
+    pos = lengths[:, None] - (width - 1) + torch.arange(width - 1, device=x.device)[None, :]  # (n, K - 1)
+    if packing.varlen:
+        batch, time = torch.zeros_like(pos), starts[:, None] + pos
+    else:
+        batch, time = torch.arange(packing.n_seq, device=x.device)[:, None].expand_as(pos), pos
+    from_x = x[batch, time.clamp(min=0, max=max(x.shape[1] - 1, 0))]  # (n, K - 1, C)
+    from_x = from_x * (pos >= 0)[..., None].to(x.dtype)
+    if h0 is None:
+        return from_x
+    slot = (pos + width - 1).clamp(min=0, max=width - 2)
+    from_h0 = torch.gather(h0, 1, slot[..., None].expand(-1, -1, x.shape[2])).to(x.dtype)
+    return torch.where((pos >= 0)[..., None], from_x, from_h0)
+
+
+def causal_conv1d_triton(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    activation: str | None = "silu",
+    return_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Depthwise causal convolution on a CUDA GPU; same signature and shapes as ``causal_conv1d_reference``.
+
+    ``x`` may be a strided view (only its channel dim needs a unit stride). With ``cu_seqlens`` the
+    batch is packed: x is (1, T, C), ``initial_state`` and the final state (n, K - 1, C).
+    """
+    if activation not in (None, "silu"):
+        raise ValueError(f"unsupported activation {activation!r}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = _CausalConv1d.apply(x, weight, bias, initial_state, activation, cu_seqlens)
+    if not return_final_state:
+        return y
+    return y, _conv_final_state(x, initial_state, weight.shape[1], _Packing(x, cu_seqlens))

@@ -1,0 +1,76 @@
+"""Packed batches (texts end to end with ``cu_seqlens``) give the same embeddings as padded ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from st_mamba import MambaBackbone
+from conftest import random_texts, tiny_config
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _pad_and_pack(lengths: list[int], vocab_size: int, device: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    padded = torch.randint(1, vocab_size, (len(lengths), longest), generator=g)
+    keep = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+    packed = padded[keep][None]  # (1, T)
+    cu_seqlens = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+    return padded.to(device), packed.to(device), cu_seqlens.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("version", [1, 2], ids=["mamba1", "mamba2"])
+def test_backbone_packed_equals_padded(version, device):
+    torch.manual_seed(0)
+    backbone = MambaBackbone(tiny_config(version)).reset_parameters(seed=0).to(device)
+    lengths = [7, 1, 30, 12, 3]
+    padded, packed, cu_seqlens = _pad_and_pack(lengths, 400, device, seed=1)
+    with torch.no_grad():
+        hidden_padded = backbone(padded)  # (B, L, D)
+        hidden_packed = backbone(packed, cu_seqlens=cu_seqlens)[0]  # (T, D)
+    eos = torch.tensor(lengths, device=device) - 1
+    expected = hidden_padded[torch.arange(len(lengths), device=device), eos]
+    actual = hidden_packed[cu_seqlens[1:].long() - 1]
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    # And every token, not only the last one.
+    keep = torch.arange(max(lengths), device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    torch.testing.assert_close(hidden_packed, hidden_padded[keep], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backbone_packed_state_carries_per_text(device):
+    """Final states of a packed batch equal each text's own final state (what streaming relies on)."""
+    backbone = MambaBackbone(tiny_config(1)).reset_parameters(seed=0).to(device)
+    lengths = [5, 2, 9]
+    padded, packed, cu_seqlens = _pad_and_pack(lengths, 400, device, seed=2)
+    with torch.no_grad():
+        _, packed_state = backbone(packed, return_state=True, cu_seqlens=cu_seqlens)
+        for i, length in enumerate(lengths):
+            _, own_state = backbone(padded[i : i + 1, :length], return_state=True)
+            for layer, (mine, theirs) in enumerate(zip(own_state, packed_state)):
+                torch.testing.assert_close(theirs.ssm[i : i + 1], mine.ssm, msg=f"layer {layer} ssm")
+                torch.testing.assert_close(theirs.conv[i : i + 1], mine.conv, msg=f"layer {layer} conv")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_encode_packed_equals_padded_on_gpu(tokenizer_dir, dtype):
+    """model.encode packs on the GPU; the padded path (forced by a chunk_size no batch reaches) agrees."""
+    pytest.importorskip("triton")
+    from st_mamba import from_config
+
+    model = from_config(tiny_config(1), tokenizer_dir, seed=0, max_seq_length=256, device="cuda")
+    model.to(dtype)
+    texts = random_texts(40, seed=3)
+    encoder = model[0]
+    assert "cu_seqlens" in encoder.preprocess(texts[:3])
+    packed = model.encode(texts, batch_size=16, convert_to_tensor=True)
+    encoder.chunk_size = 10**9  # padded batches, one pass
+    assert "cu_seqlens" not in encoder.preprocess(texts[:3])
+    padded = model.encode(texts, batch_size=16, convert_to_tensor=True)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(packed.float(), padded.float(), rtol=tol, atol=tol)
