@@ -149,6 +149,21 @@ def test_causal_conv1d_without_bias_or_activation():
     )
 
 
+@pytest.mark.parametrize("d_state", [16, 8])
+def test_backbone_on_the_kernels_matches_the_reference(d_state):
+    """The mixer's strided views (x/z of in_proj, dt/B/C of x_proj) reach the kernels as they are."""
+    from st_mamba import MambaBackbone, MambaConfig
+
+    config = MambaConfig(d_model=24, n_layer=2, vocab_size=50, d_state=d_state, dt_rank=4)
+    model = MambaBackbone(config).reset_parameters(seed=0).eval()
+    ids = torch.randint(0, 50, (2, 33), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model(ids)
+        with ops.use_backend("reference"):
+            expected = model(ids)
+    assert_close("hidden", hidden, expected)
+
+
 def _backends_used(requires_grad: bool) -> dict[str, str]:
     """Run the scan and the convolution through the dispatcher once; report the backend each announced."""
     ops._announced.clear()
