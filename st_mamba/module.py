@@ -208,6 +208,22 @@ class MambaEncoder(InputModule):
                 embedding = embedding.index_put((rows,), hidden[rows, eos_positions[rows] - start])
         return embedding
 
+    # --- training -----------------------------------------------------------------------------
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Recompute each residual block's activations during the backward pass instead of storing them.
+
+        ``SentenceTransformer.gradient_checkpointing_enable()`` calls this on every module that has it.
+        The backbone always uses non-reentrant ``torch.utils.checkpoint``; other settings are refused.
+        """
+        extra = {k: v for k, v in (gradient_checkpointing_kwargs or {}).items() if (k, v) != ("use_reentrant", False)}
+        if extra:
+            raise ValueError(f"MambaEncoder only supports non-reentrant gradient checkpointing, got {extra}")
+        self.backbone.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.backbone.gradient_checkpointing = False
+
     # --- save / load --------------------------------------------------------------------------
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
