@@ -1,0 +1,234 @@
+"""training/distill.py: teacher targets, collation, checkpoint shards, and a whole tiny run on CPU."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import lzma
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CORPUS, random_texts
+from sentence_transformers import SentenceTransformer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def load_script(name: str):
+    """Import a recipe from training/ by its path (training/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"training_{name}", REPO / "training" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+distill = load_script("distill")
+TINY_MAMBA = dict(d_model=32, n_layer=2, version=2, d_state=8, headdim=16, expand=2, vocab_size=400, eos_token_id=0)
+TINY_TRANSFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=512, vocab_size=400)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tokenizer_dir, tmp_path_factory) -> SentenceTransformer:
+    """A random BERT with a 256-token window and mean pooling, shaped like all-MiniLM-L6-v2 but tiny (dim 384)."""
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.pad_token = tokenizer.eos_token
+    BertModel(BertConfig(vocab_size=400, hidden_size=384, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=512), add_pooling_layer=False).save_pretrained(folder)  # fmt: skip
+    tokenizer.save_pretrained(folder)
+    modules = [
+        Transformer(str(folder), max_seq_length=distill.TEACHER_WINDOW),
+        Pooling(384, pooling_mode="mean"),
+        Normalize(),
+    ]
+    return SentenceTransformer(modules=modules, device="cpu")
+
+
+def test_teacher_target_is_the_renormalised_mean_over_windows(tiny_teacher):
+    long_text = " ".join(CORPUS * 12)
+    texts = ["a short query", long_text]
+    targets = distill.teacher_targets(tiny_teacher, texts, batch_size=8)
+    assert targets.shape == (2, 384)
+    torch.testing.assert_close(targets.norm(dim=-1), torch.ones(2))
+    short = tiny_teacher.encode(["a short query"], convert_to_tensor=True, normalize_embeddings=True)[0]
+    torch.testing.assert_close(targets[0], short, atol=1e-5, rtol=1e-5)
+    # the long text: windows of 254 tokens, cut at token boundaries
+    spans = tiny_teacher.tokenizer(long_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    windows = [spans[i : i + 254] for i in range(0, len(spans), 254)]
+    assert len(windows) > 2
+    pieces = [long_text[w[0][0] : w[-1][1]] for w in windows]
+    mean = tiny_teacher.encode(pieces, convert_to_tensor=True, normalize_embeddings=True).mean(0)
+    torch.testing.assert_close(targets[1], torch.nn.functional.normalize(mean, dim=0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "transformer"])
+def test_collate_matches_the_students_own_preprocess(kind, tokenizer_dir, tmp_path):
+    if kind == "mamba":
+        model = distill.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+    else:
+        model = distill.build_transformer_student(tokenizer_dir, tmp_path / "bert", config=TINY_TRANSFORMER)
+    texts = random_texts(5, seed=3) + [""]
+    ids = distill.tokenize(model.tokenizer, texts, limit=10_000)
+    ours = distill.collate(ids, kind, pad_id=model.tokenizer.eos_token_id)
+    theirs = model.preprocess(texts)
+    for key in ("input_ids", "attention_mask"):
+        mask = theirs["attention_mask"].bool()
+        assert ours[key].shape == theirs[key].shape, key
+        assert torch.equal(ours[key][mask], theirs[key][mask]), key
+    assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ours)["sentence_embedding"], model(theirs)["sentence_embedding"])
+
+
+def test_batches_respect_the_token_and_text_limits():
+    lengths = np.random.default_rng(0).integers(1, 3000, size=5000)
+    indices = list(range(0, 5000, 2))
+    batches = distill.make_batches(lengths, indices, seed=0, epoch=0)
+    assert sorted(i for batch in batches for i in batch) == indices
+    for batch in batches:
+        assert len(batch) <= distill.MAX_BATCH_TEXTS
+        assert len(batch) == 1 or max(lengths[batch]) * len(batch) <= distill.MAX_BATCH_TOKENS
+    assert batches == distill.make_batches(lengths, indices, seed=0, epoch=0)
+    assert batches != distill.make_batches(lengths, indices, seed=0, epoch=1)
+
+
+def test_checkpoint_shards_round_trip_and_resume_state(tokenizer_dir, tmp_path):
+    model = distill.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    features = model.preprocess(random_texts(4, seed=0))
+    model(features)["sentence_embedding"].sum().backward()
+    optimizer.step()
+    tensors = distill.checkpoint_tensors(model, optimizer)
+    shard_bytes = 12288  # the embedding (400 x 32 fp16 = 25.6 KB) must be split across shards
+    meta = {"step": 7, "total_steps": 9, "config": TINY_MAMBA}
+    paths = distill.save_checkpoint(tensors, meta, tmp_path, shard_bytes, header_bytes=4096)
+    assert len(paths) > 3
+    assert all(path.stat().st_size <= shard_bytes for path in paths)
+    loaded, meta = distill.load_checkpoint(tmp_path)
+    assert meta["step"] == 7 and meta["config"] == TINY_MAMBA
+    assert loaded.keys() == tensors.keys()
+    for name in tensors:
+        assert torch.equal(loaded[name], tensors[name]), name
+
+    fresh = distill.build_mamba_student(tokenizer_dir, seed=1, config=TINY_MAMBA)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    distill.restore(fresh, fresh_optimizer, loaded, step=7)
+    for (name, param), (_, original) in zip(fresh.named_parameters(), model.named_parameters(), strict=True):
+        torch.testing.assert_close(param, original.half().float(), msg=name)
+        state = fresh_optimizer.state[param]
+        assert state["exp_avg_sq"].shape == param.shape and float(state["step"]) == 7
+    fresh_optimizer.step()  # the rebuilt state is usable
+
+
+def test_checkpoint_of_the_real_student_fits_the_limits(tokenizer_dir):
+    """The real size's checkpoint: shards <= 16 MiB, at most 64 MiB in all (counted, not written)."""
+    from st_mamba import MambaBackbone, MambaConfig
+
+    backbone = MambaBackbone(MambaConfig(**distill.MAMBA))
+    count = sum(p.numel() for p in backbone.parameters()) + 256 * 384 + 384
+    embedding = backbone.embeddings.weight.numel()
+    total = 2 * count + 2 * 2 * (count - embedding) + 4 * backbone.embeddings.weight.shape[0]
+    assert total <= 64 * 2**20
+    assert math.ceil(total / distill.SHARD_BYTES) <= 6
+    assert 2 * count <= 48 * 10**6  # the fp16 model folder (+ a 2 MB tokenizer) stays under 50 MB
+
+
+@pytest.fixture()
+def work_folder(tmp_path, tokenizer_dir, tiny_teacher) -> Path:
+    """A miniature of what `prepare` writes: corpus, pairs, teacher, tokenizer, three evaluation sets."""
+    work = tmp_path / "work"
+    (work / "corpus").mkdir(parents=True)
+    texts = random_texts(60, seed=5, max_words=40) + [" ".join(CORPUS * 8)]
+    rows = [{"text": t, "source": "test", "kind": "segment" if len(t) > 2000 else "passage"} for t in texts]
+    pairs = [{"query": t[:30], "document": t, "source": "test"} for t in texts[:12]]
+    for name, items in (("corpus.jsonl.xz", rows), ("pairs.jsonl.xz", pairs)):
+        (work / "corpus" / name).write_bytes(lzma.compress("".join(json.dumps(r) + "\n" for r in items).encode()))
+    tiny_teacher.save(str(work / "teacher"))
+    import shutil
+
+    shutil.copytree(tokenizer_dir, work / "gpt-neox-20b")
+    for name, splits in (("scifact", ["test"]), ("trec-dl-2019", ["test"]), ("qmsum-test", ["summary", "specific"])):
+        folder = work / "data" / name
+        (folder / "qrels").mkdir(parents=True)
+        docs = random_texts(12, seed=len(name), max_words=50 if name != "qmsum-test" else 400)
+        with gzip.open(folder / "corpus.jsonl.gz", "wt") as out:
+            out.writelines(json.dumps({"_id": f"d{i}", "title": "", "text": d}) + "\n" for i, d in enumerate(docs))
+        with gzip.open(folder / "queries.jsonl.gz", "wt") as out:
+            out.writelines(json.dumps({"_id": f"q{i}", "text": d[:40]}) + "\n" for i, d in enumerate(docs))
+        for split in splits:
+            (folder / "qrels" / f"{split}.tsv").write_text(
+                "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(6))
+            )
+    return work
+
+
+@pytest.mark.slow
+def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, monkeypatch, tokenizer_dir):
+    """Steps 2-7 with tiny students: checkpoint shards, results, runs; then export loads; then scoring."""
+    monkeypatch.setattr(distill, "MAMBA", TINY_MAMBA)
+    monkeypatch.setattr(distill, "TRANSFORMER", TINY_TRANSFORMER)
+    monkeypatch.setattr(distill, "TRAIN_SECONDS", 2.0)
+    monkeypatch.setattr(distill, "WARMUP_STEPS", 1)
+    monkeypatch.setattr(distill, "MEASURED_STEPS", 2)
+    monkeypatch.setattr(distill, "MAX_BATCH_TOKENS", 2048)
+    monkeypatch.setattr(distill, "MNRL_EVERY", 2)
+    monkeypatch.setattr(distill, "MNRL_BATCH", 4)
+    monkeypatch.setattr(distill, "HELD_OUT", 6)
+    monkeypatch.setattr(distill, "TEACHER_DIM", 384)
+    out = tmp_path / "out"
+    results = distill.run_training(work_folder, out, resume=None, smoke=True)
+    assert results["train"]["mamba"]["steps"] == results["train"]["mamba"]["planned_steps"] >= 3
+    assert results["train"]["transformer"]["steps"] == results["train"]["mamba"]["steps"]
+    assert set(results["held_out_cosine"]) == {"mamba@init", "mamba", "transformer"}
+    expected_runs = {f"{d}/{m}" for d in ("scifact", "trec-dl-2019") for m in ("teacher", "mamba", "transformer")}
+    expected_runs |= {f"qmsum-{s}/{r}" for s in ("summary", "specific")
+                      for r in ("teacher:model", "teacher:chunk:254:mean", "mamba:one-pass", "transformer:model")}  # fmt: skip
+    assert set(results["runs"]) == expected_runs
+    assert {(row["model"], row["tokens"]) for row in results["speed"]} >= {("mamba", 8192), ("teacher", 512)}
+    with gzip.open(out / "results.json.gz", "rt") as src:
+        assert json.load(src)["train"] == results["train"]
+    assert list(out.glob("checkpoint-*.safetensors"))
+
+    # resume: continues from the checkpoint's step to its planned total
+    log: list = []
+    model = distill.build_mamba_student(work_folder / "gpt-neox-20b", config=TINY_MAMBA)
+    records = distill.read_jsonl_xz(work_folder / "corpus" / "corpus.jsonl.xz")
+    ids = distill.tokenize(model.tokenizer, [r["text"] for r in records], 8191)
+    data = distill.TrainData(ids, torch.nn.functional.normalize(torch.randn(len(ids), 384), dim=-1),
+                             list(range(len(ids))), [], pad_id=0)  # fmt: skip
+    _, meta = distill.load_checkpoint(out)
+    meta["total_steps"] = meta["step"] + 2
+    tensors, _ = distill.load_checkpoint(out)
+    distill.save_checkpoint(tensors, meta, tmp_path / "resume")
+    resumed = distill.train_student(model, "mamba", data, "cpu", None, 1.0, log, resume=tmp_path / "resume")
+    assert resumed["steps"] == meta["total_steps"]
+
+    # export: an ordinary st-mamba folder in fp16 that SentenceTransformer loads
+    folder = tmp_path / "exported"
+    distill.export(out, folder, tokenizer_dir, card="# card\n")
+    assert (folder / "README.md").read_text() == "# card\n"
+    loaded = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
+    from safetensors.torch import load_file
+
+    assert all(t.dtype == torch.float16 for t in load_file(folder / "model.safetensors").values())
+    vectors = loaded.encode(["state space models", " ".join(CORPUS * 20)], convert_to_tensor=True)
+    assert vectors.shape == (2, 384) and torch.isfinite(vectors).all()
+
+    pytest.importorskip("ir_measures")
+    scores = distill.score(results, work_folder / "data")
+    assert set(scores) == expected_runs
+    assert all(0.0 <= value <= 1.0 for measures in scores.values() for value in measures.values())
+    card = distill.model_card(results, scores, {"gpt_neox_tokens": 123, "records": 4})
+    assert "# st-mamba-distilled" in card and f"{scores['scifact/mamba']['nDCG@10']:.3f}" in card
