@@ -50,10 +50,34 @@ MODELS = {
     "hf-mamba-370m": ("hf", dict(hidden_size=1024, num_hidden_layers=48, state_size=16)),
     "hf-mamba2-130m": ("hf2", dict(hidden_size=768, num_hidden_layers=24, state_size=128, head_dim=64, num_heads=24)),
     "bert-base": ("bert", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)),
-    "bert-large": ("bert", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)),
-    "pythia-160m": ("neox", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)),
-    "pythia-410m": ("neox", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)),
+    "bert-large": (
+        "bert",
+        dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    ),
+    "pythia-160m": (
+        "neox",
+        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    ),
+    "pythia-410m": (
+        "neox",
+        dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    ),
 }
+
+
+# Forward tok/s at L = 512, 2048, 8192, 32768 from the team's anchor run on the same H200 and software
+# (/work/shared/anchors/README.md, bench_anchor.py: bf16, 65,536 tokens per batch). Shown, marked as
+# such, for the models that a run did not measure itself.
+ANCHORS = {
+    "hf-mamba-130m": [425e3, 405e3, 393e3, 375e3],
+    "hf-mamba-370m": [155e3, 148e3, 143e3, 140e3],
+    "hf-mamba2-130m": [563e3, 566e3, 567e3, 560e3],
+    "bert-base": [2227e3, 1747e3, 942e3, 332e3],
+    "bert-large": [726e3, 587e3, 334e3, 122e3],
+    "pythia-160m": [1623e3, 1472e3, 1075e3, 522e3],
+    "pythia-410m": [554e3, 502e3, 375e3, 188e3],
+}
+ANCHOR_LENGTHS = [512, 2048, 8192, 32768]
 
 
 # --- building the models ------------------------------------------------------------------------
@@ -129,7 +153,8 @@ def run_model(
     torch.manual_seed(0)
     model = build(name, max(lengths)).to("cuda", torch.bfloat16).eval()
     params = sum(p.numel() for p in model.parameters())
-    embedding = model.get_input_embeddings().weight.numel() if family != "st" else model.embeddings.weight.numel()
+    embedding_weight = model.embeddings.weight if family == "st" else model.get_input_embeddings().weight
+    embedding, vocab_size = embedding_weight.numel(), embedding_weight.shape[0]
     rows = []
     for mode in modes:
         for length in lengths if mode == "fwd" else bwd_lengths:
@@ -137,18 +162,18 @@ def run_model(
                 print(f"{name} {mode} L={length}: skipped (time budget)", flush=True)
                 continue
             batch = max(1, tokens // length)
-            ids = torch.randint(100, 50000, (batch, length), device="cuda")
+            ids = torch.randint(0, vocab_size, (batch, length), device="cuda")  # BERT's vocabulary is 30,522
             forward = forward_fn(model, family, ids)
             if mode == "fwd":
 
-                def step():
+                def step(forward=forward):
                     with torch.inference_mode():
                         forward()
 
             else:
                 model.zero_grad(set_to_none=True)
 
-                def step():
+                def step(forward=forward):
                     forward().float().square().mean().backward()
 
             torch.cuda.empty_cache()
@@ -196,7 +221,7 @@ def gemm_floor(tokens: int, reps: int) -> dict:
                 tok_s=round(tokens / (ms / 1e3)))  # fmt: skip
 
 
-SCAN_SHAPES = [(128, 1), (64, 1)]  # (channels per program, warps): the forward scan's candidate launch shapes
+SCAN_SHAPES = [(64, 1), (128, 1)]  # (channels per program, warps): the forward scan's candidate launch shapes
 
 
 def choose_scan_shape(scan, reps: int, rows: list[dict]) -> None:
@@ -216,8 +241,6 @@ def choose_scan_shape(scan, reps: int, rows: list[dict]) -> None:
 
 def op_times(tokens: int, reps: int) -> list[dict]:
     """Microseconds per call of the scan and the convolution, mamba-130m layer shape, 512-token rows."""
-    from st_mamba.ops import triton as triton_ops
-
     try:
         from causal_conv1d import causal_conv1d_fn
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -227,38 +250,45 @@ def op_times(tokens: int, reps: int) -> list[dict]:
     batch = tokens // length
     rows = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        g = torch.Generator(device="cuda").manual_seed(0)
-        xz = torch.randn(batch, length, 2 * d_inner, device="cuda", dtype=dtype, generator=g)
-        x, z = xz.split(d_inner, dim=-1)
-        dt = torch.randn(batch, length, d_inner, device="cuda", dtype=dtype, generator=g) - 4
-        bc = torch.randn(batch, length, 2 * d_state + 48, device="cuda", dtype=dtype, generator=g)
-        B, C = bc[..., 48 : 48 + d_state], bc[..., 48 + d_state :]
-        A = -torch.rand(d_inner, d_state, device="cuda", generator=g) * 8
-        D, bias = torch.ones(d_inner, device="cuda"), torch.zeros(d_inner, device="cuda")
-        w, wb = torch.randn(d_inner, 4, device="cuda", dtype=dtype), torch.randn(d_inner, device="cuda", dtype=dtype)
-        candidates = {
-            "scan triton": lambda: triton_ops.selective_scan_triton(x, dt, A, B, C, D, z, bias, True),
-            "conv triton": lambda: triton_ops.causal_conv1d_triton(x, w, wb),
-        }
-        if dtype == torch.bfloat16:
-            choose_scan_shape(lambda: triton_ops.selective_scan_triton(x, dt, A, B, C, D, z, bias, True), reps, rows)
-        if selective_scan_fn is not None:
-            # mamba-ssm wants (B, Di, L): what our dispatcher hands it (its transposes/copies included).
-            def scan_mamba_ssm():
-                xt, dtt, zt = x.transpose(1, 2), dt.transpose(1, 2), z.transpose(1, 2)
-                y = selective_scan_fn(xt, dtt, A, B.transpose(1, 2), C.transpose(1, 2), D, z=zt,
-                                      delta_bias=bias, delta_softplus=True)  # fmt: skip
-                return y.transpose(1, 2)
-
-            candidates["scan mamba-ssm"] = scan_mamba_ssm
-            candidates["conv causal-conv1d"] = lambda: causal_conv1d_fn(x.transpose(1, 2), w, wb, activation="silu")
-        for what, fn in candidates.items():
-            with torch.inference_mode():
-                ms = time_cuda(fn, reps)
-            rows.append(dict(op=what, dtype=str(dtype).replace("torch.", ""), us=round(ms * 1e3, 1),
-                             batch=batch, L=length))  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
+        _time_ops(dtype, batch, length, d_inner, d_state, reps, rows, selective_scan_fn, causal_conv1d_fn)
     return rows
+
+
+def _time_ops(dtype, batch, length, d_inner, d_state, reps, rows, selective_scan_fn, causal_conv1d_fn) -> None:
+    """Append the per-call times of each backend's scan and convolution in ``dtype`` to ``rows``."""
+    from st_mamba.ops import triton as triton_ops
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xz = torch.randn(batch, length, 2 * d_inner, device="cuda", dtype=dtype, generator=g)
+    x, z = xz.split(d_inner, dim=-1)
+    dt = torch.randn(batch, length, d_inner, device="cuda", dtype=dtype, generator=g) - 4
+    bc = torch.randn(batch, length, 2 * d_state + 48, device="cuda", dtype=dtype, generator=g)
+    B, C = bc[..., 48 : 48 + d_state], bc[..., 48 + d_state :]
+    A = -torch.rand(d_inner, d_state, device="cuda", generator=g) * 8
+    D, bias = torch.ones(d_inner, device="cuda"), torch.zeros(d_inner, device="cuda")
+    w, wb = torch.randn(d_inner, 4, device="cuda", dtype=dtype), torch.randn(d_inner, device="cuda", dtype=dtype)
+    candidates = {
+        "scan triton": lambda: triton_ops.selective_scan_triton(x, dt, A, B, C, D, z, bias, True),
+        "conv triton": lambda: triton_ops.causal_conv1d_triton(x, w, wb),
+    }
+    if dtype == torch.bfloat16:
+        choose_scan_shape(lambda: triton_ops.selective_scan_triton(x, dt, A, B, C, D, z, bias, True), reps, rows)
+    if selective_scan_fn is not None:
+        # mamba-ssm wants (B, Di, L): what our dispatcher hands it (its transposes/copies included).
+        def scan_mamba_ssm():
+            xt, dtt, zt = x.transpose(1, 2), dt.transpose(1, 2), z.transpose(1, 2)
+            y = selective_scan_fn(xt, dtt, A, B.transpose(1, 2), C.transpose(1, 2), D, z=zt,
+                                  delta_bias=bias, delta_softplus=True)  # fmt: skip
+            return y.transpose(1, 2)
+
+        candidates["scan mamba-ssm"] = scan_mamba_ssm
+        candidates["conv causal-conv1d"] = lambda: causal_conv1d_fn(x.transpose(1, 2), w, wb, activation="silu")
+    for what, fn in candidates.items():
+        with torch.inference_mode():
+            ms = time_cuda(fn, reps)
+        rows.append(dict(op=what, dtype=str(dtype).replace("torch.", ""), us=round(ms * 1e3, 1),
+                         batch=batch, L=length))  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
 
 
 # --- model.encode on real text -----------------------------------------------------------------
@@ -281,7 +311,10 @@ def encode_benchmark(corpus: Path, tokenizer: Path, max_docs: int) -> list[dict]
     n_tokens = sum(min(len(ids), 511) + 1 for ids in encoder.tokenizer(docs, add_special_tokens=False)["input_ids"])
     rows = []
     settings = [
-        ("packed", 32, True), ("packed", 256, True), ("padded", 256, True), ("packed", 256, False),
+        ("packed", 32, True),
+        ("packed", 256, True),
+        ("padded", 256, True),
+        ("packed", 256, False),
     ]
     for layout, batch_size, to_tensor in settings:
         encoder.chunk_size = None if layout == "packed" else 10**9  # a chunk_size no batch reaches: padded
@@ -328,15 +361,21 @@ def throughput_table(rows: list[dict], mode: str) -> str:
 def render(results: dict) -> str:
     rows = results["rows"]
     meta = results["meta"]
+    measured = {r["model"] for r in rows if r["mode"] == "fwd"}
+    missing = [name for name in ANCHORS if name not in measured]
+    anchor_table = []
+    if missing:
+        anchor_table = [
+            "Not measured in this run, from the team's anchor run on the same H200 and software "
+            "(/work/shared/anchors/bench_anchor.py, same settings; hf-mamba* = transformers with mamba-ssm "
+            "2.3.2.post1 and causal-conv1d 1.7.0 built from source), forward tokens/s:",
+            "",
+            "| model (anchor run) | " + " | ".join(f"L={n}" for n in ANCHOR_LENGTHS) + " |",
+            "|---" * (len(ANCHOR_LENGTHS) + 1) + "|",
+        ]
+        anchor_table += [f"| {name} | " + " | ".join(_k(v) for v in ANCHORS[name]) + " |" for name in missing]
+        anchor_table.append("")
     anchor = ""
-    if not any(r["model"].startswith("hf-") for r in rows):
-        anchor = (
-            " The hf-* rows were not measured in this run (the mamba-ssm build did not fit its device time); "
-            "the team's anchor run on the same H200 and software (/work/shared/anchors/bench_anchor.py, "
-            "2026-11-28) measured transformers + mamba-ssm kernels, forward, L = 512 / 2048 / 8192 / 32768: "
-            "mamba-130m 425K / 405K / 393K / 375K tok/s, mamba-370m 155K / 148K / 143K / 140K, "
-            "mamba2-130m 563K / 566K / 567K / 560K."
-        )
     parts = [
         SECTION,
         "",
@@ -354,6 +393,7 @@ def render(results: dict) -> str:
         "",
         throughput_table(rows, "fwd"),
         "",
+        *anchor_table,
         "### Forward + backward, tokens/s",
         "",
         throughput_table(rows, "fwdbwd"),
@@ -402,6 +442,11 @@ def plot(results: dict, path: Path) -> None:
         if points:
             style = "-" if name.startswith("st-") else ("--" if name.startswith("hf-") else ":")
             ax.plot([p[0] for p in points], [p[1] / 1e6 for p in points], style, marker="o", label=name)
+    measured = {r["model"] for r in results["rows"] if r["mode"] == "fwd"}
+    for name, values in ANCHORS.items():
+        if name not in measured:
+            style = "--" if name.startswith("hf-") else ":"
+            ax.plot(ANCHOR_LENGTHS, [v / 1e6 for v in values], style, marker=".", alpha=0.6, label=f"{name} (anchor)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length L (tokens; 65,536 tokens per batch)")
     ax.set_ylabel("forward throughput (M tokens/s)")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_texts, tiny_config
 
 from st_mamba import MambaBackbone
-from conftest import random_texts, tiny_config
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -50,7 +50,7 @@ def test_backbone_packed_state_carries_per_text(device):
         _, packed_state = backbone(packed, return_state=True, cu_seqlens=cu_seqlens)
         for i, length in enumerate(lengths):
             _, own_state = backbone(padded[i : i + 1, :length], return_state=True)
-            for layer, (mine, theirs) in enumerate(zip(own_state, packed_state)):
+            for layer, (mine, theirs) in enumerate(zip(own_state, packed_state, strict=True)):
                 torch.testing.assert_close(theirs.ssm[i : i + 1], mine.ssm, msg=f"layer {layer} ssm")
                 torch.testing.assert_close(theirs.conv[i : i + 1], mine.conv, msg=f"layer {layer} conv")
 

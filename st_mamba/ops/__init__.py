@@ -11,9 +11,11 @@ in one visible ``if`` chain:
 
 Ahead of all of these on CUDA tensors comes ``triton``: the Triton kernels (``ops/triton.py``) for the
 Mamba-1 scan and the causal convolution, used whenever Triton is importable (PyTorch's CUDA wheels
-bring it). On the H200 it measured faster than the mamba-ssm kernels in every dtype
-(``benchmarks/bench_encode.py``, docs/benchmarks.md). Only ``triton`` reads packed batches
-(``cu_seqlens``) in one pass; every other backend runs a packed batch one sequence at a time.
+bring it): it needs no compiled extension and reads the channels-last layout as it is, where
+mamba-ssm wants (B, D, L) copies. Its model forward measured 3x transformers + mamba-ssm on the H200
+(docs/benchmarks.md); ``benchmarks/bench_encode.py`` also times the two backends op by op, which has
+not yet been run with mamba-ssm installed. Only ``triton`` reads packed batches (``cu_seqlens``) in
+one pass; every other backend runs a packed batch one sequence at a time.
 ``use_backend("reference")`` (or ``ST_MAMBA_BACKEND=reference``) forces one backend, for tests and
 benchmarks. Each (operation, backend, device) choice is logged once at INFO level.
 """
@@ -89,7 +91,7 @@ def _one_sequence_at_a_time(
     """Run ``op(pieces, state)`` on each packed sequence and join the outputs along time (dim 1)."""
     bounds = cu_seqlens.tolist()
     outputs, finals = [], []
-    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         pieces = [None if t is None else t[:, start:end] for t in packed]
         out = op(pieces, None if initial_state is None else initial_state[i : i + 1])
         outputs.append(out[0] if return_final_state else out)

@@ -38,7 +38,7 @@ LOG2E = math.log2(math.e)
 # warp per program: with one warp the per-token vectors and the state tile share a layout, so no
 # token pays for a shuffle through shared memory (read off the SASS: no BAR in the loop). The
 # backward tile holds BLOCK_T x N x BLOCK_D values per tensor.
-SCAN_FWD_BLOCK_D = 128
+SCAN_FWD_BLOCK_D = 64
 SCAN_FWD_WARPS = 1
 SCAN_BWD_BLOCK_T = 8
 SCAN_BWD_BLOCK_D = 32
@@ -507,7 +507,9 @@ class _SelectiveScan(torch.autograd.Function):
         dbias = torch.zeros(packing.n_seq, d_inner, **f32) if dt_bias is not None else None
         dh0 = None
         if h0 is not None:  # kept as is for empty sequences, whose final state is their initial state
-            dh0 = dhfinal.float().clone() if dhfinal is not None else torch.zeros(packing.n_seq, d_inner, d_state, **f32)
+            dh0 = (
+                dhfinal.float().clone() if dhfinal is not None else torch.zeros(packing.n_seq, d_inner, d_state, **f32)
+            )
         block_d = min(SCAN_BWD_BLOCK_D, triton.next_power_of_2(d_inner))
         dummy = dx.new_empty(0)
         zz = z if z is not None else x

@@ -68,9 +68,9 @@ def _leaves(*tensors, dtype=None):
 
 
 def _check_dtypes(outputs, output_dtypes, grads, inputs):
-    for out, dtype in zip(outputs, output_dtypes):
+    for out, dtype in zip(outputs, output_dtypes, strict=True):
         assert out.dtype == dtype, f"output dtype {out.dtype} != {dtype}"
-    for grad, leaf in zip(grads, [t for t in inputs if t is not None]):
+    for grad, leaf in zip(grads, [t for t in inputs if t is not None], strict=True):
         assert grad.dtype == leaf.dtype, f"gradient dtype {grad.dtype} != input dtype {leaf.dtype}"
 
 
@@ -107,10 +107,10 @@ def _check_scan(fast_fn, ref_fn, inputs, dtype, seed):
     y, h = fast_fn(leaves_fast)
     assert_close("y", y, y_ref, rtol, atol)
     assert_close("final_state", h, h_ref, rtol, atol)
-    present = [n for n, t in zip(SCAN_NAMES, leaves_ref) if t is not None]
+    present = [n for n, t in zip(SCAN_NAMES, leaves_ref, strict=True) if t is not None]
     grads_fast = _grads([y, h], leaves_fast, seed)
     _check_dtypes([y, h], [dtype, torch.float32], grads_fast, leaves_fast)
-    for name, g_fast, g_ref in zip(present, grads_fast, _grads([y_ref, h_ref], leaves_ref, seed)):
+    for name, g_fast, g_ref in zip(present, grads_fast, _grads([y_ref, h_ref], leaves_ref, seed), strict=True):
         assert_close(f"grad {name}", g_fast, g_ref, grtol, gatol)
 
 
@@ -161,7 +161,7 @@ def test_selective_scan_optional_inputs(with_z, with_d, with_bias, softplus):
 
 def _packed(lengths):
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
-    return cu_seqlens, [slice(int(a), int(b)) for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+    return cu_seqlens, [slice(int(a), int(b)) for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True)]
 
 
 PACKED_LENGTHS = [[5, 1, 37, 16, 20], [64], [3, 3, 3]]
@@ -218,10 +218,10 @@ def _check_conv(fast_fn, ref_fn, inputs, dtype, seed):
     y, s = fast_fn([strided, *leaves_fast[1:]])
     assert_close("y", y, y_ref, rtol, atol)
     assert_close("final_state", s, s_ref, rtol, atol)
-    present = [n for n, t in zip(CONV_NAMES, leaves_ref) if t is not None]
+    present = [n for n, t in zip(CONV_NAMES, leaves_ref, strict=True) if t is not None]
     grads_fast = _grads([y, s], leaves_fast, seed)
     _check_dtypes([y, s], [dtype, dtype], grads_fast, leaves_fast)
-    for name, g_fast, g_ref in zip(present, grads_fast, _grads([y_ref, s_ref], leaves_ref, seed)):
+    for name, g_fast, g_ref in zip(present, grads_fast, _grads([y_ref, s_ref], leaves_ref, seed), strict=True):
         assert_close(f"grad {name}", g_fast, g_ref, grtol, gatol)
 
 
