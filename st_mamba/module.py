@@ -116,7 +116,7 @@ class MambaEncoder(InputModule):
 
         Returns ``input_ids`` and ``attention_mask``, both (B, L_max) int64. Where the backbone reads
         packed batches in one pass (Mamba-1 on a CUDA GPU with Triton, no ``chunk_size``), the texts are
-        instead packed end to end without padding: see ``_pack``.
+        instead packed end to end without padding at inference (eval mode): see ``_pack``.
         """
         if isinstance(inputs, str):
             raise TypeError("expected a list of strings, got a single str; wrap it in a list")
@@ -140,7 +140,9 @@ class MambaEncoder(InputModule):
         for row, tokens in enumerate(ids):
             input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             attention_mask[row, : len(tokens) + 1] = 1  # the tokens and their EOS
-        if self.chunk_size is None and ops.packs_in_one_pass(self.backbone.embeddings.weight.device, self.config.version):
+        # Inference only: training collators pin, split (cached losses) and move batches by row themselves.
+        device = self.backbone.embeddings.weight.device
+        if not self.training and self.chunk_size is None and ops.packs_in_one_pass(device, self.config.version):
             return self._pack(input_ids, attention_mask)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 

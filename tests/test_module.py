@@ -167,3 +167,13 @@ def test_gpt_neox_tokenizer_from_shared():
     model = st_mamba.from_config(tiny_config(1, vocab_size=50280), GPT_NEOX_DIR, seed=0, device="cpu")
     features = model[0].preprocess(["Hello world"])
     assert features["input_ids"].tolist() == [[12092, 1533, 0]]  # <|endoftext|> = 0 appended
+
+
+def test_training_batches_are_never_packed(tiny_model, monkeypatch):
+    """Training collators split batches by row (cached losses) and pin them: packing is for inference only."""
+    from st_mamba import ops
+
+    monkeypatch.setattr(ops, "packs_in_one_pass", lambda device, version: True)
+    encoder = encoder_of(tiny_model).train()
+    features = encoder.preprocess(["a short text", "a somewhat longer text than the first"])
+    assert set(features) == {"input_ids", "attention_mask"} and features["input_ids"].shape[0] == 2
