@@ -21,16 +21,21 @@ row, in shards of at most 16 MiB (55 MiB in all); ``--resume`` continues a run f
 bit-exact: the fp32 master weights come back from fp16 and the embedding's first moment restarts at 0).
 
 Subcommands:
-- ``train``: steps 1-9 below (GPU); writes checkpoint shards, ``results.json.gz`` (runs, losses,
-  speeds) and a log under ``--output``.
+- ``train``: the numbered steps of ``run_training`` (data, teacher targets, both students,
+  evaluation runs, speed), on the GPU; writes checkpoint shards and ``results.json.gz`` (runs,
+  losses, step counts, held-out cosines, speeds) under ``--output``.
+- ``prepare``: gathers corpus, teacher (fp16), tokenizer and evaluation sets into one folder to carry.
 - ``export``: the final model folder from a checkpoint, with a model card that carries the scores.
 - ``score``: scores the runs in ``results.json.gz`` with st_mamba.evaluation (ir-measures), plus BM25.
+- ``baselines``: what needs no student, on any machine: BM25 and the teacher on QMSum.
 - ``speed``: encoding speed of a saved student and the teacher on this machine (e.g. on CPU).
 
-Run (one H200 call, data prepared by ``prepare``; see docs/distillation.md):
-    python training/distill.py prepare --corpus .distill/corpus --output .distill
-    PYTHONPATH=. python training/distill.py train --work .distill --output $OUT
-    python training/distill.py export --checkpoint $OUT --output models/st-mamba-distilled
+Run (after training/build_distillation_corpus.py; the second command is one H200 call that carries
+``.distill``; docs/distillation.md has the details):
+    python training/distill.py prepare
+    ST_MAMBA_BACKEND=chunked PYTHONPATH=. python training/distill.py train --work .distill --output $OUT
+    python training/distill.py score --results OUT/results.json.gz --output OUT/scores.json
+    python training/distill.py export --checkpoint OUT --results OUT/results.json.gz --scores OUT/scores.json
 """
 
 from __future__ import annotations
