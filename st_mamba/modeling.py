@@ -130,6 +130,13 @@ class GatedRMSNorm(nn.Module):
         return self.weight * grouped.flatten(-2).to(y.dtype)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state-dict keys) that runs through ``ops.linear``: oneDNN on CPU inference."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
 def _conv_weight(conv: nn.Conv1d) -> Tensor:
     return conv.weight[:, 0, :]  # (C, 1, K) -> (C, K)
 
@@ -141,14 +148,14 @@ class Mamba1Mixer(nn.Module):
         super().__init__()
         self.config = config
         d_inner, d_state, dt_rank = config.d_inner, config.d_state, config.dt_rank
-        self.in_proj = nn.Linear(config.d_model, 2 * d_inner, bias=config.bias)
+        self.in_proj = Linear(config.d_model, 2 * d_inner, bias=config.bias)
         # The weight layout of nn.Conv1d (depthwise) keeps checkpoints interchangeable; we never call it.
         self.conv1d = nn.Conv1d(d_inner, d_inner, config.d_conv, groups=d_inner, bias=config.conv_bias)
-        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.x_proj = Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = Linear(dt_rank, d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
         self.D = nn.Parameter(torch.ones(d_inner))
-        self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias)
+        self.out_proj = Linear(d_inner, config.d_model, bias=config.bias)
 
     def forward(
         self, hidden: Tensor, state: LayerState | None, return_state: bool, cu_seqlens: Tensor | None = None
@@ -162,7 +169,7 @@ class Mamba1Mixer(nn.Module):
         )  # fmt: skip
         x, conv_state = conv_out if return_state else (conv_out, None)
         dt, B, C = self.x_proj(x).split([dt_rank, d_state, d_state], dim=-1)  # (B, L, R), (B, L, N), (B, L, N)
-        dt = F.linear(dt, self.dt_proj.weight)  # (B, L, Di); the bias is added inside the scan
+        dt = ops.linear(dt, self.dt_proj.weight)  # (B, L, Di); the bias is added inside the scan
         A = -torch.exp(self.A_log.float())  # (Di, N), negative so that the state decays
         scan_out = ops.selective_scan(
             x, dt, A, B, C, self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
@@ -197,7 +204,7 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         self.config = config
         d_inner, nheads = config.d_inner, config.nheads
-        self.in_proj = nn.Linear(config.d_model, d_inner + config.conv_dim + nheads, bias=config.bias)
+        self.in_proj = Linear(config.d_model, d_inner + config.conv_dim + nheads, bias=config.bias)
         self.conv1d = nn.Conv1d(
             config.conv_dim, config.conv_dim, config.d_conv, groups=config.conv_dim, bias=config.conv_bias
         )
@@ -205,7 +212,7 @@ class Mamba2Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(nheads))
         self.D = nn.Parameter(torch.ones(nheads))
         self.norm = GatedRMSNorm(d_inner, groups=config.norm_groups, eps=config.norm_eps)
-        self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias)
+        self.out_proj = Linear(d_inner, config.d_model, bias=config.bias)
 
     def forward(
         self, hidden: Tensor, state: LayerState | None, return_state: bool, cu_seqlens: Tensor | None = None

@@ -16,6 +16,8 @@ mamba-ssm wants (B, D, L) copies. Its model forward measured 3x transformers + m
 (docs/benchmarks.md); ``benchmarks/bench_encode.py`` also times the two backends op by op, which has
 not yet been run with mamba-ssm installed. Only ``triton`` reads packed batches (``cu_seqlens``) in
 one pass; every other backend runs a packed batch one sequence at a time.
+``linear`` (the mixers' projections) has two paths: oneDNN's matmul (``cpu``) for fp32 CPU tensors
+when no gradient is needed and no other backend is forced, else ``F.linear``.
 ``use_backend("reference")`` (or ``ST_MAMBA_BACKEND=reference``) forces one backend, for tests and
 benchmarks. Each (operation, backend, device) choice is logged once at INFO level.
 """
@@ -28,6 +30,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from st_mamba.ops import cpu as _cpu
@@ -240,4 +243,17 @@ def causal_conv1d(
     return causal_conv1d_torch(*args)
 
 
-__all__ = ["BACKENDS", "causal_conv1d", "packs_in_one_pass", "selective_scan", "ssd_scan", "use_backend"]
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``, or oneDNN's matmul (``cpu.linear_onednn``) for fp32 CPU inference."""
+    onednn = (
+        _forced in (None, "cpu")
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and _cpu.onednn_available()
+        and not _needs_grad(x, weight, bias)
+    )
+    _announce("linear", "cpu" if onednn else "torch", x.device)
+    return _cpu.linear_onednn(x, weight, bias) if onednn else F.linear(x, weight, bias)
+
+
+__all__ = ["BACKENDS", "causal_conv1d", "linear", "packs_in_one_pass", "selective_scan", "ssd_scan", "use_backend"]

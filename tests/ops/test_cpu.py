@@ -75,6 +75,15 @@ def test_softplus_keeps_precision_for_small_dt():
     _check(inputs)
 
 
+def test_slow_decays_carry_no_bias_over_long_sequences():
+    """exp(dt * A) within 1e-5 of 1 (small dt, small |A|): a per-token bias in exp would compound."""
+    inputs = _inputs(1, 2000, 16, 16, seed=19)
+    inputs["A"] = inputs["A"] * 0.0125  # A in (-0.05, 0]
+    inputs["dt"] = inputs["dt"] * 0.1 - 6.0  # softplus(dt + dt_bias) ~ 1e-3 .. 1e-2
+    inputs["initial_state"] = None
+    _check(inputs)
+
+
 def test_extreme_decays_stay_finite():
     """Large steps drive exp(dt * A) far below the float range; the state must simply be forgotten."""
     inputs = _inputs(1, 20, 16, 16, seed=14)
@@ -164,21 +173,36 @@ def test_backbone_on_the_kernels_matches_the_reference(d_state):
     assert_close("hidden", hidden, expected)
 
 
+@pytest.mark.skipif(not cpu.onednn_available(), reason="this PyTorch build has no oneDNN")
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_onednn_matches_f_linear(with_bias):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 37, 80, generator=g)[..., :48]  # strided, like dt of the x_proj split
+    weight = torch.randn(96, 48, generator=g)
+    bias = torch.randn(96, generator=g) if with_bias else None
+    assert_close("y", cpu.linear_onednn(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+
+
 def _backends_used(requires_grad: bool) -> dict[str, str]:
-    """Run the scan and the convolution through the dispatcher once; report the backend each announced."""
+    """Run each CPU operation through the dispatcher once; report the backend each announced."""
     ops._announced.clear()
     inputs = _inputs(1, 8, 16, 16, seed=18)
     x = inputs.pop("x").clone().requires_grad_(requires_grad)
     ops.selective_scan(x, **inputs, dt_softplus=True)
     ops.causal_conv1d(x, torch.randn(16, 4))
+    ops.linear(x, torch.randn(4, 16))
     return {op: backend for op, backend, _ in ops._announced}
 
 
-def test_dispatcher_uses_the_kernels_only_without_gradients(monkeypatch):
+def test_dispatcher_uses_the_cpu_paths_only_without_gradients(monkeypatch):
     monkeypatch.setattr(ops, "_forced", None)
     monkeypatch.setattr(ops, "_announced", set())
-    compiled = {"selective_scan": "cpu", "causal_conv1d": "cpu"}
+    fast = {"selective_scan": "cpu", "causal_conv1d": "cpu", "linear": "cpu" if cpu.onednn_available() else "torch"}
     with torch.no_grad():
-        assert _backends_used(requires_grad=True) == compiled
-    assert _backends_used(requires_grad=False) == compiled
-    assert _backends_used(requires_grad=True) == {"selective_scan": "chunked", "causal_conv1d": "chunked"}
+        assert _backends_used(requires_grad=True) == fast
+    assert _backends_used(requires_grad=False) == fast
+    assert _backends_used(requires_grad=True) == {
+        "selective_scan": "chunked",
+        "causal_conv1d": "chunked",
+        "linear": "torch",
+    }
