@@ -12,9 +12,6 @@ py=.venv/bin/python
 # torch first, pinned: a bare `torch` requirement pulls a multi-GB CUDA build; 2.13.0 is a small CPU wheel here.
 "$py" -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
 # The versions of the H200 machine's image, so that CI tests what runs there (scripts/constraints.txt).
-"$py" -m pip install -q --disable-pip-version-check -c scripts/constraints.txt -e ".[dev,eval]"
-for pkg in integrations/langchain integrations/llamaindex; do
-    if [ -f "$pkg/pyproject.toml" ]; then
-        "$py" -m pip install -q --disable-pip-version-check -c scripts/constraints.txt -e "$pkg"
-    fi
-done
+# One pip call, so that the integrations' `st-mamba` requirement resolves to this checkout, not to PyPI.
+"$py" -m pip install -q --disable-pip-version-check -c scripts/constraints.txt \
+    -e ".[dev,eval,train]" -e "integrations/langchain[test]" -e "integrations/llamaindex[test]"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_texts
+from tests.conftest import random_texts
 
 from st_mamba.ops import use_backend
 

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import GPT_NEOX_DIR, random_texts, tiny_config
+from tests.conftest import GPT_NEOX_DIR, random_texts, tiny_config
 from sentence_transformers import SentenceTransformer
 
 import st_mamba

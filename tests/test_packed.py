@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_texts, tiny_config
+from tests.conftest import random_texts, tiny_config
 
 from st_mamba import MambaBackbone
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from test_chunked import assert_close  # the sibling test module (pytest puts tests/ops on the path)
+from tests.ops.test_chunked import assert_close
 
 from st_mamba import ops
 from st_mamba.ops import cpu

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, random_texts
+from tests.conftest import CORPUS, random_texts
 from sentence_transformers import SentenceTransformer
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,7 +18,7 @@ from types import ModuleType
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_texts, tiny_config
+from tests.conftest import random_texts, tiny_config
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
 
 pytest.importorskip("datasets", reason="the recipes need the train extra: pip install -e '.[train]'")
