@@ -154,12 +154,19 @@ def available() -> bool:
     return _library() is not None
 
 
-def _checked_library(x: Tensor) -> ctypes.CDLL:
+def _checked_library(**expected: tuple[Tensor | None, tuple[int, ...]]) -> ctypes.CDLL:
+    """The library, once every given tensor is a CPU tensor of its expected shape (None: absent).
+
+    The kernels read raw pointers and trust the shapes; a mismatch must be an error here, not a crash there.
+    """
     library = _library()
     if library is None:
         raise RuntimeError("the compiled CPU kernels are not available (see the warning logged by st_mamba.ops.cpu)")
-    if x.device.type != "cpu":
-        raise ValueError(f"the compiled CPU kernels need CPU tensors, got {x.device}")
+    for name, (t, shape) in expected.items():
+        if t is not None and (tuple(t.shape) != tuple(shape) or t.device.type != "cpu"):
+            raise ValueError(
+                f"{name}: expected a CPU tensor of shape {tuple(shape)}, got {tuple(t.shape)} on {t.device}"
+            )
     return library
 
 
@@ -196,9 +203,13 @@ def selective_scan_cpu(
 
     Computes in fp32: bf16 and fp16 inputs are upcast, and y is returned in the dtype of x.
     """
-    library = _checked_library(x)
     batch, length, d_inner = x.shape
-    d_state = A.shape[1]
+    d_state = A.shape[-1]
+    library = _checked_library(
+        x=(x, x.shape), dt=(dt, x.shape), z=(z, x.shape), A=(A, (d_inner, d_state)),
+        B=(B, (batch, length, d_state)), C=(C, (batch, length, d_state)), D=(D, (d_inner,)),
+        dt_bias=(dt_bias, (d_inner,)), initial_state=(initial_state, (batch, d_inner, d_state)),
+    )  # fmt: skip
     xs, dts, Bs, Cs = (_fp32_rows(t) for t in (x, dt, B, C))
     zs = None if z is None else _fp32_rows(z)
     A, D, dt_bias = (None if t is None else t.float().contiguous() for t in (A, D, dt_bias))
@@ -231,9 +242,12 @@ def causal_conv1d_cpu(
     """
     if activation not in ("silu", None):
         raise ValueError(f"unsupported activation {activation!r}")
-    library = _checked_library(x)
     batch, length, channels = x.shape
-    width = weight.shape[1]
+    width = weight.shape[-1]
+    library = _checked_library(
+        x=(x, x.shape), weight=(weight, (channels, width)), bias=(bias, (channels,)),
+        initial_state=(initial_state, (batch, width - 1, channels)),
+    )  # fmt: skip
     xs = _fp32_rows(x)
     weight_by_tap = weight.float().t().contiguous()  # (K, C): one row of channels per tap
     bias = None if bias is None else bias.float().contiguous()

@@ -6,11 +6,11 @@ import logging
 
 import pytest
 import torch
-from tests.ops.test_chunked import assert_close
 
 from st_mamba import ops
 from st_mamba.ops import cpu
 from st_mamba.ops.reference import causal_conv1d_reference, selective_scan_reference
+from tests.ops.test_chunked import assert_close
 
 pytestmark = pytest.mark.skipif(
     not cpu.available(), reason="the compiled CPU kernels did not build here (no C compiler?)"
@@ -89,6 +89,16 @@ def test_extreme_decays_stay_finite():
     inputs = _inputs(1, 20, 16, 16, seed=14)
     inputs["dt"] = inputs["dt"] * 20 + 60.0  # softplus(dt) up to ~100, dt * A down to ~ -400
     _check(inputs)
+
+
+def test_wrong_shapes_are_refused_before_the_kernel_reads_them():
+    inputs = _inputs(2, 9, 16, 16, seed=20)
+    with pytest.raises(ValueError, match=r"A: expected a CPU tensor of shape \(16, 16\)"):
+        cpu.selective_scan_cpu(**{**inputs, "A": inputs["A"][:8]})
+    with pytest.raises(ValueError, match="initial_state"):
+        cpu.selective_scan_cpu(**{**inputs, "initial_state": inputs["initial_state"][:1]})
+    with pytest.raises(ValueError, match="weight"):
+        cpu.causal_conv1d_cpu(inputs["x"], torch.randn(8, 4))
 
 
 def test_half_precision_inputs_are_computed_in_fp32():
