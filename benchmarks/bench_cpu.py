@@ -10,7 +10,9 @@ inference mode, the mamba-130m shape (d_model 768, 24 layers, d_state 16, vocab 
    - BERT-base (``BertModel``, transformers' default attention),
    - the GEMM floor: the four projections of the 24 Mamba layers alone, as plain matmuls, once
      through ``ops.linear`` (what st-mamba uses: oneDNN on CPU) and once through ``F.linear`` (MKL);
-2. where st-mamba's time goes at 4 x 512: projections, convolution, scan and the rest.
+2. where st-mamba's time goes at 4 x 512: projections, convolution, scan and the rest;
+3. st-mamba and BERT-base again after ``st_mamba.ops.cpu.keep_freed_memory()``: glibc's malloc
+   then keeps freed memory instead of mapping every large tensor afresh (page faults).
 
 Each number is the median of several runs after one warm-up; the slow transformers Mamba gets
 fewer runs (the table says how many) so that the whole benchmark stays under ten minutes. Other
@@ -42,10 +44,12 @@ import torch
 import torch.nn.functional as F
 
 from st_mamba import MambaBackbone, MambaConfig, ops
+from st_mamba.ops import cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## CPU"
 VOCAB, D_MODEL, N_LAYER, D_STATE = 50280, 768, 24, 16  # mamba-130m
+KEPT = "malloc keeps freed memory"  # the rows measured after ops.cpu.keep_freed_memory()
 SHAPES = [(4, 512), (1, 4096)]  # (batch, tokens per text)
 QUICK_SHAPES = [(2, 64), (1, 256)]
 RUNS = {
@@ -143,15 +147,15 @@ def breakdown(batch: int, length: int, runs: int) -> dict[str, float]:
     mixer, d_inner = model.layers[0].mixer, model.config.d_inner
     ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        x, z = mixer.in_proj(torch.randn(batch, length, D_MODEL)).split(d_inner, dim=-1)
-        x = ops.causal_conv1d(x, mixer.conv1d.weight[:, 0], mixer.conv1d.bias)
+        x_in, z = mixer.in_proj(torch.randn(batch, length, D_MODEL)).split(d_inner, dim=-1)  # strided views
+        x = ops.causal_conv1d(x_in, mixer.conv1d.weight[:, 0], mixer.conv1d.bias)
         dt, B, C = mixer.x_proj(x).split([mixer.config.dt_rank, D_STATE, D_STATE], dim=-1)
         dt = ops.linear(dt, mixer.dt_proj.weight)
         A = -torch.exp(mixer.A_log.float())
 
         def convolutions() -> None:
             for _ in range(N_LAYER):
-                ops.causal_conv1d(x, mixer.conv1d.weight[:, 0], mixer.conv1d.bias)
+                ops.causal_conv1d(x_in, mixer.conv1d.weight[:, 0], mixer.conv1d.bias)
 
         def scans() -> None:
             for _ in range(N_LAYER):
@@ -204,7 +208,16 @@ def render(results: dict) -> str:
     ]
     for name, rows in results["throughput"].items():
         lines.append(f"| {name} | " + " | ".join(f"{r['tok_s']:,.0f}" for r in rows) + f" | {rows[0]['runs']} |")
-    lines += ["", f"Where st-mamba's time goes at {results['breakdown_shape']} (seconds per forward, 24 layers):", ""]
+    lines += [
+        "",
+        f'Rows marked "{KEPT}" ran after `st_mamba.ops.cpu.keep_freed_memory()` (opt-in, process-wide; '
+        "the same as starting Python with `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:"
+        "glibc.malloc.trim_threshold=2147483647`): by default glibc maps each large tensor afresh and "
+        "its pages fault in on first touch.",
+        "",
+        f"Where st-mamba's time goes at {results['breakdown_shape']} (seconds per forward, 24 layers, default malloc):",
+        "",
+    ]
     lines += ["| part | seconds | share |", "|---|---|---|"]
     whole = results["breakdown"]["whole forward"]
     for part, seconds in results["breakdown"].items():
@@ -274,6 +287,12 @@ def main() -> None:
     # 2. Where st-mamba's time goes.
     batch, length = shapes[0]
     results["breakdown"] = breakdown(batch, length, runs["st-mamba"])
+
+    # 3. The same two models once malloc keeps freed memory (process-wide, so after everything else).
+    if cpu.keep_freed_memory():
+        for name in ("st-mamba", "BERT-base"):
+            print(f"{name}, {KEPT}:")
+            results["throughput"][f"{name}, {KEPT}"] = throughput(builders[name], shapes, runs[name])
     results.update(
         breakdown_shape=f"{batch} x {length}",
         backends=", ".join(backends),
@@ -284,7 +303,7 @@ def main() -> None:
         load_after=os.getloadavg()[0],
     )
 
-    # 3. The section of docs/benchmarks.md, the plot, and the table last.
+    # 4. The section of docs/benchmarks.md, the plot, and the table last.
     section = render(results)
     if docs_dir is not None:
         docs_dir.mkdir(parents=True, exist_ok=True)

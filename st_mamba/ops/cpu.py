@@ -6,6 +6,8 @@
   (``csrc/causal_conv1d_cpu.c``).
 - ``linear_onednn``: the projections through oneDNN's fp32 matmul (ships with PyTorch; nothing to
   build).
+- ``keep_freed_memory``: an opt-in setting of glibc's malloc that spares every large tensor its
+  page faults (a fifth of the mamba-130m forward on 2 cores).
 
 On first use, ``csrc/*.c`` is compiled with the system C compiler (``$CC``, else ``cc`` or
 ``gcc``) for this machine (``-march=native``) into one library in a cache folder
@@ -275,3 +277,25 @@ def linear_onednn(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
     the four Mamba-1 projections 10-25% faster (single thread, CPU time), with strided inputs as they are.
     """
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def keep_freed_memory() -> bool:
+    """Opt in: make glibc's malloc keep freed memory for reuse instead of handing it back to the system.
+
+    By default glibc maps every block above a threshold afresh and unmaps it when freed, so each large
+    tensor of a CPU forward faults its pages in again; on the 2-core machine of docs/benchmarks.md
+    that cost about a fifth of the mamba-130m forward. Afterwards blocks up to 1 GiB come from the
+    heap, which is never trimmed: the process keeps its peak memory. Process-wide, so st-mamba never
+    calls it by itself; the same at start-up, for any program:
+    ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=2147483647``.
+
+    Returns:
+        False where the C library is not glibc (nothing changed).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return mallopt(m_mmap_threshold, 1 << 30) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -191,6 +194,34 @@ def test_linear_onednn_matches_f_linear(with_bias):
     weight = torch.randn(96, 48, generator=g)
     bias = torch.randn(96, generator=g) if with_bias else None
     assert_close("y", cpu.linear_onednn(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+
+
+_REFAULTS = """
+import resource, torch
+from st_mamba.ops import cpu
+tuned = cpu.keep_freed_memory() if {tune} else False
+for _ in range(2):
+    torch.ones(12 << 20)  # 48 MiB, above glibc's largest automatic mmap threshold (32 MiB); freed at once
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    torch.ones(12 << 20)
+print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
+def test_keep_freed_memory_spares_large_tensors_their_page_faults():
+    def refaults(tune: bool) -> tuple[str, int]:
+        code = _REFAULTS.format(tune=tune)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        tuned, faults = out.stdout.split()
+        return tuned, int(faults)
+
+    pages = (48 << 20) // 4096
+    assert refaults(False)[1] >= 4 * pages  # mapped afresh, and faulted in, every time
+    tuned, faults = refaults(True)
+    assert tuned == "True" and faults < pages // 10
 
 
 def _backends_used(requires_grad: bool) -> dict[str, str]:
