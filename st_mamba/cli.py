@@ -59,29 +59,12 @@ class CliError(Exception):
 
 def load_model(name_or_path: str | os.PathLike, device: str | None = None) -> SentenceTransformer:
     """Load a saved Sentence-Transformers folder (st-mamba or other) or a Hub id, naming what is missing."""
-    from sentence_transformers import SentenceTransformer
+    from st_mamba.loading import load_model as load
 
-    text = os.fspath(name_or_path)
-    folder = Path(text).expanduser()
-    if folder.is_dir():
-        return SentenceTransformer(str(folder), device=device, trust_remote_code=_is_st_mamba_folder(folder))
-    if folder.exists() or folder.is_absolute() or text.startswith((".", "~")):
-        raise CliError(f"no model folder at {folder}")
     try:
-        return SentenceTransformer(text, device=device)
-    except OSError as exc:
-        raise CliError(
-            f"no model folder {folder.resolve()}, and the Hugging Face Hub did not give {text!r}: {exc}"
-        ) from exc
-
-
-def _is_st_mamba_folder(folder: Path) -> bool:
-    """True if modules.json names only st-mamba and Sentence-Transformers classes (both installed code)."""
-    modules = folder / "modules.json"
-    if not modules.is_file():
-        return False
-    types = [module.get("type", "") for module in json.loads(modules.read_text(encoding="utf-8"))]
-    return all(kind.startswith(("st_mamba.", "sentence_transformers.")) for kind in types)
+        return load(name_or_path, device=device)
+    except OSError as exc:  # FileNotFoundError, NotADirectoryError, or the Hub's answer
+        raise CliError(str(exc)) from exc
 
 
 def untrained_model(tokenizer_dir: str | os.PathLike, seed: int = 0) -> SentenceTransformer:

@@ -184,3 +184,18 @@ def test_bench_without_the_script_names_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "REPO_ROOT", tmp_path)
     assert cli.main(["bench"]) == 1
     assert str(tmp_path / "benchmarks" / "bench_cpu.py") in capsys.readouterr().err
+
+
+def test_folder_naming_another_class_still_needs_trust_remote_code(tiny_model, tmp_path):
+    """Only MambaEncoder (installed code) loads without the flag; a folder naming anything else does not."""
+    from st_mamba.loading import is_st_mamba_folder
+
+    tiny_model.save(str(tmp_path))
+    assert is_st_mamba_folder(tmp_path)
+    modules = json.loads((tmp_path / "modules.json").read_text())
+    modules[0]["type"] = "st_mamba.Evil"  # would make transformers look for st_mamba.py in the folder
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "st_mamba.py").write_text("raise SystemExit('folder code ran')\n")
+    assert not is_st_mamba_folder(tmp_path)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        cli.load_model(tmp_path)

@@ -11,10 +11,9 @@ from typing import Any, Literal
 from langchain_core.embeddings import Embeddings
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from sentence_transformers import SentenceTransformer
+from st_mamba.async_batching import QueryBatcher
+from st_mamba.loading import load_model
 from typing_extensions import Self
-
-from langchain_st_mamba._batching import QueryBatcher
-from langchain_st_mamba._loading import load_model
 
 # Arguments of ``encode`` that have a field of their own here.
 _MANAGED_ENCODE_ARGS = {

@@ -13,8 +13,8 @@ from pydantic import Field, PrivateAttr, model_validator
 from sentence_transformers import SentenceTransformer
 from typing_extensions import Self
 
-from llama_index.embeddings.st_mamba._batching import QueryBatcher
-from llama_index.embeddings.st_mamba._loading import load_model
+from st_mamba.async_batching import QueryBatcher
+from st_mamba.loading import load_model
 
 # Arguments of ``encode`` that have a field of their own here.
 _MANAGED_ENCODE_ARGS = {

@@ -1,4 +1,12 @@
-"""Loading a SentenceTransformer by folder or Hub id, with errors that name what was asked for."""
+"""Loading a saved model by folder or Hub id, for the command line and the integrations.
+
+Sentence-Transformers asks for ``trust_remote_code=True`` before it imports any module class from
+outside its own package, ``st_mamba.module.MambaEncoder`` included. A local folder whose
+``modules.json`` names only Sentence-Transformers classes and exactly that class loads without the
+flag here: both come from installed packages, and such a reference cannot make Sentence-Transformers
+run a file of the folder (its dynamic loader only handles ``file.Class`` references, and the
+installed class is imported instead). Any other class, and every Hub id, still needs the flag.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +17,19 @@ from typing import Any
 
 from sentence_transformers import SentenceTransformer
 
+from st_mamba.module import MambaEncoder
+
+INSTALLED_CLASSES = frozenset({f"{MambaEncoder.__module__}.{MambaEncoder.__qualname__}"})
+
 
 def is_st_mamba_folder(folder: Path) -> bool:
-    """True if ``modules.json`` names only st-mamba and Sentence-Transformers classes.
-
-    Sentence-Transformers asks for ``trust_remote_code`` before importing any module class of its
-    own package, including ``st_mamba.module.MambaEncoder``. That class comes from the installed
-    st-mamba, not from the folder, so such a folder can be loaded without the flag.
-    """
+    """True if ``modules.json`` names MambaEncoder and otherwise only Sentence-Transformers classes."""
     modules = folder / "modules.json"
     if not modules.is_file():
         return False
     types = [module.get("type", "") for module in json.loads(modules.read_text(encoding="utf-8"))]
-    known = all(kind.startswith(("st_mamba.", "sentence_transformers.")) for kind in types)
-    return known and any(kind.startswith("st_mamba.") for kind in types)
+    installed = [kind for kind in types if kind in INSTALLED_CLASSES]
+    return bool(installed) and all(kind in INSTALLED_CLASSES or kind.startswith("sentence_transformers.") for kind in types)
 
 
 def load_model(
@@ -34,8 +41,8 @@ def load_model(
     """Load a SentenceTransformer from a local folder or a Hugging Face Hub id.
 
     Raises:
-        FileNotFoundError: ``name_or_path`` is written as a path (absolute, ``./``, ``../``, ``~``)
-            and no folder is there.
+        NotADirectoryError: ``name_or_path`` is a file.
+        FileNotFoundError: it is written as a path (absolute, ``./``, ``../``, ``~``) and no folder is there.
         OSError: it is neither a local folder nor a model the Hub could give; the message names both.
     """
     text = os.fspath(name_or_path)
