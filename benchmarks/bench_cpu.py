@@ -10,9 +10,9 @@ inference mode, the mamba-130m shape (d_model 768, 24 layers, d_state 16, vocab 
    - BERT-base (``BertModel``, transformers' default attention),
    - the GEMM floor: the four projections of the 24 Mamba layers alone, as plain matmuls, once
      through ``ops.linear`` (what st-mamba uses: oneDNN on CPU) and once through ``F.linear`` (MKL);
-2. where st-mamba's time goes at 4 x 512: projections, convolution, scan and the rest;
-3. st-mamba and BERT-base again after ``st_mamba.ops.cpu.keep_freed_memory()``: glibc's malloc
-   then keeps freed memory instead of mapping every large tensor afresh (page faults).
+2. st-mamba and BERT-base again after ``st_mamba.ops.cpu.keep_freed_memory()``: glibc's malloc
+   then keeps freed memory instead of mapping every large tensor afresh (page faults);
+3. where st-mamba's time goes at 4 x 512: projections, convolution, scan and the rest.
 
 Each number is the median of several runs after one warm-up; the slow transformers Mamba gets
 fewer runs (the table says how many) so that the whole benchmark stays under ten minutes. Other
