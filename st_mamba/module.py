@@ -143,10 +143,10 @@ class MambaEncoder(InputModule):
         # Inference only: training collators pin, split (cached losses) and move batches by row themselves.
         device = self.backbone.embeddings.weight.device
         if not self.training and self.chunk_size is None and ops.packs_in_one_pass(device, self.config.version):
-            return self._pack(input_ids, attention_mask)
+            return self._pack(input_ids, attention_mask, device)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
-    def _pack(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+    def _pack(self, input_ids: Tensor, attention_mask: Tensor, device: torch.device) -> dict[str, Tensor]:
         """The padded batch without its padding: the texts (each with its EOS) end to end in one row.
 
         Returns ``input_ids`` (1, T), ``cu_seqlens`` (B + 1,) int32 (text i is ``cu_seqlens[i]:cu_seqlens[i + 1]``),
@@ -165,7 +165,6 @@ class MambaEncoder(InputModule):
             "attention_mask": attention_mask,
         }
         if torch.utils.data.get_worker_info() is None:
-            device = self.backbone.embeddings.weight.device
             features = {k: v.pin_memory().to(device, non_blocking=True) for k, v in features.items()}
         return features
 

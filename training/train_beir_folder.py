@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> SentenceTransformerTrainer:
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         prompts=column_prompts or None,
         dataloader_drop_last=gather,  # gathering needs equal batch sizes on every process
-        # MambaEncoder.preprocess pins packed batches and sends them to the GPU itself: no second pinning
+        # st-mamba: packed batches (inference only) are pinned by MambaEncoder itself; left off here as run on the H200
         dataloader_pin_memory=torch.cuda.is_available() and not isinstance(model[0], st_mamba.MambaEncoder),
         use_cpu=gather and not torch.cuda.is_available(),  # several CPU processes: DDP over gloo
         eval_strategy="steps" if evaluator is not None and args.eval_steps > 0 else "no",
