@@ -262,6 +262,10 @@ def main(argv: list[str] | None = None) -> SentenceTransformerTrainer:
             logger.info("After training: %s", evaluator(model))
         model.save(str(args.output))
         logger.info("Saved the model to %s", args.output)
+    # Under DDP every process waits for the saving one, then all leave the process group together:
+    # a process that exits while another still holds the gloo group can abort (seen once in CI).
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return trainer
 
 
