@@ -28,36 +28,23 @@ Offline, from local triplets, evaluated on a local BEIR folder:
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
-import os
 from pathlib import Path
 
-import torch
+import _common
 from datasets import load_dataset
-from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator, NanoBEIREvaluator
-from sentence_transformers.sentence_transformer.losses import (
-    CachedMultipleNegativesRankingLoss,
-    MultipleNegativesRankingLoss,
-)
-from sentence_transformers.sentence_transformer.training_args import BatchSamplers
-
-import st_mamba
+from sentence_transformers import SentenceTransformerTrainer
+from sentence_transformers.sentence_transformer.evaluation import NanoBEIREvaluator
 
 logger = logging.getLogger(__name__)
 
 BACKBONE = "state-spaces/mamba-130m-hf"  # or mamba-370m-hf, mamba-790m-hf: the three sizes of the paper
 DATASET = "sentence-transformers/msmarco-bm25"  # MS MARCO train queries with BM25-mined hard negatives ...
 DATASET_SUBSET = "triplet"  # ... one (query, positive, negative) triplet per training query, 503k rows
-PROMPTS = {"query": "query: ", "document": "passage: "}  # prefixes of queries / passages
 MAX_SEQ_LENGTH = 256  # tokens per text, EOS included: MS MARCO passages are ~80 tokens, queries ~10
 EPOCHS = 2  # as in the paper
-LEARNING_RATE = 1e-5  # as in the paper; peak, after a linear warm-up, then linear decay
-WARMUP_RATIO = 0.1
+LEARNING_RATE = 1e-5  # as in the paper; peak, after a linear warm-up over 10% of the steps, then linear decay
 BATCH_SIZE = 64  # queries per process and step, each with its positive and its hard negative
-SCALE = 20.0  # InfoNCE inverse temperature: logits are 20 * cosine
 EVAL_STEPS = 1000
 SAVE_STEPS = 1000
 SEED = 12
@@ -65,9 +52,8 @@ SEED = 12
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    base = parser.add_mutually_exclusive_group()
-    base.add_argument("--backbone", default=BACKBONE, help="Mamba LM (Hub id or folder) to make into a retriever")
-    base.add_argument("--model", default=None, help="existing Sentence-Transformers model to train further instead")
+    _common.add_model_arguments(parser, backbone=BACKBONE)
+    parser.add_argument("--max-seq-length", type=int, default=MAX_SEQ_LENGTH, help="tokens per text")
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--dataset", default=DATASET, help="Hub dataset of (query, positive, negative...) rows")
     data.add_argument(
@@ -87,40 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--eval-split", default="test")
     parser.add_argument("--eval-min-score", type=int, default=1, help="qrels score that counts as relevant")
-    parser.add_argument("--output", type=Path, required=True, help="folder of the trained model")
-    parser.add_argument("--checkpoint-dir", type=Path, default=None, help="default: <output>-checkpoints")
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=None,
-        help="resume from the last checkpoint in --checkpoint-dir, or from the one given",
-    )
-    parser.add_argument("--max-seq-length", type=int, default=MAX_SEQ_LENGTH)
-    parser.add_argument("--query-prompt", default=PROMPTS["query"])
-    parser.add_argument("--document-prompt", default=PROMPTS["document"])
-    parser.add_argument("--epochs", type=float, default=EPOCHS)
-    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (overrides --epochs)")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    parser.add_argument(
-        "--mini-batch-size",
-        type=int,
-        default=None,
-        help="use CachedMultipleNegativesRankingLoss with this many texts per forward pass",
-    )
-    parser.add_argument("--lr", type=float, default=LEARNING_RATE)
-    parser.add_argument("--eval-steps", type=int, default=EVAL_STEPS, help="0: evaluate only at the end")
-    parser.add_argument("--save-steps", type=int, default=SAVE_STEPS)
-    parser.add_argument("--logging-steps", type=int, default=50)
-    parser.add_argument(
-        "--bf16",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="bf16 autocast (default: on where a CUDA GPU supports it)",
-    )
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--report-to", default="none", help="e.g. wandb, tensorboard")
-    parser.add_argument("--seed", type=int, default=SEED)
+    _common.add_training_arguments(
+        parser, epochs=EPOCHS, batch_size=BATCH_SIZE, mini_batch_size=None, lr=LEARNING_RATE,
+        eval_steps=EVAL_STEPS, save_steps=SAVE_STEPS, logging_steps=50, seed=SEED,
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -137,47 +93,11 @@ def load_local_rows(files: list[Path]):
     raise ValueError(f"--train-files: unsupported file type {suffix!r} (use .jsonl, .json, .csv, .tsv or .parquet)")
 
 
-def beir_evaluator(folder: Path, split: str, min_score: int, batch_size: int) -> InformationRetrievalEvaluator:
-    """An evaluator over a local BEIR folder: queries of ``split`` with at least one document scored ``min_score``."""
-    corpus, queries, relevant = {}, {}, {}
-    with open(folder / "corpus.jsonl", encoding="utf-8") as lines:
-        for line in lines:
-            doc = json.loads(line)
-            corpus[str(doc["_id"])] = f"{doc.get('title') or ''} {doc['text']}".strip()
-    with open(folder / "queries.jsonl", encoding="utf-8") as lines:
-        for line in lines:
-            query = json.loads(line)
-            queries[str(query["_id"])] = query["text"]
-    with open(folder / "qrels" / f"{split}.tsv", encoding="utf-8", newline="") as rows:
-        for row in csv.DictReader(rows, delimiter="\t"):
-            if int(float(row["score"])) >= min_score:
-                relevant.setdefault(row["query-id"], set()).add(row["corpus-id"])
-    return InformationRetrievalEvaluator(
-        queries={qid: queries[qid] for qid in relevant},
-        corpus=corpus,
-        relevant_docs=relevant,
-        name=f"{folder.name}-{split}",
-        batch_size=batch_size,
-    )
-
-
 def main(argv: list[str] | None = None) -> SentenceTransformerTrainer:
     args = parse_args(argv)
-    checkpoint_dir = args.checkpoint_dir or args.output.with_name(args.output.name + "-checkpoints")
-    bf16 = args.bf16 if args.bf16 is not None else torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
     # 1. Load the model: a pretrained Mamba LM with EOS pooling and normalisation (or an existing retriever)
-    if args.model is not None:
-        model = SentenceTransformer(args.model, trust_remote_code=True)
-        model.max_seq_length = args.max_seq_length
-    else:
-        prompts = {"query": args.query_prompt, "document": args.document_prompt}
-        model = st_mamba.from_backbone(args.backbone, max_seq_length=args.max_seq_length, prompts=prompts)
-    if args.gradient_checkpointing:
-        # Enabled here rather than with TrainingArguments(gradient_checkpointing=True): transformers 5.17's
-        # Trainer passes `every_n_layers` to SentenceTransformer.gradient_checkpointing_enable (ST 6.0.1),
-        # which does not accept it.
-        model.gradient_checkpointing_enable()
+    model = _common.load_retriever(args, MAX_SEQ_LENGTH)
     model.model_card_data.model_name = f"{args.output.name}: Mamba Retriever trained on MS MARCO"
     model.model_card_data.language = ["en"]
 
@@ -191,70 +111,21 @@ def main(argv: list[str] | None = None) -> SentenceTransformerTrainer:
     logger.info("Training on %d rows, columns %s", len(train_dataset), train_dataset.column_names)
 
     # 3. Define the loss: InfoNCE over in-batch and hard negatives, gathered from every process under DDP
-    gather = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if args.mini_batch_size:
-        loss = CachedMultipleNegativesRankingLoss(
-            model, scale=SCALE, mini_batch_size=args.mini_batch_size, gather_across_devices=gather
-        )
-    else:
-        loss = MultipleNegativesRankingLoss(model, scale=SCALE, gather_across_devices=gather)
+    loss = _common.infonce_loss(model, args.mini_batch_size)
 
     # 4. Define the evaluator: a local BEIR folder, or NanoMSMARCO (50 queries, 5k passages) from the Hub
     if args.eval_folder is not None:
-        evaluator = beir_evaluator(args.eval_folder, args.eval_split, args.eval_min_score, args.batch_size)
+        name = f"{args.eval_folder.name}-{args.eval_split}"
+        retrieval = _common.read_beir(args.eval_folder, args.eval_split, args.eval_min_score)
+        evaluator = _common.retrieval_evaluator(name, retrieval, args.batch_size)
     else:
         evaluator = NanoBEIREvaluator(dataset_names=["msmarco"], batch_size=args.batch_size)
 
-    # 5. Train: no duplicate texts in a batch (they would be false in-batch negatives), resumable checkpoints
-    query_column, *document_columns = train_dataset.column_names
-    column_prompts = {query_column: model.prompts.get("query")}
-    column_prompts.update({column: model.prompts.get("document") for column in document_columns})
-    column_prompts = {column: prompt for column, prompt in column_prompts.items() if prompt}
-    training_args = SentenceTransformerTrainingArguments(
-        output_dir=str(checkpoint_dir),
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        warmup_steps=WARMUP_RATIO,
-        bf16=bf16,
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
-        prompts=column_prompts or None,
-        dataloader_drop_last=gather,  # gathering needs equal batch sizes on every process
-        # st-mamba: packed batches (inference only) are pinned by MambaEncoder itself; left off here as run on the H200
-        dataloader_pin_memory=torch.cuda.is_available() and not isinstance(model[0], st_mamba.MambaEncoder),
-        use_cpu=gather and not torch.cuda.is_available(),  # several CPU processes: DDP over gloo
-        eval_strategy="steps" if args.eval_steps > 0 else "no",
-        eval_steps=args.eval_steps or None,
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        save_total_limit=2,
-        logging_steps=args.logging_steps,
-        report_to=args.report_to,
-        run_name=args.output.name,
-        seed=args.seed,
-    )
-    trainer = SentenceTransformerTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        loss=loss,
-        evaluator=evaluator,
-    )
-    trainer.train(resume_from_checkpoint=args.resume)
-
-    # 6. Evaluate the trained model and save it (with its model card)
-    if trainer.is_world_process_zero():
-        logger.info("After training: %s", evaluator(model))
-        model.save(str(args.output))
-        logger.info("Saved the model to %s", args.output)
-    # Under DDP every process waits for the saving one, then all leave the process group together:
-    # a process that exits while another still holds the gloo group can abort (seen once in CI).
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
-    return trainer
+    # 5. Train: no duplicate texts in a batch (they would be false negatives), resumable checkpoints; then
+    #    evaluate the trained model and save it with its model card
+    return _common.train(args, model, train_dataset, loss, evaluator)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    _common.configure_logging()
     main()

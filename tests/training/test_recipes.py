@@ -7,73 +7,30 @@ on the training pairs must go down. The DDP test runs the BEIR-folder recipe in 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import random_texts, tiny_config
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+
+from tests.conftest import tiny_config
+from tests.training.conftest import TRAINING, load_recipe
 
 pytest.importorskip("datasets", reason="the recipes need the train extra: pip install -e '.[train]'")
 pytest.importorskip("accelerate", reason="the recipes need the train extra: pip install -e '.[train]'")
 
-TRAINING = Path(__file__).resolve().parents[2] / "training"
 # Enough steps at a high learning rate for a random 2-layer model to fit 24 pairs a little.
 FAST = ["--batch-size", "8", "--lr", "3e-3", "--logging-steps", "1", "--save-steps", "2", "--eval-steps", "4"]
 
 
-def load_recipe(name: str) -> ModuleType:
-    """Import training/<name>.py (a script, not a package) by its path."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", TRAINING / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tokenizer_dir, tmp_path_factory) -> Path:
-    """A saved random st-mamba model; also a transformers-format Mamba checkpoint with its tokenizer."""
-    from st_mamba import from_config
-
-    model = from_config(
-        tiny_config(1), tokenizer_dir, seed=0, max_seq_length=64,
-        prompts={"query": "query: ", "document": "passage: "}, device="cpu",
-    )  # fmt: skip
-    folder = tmp_path_factory.mktemp("tiny-model")
-    model.save(str(folder))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_beir(tmp_path_factory) -> Path:
-    """32 documents; query i is a few words of document i; 24 train and 8 test queries."""
-    folder = tmp_path_factory.mktemp("tiny-beir")
-    (folder / "qrels").mkdir()
-    documents = random_texts(32, seed=1, max_words=30)
-    with open(folder / "corpus.jsonl", "w", encoding="utf-8") as corpus:
-        for i, text in enumerate(documents):
-            corpus.write(json.dumps({"_id": f"d{i}", "title": f"doc {i}", "text": text}) + "\n")
-    with open(folder / "queries.jsonl", "w", encoding="utf-8") as queries:
-        for i, text in enumerate(documents):
-            words = text.split()
-            queries.write(json.dumps({"_id": f"q{i}", "text": " ".join(words[:3] + words[-2:])}) + "\n")
-    for split, ids in (("train", range(24)), ("test", range(24, 32))):
-        with open(folder / "qrels" / f"{split}.tsv", "w", encoding="utf-8") as qrels:
-            qrels.write("query-id\tcorpus-id\tscore\n")
-            qrels.writelines(f"q{i}\td{i}\t1\n" for i in ids)
-    return folder
-
-
 def train_pairs(beir: Path) -> list[tuple[str, str]]:
-    corpus, queries, relevant = load_recipe("train_beir_folder").read_beir(beir, "train")
-    return [(queries[qid], corpus[doc_id]) for qid, doc_ids in sorted(relevant.items()) for doc_id in doc_ids]
+    common = load_recipe("_common")
+    return common.relevant_pairs(common.read_beir(beir, "train"))
 
 
 def in_batch_loss(model: SentenceTransformer, pairs: list[tuple[str, str]]) -> float:
@@ -120,6 +77,7 @@ def check_run(recipe: str, common: list[str], output: Path, pairs, start: Senten
     assert after < before, f"{recipe}: training-set loss went from {before:.3f} to {after:.3f}"
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_train_beir_folder(tiny_model_dir, tiny_beir, tmp_path, spy_resume):
     start = SentenceTransformer(str(tiny_model_dir), trust_remote_code=True, device="cpu")
     common = ["--data", str(tiny_beir), "--model", str(tiny_model_dir), "--hard-negatives", "1",
@@ -127,6 +85,7 @@ def test_train_beir_folder(tiny_model_dir, tiny_beir, tmp_path, spy_resume):
     check_run("train_beir_folder", common, tmp_path / "beir-model", train_pairs(tiny_beir), start, spy_resume)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_train_msmarco_from_local_triplets(tiny_model_dir, tiny_beir, tmp_path, spy_resume):
     pairs = train_pairs(tiny_beir)
     triplets = tmp_path / "triplets.jsonl"
@@ -140,6 +99,7 @@ def test_train_msmarco_from_local_triplets(tiny_model_dir, tiny_beir, tmp_path, 
     check_run("train_msmarco", common, tmp_path / "msmarco-model", pairs, start, spy_resume)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_train_long_documents_from_beir_folder(tiny_model_dir, tiny_beir, tmp_path, spy_resume):
     common = ["--data", str(tiny_beir), "--model", str(tiny_model_dir), "--max-seq-length", "48",
               "--chunk-size", "24", "--mini-batch-size", "8"]  # fmt: skip

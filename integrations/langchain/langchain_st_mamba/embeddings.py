@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import weakref
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any
 
 from langchain_core.embeddings import Embeddings
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from sentence_transformers import SentenceTransformer
-from st_mamba.async_batching import QueryBatcher
-from st_mamba.loading import load_model
+from st_mamba.integrations import Role, RoleEncoder, check_encode_kwargs, check_text, check_texts, load_client
 from typing_extensions import Self
 
-# Arguments of ``encode`` that have a field of their own here.
-_MANAGED_ENCODE_ARGS = {
-    "prompt": "query_prompt / document_prompt",
-    "prompt_name": "query_prompt / document_prompt",
+# ``encode`` arguments set by a field of this class, beyond the prompts and the device.
+_ENCODE_FIELDS = {
     "batch_size": "batch_size",
     "show_progress_bar": "show_progress",
     "normalize_embeddings": "normalize_embeddings",
-    "device": "device",
-    "pool": "device",
-    "convert_to_numpy": None,
-    "convert_to_tensor": None,
-    "output_value": None,
 }
 
 
@@ -81,110 +69,42 @@ class STMambaEmbeddings(BaseModel, Embeddings):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     encode_kwargs: dict[str, Any] = Field(default_factory=dict)
 
-    _executor: ThreadPoolExecutor = PrivateAttr()
-    _query_batcher: QueryBatcher = PrivateAttr()
-    _pool: dict[str, Any] | None = PrivateAttr(default=None)
-    _pool_finalizer: weakref.finalize | None = PrivateAttr(default=None)
-    _pool_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _encoder: RoleEncoder = PrivateAttr()
 
     @model_validator(mode="after")
     def _load(self) -> Self:
-        clashes = sorted(set(self.encode_kwargs) & set(_MANAGED_ENCODE_ARGS))
-        if clashes:
-            hints = ", ".join(f"{key} (use {_MANAGED_ENCODE_ARGS[key] or 'nothing: it is fixed'})" for key in clashes)
-            raise ValueError(f"encode_kwargs may not set {hints}")
-        if self.client is None:
-            if self.model is None:
-                raise ValueError("pass model= (a folder or Hub id) or client= (a loaded SentenceTransformer)")
-            single_device = None if isinstance(self.device, list) else self.device
-            self.client = load_model(self.model, single_device, self.trust_remote_code, self.model_kwargs)
-        if self.chunk_size is not None:
-            _set_chunk_size(self.client, self.chunk_size)
-        # One worker: encodes run off the event loop, one at a time, instead of competing for the cores.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="st-mamba-encode")
-        self._query_batcher = QueryBatcher(lambda texts: self._encode(texts, "query"), self._executor)
+        check_encode_kwargs(self.encode_kwargs, _ENCODE_FIELDS)
+        self.client = load_client(
+            self.model, self.client, model_field="model", device=self.device,
+            trust_remote_code=self.trust_remote_code, model_kwargs=self.model_kwargs, chunk_size=self.chunk_size,
+        )  # fmt: skip
+        self._encoder = RoleEncoder(self.client, self._encode_kwargs)
         return self
 
     # --- the Embeddings interface ----------------------------------------------------------------
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         """Embed documents with the model's document prompt (or ``document_prompt``)."""
-        return self._encode(_check_texts(texts), "document")
+        return self._encoder.encode(check_texts(texts), "document")
 
     def embed_query(self, text: str) -> list[float]:
         """Embed one query with the model's query prompt (or ``query_prompt``)."""
-        return self._encode([_check_query(text)], "query")[0]
+        return self._encoder.encode([check_text(text, "query")], "query")[0]
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
         """Like ``embed_documents``, on a worker thread so the event loop keeps running."""
-        texts = _check_texts(texts)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._encode, texts, "document")
+        return await self._encoder.aencode(check_texts(texts), "document")
 
     async def aembed_query(self, text: str) -> list[float]:
         """Like ``embed_query``; queries awaited at the same time are encoded together as one batch."""
-        return await self._query_batcher.embed(_check_query(text))
-
-    # --- lifetime ----------------------------------------------------------------------------------
+        return await self._encoder.aencode_query(check_text(text, "query"))
 
     def close(self) -> None:
         """Stop the multi-process pool, if one was started. The object stays usable."""
-        with self._pool_lock:
-            finalizer, self._pool_finalizer, self._pool = self._pool_finalizer, None, None
-        if finalizer is not None:
-            finalizer()  # stops the pool; a finalizer runs at most once
+        self._encoder.close()
 
-    # --- internals ---------------------------------------------------------------------------------
-
-    def _encode(self, texts: list[str], role: Literal["query", "document"]) -> list[list[float]]:
-        if not texts:
-            return []
-        encode = self.client.encode_query if role == "query" else self.client.encode_document
-        if isinstance(self.device, list):
-            placement = {"pool": self._multi_process_pool()}
-        else:
-            placement = {"device": self.device}
-        embeddings = encode(
-            texts,
-            prompt=self.query_prompt if role == "query" else self.document_prompt,
-            batch_size=self.batch_size,
-            show_progress_bar=self.show_progress,
-            normalize_embeddings=self.normalize_embeddings,
-            convert_to_numpy=True,
-            **placement,
-            **self.encode_kwargs,
-        )
-        return embeddings.tolist()
-
-    def _multi_process_pool(self) -> dict[str, Any]:
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = self.client.start_multi_process_pool(list(self.device))
-                # Also stop the worker processes if this object is dropped (or at exit) without close().
-                self._pool_finalizer = weakref.finalize(self, SentenceTransformer.stop_multi_process_pool, self._pool)
-            return self._pool
-
-
-def _set_chunk_size(client: SentenceTransformer, chunk_size: int) -> None:
-    from st_mamba import MambaEncoder
-
-    first = client[0]
-    if not isinstance(first, MambaEncoder):
-        raise ValueError(f"chunk_size is an st-mamba option; this model starts with {type(first).__name__}")
-    first.chunk_size = chunk_size
-
-
-def _check_texts(texts: list[str]) -> list[str]:
-    """Raise TypeError naming the first non-string, by its index in the caller's list."""
-    if isinstance(texts, str):
-        raise TypeError("embed_documents takes a list of strings, got a single str; wrap it in a list")
-    texts = list(texts)
-    for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"texts[{index}] is {type(text).__name__} ({text!r:.40}), expected str")
-    return texts
-
-
-def _check_query(text: str) -> str:
-    if not isinstance(text, str):
-        raise TypeError(f"the query is {type(text).__name__} ({text!r:.40}), expected str")
-    return text
+    def _encode_kwargs(self, role: Role) -> dict[str, Any]:
+        """This object's settings as ``encode`` arguments, read at each call."""
+        prompt = self.query_prompt if role == "query" else self.document_prompt
+        return dict(prompt=prompt, device=self.device, batch_size=self.batch_size, show_progress_bar=self.show_progress,
+                    normalize_embeddings=self.normalize_embeddings, **self.encode_kwargs)  # fmt: skip
