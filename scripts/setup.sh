@@ -14,4 +14,4 @@ py=.venv/bin/python
 # The versions of the H200 machine's image, so that CI tests what runs there (scripts/constraints.txt).
 # One pip call, so that the integrations' `st-mamba` requirement resolves to this checkout, not to PyPI.
 "$py" -m pip install -q --disable-pip-version-check -c scripts/constraints.txt \
-    -e ".[dev,eval,train]" -e "integrations/langchain[test]" -e "integrations/llamaindex[test]"
+    -e ".[dev,eval,train,scale]" -e "integrations/langchain[test]" -e "integrations/llamaindex[test]"

@@ -1,9 +1,11 @@
-"""The ``st-mamba`` command: encode, index, search, evaluate, bench and demo.
+"""The ``st-mamba`` command: encode, encode-corpus, index, search, evaluate, bench and demo.
 
     st-mamba demo                                            # retrieval over this repository's docs, offline
     st-mamba encode --model M --input texts.txt --output vectors.npy
     st-mamba index shared/data/scifact --model M --output scifact.index
     st-mamba search scifact.index "do statins lower cholesterol?"
+    st-mamba encode-corpus corpus.jsonl --model M --output shards/ --shard-size 10000   # resumable; --devices, --ray
+    st-mamba index --shards shards/ --kind hnsw --output corpus.index                   # flat, ivfpq or hnsw
     st-mamba evaluate beir --model M --data shared/data/scifact  # the same as python -m st_mamba.evaluation ...
     st-mamba bench ...                                       # the same as python benchmarks/bench_cpu.py ...
 
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from st_mamba.scale.indexes import IDS_FILE, INDEX_FILE, META_FILE, OFFSETS_FILE
+
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
@@ -46,7 +50,6 @@ DEMO_QUERIES = [
     "Which checkpoint formats can st-mamba load?",
     "Which backend runs the selective scan?",
 ]
-INDEX_FILE, IDS_FILE, OFFSETS_FILE, META_FILE = "index.faiss", "ids.json", "offsets.npy", "index.json"
 _INDEX_BLOCK = 1024  # documents encoded and added to the index at a time, so memory stays flat
 
 
@@ -219,54 +222,128 @@ def command_encode(args: argparse.Namespace) -> int:
 
 
 def _faiss():
+    from st_mamba.scale.indexes import faiss_module
+
     try:
-        import faiss
-    except ImportError:
-        raise CliError("index and search need FAISS: pip install faiss-cpu (or pip install 'st-mamba[eval]')") from None
-    return faiss
+        return faiss_module()
+    except ImportError as exc:
+        raise CliError(f"{exc}; 'st-mamba[eval]' brings it too") from None
+
+
+def _index_settings(args: argparse.Namespace):
+    from st_mamba.scale.indexes import IndexSettings
+
+    given = {name: getattr(args, name) for name in _INDEX_OPTIONS if getattr(args, name) is not None}
+    return IndexSettings(kind=args.kind, **given)
 
 
 def command_index(args: argparse.Namespace) -> int:
+    from st_mamba.scale import build_index, load_shards, measure_recall, save_index
+    from st_mamba.scale.shards import MissingShardsError
+
+    _faiss()
+    if (args.corpus is None) == (args.shards is None):
+        raise CliError(
+            "give a CORPUS to encode (with --model) or --shards DIR written by encode-corpus (one of the two)"
+        )
+    settings = _index_settings(args)
+    if args.shards is not None:
+        try:
+            shards = load_shards(args.shards)
+        except (FileNotFoundError, MissingShardsError) as exc:
+            raise CliError(str(exc)) from None
+        job = shards.manifest.job
+        ids, vectors, offsets = shards.ids, shards.embeddings, shards.positions
+        meta = {"model": job["model"]["name"], "corpus": job["corpus"]["path"], "corpus_format": job["corpus"]["format"],
+                "document_prompt": job["model"]["document_prompt"], "shards": str(Path(args.shards).resolve())}  # fmt: skip
+        source = f"{args.shards} ({job['corpus']['path']})"
+    else:
+        if args.model is None:
+            raise CliError("--model is needed to encode a CORPUS (or build from --shards DIR)")
+        ids, vectors, offsets, meta = _encode_corpus_in_blocks(args)
+        source = meta["corpus"]
+    if not ids:
+        raise CliError(f"no documents in {source}")
+    try:
+        index, settings = build_index(vectors, settings)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    output = Path(args.output)
+    save_index(output, index, settings, ids, offsets, meta)
+    print(
+        f"indexed {len(ids)} documents from {source} into {output}/ ({settings.kind}: {INDEX_FILE}, {IDS_FILE}, {META_FILE})"
+    )
+    if settings.kind != "flat" and args.recall_queries > 0:
+        report = measure_recall(index, vectors, sample=args.recall_queries)
+        print(f"recall@{report.k} against exact search: {report.recall:.4f} ({report.queries} corpus vectors as queries, "
+              f"{report.qps:,.0f} queries/s); search settings {settings.search_settings()} are saved in {META_FILE}")  # fmt: skip
+    return 0
+
+
+def _encode_corpus_in_blocks(args: argparse.Namespace):
+    """Encode a corpus in this process, a block at a time: (ids, float32 vectors, byte offsets, metadata)."""
     import numpy as np
     from tqdm.auto import tqdm
 
-    faiss = _faiss()
     corpus = _corpus_file(args.corpus)
     model = load_model(args.model, args.device)
     _apply_chunk_size(model, args.chunk_size)
-    index = faiss.IndexFlatIP(model.get_embedding_dimension())
-    ids, offsets = [], []
+    ids, offsets, blocks = [], [], []
     with corpus.open("rb") as stream:
         total = sum(1 for line in stream if line.strip())
     documents = iter_corpus(corpus)
     with tqdm(total=total, unit="doc", desc="Indexing", disable=args.no_progress) as bar:
         while block := list(itertools.islice(documents, _INDEX_BLOCK)):
             vectors = _encode(model, [text for _, text, _ in block], "document", args, progress=False)
-            index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+            blocks.append(np.ascontiguousarray(vectors, dtype=np.float32))
             ids += [doc_id for doc_id, _, _ in block]
             offsets += [offset for _, _, offset in block]
             bar.update(len(block))
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    faiss.write_index(index, str(output / INDEX_FILE))
-    (output / IDS_FILE).write_text(json.dumps(ids), encoding="utf-8")
-    np.save(output / OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
+    dimension = model.get_embedding_dimension()
+    vectors = np.concatenate(blocks) if blocks else np.zeros((0, dimension), dtype=np.float32)
     meta = {"model": str(Path(args.model).expanduser().resolve()) if Path(args.model).expanduser().is_dir() else args.model,
-            "corpus": str(corpus.resolve()), "documents": len(ids), "dimension": index.d, "metric": "inner product",
-            "document_prompt": args.prompt}  # fmt: skip
-    (output / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    print(f"indexed {len(ids)} documents from {corpus} into {output}/ ({INDEX_FILE}, {IDS_FILE}, {META_FILE})")
+            "corpus": str(corpus.resolve()), "corpus_format": "jsonl", "document_prompt": args.prompt}  # fmt: skip
+    return ids, vectors, np.asarray(offsets, dtype=np.int64), meta
+
+
+def command_encode_corpus(args: argparse.Namespace) -> int:
+    from st_mamba.scale import CorpusError, ResumeError, encode_corpus, encode_corpus_ray
+    from st_mamba.scale.ray_encode import ray_module
+
+    options = dict(shard_size=args.shard_size, dtype=args.dtype, batch_size=args.batch_size, prompt=args.prompt,
+                   on_bad_line=args.on_bad_line, progress=not args.no_progress)  # fmt: skip
+    if args.ray and args.devices:
+        raise CliError("--devices is for one machine; with --ray, say --workers N and --gpus-per-worker G")
+    try:
+        if args.ray:
+            ray_module().init(address=args.ray_address)  # None: RAY_ADDRESS if set, else a local instance
+            manifest = encode_corpus_ray(args.corpus, args.model, args.output, workers=args.workers,
+                                         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                                         **options)  # fmt: skip
+        else:
+            manifest = encode_corpus(args.corpus, args.model, args.output, devices=args.devices, **options)
+    except (CorpusError, ResumeError, ImportError, OSError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    skipped = f", {len(manifest.skipped_lines)} bad line(s) skipped" if manifest.skipped_lines else ""
+    print(f"wrote {manifest.documents} embeddings ({manifest.dimension}-d {manifest.job['dtype']}) in "
+          f"{len(manifest.shards)} shard(s) to {args.output}/{skipped}; "
+          f"index them with: st-mamba index --shards {args.output} --output INDEX [--kind ivfpq|hnsw]")  # fmt: skip
     return 0
 
 
 def command_search(args: argparse.Namespace) -> int:
     import numpy as np
 
-    faiss = _faiss()
+    from st_mamba.scale.indexes import IndexSettings, apply_search_settings, load_index
+
+    _faiss()
     folder = Path(args.index)
     if not (folder / INDEX_FILE).is_file():
         raise CliError(f"no index at {folder / INDEX_FILE} (build one with st-mamba index)")
-    meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    index, meta = load_index(folder)
+    overrides = {name: getattr(args, name) for name in ("nprobe", "ef_search") if getattr(args, name) is not None}
+    if overrides:
+        apply_search_settings(index, IndexSettings(**{**meta.get("index", {"kind": "flat"}), **overrides}))
     ids = json.loads((folder / IDS_FILE).read_text(encoding="utf-8"))
     offsets = np.load(folder / OFFSETS_FILE)
     if bool(args.queries) == bool(args.queries_file):
@@ -275,10 +352,13 @@ def command_search(args: argparse.Namespace) -> int:
         (list(map(str, range(1, len(args.queries) + 1))), args.queries) if args.queries else read_texts(args.queries_file, "text")
     )  # fmt: skip
     model = load_model(args.model or meta["model"], args.device)
+    if model.get_embedding_dimension() != index.d:
+        raise CliError(
+            f"the model {args.model or meta['model']} makes {model.get_embedding_dimension()}-dimensional embeddings, "
+            f"the index at {folder} holds {index.d}-dimensional ones (built with {meta['model']}): search it with that model"
+        )
     vectors = _encode(model, queries, "query", args, progress=False)
-    scores, rows = faiss.read_index(str(folder / INDEX_FILE)).search(
-        np.ascontiguousarray(vectors, dtype=np.float32), args.top_k
-    )
+    scores, rows = index.search(np.ascontiguousarray(vectors, dtype=np.float32), args.top_k)
     corpus = Path(meta["corpus"])
     run_lines = []
     for query_id, query, query_scores, query_rows in zip(query_ids, queries, scores, rows, strict=True):
@@ -294,13 +374,14 @@ def command_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _document_at(corpus: Path, offset: int) -> str:
+def _document_at(corpus: Path, position: int) -> str:
+    """The text at a byte offset (JSONL) or row (Parquet) of the corpus, as it was encoded."""
+    from st_mamba.scale import Corpus
+
     if not corpus.is_file():
         return "(corpus file moved)"
-    with corpus.open("rb") as stream:
-        stream.seek(offset)
-        row = json.loads(stream.readline())
-    return f"{row.get('title') or ''} {row.get('text', '')}".strip()
+    document = next(Corpus.open(corpus, on_bad_line="skip").documents(position, position + 1), None)
+    return document.text if document is not None else "(corpus file changed)"
 
 
 def _snippet(text: str, width: int = 110) -> str:
@@ -448,7 +529,12 @@ def _short(path: Path, root: Path | None) -> str:
 # --- command line ---------------------------------------------------------------------------------------
 
 
+_INDEX_OPTIONS = ("nlist", "m", "nbits", "nprobe", "refine_factor", "M", "ef_construction", "ef_search")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from st_mamba.scale.indexes import IndexSettings
+
     parser = argparse.ArgumentParser(prog="st-mamba", description="Mamba Retriever embeddings from the command line.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -474,14 +560,66 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(encode)
     encode.set_defaults(run=command_encode)
 
-    index = verbs.add_parser("index", help="build a FAISS flat inner-product index of a JSONL / BEIR corpus")
-    index.add_argument("corpus", help="corpus.jsonl ({_id, title, text} lines) or a BEIR folder holding one")
+    encode_corpus = verbs.add_parser(
+        "encode-corpus", help="embed a corpus into resumable shards (one process, a process pool, or Ray)"
+    )
+    encode_corpus.add_argument("corpus", help="corpus.jsonl / corpus.parquet ({_id, title, text}) or a BEIR folder")
+    encode_corpus.add_argument(
+        "--model", required=True, help="saved st-mamba / Sentence-Transformers folder (or Hub id)"
+    )
+    encode_corpus.add_argument("--output", "-o", required=True, help="shard folder (resumed if it holds this same job)")
+    encode_corpus.add_argument(
+        "--shard-size", type=int, default=10_000, help="documents per shard (default: %(default)s)"
+    )
+    encode_corpus.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                               help="stored embedding type (default: %(default)s)")  # fmt: skip
+    encode_corpus.add_argument(
+        "--batch-size", type=int, default=32, help="texts per forward pass (default: %(default)s)"
+    )
+    encode_corpus.add_argument("--prompt", help="prompt to prepend instead of the model's saved document prompt")
+    encode_corpus.add_argument("--on-bad-line", choices=["fail", "skip"], default="fail",
+                               help="a line without id or text: stop there, or skip it with a counted warning "
+                                    "(default: %(default)s)")  # fmt: skip
+    encode_corpus.add_argument(
+        "--devices", nargs="+", help="one device, or several for a process pool: cuda:0 cuda:1 (or cpu cpu)"
+    )
+    encode_corpus.add_argument("--ray", action="store_true", help="encode on Ray Data, one model actor per worker")
+    encode_corpus.add_argument(
+        "--ray-address", help="with --ray: cluster to join, e.g. auto (default: RAY_ADDRESS, else local)"
+    )
+    encode_corpus.add_argument("--workers", type=int, default=1, help="with --ray: model actors (default: %(default)s)")
+    encode_corpus.add_argument("--gpus-per-worker", type=float, default=0, help="with --ray: GPUs per actor, 1 on GPUs")
+    encode_corpus.add_argument("--cpus-per-worker", type=float, default=1, help="with --ray: CPUs per actor (threads)")
+    encode_corpus.add_argument("--no-progress", action="store_true", help="no progress bar")
+    encode_corpus.set_defaults(run=command_encode_corpus)
+
+    index = verbs.add_parser("index", help="build a FAISS index (exact, IVF-PQ or HNSW) of a corpus or of its shards")
+    index.add_argument("corpus", nargs="?", help="corpus.jsonl ({_id, title, text} lines) or a BEIR folder holding one")
+    index.add_argument("--shards", help="instead of CORPUS: a folder written by st-mamba encode-corpus")
     index.add_argument(
         "--output", "-o", required=True, help="folder for index.faiss, ids.json, offsets.npy, index.json"
     )
+    index.add_argument("--kind", choices=["flat", "ivfpq", "hnsw"], default="flat",
+                       help="flat: exact; ivfpq, hnsw: approximate, recall@10 printed (default: %(default)s)")  # fmt: skip
+    defaults = IndexSettings()
+    index.add_argument("--nlist", type=int, help="ivfpq: k-means cells (default: about sqrt(documents), a power of 2)")
+    index.add_argument(
+        "--m", type=int, help="ivfpq: PQ sub-quantisers, must divide the dimension (default: dimension/8)"
+    )
+    index.add_argument("--nbits", type=int, help=f"ivfpq: bits per PQ code (default: {defaults.nbits})")
+    index.add_argument("--nprobe", type=int, help=f"ivfpq: cells searched per query (default: {defaults.nprobe})")
+    index.add_argument("--refine-factor", type=int,
+                       help=f"ivfpq: candidates re-ranked per result (default: {defaults.refine_factor})")  # fmt: skip
+    index.add_argument("--hnsw-m", type=int, dest="M", help=f"hnsw: links per node (default: {defaults.M})")
+    index.add_argument(
+        "--ef-construction", type=int, help=f"hnsw: build-time list (default: {defaults.ef_construction})"
+    )
+    index.add_argument("--ef-search", type=int, help=f"hnsw: search-time list (default: {defaults.ef_search})")
+    index.add_argument("--recall-queries", type=int, default=1000,
+                       help="corpus vectors used as queries to measure recall@10 (0: skip; default: %(default)s)")  # fmt: skip
     index.add_argument("--chunk-size", type=int, help="st-mamba: read documents longer than this many tokens in chunks")
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_model_options(index)
+    add_model_options(index, required=False)
     index.set_defaults(run=command_index)
 
     search = verbs.add_parser("search", help="query an index built by st-mamba index")
@@ -490,6 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--queries-file", help="plain-text file (one query a line) or JSONL ({_id, text} lines)")
     search.add_argument("--top-k", type=int, default=10, help="results per query (default: %(default)s)")
     search.add_argument("--output", "-o", help="also write a TREC run file here")
+    search.add_argument("--nprobe", type=int, help="ivfpq index: cells searched (default: the one saved with it)")
+    search.add_argument("--ef-search", type=int, help="hnsw index: search-time list (default: the one saved with it)")
     add_model_options(search, required=False)
     search.set_defaults(run=command_search)
 
