@@ -2,7 +2,9 @@
 
 As in Mamba Retriever (Zhang et al., 2024): ``<EOS>`` is appended to every text, the backbone reads
 the text left to right, and the final hidden state at ``<EOS>`` is the text's embedding (the
-pipeline's ``Normalize`` module then makes ``model.similarity`` a cosine).
+pipeline's ``Normalize`` module then makes ``model.similarity`` a cosine). ``pooling="mean"``
+averages the hidden states of the text's tokens and its EOS instead (for models trained from
+scratch, which learn it faster: see docs/distillation.md).
 
 Texts are right-padded with EOS under the attention mask. For a causal model right padding is
 exact: no position before a text's EOS can see the padding after it.
@@ -52,7 +54,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, eos_token_id: int = 0) -> Pr
 
 
 class MambaEncoder(InputModule):
-    """Mamba backbone + EOS pooling, as a Sentence-Transformers input module.
+    """Mamba backbone + EOS (or mean) pooling, as a Sentence-Transformers input module.
 
     Args:
         backbone: the Mamba (or Mamba-2) backbone.
@@ -63,10 +65,13 @@ class MambaEncoder(InputModule):
             each chunk starting from the SSM and convolution states the previous one left, so that
             activation memory stays constant however long the text. The embedding equals the
             one-pass embedding. ``token_embeddings`` are then not returned.
+        pooling: ``"eos"`` (the paper's: the hidden state at EOS) or ``"mean"`` (over the text's
+            tokens and its EOS).
     """
 
     config_file_name = "st_mamba_config.json"
-    config_keys = ["max_seq_length", "chunk_size"]
+    config_keys = ["max_seq_length", "chunk_size", "pooling"]
+    poolings = ("eos", "mean")
 
     def __init__(
         self,
@@ -74,12 +79,16 @@ class MambaEncoder(InputModule):
         tokenizer: PreTrainedTokenizerBase,
         max_seq_length: int | None = 512,
         chunk_size: int | None = None,
+        pooling: str = "eos",
     ) -> None:
         super().__init__()
+        if pooling not in self.poolings:
+            raise ValueError(f"pooling must be one of {self.poolings}, got {pooling!r}")
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
         self.chunk_size = chunk_size
+        self.pooling = pooling
         self.eos_token_id = tokenizer.eos_token_id
 
     @property
@@ -164,50 +173,71 @@ class MambaEncoder(InputModule):
             "packed_positions": keep.flatten().nonzero().squeeze(1),
             "attention_mask": attention_mask,
         }
-        if torch.utils.data.get_worker_info() is None:
+        if torch.utils.data.get_worker_info() is None and torch.device(device).type == "cuda":
             features = {k: v.pin_memory().to(device, non_blocking=True) for k, v in features.items()}
         return features
 
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, features: dict[str, Tensor], **kwargs) -> dict[str, Tensor]:
-        """Adds ``sentence_embedding`` (B, D), the hidden state at each EOS, and ``token_embeddings`` (B, L, D)."""
+        """Adds ``sentence_embedding`` (B, D), the pooled hidden states, and ``token_embeddings`` (B, L, D)."""
         input_ids, attention_mask = features["input_ids"], features["attention_mask"]
         if "cu_seqlens" in features:
             return self._forward_packed(features)
         eos_positions = attention_mask.sum(dim=1) - 1  # (B,): right padding puts EOS last
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         if self.chunk_size is not None and input_ids.shape[1] > self.chunk_size:
-            features["sentence_embedding"] = self._forward_streaming(input_ids, eos_positions)
+            features["sentence_embedding"] = self._forward_streaming(input_ids, attention_mask, eos_positions)
             return features
         hidden = self.backbone(input_ids)  # (B, L, D)
         features["token_embeddings"] = hidden
-        features["sentence_embedding"] = hidden[rows, eos_positions]
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(torch.float32)  # (B, L, 1)
+            mean = (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+            features["sentence_embedding"] = mean.to(hidden.dtype)
+        else:
+            features["sentence_embedding"] = hidden[rows, eos_positions]
         return features
 
     def _forward_packed(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         """The same outputs from a packed batch (see ``_pack``): one pass over T tokens, no padding."""
         cu_seqlens, attention_mask = features["cu_seqlens"], features["attention_mask"]
         hidden = self.backbone(features["input_ids"], cu_seqlens=cu_seqlens)[0]  # (T, D)
-        features["sentence_embedding"] = hidden[cu_seqlens[1:].long() - 1]  # each text's EOS is its last token
+        if self.pooling == "mean":
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (B,)
+            owner = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)  # (T,)
+            sums = hidden.new_zeros(len(lengths), hidden.shape[-1], dtype=torch.float32)
+            sums.index_add_(0, owner, hidden.float())
+            features["sentence_embedding"] = (sums / lengths.clamp(min=1).unsqueeze(1)).to(hidden.dtype)
+        else:
+            features["sentence_embedding"] = hidden[cu_seqlens[1:].long() - 1]  # each text's EOS is its last token
         padded = hidden.new_zeros(attention_mask.numel(), hidden.shape[-1])
         padded.index_copy_(0, features["packed_positions"], hidden)
         features["token_embeddings"] = padded.view(*attention_mask.shape, hidden.shape[-1])  # (B, L_max, D)
         return features
 
-    def _forward_streaming(self, input_ids: Tensor, eos_positions: Tensor) -> Tensor:
-        """Read (B, L) ids ``chunk_size`` tokens at a time; keep only each text's hidden state at EOS."""
+    def _forward_streaming(self, input_ids: Tensor, attention_mask: Tensor, eos_positions: Tensor) -> Tensor:
+        """Read (B, L) ids ``chunk_size`` tokens at a time; keep only what the pooling needs.
+
+        EOS pooling keeps each text's hidden state at its EOS; mean pooling a running (B, D) fp32 sum.
+        """
         state: list[LayerState] | None = None
         embedding = None
         for start in range(0, input_ids.shape[1], self.chunk_size):
             hidden, state = self.backbone(input_ids[:, start : start + self.chunk_size], state, return_state=True)
             if embedding is None:
-                embedding = hidden.new_zeros(input_ids.shape[0], hidden.shape[-1])
+                embedding = hidden.new_zeros(input_ids.shape[0], hidden.shape[-1], dtype=torch.float32)
+            if self.pooling == "mean":
+                mask = attention_mask[:, start : start + hidden.shape[1]].unsqueeze(-1).to(torch.float32)
+                embedding += (hidden.float() * mask).sum(dim=1)
+                continue
             here = (eos_positions >= start) & (eos_positions < start + hidden.shape[1])
             if here.any():
                 rows = here.nonzero().squeeze(1)
-                embedding = embedding.index_put((rows,), hidden[rows, eos_positions[rows] - start])
-        return embedding
+                embedding = embedding.index_put((rows,), hidden[rows, eos_positions[rows] - start].float())
+        if self.pooling == "mean":
+            embedding /= attention_mask.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)
+        return embedding.to(hidden.dtype)
 
     # --- training -----------------------------------------------------------------------------
 

@@ -7,11 +7,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from tests.conftest import GPT_NEOX_DIR, random_texts, tiny_config
 from sentence_transformers import SentenceTransformer
 
 import st_mamba
 from st_mamba import MambaEncoder, TokenizerNotFoundError
+from tests.conftest import GPT_NEOX_DIR, random_texts, tiny_config
 
 
 def encoder_of(model: SentenceTransformer) -> MambaEncoder:
@@ -177,3 +177,41 @@ def test_training_batches_are_never_packed(tiny_model, monkeypatch):
     encoder = encoder_of(tiny_model).train()
     features = encoder.preprocess(["a short text", "a somewhat longer text than the first"])
     assert set(features) == {"input_ids", "attention_mask"} and features["input_ids"].shape[0] == 2
+
+
+# --- mean pooling -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [1, 2], ids=["mamba1", "mamba2"])
+def test_mean_pooling_is_the_masked_mean_on_every_path(tokenizer_dir, version):
+    """Padded, packed and streamed batches all give the mean over each text's tokens and its EOS."""
+    model = st_mamba.from_config(tiny_config(version), tokenizer_dir, seed=0, pooling="mean", device="cpu")
+    enc = encoder_of(model)
+    texts = random_texts(5, seed=4, max_words=50)
+    features = enc.preprocess(texts)
+    ids, mask = features["input_ids"], features["attention_mask"]
+    with torch.no_grad():
+        hidden = enc.backbone(ids)
+        expected = torch.stack([hidden[row, : int(mask[row].sum())].mean(0) for row in range(len(texts))])
+        padded = enc(dict(features))["sentence_embedding"]
+        packed = enc(enc._pack(ids, mask, torch.device("cpu")))["sentence_embedding"]
+        enc.chunk_size = 7
+        streamed = enc(dict(features))["sentence_embedding"]
+    torch.testing.assert_close(padded, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(streamed, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(padded, hidden[torch.arange(len(texts)), mask.sum(1) - 1])  # not the EOS state
+
+
+def test_mean_pooling_survives_save_and_load(tokenizer_dir, tmp_path):
+    model = st_mamba.from_config(tiny_config(1), tokenizer_dir, seed=0, pooling="mean", device="cpu")
+    texts = random_texts(4, seed=5)
+    model.save(str(tmp_path / "m"))
+    loaded = SentenceTransformer(str(tmp_path / "m"), trust_remote_code=True, device="cpu")
+    assert encoder_of(loaded).pooling == "mean"
+    np.testing.assert_array_equal(model.encode(texts), loaded.encode(texts))
+
+
+def test_unknown_pooling_is_refused(tokenizer_dir):
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        st_mamba.from_config(tiny_config(1), tokenizer_dir, pooling="max")

@@ -77,8 +77,17 @@ TRANSFORMER = dict(hidden_size=256, num_hidden_layers=5, num_attention_heads=4, 
 MAX_TRAIN_TOKENS = 8192  # longest text a student reads in training (the corpus builder cuts at this length)
 SAVED_MAX_SEQ_LENGTH = 32768  # what the exported Mamba student reads by default; long texts stream...
 SAVED_CHUNK_SIZE = 2048  # ...in chunks of this many tokens, carrying the state (bounded memory)
-TRAIN_SECONDS = 75  # Mamba student's training time; sets the number of steps for both students
-TRANSFORMER_MAX_SECONDS = 90  # the control stops here if it is slower than the Mamba student
+TRAIN_SECONDS = 170  # Mamba student's training time; sets the number of steps for both students
+TRANSFORMER_MAX_SECONDS = 205  # the control stops here if it is slower than the Mamba student
+# The Mamba student's pooling and initialisation, chosen by short trials at the start of the run: a first
+# GPU run with EOS pooling and mamba_ssm's initialisation learned far slower than the Transformer.
+STUDENT_VARIANTS = {
+    "eos": {"pooling": "eos", "long_memory": False},  # the paper's pooling, mamba_ssm's initialisation
+    "eos-long-memory": {"pooling": "eos", "long_memory": True},  # EOS, decays set for long memory at init
+    "mean": {"pooling": "mean", "long_memory": False},  # mean over the text's tokens and its EOS
+}
+TRIAL_STEPS = 80  # steps each variant trains in the trials (the first batches of the schedule)
+LONG_MEMORY_DT, LONG_MEMORY_A = (1e-4, 1e-2), (1.0, 4.0)  # init ranges of dt and -A for "long_memory"
 WARMUP_STEPS, MEASURED_STEPS = 4, 16  # step time measured over MEASURED_STEPS after WARMUP_STEPS
 MAX_BATCH_TOKENS = 32768  # padded tokens in one batch (a Mamba-2 layer keeps ~100 KB a token for backward)
 MAX_BATCH_TEXTS = 512
@@ -94,7 +103,7 @@ HELD_OUT = 2000  # texts kept out of training, to measure how close students com
 SHARD_BYTES = 16 * 2**20  # most bytes in one checkpoint file...
 HEADER_BYTES = 64 * 2**10  # ...of which this much is kept for the safetensors header (names, shapes, metadata)
 CHECKPOINT_EVERY_SECONDS = 45
-RUN_SECONDS = 310  # no evaluation run starts later than 25 s, and no speed test later than 20 s, before this
+RUN_SECONDS = 520  # no evaluation run starts later than 25 s, and no speed test later than 20 s, before this
 EVAL_BATCH = {"teacher": 256, "mamba": 64, "transformer": 64}
 
 
@@ -165,14 +174,37 @@ def batch_schedule(lengths: np.ndarray, indices: list[int], seed: int):
 
 
 # 3. Students -----------------------------------------------------------------------------------------------
-def build_mamba_student(tokenizer_dir: str | Path, seed: int = SEED, config: dict | None = None) -> SentenceTransformer:
-    """st-mamba encoder (EOS pooling) -> Dense to the teacher's width -> Normalize."""
+def build_mamba_student(
+    tokenizer_dir: str | Path, seed: int = SEED, config: dict | None = None, pooling: str = "eos",
+    long_memory: bool = False,
+) -> SentenceTransformer:  # fmt: skip
+    """st-mamba encoder (EOS or mean pooling) -> Dense to the teacher's width -> Normalize."""
     torch.manual_seed(seed)
-    model = st_mamba.from_config(st_mamba.MambaConfig(**(config or MAMBA)), tokenizer_dir, seed=seed,
+    model = st_mamba.from_config(st_mamba.MambaConfig(**(config or MAMBA)), tokenizer_dir, seed=seed, pooling=pooling,
                                  max_seq_length=MAX_TRAIN_TOKENS, chunk_size=SAVED_CHUNK_SIZE, device="cpu")  # fmt: skip
+    if long_memory:
+        init_long_memory(model[0].backbone, seed)
     width = model[0].get_embedding_dimension()
     return SentenceTransformer(modules=[model[0], Dense(width, TEACHER_DIM, activation_function=None), Normalize()],
                                similarity_fn_name="cosine", device="cpu")  # fmt: skip
+
+
+@torch.no_grad()
+def init_long_memory(backbone: torch.nn.Module, seed: int) -> None:
+    """Re-draw each Mamba-2 head's step size and decay so that the state remembers longer at init.
+
+    mamba_ssm draws dt log-uniformly in [1e-3, 0.1] and -A uniformly in [1, 16]: a head forgets at a
+    rate dt * |A| a token, so most heads start with a memory of a few dozen tokens, and the hidden state
+    at EOS hardly sees the start of a text. Here dt is drawn in ``LONG_MEMORY_DT`` and -A in
+    ``LONG_MEMORY_A``: memories from ~25 to ~10,000 tokens.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    low, high = (float(np.log(v)) for v in LONG_MEMORY_DT)
+    for layer in backbone.layers:
+        mixer = layer.mixer
+        dt = torch.exp(torch.empty(mixer.dt_bias.shape).uniform_(low, high, generator=generator))
+        mixer.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(bias) = dt
+        mixer.A_log.copy_(torch.log(torch.empty(mixer.A_log.shape).uniform_(*LONG_MEMORY_A, generator=generator)))
 
 
 def build_transformer_student(
@@ -451,7 +483,7 @@ def train_student(
         if checkpoint_dir is not None and time.perf_counter() - last_checkpoint > CHECKPOINT_EVERY_SECONDS:
             save_checkpoint(
                 checkpoint_tensors(model, optimizer),
-                {"step": step, "total_steps": total_steps, "config": MAMBA},
+                {"step": step, "total_steps": total_steps, "config": MAMBA, "pooling": model[0].pooling},
                 checkpoint_dir,
             )
             last_checkpoint = time.perf_counter()
@@ -460,7 +492,7 @@ def train_student(
     if checkpoint_dir is not None:
         save_checkpoint(
             checkpoint_tensors(model, optimizer),
-            {"step": step, "total_steps": total_steps, "config": MAMBA},
+            {"step": step, "total_steps": total_steps, "config": MAMBA, "pooling": model[0].pooling},
             checkpoint_dir,
         )
     model.eval()
@@ -483,6 +515,24 @@ def held_out_cosine(
         for index, cosine in zip(batch, cosines, strict=True):
             sums.setdefault(kinds[index], []).append(cosine)
     return {name: round(float(np.mean(values)), 4) for name, values in sorted(sums.items())}
+
+
+def choose_student(
+    tokenizer_dir: Path, data: TrainData, held_out: list[int], kinds: list[str], device: str, log: list
+) -> dict:
+    """Train each of ``STUDENT_VARIANTS`` for ``TRIAL_STEPS`` on the same first batches; pick the best.
+
+    Best = the highest mean over text kinds of the held-out cosine to the teacher's target.
+    """
+    cosines = {}
+    for name, variant in STUDENT_VARIANTS.items():
+        model = build_mamba_student(tokenizer_dir, **variant)
+        train_student(model, "mamba", data, device, TRIAL_STEPS, 0.0, log)
+        cosines[name] = held_out_cosine(model, "mamba", data, held_out, kinds, device)
+        logger.info("trial %s: held-out cosine %s", name, cosines[name])
+        del model
+    chosen = max(cosines, key=lambda name: np.mean(list(cosines[name].values())))
+    return {"steps": TRIAL_STEPS, "held_out_cosine": cosines, "chosen": chosen}
 
 
 # 6. Evaluation ---------------------------------------------------------------------------------------------
@@ -588,8 +638,7 @@ def run_training(work: Path, output: Path, resume: Path | None, smoke: bool = Fa
     pair_rows = read_jsonl_xz(work / "corpus" / "pairs.jsonl.xz")
     texts, kinds = [row["text"] for row in records], [row["kind"] for row in records]
     train, held_out = split_held_out(records, HELD_OUT, SEED)
-    mamba = build_mamba_student(work / "gpt-neox-20b")
-    tokenizer = mamba[0].tokenizer
+    tokenizer = st_mamba.load_tokenizer(work / "gpt-neox-20b", MAMBA["eos_token_id"])
     ids = tokenize(tokenizer, texts, MAX_TRAIN_TOKENS - 1)
     pairs = list(zip(tokenize(tokenizer, [row["query"] for row in pair_rows], MNRL_MAX_TOKENS - 1),
                      tokenize(tokenizer, [row["document"] for row in pair_rows], MNRL_MAX_TOKENS - 1), strict=True))  # fmt: skip
@@ -607,7 +656,16 @@ def run_training(work: Path, output: Path, resume: Path | None, smoke: bool = Fa
     data = TrainData(ids, targets, train, pairs, pad_id=tokenizer.eos_token_id)
     mark("teacher_targets")
 
-    # 4. The Mamba student
+    # 4. The Mamba student: short trials pick its pooling and initialisation, then the full run
+    if resume is not None:
+        variant = next(name for name, v in STUDENT_VARIANTS.items()
+                       if v["pooling"] == load_checkpoint(resume)[1].get("pooling", "eos") and not v["long_memory"])  # fmt: skip
+    else:
+        results["trials"] = choose_student(work / "gpt-neox-20b", data, held_out, kinds, device, results["log"])
+        variant = results["trials"]["chosen"]
+        mark("trials")
+    mamba = build_mamba_student(work / "gpt-neox-20b", **STUDENT_VARIANTS[variant])
+    results["settings"]["student_variant"] = variant
     results["parameters"] = {"mamba": parameter_count(mamba)}
     results["held_out_cosine"] = {
         "mamba@init": held_out_cosine(mamba.to(device), "mamba", data, held_out, kinds, device)
@@ -652,7 +710,7 @@ def run_training(work: Path, output: Path, resume: Path | None, smoke: bool = Fa
 def export(checkpoint: Path, output: Path, tokenizer_dir: Path, card: str | None = None) -> SentenceTransformer:
     """The Mamba student from a checkpoint, saved in fp16 as an st-mamba folder (optionally with a model card)."""
     tensors, meta = load_checkpoint(checkpoint)
-    model = build_mamba_student(tokenizer_dir, config=meta["config"])
+    model = build_mamba_student(tokenizer_dir, config=meta["config"], pooling=meta.get("pooling", "eos"))
     restore(model, None, tensors, meta["step"])
     model.max_seq_length = SAVED_MAX_SEQ_LENGTH
     model.half()

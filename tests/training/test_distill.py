@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.conftest import CORPUS, random_texts
+import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
+
+from tests.conftest import CORPUS, random_texts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,6 +106,19 @@ def test_batches_respect_the_token_and_text_limits():
     assert batches != distill.make_batches(lengths, indices, seed=0, epoch=1)
 
 
+def test_long_memory_init_slows_every_heads_decay(tokenizer_dir):
+    """dt * |A| (a head's forgetting rate per token at init) drops below mamba_ssm's range."""
+    plain = distill.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+    long = distill.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, long_memory=True)
+
+    def rates(model):
+        mixers = [layer.mixer for layer in model[0].backbone.layers]
+        return torch.cat([F.softplus(m.dt_bias) * torch.exp(m.A_log) for m in mixers])
+
+    assert rates(long).max() <= distill.LONG_MEMORY_DT[1] * distill.LONG_MEMORY_A[1] * (1 + 1e-5)
+    assert rates(long).median() < rates(plain).median() / 10
+
+
 def test_checkpoint_shards_round_trip_and_resume_state(tokenizer_dir, tmp_path):
     model = distill.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -187,8 +202,12 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     monkeypatch.setattr(distill, "MNRL_BATCH", 4)
     monkeypatch.setattr(distill, "HELD_OUT", 6)
     monkeypatch.setattr(distill, "TEACHER_DIM", 384)
+    monkeypatch.setattr(distill, "TRIAL_STEPS", 2)
     out = tmp_path / "out"
     results = distill.run_training(work_folder, out, resume=None, smoke=True)
+    assert set(results["trials"]["held_out_cosine"]) == set(distill.STUDENT_VARIANTS)
+    chosen = results["trials"]["chosen"]
+    assert results["settings"]["student_variant"] == chosen
     assert results["train"]["mamba"]["steps"] == results["train"]["mamba"]["planned_steps"] >= 3
     assert results["train"]["transformer"]["steps"] == results["train"]["mamba"]["steps"]
     assert set(results["held_out_cosine"]) == {"mamba@init", "mamba", "transformer"}
@@ -220,6 +239,7 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     distill.export(out, folder, tokenizer_dir, card="# card\n")
     assert (folder / "README.md").read_text() == "# card\n"
     loaded = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
+    assert loaded[0].pooling == distill.STUDENT_VARIANTS[chosen]["pooling"]
     from safetensors.torch import load_file
 
     assert all(t.dtype == torch.float16 for t in load_file(folder / "model.safetensors").values())
