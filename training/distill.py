@@ -7,8 +7,8 @@ embeddings of its consecutive 256-token windows, renormalised. The student learn
 left-to-right pass over the whole text what the teacher can only see in pieces.
 
 Students (same GPT-NeoX-20B tokenizer, same batches, same number of steps, both in fp32 with TF32
-matrix products): a Mamba-2 st-mamba encoder (EOS pooling) and a BERT-shaped Transformer (mean
-pooling), each followed by a Dense layer to the teacher's 384 dimensions and Normalize. Loss: ST's
+matrix products): a Mamba-2 st-mamba encoder (EOS or mean pooling, picked by short trials at the
+start of the run: ``STUDENT_VARIANTS``) and a BERT-shaped Transformer (mean pooling), each followed by a Dense layer to the teacher's 384 dimensions and Normalize. Loss: ST's
 ``MSELoss`` to the targets (times ``MSE_WEIGHT``) plus, every ``MNRL_EVERY`` steps, ST's
 ``MultipleNegativesRankingLoss`` on the real pairs (SciFact train claims and their abstracts).
 Training length is set by time: the Mamba student's step time is measured over its first steps and
@@ -722,6 +722,13 @@ def export(checkpoint: Path, output: Path, tokenizer_dir: Path, card: str | None
     return model
 
 
+POOLING_WORDS = {
+    "eos": "the hidden state at EOS is the embedding (Mamba Retriever)",
+    "eos-long-memory": "the hidden state at EOS is the embedding (Mamba Retriever), long-memory initialisation",
+    "mean": "the mean of the hidden states over the text and its EOS is the embedding",
+}
+
+
 def model_card(results: dict, scores: dict[str, dict], manifest: dict) -> str:
     """The exported model's README.md: what it is, how it was trained, and every score of the run."""
     train = results["train"]["mamba"]
@@ -749,8 +756,8 @@ tags: [sentence-transformers, st-mamba, mamba2, distillation]
 ---
 # st-mamba-distilled
 
-A Mamba-2 retriever (Mamba Retriever recipe: EOS appended, hidden state at EOS, Dense to 384, L2
-normalised, cosine) distilled from all-MiniLM-L6-v2 by `training/distill.py` (docs/distillation.md).
+A Mamba-2 retriever (EOS appended; {POOLING_WORDS[results["settings"].get("student_variant", "eos")]};
+Dense to 384, L2 normalised, cosine) distilled from all-MiniLM-L6-v2 by `training/distill.py` (docs/distillation.md).
 {results["parameters"]["mamba"]["total"]:,} parameters ({results["parameters"]["mamba"]["token_embedding"]:,} of them the
 GPT-NeoX-20B token embedding), fp16. Reads any length in one pass (long texts stream in chunks of
 {SAVED_CHUNK_SIZE} tokens carrying the state).
