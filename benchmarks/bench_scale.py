@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -71,6 +72,7 @@ SHAPES = {
 }
 QUERIES = 1000  # query vectors of the index benchmark
 LATENCY_QUERIES = 100  # of them searched one at a time for the per-query latency
+SWEEPS = {"ivfpq": (16, 32, 48, 64, 128), "hnsw": (64, 128, 256, 512, 1024)}  # nprobe, ef_search also measured
 
 
 # --- 1. encoding ----------------------------------------------------------------------------------------
@@ -117,7 +119,7 @@ def encode_runs(model, model_dir: Path, corpus: Path, warmup: Path, devices: lis
     documents = sum(1 for _ in corpus.open(encoding="utf-8"))
     runs = [("one process", 1)] + [("ST pool", n) for n in workers if n > 1]  # a pool of one is one process
     if not gpu:  # Ray Data on GPUs is for a cluster (docs/scale.md); here its CPU actors run beside the pool
-        if _ray_available():
+        if importlib.util.find_spec("ray") is not None:
             runs += [("Ray Data", n) for n in workers]
         else:
             print("ray is not installed: skipping the Ray Data rows (pip install 'st-mamba[scale]')")
@@ -125,6 +127,8 @@ def encode_runs(model, model_dir: Path, corpus: Path, warmup: Path, devices: lis
     for mode, count in runs:
         device_list = devices[:count] if gpu else ["cpu"] * count
         print(f"encoding: {mode}, {count} worker(s) ({', '.join(device_list)})", flush=True)
+        if mode == "Ray Data":
+            start_ray()  # only now: Ray's idle processes would take CPU from the rows before
         options = dict(mode=mode, model=model, model_dir=model_dir, devices=device_list, batch_size=batch_size,
                        shard_size=shard_size)  # fmt: skip
         startup = run_encoding(warmup, work / f"warmup-{mode}-{count}", **options)
@@ -159,17 +163,15 @@ def run_encoding(
     return time.perf_counter() - started
 
 
-def _ray_available() -> bool:
-    try:
-        import ray
+def start_ray() -> None:
+    """A local Ray instance on this machine's CPUs, bound to 127.0.0.1, quiet."""
+    import ray
+    import ray.data
 
-        if not ray.is_initialized():
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-                     log_to_driver=False, configure_logging=False)  # fmt: skip
-            ray.data.DataContext.get_current().enable_progress_bars = False
-        return True
-    except ImportError:
-        return False
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False, configure_logging=False)  # fmt: skip
+        ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 class _environment:
@@ -195,7 +197,10 @@ class _environment:
 
 def index_runs(count: int, dimension: int) -> list[dict]:
     """Build, query and score flat, IVF-PQ and HNSW indexes over ``count`` synthetic vectors."""
+    from dataclasses import asdict
+
     from st_mamba.scale import IndexSettings, build_index, recall_at_k
+    from st_mamba.scale.indexes import apply_search_settings
     from st_mamba.scale.synthetic import ClusteredEmbeddings
 
     print(f"indexes: generating {count:,} synthetic {dimension}-d vectors", flush=True)
@@ -219,6 +224,14 @@ def index_runs(count: int, dimension: int) -> list[dict]:
         exact = found if exact is None else exact
         if kind == "ivfpq":  # what the PQ codes alone find, before the re-ranking
             unrefined = recall_at_k(index.base_index.search(queries, 10)[1], exact, 10)
+        sweep = []
+        for value in SWEEPS.get(kind, ()):  # search-time settings cost no rebuild
+            name = "nprobe" if kind == "ivfpq" else "ef_search"
+            apply_search_settings(index, IndexSettings(**{**asdict(settings), name: value}))
+            started = time.perf_counter()
+            _, swept = index.search(queries, 10)
+            sweep.append({name: value, "qps": QUERIES / (time.perf_counter() - started),
+                          "recall_at_10": recall_at_k(swept, exact, 10)})  # fmt: skip
         shown = {"flat": {}, "ivfpq": dict(nlist=settings.nlist, m=settings.m, nbits=settings.nbits,
                  nprobe=settings.nprobe, refine_factor=settings.refine_factor),
                  "hnsw": dict(M=settings.M, ef_construction=settings.ef_construction, ef_search=settings.ef_search)}  # fmt: skip
@@ -227,6 +240,7 @@ def index_runs(count: int, dimension: int) -> list[dict]:
             "qps": QUERIES / batch, "ms_per_query": 1000 * float(np.median(latencies)),
             "recall_at_10": recall_at_k(found, exact, 10), "bytes_per_vector": _bytes_per_vector(index, count),
         })  # fmt: skip
+        rows[-1]["sweep"] = sweep
         if kind == "ivfpq":
             rows[-1]["recall_at_10_pq_only"] = unrefined
         print(f"  build {build:.1f} s, {rows[-1]['qps']:,.0f} queries/s, recall@10 {rows[-1]['recall_at_10']:.4f}")
@@ -283,6 +297,10 @@ def render(results: dict) -> str:
         lines.append("")
     if results["indexes"]:
         i = results["indexes"]
+        if "indexes_measured" in results:
+            m = results["indexes_measured"]
+            lines += [f"Indexes measured {m['date']} by `{m['command']}` (load average {m['load_before']:.1f} "
+                      f"before, {m['load_after']:.1f} after).", ""]  # fmt: skip
         lines += [
             f"**Indexes** over {i[0]['vectors']:,} synthetic {i[0]['dimension']}-d unit vectors (float32), "
             f"{QUERIES:,} held-out noisy queries; recall@10 against the flat index; queries/s with all "
@@ -299,6 +317,12 @@ def render(results: dict) -> str:
         pq_only = next((row["recall_at_10_pq_only"] for row in i if "recall_at_10_pq_only" in row), None)
         if pq_only is not None:
             lines.append(f"\nThe IVF-PQ index's PQ codes alone, before re-ranking, reach recall@10 {pq_only:.4f}.")
+        lines += ["", "Search-time settings of the same indexes (no rebuild):", "",
+                  "| index | setting | queries/s | recall@10 |", "|---|---|---|---|"]  # fmt: skip
+        for row in i:
+            for point in row.get("sweep", []):
+                name, value = next((k, v) for k, v in point.items() if k not in ("qps", "recall_at_10"))
+                lines.append(f"| {row['kind']} | {name}={value} | {point['qps']:,.0f} | {point['recall_at_10']:.4f} |")
         lines.append("")
     if results.get("plot"):
         lines += [f"![scale benchmark]({results['plot']})", ""]
@@ -335,9 +359,13 @@ def plot(results: dict, path: Path) -> None:
             ax.tick_params(axis="x", labelsize=8)
         else:
             for row in results["indexes"]:
+                if row.get("sweep"):
+                    points = [(p["recall_at_10"], p["qps"]) for p in row["sweep"]]
+                    ax.plot(*zip(*points, strict=True), marker=".", alpha=0.6, label=f"{row['kind']} sweep")
                 ax.scatter(row["recall_at_10"], row["qps"], s=60)
                 ax.annotate(f"{row['kind']} (build {row['build_s']:.0f} s)", (row["recall_at_10"], row["qps"]),
                             textcoords="offset points", xytext=(6, 4), fontsize=8)  # fmt: skip
+            ax.legend(fontsize=8)
             ax.set_yscale("log")
             ax.set_xlabel("recall@10 against exact")
             ax.set_ylabel("queries / s, batch of 1,000 (log)")
@@ -364,6 +392,7 @@ def main() -> None:
     parser.add_argument("--dimension", type=int, default=384, help="their dimension (default: %(default)s)")
     parser.add_argument("--encode-only", action="store_true", help="skip the index part (no FAISS needed)")
     parser.add_argument("--indexes-only", action="store_true", help="skip the encoding part")
+    parser.add_argument("--indexes-from", type=Path, help="with --encode-only: keep the index results of this JSON")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--update-docs", action="store_true", help=f"write the {SECTION} section of {DOC} and {PLOT}")
     args = parser.parse_args()
@@ -391,8 +420,12 @@ def main() -> None:
             results["encoding"] = encode_runs(model, work / "model", corpus, warmup, args.devices, workers,
                                               batch_size, args.shard_size, work)  # fmt: skip
 
-    # 2. Indexes.
-    if not args.encode_only:
+    # 2. Indexes (or those of an earlier run, with the command and load that measured them).
+    if args.indexes_from:
+        earlier = json.loads(args.indexes_from.read_text())
+        results["indexes"] = earlier["indexes"]
+        results["indexes_measured"] = {k: earlier[k] for k in ("date", "command", "load_before", "load_after")}
+    elif not args.encode_only:
         try:
             import faiss  # noqa: F401
         except ImportError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,6 +87,15 @@ def open_job(
     return manifest, todo
 
 
+def pool_chunk_size(documents: int, processes: int, batch_size: int) -> int:
+    """Texts per task of the process pool for one shard: about four tasks per process, at least a full batch.
+
+    Sentence-Transformers' own default (a tenth of a process's share) suits one large call; on a
+    shard of a few thousand texts it would hand GPUs tasks smaller than one batch.
+    """
+    return max(batch_size, math.ceil(documents / (4 * processes)))
+
+
 def read_shard_documents(corpus: Corpus, shard: ShardSpec) -> list[Document]:
     """The documents of one planned shard, checked against the plan."""
     documents = list(corpus.documents(shard.start, shard.stop, shard.first_line))
@@ -151,6 +161,7 @@ def encode_corpus(
                 embeddings = model.encode_document(
                     [document.text for document in documents], prompt=prompt, batch_size=batch_size,
                     convert_to_numpy=True, show_progress_bar=False, pool=pool,
+                    chunk_size=pool_chunk_size(len(documents), len(devices), batch_size) if pool else None,
                 )  # fmt: skip
                 write_shard(folder, shard.number, [d.id for d in documents], embeddings,
                             [d.position for d in documents], dtype)  # fmt: skip
