@@ -3,8 +3,8 @@
 As in Mamba Retriever (Zhang et al., 2024): ``<EOS>`` is appended to every text, the backbone reads
 the text left to right, and the final hidden state at ``<EOS>`` is the text's embedding (the
 pipeline's ``Normalize`` module then makes ``model.similarity`` a cosine). ``pooling="mean"``
-averages the hidden states of the text's tokens and its EOS instead (for models trained from
-scratch, which learn it faster: see docs/distillation.md).
+averages the hidden states of the text's tokens and its EOS instead (an option for models
+trained from scratch; docs/distillation.md compares the two there).
 
 Texts are right-padded with EOS under the attention mask. For a causal model right padding is
 exact: no position before a text's EOS can see the padding after it.
