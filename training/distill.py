@@ -657,9 +657,9 @@ def run_training(work: Path, output: Path, resume: Path | None, smoke: bool = Fa
     mark("teacher_targets")
 
     # 4. The Mamba student: short trials pick its pooling and initialisation, then the full run
-    if resume is not None:
-        variant = next(name for name, v in STUDENT_VARIANTS.items()
-                       if v["pooling"] == load_checkpoint(resume)[1].get("pooling", "eos") and not v["long_memory"])  # fmt: skip
+    if resume is not None:  # the weights come from the checkpoint: only its pooling matters
+        pooling = load_checkpoint(resume)[1].get("pooling", "eos")
+        variant = next(n for n, v in STUDENT_VARIANTS.items() if v["pooling"] == pooling and not v["long_memory"])
     else:
         results["trials"] = choose_student(work / "gpt-neox-20b", data, held_out, kinds, device, results["log"])
         variant = results["trials"]["chosen"]
