@@ -9,6 +9,9 @@
    compared with the one-process run (max abs difference). The model is a random-weight st-mamba
    (mamba-130m shape on GPU, in bf16; a small shape on CPU, fp32) with the GPT-NeoX tokenizer; the
    texts come from ``--corpus`` or are made of words of this repository's docs.
+   Then the same texts through ``encode_document`` alone (no shards) in one process and in pools of
+   1..N workers, each pool warmed up before its timed call: the fair N-vs-1 comparison, since the
+   start-up of the end-to-end rows is measured on a separate run and only approximately subtracted.
 2. Indexes over ``--vectors`` synthetic embeddings (``st_mamba.scale.synthetic``: a Gaussian
    mixture of 1,024 topics, each varying in its own 24-dimensional subspace, normalised), 384-d
    float32; queries are 1,000 fresh points of the same topics with extra noise. Flat (exact),
@@ -142,6 +145,40 @@ def encode_runs(model, model_dir: Path, corpus: Path, warmup: Path, devices: lis
         })  # fmt: skip
         shutil.rmtree(work / f"{mode}-{count}")
         print(f"  {rows[-1]['docs_per_s']:,.0f} docs/s after {startup:.1f} s of start-up", flush=True)
+    return rows
+
+
+def steady_runs(model, texts: list[str], devices: list[str], workers: list[int], batch_size: int) -> list[dict]:
+    """docs/s of ``encode_document`` alone (no shard files), start-up excluded inside the same run.
+
+    One process, then Sentence-Transformers' pool with 1..N workers: each pool is started, warmed up on
+    a few texts (worker start, model load, Triton compilation), and only then timed on all ``texts``,
+    so that a pool of N is compared with a pool of 1 measured the same way.
+    """
+    gpu = devices[0].startswith("cuda")
+    warmup = texts[: 8 * max(workers)]
+    rows = []
+    model.to(devices[0] if gpu else "cpu")
+    model.encode_document(warmup, batch_size=batch_size, show_progress_bar=False)
+    started = time.perf_counter()
+    model.encode_document(texts, batch_size=batch_size, show_progress_bar=False)
+    rows.append({"mode": "one process", "workers": 1, "devices": devices[:1],
+                 "docs_per_s": len(texts) / (time.perf_counter() - started)})  # fmt: skip
+    for count in workers:
+        device_list = devices[:count] if gpu else ["cpu"] * count
+        print(f"steady encoding: ST pool, {count} worker(s) ({', '.join(device_list)})", flush=True)
+        threads = None if gpu else str(max(1, (os.cpu_count() or 1) // count))  # CPU workers share the cores
+        with _environment(OMP_NUM_THREADS=threads):  # read by the spawned workers' torch
+            pool = model.start_multi_process_pool(device_list)
+        try:
+            options = dict(batch_size=batch_size, show_progress_bar=False, pool=pool)
+            model.encode_document(warmup, chunk_size=max(1, len(warmup) // count), **options)
+            started = time.perf_counter()
+            model.encode_document(texts, chunk_size=max(batch_size, len(texts) // (4 * count)), **options)
+            seconds = time.perf_counter() - started
+        finally:
+            model.stop_multi_process_pool(pool)
+        rows.append({"mode": "ST pool", "workers": count, "devices": device_list, "docs_per_s": len(texts) / seconds})
     return rows
 
 
@@ -295,6 +332,16 @@ def render(results: dict) -> str:
                 f"{row['max_abs_diff']:.2e} |"
             )
         lines.append("")
+    if results.get("steady"):
+        lines += ["**Steady-state encoding** (`encode_document` alone, no shard files; each pool started and "
+                  "warmed up before the timed call):", "",
+                  "| mode | workers | docs/s | speed-up over a pool of 1 |", "|---|---|---|---|"]  # fmt: skip
+        one = next((r["docs_per_s"] for r in results["steady"] if r["mode"] == "ST pool" and r["workers"] == 1), None)
+        for row in results["steady"]:
+            speedup = f"{row['docs_per_s'] / one:.2f}x" if one and row["mode"] == "ST pool" else "-"
+            lines.append(f"| {row['mode']} | {row['workers']} ({', '.join(row['devices'])}) | "
+                         f"{row['docs_per_s']:,.0f} | {speedup} |")  # fmt: skip
+        lines.append("")
     if results["indexes"]:
         i = results["indexes"]
         if "indexes_measured" in results:
@@ -419,6 +466,7 @@ def main() -> None:
             warmup = write_jsonl(texts[: 8 * max(workers)], work / "warmup.jsonl")
             results["encoding"] = encode_runs(model, work / "model", corpus, warmup, args.devices, workers,
                                               batch_size, args.shard_size, work)  # fmt: skip
+            results["steady"] = steady_runs(model, texts, args.devices, workers, batch_size)
 
     # 2. Indexes (or those of an earlier run, with the command and load that measured them).
     if args.indexes_from:
