@@ -26,7 +26,7 @@ import runpy
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -138,33 +138,6 @@ def read_texts(path: str, field: str) -> tuple[list[str], list[str]]:
                 ids.append(str(number))
                 texts.append(line)
     return ids, texts
-
-
-def iter_corpus(path: Path) -> Iterator[tuple[str, str, int]]:
-    """(id, text, byte offset) per document of a BEIR ``corpus.jsonl``: text is ``title + " " + text``, stripped.
-
-    That is the BEIR / MTEB convention, also used by ``st_mamba.evaluation``.
-    """
-    with path.open("rb") as stream:
-        offset = 0
-        for number, raw in enumerate(stream, start=1):
-            start, offset = offset, offset + len(raw)
-            if not raw.strip():
-                continue
-            row = _json_line(raw.decode("utf-8"), str(path), number)
-            doc_id, text = row.get("_id", row.get("id")), row.get("text")
-            if doc_id is None or not isinstance(text, str):
-                raise CliError(f"{path}:{number}: a corpus line needs an _id (or id) and a string text")
-            yield str(doc_id), f"{row.get('title') or ''} {text}".strip(), start
-
-
-def _corpus_file(corpus: str) -> Path:
-    path = Path(corpus).expanduser()
-    if path.is_dir():
-        path = path / "corpus.jsonl"
-    if not path.is_file():
-        raise CliError(f"no corpus at {path} (expected a JSONL file or a BEIR folder holding corpus.jsonl)")
-    return path
 
 
 def _open(path: str):
@@ -281,28 +254,46 @@ def command_index(args: argparse.Namespace) -> int:
 
 
 def _encode_corpus_in_blocks(args: argparse.Namespace):
-    """Encode a corpus in this process, a block at a time: (ids, float32 vectors, byte offsets, metadata)."""
+    """Encode a corpus in this process, a block at a time: (ids, float32 vectors, positions, metadata).
+
+    The corpus is read by ``st_mamba.scale.Corpus`` (JSONL or Parquet, a file or a BEIR folder), as
+    ``encode-corpus`` reads it; a bad line stops with its line number.
+    """
     import numpy as np
     from tqdm.auto import tqdm
 
-    corpus = _corpus_file(args.corpus)
+    from st_mamba.scale import Corpus, CorpusError
+    from st_mamba.scale.corpus import report_bad_lines
+
+    try:
+        corpus = Corpus.open(args.corpus, args.on_bad_line)
+    except CorpusError as exc:
+        raise CliError(str(exc)) from None
     model = load_model(args.model, args.device)
     _apply_chunk_size(model, args.chunk_size)
     ids, offsets, blocks = [], [], []
-    with corpus.open("rb") as stream:
-        total = sum(1 for line in stream if line.strip())
-    documents = iter_corpus(corpus)
+    if corpus.format == "jsonl":
+        with corpus.path.open("rb") as stream:
+            total = sum(1 for line in stream if line.strip())
+    else:
+        total = corpus.end()
+    bad_lines: list[int] = []
+    documents = corpus.documents(bad_lines=bad_lines)
     with tqdm(total=total, unit="doc", desc="Indexing", disable=args.no_progress) as bar:
-        while block := list(itertools.islice(documents, _INDEX_BLOCK)):
-            vectors = _encode(model, [text for _, text, _ in block], "document", args, progress=False)
-            blocks.append(np.ascontiguousarray(vectors, dtype=np.float32))
-            ids += [doc_id for doc_id, _, _ in block]
-            offsets += [offset for _, _, offset in block]
-            bar.update(len(block))
+        try:
+            while block := list(itertools.islice(documents, _INDEX_BLOCK)):
+                vectors = _encode(model, [document.text for document in block], "document", args, progress=False)
+                blocks.append(np.ascontiguousarray(vectors, dtype=np.float32))
+                ids += [document.id for document in block]
+                offsets += [document.position for document in block]
+                bar.update(len(block))
+        except CorpusError as exc:
+            raise CliError(str(exc)) from None
+    report_bad_lines(corpus, bad_lines)
     dimension = model.get_embedding_dimension()
     vectors = np.concatenate(blocks) if blocks else np.zeros((0, dimension), dtype=np.float32)
     meta = {"model": str(Path(args.model).expanduser().resolve()) if Path(args.model).expanduser().is_dir() else args.model,
-            "corpus": str(corpus.resolve()), "corpus_format": "jsonl", "document_prompt": args.prompt}  # fmt: skip
+            "corpus": str(corpus.path), "corpus_format": corpus.format, "document_prompt": args.prompt}  # fmt: skip
     return ids, vectors, np.asarray(offsets, dtype=np.int64), meta
 
 
@@ -594,8 +585,11 @@ def build_parser() -> argparse.ArgumentParser:
     encode_corpus.set_defaults(run=command_encode_corpus)
 
     index = verbs.add_parser("index", help="build a FAISS index (exact, IVF-PQ or HNSW) of a corpus or of its shards")
-    index.add_argument("corpus", nargs="?", help="corpus.jsonl ({_id, title, text} lines) or a BEIR folder holding one")
+    index.add_argument("corpus", nargs="?", help="corpus.jsonl / corpus.parquet ({_id, title, text}) or a BEIR folder")
     index.add_argument("--shards", help="instead of CORPUS: a folder written by st-mamba encode-corpus")
+    index.add_argument("--on-bad-line", choices=["fail", "skip"], default="fail",
+                       help="CORPUS: a line without id or text stops the build, or is skipped with a counted "
+                            "warning (default: %(default)s)")  # fmt: skip
     index.add_argument(
         "--output", "-o", required=True, help="folder for index.faiss, ids.json, offsets.npy, index.json"
     )

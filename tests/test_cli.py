@@ -155,6 +155,18 @@ def test_index_then_search_matches_exact_cosine_ranking(model_dir, model, corpus
     assert f"  1. {scores.max():7.4f}  {expected[0]}" in out
 
 
+def test_index_names_a_bad_corpus_line_or_skips_it_on_request(model_dir, tmp_path, capsys, caplog):
+    pytest.importorskip("faiss")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"_id": "a", "text": "one"}\n{"text": "no id"}\n{"_id": "c", "text": "three"}\n')
+    argv = ["index", str(corpus), "--model", str(model_dir), "--no-progress"]
+    assert cli.main([*argv, "-o", str(tmp_path / "fail")]) == 1
+    assert f"{corpus}:2: no _id (or id)" in capsys.readouterr().err
+    assert cli.main([*argv, "-o", str(tmp_path / "skip"), "--on-bad-line", "skip"]) == 0
+    assert json.loads((tmp_path / "skip" / cli.IDS_FILE).read_text()) == ["a", "c"]
+    assert "skipped 1 bad line(s)" in caplog.text
+
+
 # --- delegations ----------------------------------------------------------------------------------
 
 

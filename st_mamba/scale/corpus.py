@@ -184,10 +184,16 @@ def plan_shards(corpus: Corpus, shard_size: int, progress: bool = True) -> tuple
             bar.update()
     if count:
         shards.append(ShardSpec(len(shards), first.position, corpus.end(), count, first.line))
-    if bad_lines:
-        named = ", ".join(map(str, bad_lines[:_REPORTED_LINES])) + (", ..." if len(bad_lines) > _REPORTED_LINES else "")
-        logger.warning(
-            "skipped %d bad line(s) of %s (no id, no string text, or not a JSON object): line(s) %s",
-            len(bad_lines), corpus.path, named,
-        )  # fmt: skip
+    report_bad_lines(corpus, bad_lines)
     return shards, bad_lines
+
+
+def report_bad_lines(corpus: Corpus, bad_lines: list[int]) -> None:
+    """One warning that counts the skipped lines and names the first ``_REPORTED_LINES`` of them."""
+    if not bad_lines:
+        return
+    named = ", ".join(map(str, bad_lines[:_REPORTED_LINES])) + (", ..." if len(bad_lines) > _REPORTED_LINES else "")
+    logger.warning(
+        "skipped %d bad line(s) of %s (no id, no string text, or not a JSON object): line(s) %s",
+        len(bad_lines), corpus.path, named,
+    )  # fmt: skip
