@@ -109,11 +109,12 @@ def demo_model(model: str | None = None, tokenizer: str | None = None) -> tuple[
 def _apply_chunk_size(model: SentenceTransformer, chunk_size: int | None) -> None:
     if chunk_size is None:
         return
-    from st_mamba import MambaEncoder
+    from st_mamba.loading import set_chunk_size
 
-    if not isinstance(model[0], MambaEncoder):
-        raise CliError(f"--chunk-size is an st-mamba option; this model starts with {type(model[0]).__name__}")
-    model[0].chunk_size = chunk_size
+    try:
+        set_chunk_size(model, chunk_size, "--chunk-size")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 # --- reading texts -------------------------------------------------------------------------------------

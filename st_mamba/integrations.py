@@ -20,8 +20,7 @@ from typing import Any, Literal
 from sentence_transformers import SentenceTransformer
 
 from st_mamba.async_batching import QueryBatcher
-from st_mamba.loading import load_model
-from st_mamba.module import MambaEncoder
+from st_mamba.loading import load_model, set_chunk_size
 
 Role = Literal["query", "document"]
 
@@ -73,10 +72,7 @@ def load_client(
         single_device = None if isinstance(device, list) else device  # a list: worker processes, one each
         client = load_model(model, single_device, trust_remote_code, model_kwargs)
     if chunk_size is not None:
-        first = client[0]
-        if not isinstance(first, MambaEncoder):
-            raise ValueError(f"chunk_size is an st-mamba option; this model starts with {type(first).__name__}")
-        first.chunk_size = chunk_size
+        set_chunk_size(client, chunk_size)
     return client
 
 

@@ -29,7 +29,21 @@ def is_st_mamba_folder(folder: Path) -> bool:
         return False
     types = [module.get("type", "") for module in json.loads(modules.read_text(encoding="utf-8"))]
     installed = [kind for kind in types if kind in INSTALLED_CLASSES]
-    return bool(installed) and all(kind in INSTALLED_CLASSES or kind.startswith("sentence_transformers.") for kind in types)
+    return bool(installed) and all(
+        kind in INSTALLED_CLASSES or kind.startswith("sentence_transformers.") for kind in types
+    )
+
+
+def set_chunk_size(model: SentenceTransformer, chunk_size: int, option: str = "chunk_size") -> None:
+    """Make the model's MambaEncoder read long texts ``chunk_size`` tokens at a time (constant memory).
+
+    Raises:
+        ValueError: the model does not start with a MambaEncoder; ``option`` names the setting in the message.
+    """
+    first = model[0]
+    if not isinstance(first, MambaEncoder):
+        raise ValueError(f"{option} is an st-mamba option; this model starts with {type(first).__name__}")
+    first.chunk_size = chunk_size
 
 
 def load_model(

@@ -29,6 +29,7 @@ from sentence_transformers.sentence_transformer.training_args import BatchSample
 
 import st_mamba
 from st_mamba.evaluation.beir import load_beir
+from st_mamba.loading import set_chunk_size
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +120,7 @@ def load_retriever(args: argparse.Namespace, default_max_seq_length: int) -> Sen
         max_seq_length = args.max_seq_length or default_max_seq_length
         model = st_mamba.from_backbone(args.backbone, max_seq_length=max_seq_length, prompts=prompts)
     if args.chunk_size is not None:
-        if not isinstance(model[0], st_mamba.MambaEncoder):
-            raise ValueError(f"--chunk-size is an st-mamba option; this model starts with {type(model[0]).__name__}")
-        model[0].chunk_size = args.chunk_size
+        set_chunk_size(model, args.chunk_size, "--chunk-size")
     if args.gradient_checkpointing:
         # Enabled here rather than with TrainingArguments(gradient_checkpointing=True): transformers 5.17's
         # Trainer passes `every_n_layers` to SentenceTransformer.gradient_checkpointing_enable (ST 6.0.1),
