@@ -29,7 +29,7 @@ from sentence_transformers.sentence_transformer.training_args import BatchSample
 
 import st_mamba
 from st_mamba.evaluation.beir import load_beir
-from st_mamba.loading import set_chunk_size
+from st_mamba.loading import load_model, set_chunk_size
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +46,16 @@ Retrieval = tuple[dict[str, str], dict[str, str], dict[str, set[str]]]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, backbone: str) -> None:
-    """--backbone / --model, the prompts of a new retriever, and --chunk-size."""
+    """--backbone / --model (and --trust-remote-code), the prompts of a new retriever, and --chunk-size."""
     base = parser.add_mutually_exclusive_group()
     base.add_argument("--backbone", default=backbone, help="Mamba LM (Hub id or folder) to make into a retriever")
     base.add_argument("--model", default=None, help="existing Sentence-Transformers model to train further instead")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="--model: allow module code other than st-mamba's and Sentence-Transformers' (a saved st-mamba "
+        "folder needs no flag)",
+    )
     parser.add_argument("--query-prompt", default=PROMPTS["query"], help="new Mamba retriever's query prefix")
     parser.add_argument("--document-prompt", default=PROMPTS["document"], help="new Mamba retriever's document prefix")
     parser.add_argument(
@@ -112,7 +118,7 @@ def load_retriever(args: argparse.Namespace, default_max_seq_length: int) -> Sen
     tokens per text; gradient checkpointing is switched on unless ``--no-gradient-checkpointing``.
     """
     if args.model is not None:
-        model = SentenceTransformer(args.model, trust_remote_code=True)
+        model = load_model(args.model, trust_remote_code=args.trust_remote_code)
         if args.max_seq_length is not None:
             model.max_seq_length = args.max_seq_length
     else:
