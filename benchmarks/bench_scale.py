@@ -148,6 +148,11 @@ def encode_runs(model, model_dir: Path, corpus: Path, warmup: Path, devices: lis
     return rows
 
 
+def threads_per_worker(workers: int) -> int:
+    """CPU workers share the cores: each gets its share of threads."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def steady_runs(model, texts: list[str], devices: list[str], workers: list[int], batch_size: int) -> list[dict]:
     """docs/s of ``encode_document`` alone (no shard files), start-up excluded inside the same run.
 
@@ -167,7 +172,7 @@ def steady_runs(model, texts: list[str], devices: list[str], workers: list[int],
     for count in workers:
         device_list = devices[:count] if gpu else ["cpu"] * count
         print(f"steady encoding: ST pool, {count} worker(s) ({', '.join(device_list)})", flush=True)
-        threads = None if gpu else str(max(1, (os.cpu_count() or 1) // count))  # CPU workers share the cores
+        threads = None if gpu else str(threads_per_worker(count))
         with _environment(OMP_NUM_THREADS=threads):  # read by the spawned workers' torch
             pool = model.start_multi_process_pool(device_list)
         try:
@@ -188,7 +193,7 @@ def run_encoding(
     """Seconds to encode ``corpus`` into shards under ``out``: one process, ST pool over ``devices``, or Ray Data."""
     started = time.perf_counter()
     options = dict(shard_size=shard_size, dtype="float32", batch_size=batch_size, progress=False)
-    threads = max(1, (os.cpu_count() or 1) // len(devices))  # CPU workers share the cores
+    threads = threads_per_worker(len(devices))
     if mode == "one process":
         encode_corpus(corpus, model, out, devices=devices, **options)
     elif mode == "ST pool":
