@@ -269,3 +269,36 @@ def test_causal_conv1d_packed_matches_per_sequence_reference(lengths, dtype, wit
         return triton_ops.causal_conv1d_triton(*t, return_final_state=True, cu_seqlens=cu_seqlens)
 
     _check_conv(fast, ref, inputs, dtype, seed=n)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="counts compiled kernels, which the interpreter does not make")
+def test_batches_of_new_shapes_reuse_the_compiled_kernels():
+    """Training-like batches of many (rows, length) shapes compile nothing after two warm-up shapes.
+
+    Triton specialises on integer arguments (== 1, divisible by 16) unless told not to; a compile
+    per new combination stalled training for seconds every few steps.
+    """
+    from st_mamba import MambaBackbone, MambaConfig
+
+    kernels = [triton_ops._scan_fwd_kernel, triton_ops._scan_bwd_kernel, triton_ops._conv_fwd_kernel,
+               triton_ops._conv_bwd_pre_kernel, triton_ops._conv_bwd_input_kernel]  # fmt: skip
+    torch.manual_seed(0)
+    backbone = MambaBackbone(MambaConfig(d_model=32, n_layer=2, version=1, d_state=8, vocab_size=100))
+    backbone.reset_parameters(seed=0).to(DEVICE)
+
+    def step(rows: int, length: int) -> None:
+        backbone(torch.randint(0, 100, (rows, length), device=DEVICE)).float().pow(2).mean().backward()
+
+    def compiled() -> list[int]:
+        device = torch.cuda.current_device()
+        return [len(kernel.device_caches[device][0]) if device in kernel.device_caches else 0 for kernel in kernels]
+
+    for rows, length in ((3, 40), (2, 300)):  # whole sequences, and sequences cut into chunks (> 256 tokens)
+        step(rows, length)
+    warm = compiled()
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        step(
+            int(torch.randint(1, 33, (1,), generator=generator)), int(torch.randint(5, 600, (1,), generator=generator))
+        )
+    assert compiled() == warm, f"kernels compiled per shape: {warm} after warm-up, {compiled()} after 12 new shapes"
