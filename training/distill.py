@@ -71,24 +71,32 @@ logger = logging.getLogger("distill")
 SEED = 0
 TEACHER_WINDOW = 256  # the teacher's max_seq_length: 254 word pieces + [CLS] + [SEP]
 TEACHER_DIM = 384
-MAMBA = dict(d_model=256, n_layer=12, version=2, d_state=64, headdim=64, expand=2, vocab_size=50280, eos_token_id=0)
+MAMBA2 = dict(d_model=256, n_layer=12, version=2, d_state=64, headdim=64, expand=2, vocab_size=50280, eos_token_id=0)
+MAMBA1 = dict(d_model=256, n_layer=12, version=1, d_state=16, expand=2, vocab_size=50280, eos_token_id=0)
 TRANSFORMER = dict(hidden_size=256, num_hidden_layers=5, num_attention_heads=4, intermediate_size=1024,
                    max_position_embeddings=8192, vocab_size=50280)  # fmt: skip
 MAX_TRAIN_TOKENS = 8192  # longest text a student reads in training (the corpus builder cuts at this length)
 SAVED_MAX_SEQ_LENGTH = 32768  # what the exported Mamba student reads by default; long texts stream...
 SAVED_CHUNK_SIZE = 2048  # ...in chunks of this many tokens, carrying the state (bounded memory)
-TRAIN_SECONDS = 170  # Mamba student's training time; sets the number of steps for both students
-TRANSFORMER_MAX_SECONDS = 205  # the control stops here if it is slower than the Mamba student
-# The Mamba student's pooling and initialisation, chosen by short trials at the start of the run: a first
-# GPU run with EOS pooling and mamba_ssm's initialisation learned far slower than the Transformer.
+TRAIN_SECONDS = 200  # Mamba student's training time; its steps are the Transformer's
+TRANSFORMER_MAX_SECONDS = 150  # the control stops here if it is slower than the Mamba student
+# Mamba students that `sweep` compares, each trained for the same time (SWEEP_SECONDS) on the same first
+# batches; `train` trains STUDENT, the sweep's best (docs/distillation.md has the sweep's numbers).
+# Keys: the backbone config, the pooling, and optionally the peak learning rate and the token embedding's
+# initial standard deviation (mamba_ssm's 0.02 makes the token a few percent of the residual stream
+# after 12 layers; 1.0 keeps it dominant, as BERT's LayerNorm on its embeddings does).
 STUDENT_VARIANTS = {
-    "eos": {"pooling": "eos", "long_memory": False},  # the paper's pooling, mamba_ssm's initialisation
-    "eos-long-memory": {"pooling": "eos", "long_memory": True},  # EOS, decays set for long memory at init
-    "mean": {"pooling": "mean", "long_memory": False},  # mean over the text's tokens and its EOS
+    "mamba2-eos": {"config": MAMBA2, "pooling": "eos"},  # the two GPU runs of the first session
+    "mamba2-mean": {"config": MAMBA2, "pooling": "mean"},
+    "mamba1-eos": {"config": MAMBA1, "pooling": "eos"},  # the paper's backbone and pooling
+    "mamba1-mean": {"config": MAMBA1, "pooling": "mean"},
+    "mamba1-eos-lr3e-3": {"config": MAMBA1, "pooling": "eos", "learning_rate": 3e-3},
+    "mamba1-eos-unit-embedding": {"config": MAMBA1, "pooling": "eos", "embedding_std": 1.0},
+    "mamba1-mean-unit-embedding": {"config": MAMBA1, "pooling": "mean", "embedding_std": 1.0},
 }
-TRIAL_STEPS = 80  # steps each variant trains in the trials (the first batches of the schedule)
-LONG_MEMORY_DT, LONG_MEMORY_A = (1e-4, 1e-2), (1.0, 4.0)  # init ranges of dt and -A for "long_memory"
-WARMUP_STEPS, MEASURED_STEPS = 4, 16  # step time measured over MEASURED_STEPS after WARMUP_STEPS
+STUDENT = "mamba1-mean"
+SWEEP_SECONDS = 40
+EOS_ID = 0  # GPT-NeoX's <|endoftext|>: the EOS appended to every text, and the padding
 MAX_BATCH_TOKENS = 32768  # padded tokens in one batch (a Mamba-2 layer keeps ~100 KB a token for backward)
 MAX_BATCH_TEXTS = 512
 POOL_BATCHES = 64  # batches are cut from pools of texts sorted by length (little padding, random order)
@@ -176,35 +184,24 @@ def batch_schedule(lengths: np.ndarray, indices: list[int], seed: int):
 # 3. Students -----------------------------------------------------------------------------------------------
 def build_mamba_student(
     tokenizer_dir: str | Path, seed: int = SEED, config: dict | None = None, pooling: str = "eos",
-    long_memory: bool = False,
+    embedding_std: float | None = None, **_: object,
 ) -> SentenceTransformer:  # fmt: skip
-    """st-mamba encoder (EOS or mean pooling) -> Dense to the teacher's width -> Normalize."""
+    """st-mamba encoder (EOS or mean pooling) -> Dense to the teacher's width -> Normalize.
+
+    ``config`` defaults to ``STUDENT``'s; ``embedding_std`` re-draws the token embedding with that
+    standard deviation. Other keys of a ``STUDENT_VARIANTS`` entry (the learning rate) are ignored here.
+    """
+    settings = config or STUDENT_VARIANTS[STUDENT]["config"]
     torch.manual_seed(seed)
-    model = st_mamba.from_config(st_mamba.MambaConfig(**(config or MAMBA)), tokenizer_dir, seed=seed, pooling=pooling,
+    model = st_mamba.from_config(st_mamba.MambaConfig(**settings), tokenizer_dir, seed=seed, pooling=pooling,
                                  max_seq_length=MAX_TRAIN_TOKENS, chunk_size=SAVED_CHUNK_SIZE, device="cpu")  # fmt: skip
-    if long_memory:
-        init_long_memory(model[0].backbone, seed)
+    if embedding_std is not None:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            torch.nn.init.normal_(model[0].backbone.embeddings.weight, std=embedding_std, generator=generator)
     width = model[0].get_embedding_dimension()
     return SentenceTransformer(modules=[model[0], Dense(width, TEACHER_DIM, activation_function=None), Normalize()],
                                similarity_fn_name="cosine", device="cpu")  # fmt: skip
-
-
-@torch.no_grad()
-def init_long_memory(backbone: torch.nn.Module, seed: int) -> None:
-    """Re-draw each Mamba-2 head's step size and decay so that the state remembers longer at init.
-
-    mamba_ssm draws dt log-uniformly in [1e-3, 0.1] and -A uniformly in [1, 16]: a head forgets at a
-    rate dt * |A| a token, so most heads start with a memory of a few dozen tokens, and the hidden state
-    at EOS hardly sees the start of a text. Here dt is drawn in ``LONG_MEMORY_DT`` and -A in
-    ``LONG_MEMORY_A``: memories from ~25 to ~10,000 tokens.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    low, high = (float(np.log(v)) for v in LONG_MEMORY_DT)
-    for layer in backbone.layers:
-        mixer = layer.mixer
-        dt = torch.exp(torch.empty(mixer.dt_bias.shape).uniform_(low, high, generator=generator))
-        mixer.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(bias) = dt
-        mixer.A_log.copy_(torch.log(torch.empty(mixer.A_log.shape).uniform_(*LONG_MEMORY_A, generator=generator)))
 
 
 def build_transformer_student(
@@ -387,11 +384,9 @@ class TrainData:
     pad_id: int  # EOS of GPT-NeoX (also the Transformer's pad)
 
 
-def learning_rate(step: int, total: int) -> float:
-    warmup = max(1, int(WARMUP_SHARE * total))
-    if step < warmup:
-        return LEARNING_RATE * (step + 1) / warmup
-    return LEARNING_RATE * max(0.0, (total - step) / max(1, total - warmup))
+def learning_rate(progress: float, peak: float = LEARNING_RATE) -> float:
+    """Linear warm-up to ``peak`` over the first ``WARMUP_SHARE`` of training, then linear decay to 0 at the end."""
+    return peak * max(0.0, min(1.0, (progress + 1e-3) / WARMUP_SHARE, (1.0 - progress) / (1.0 - WARMUP_SHARE)))
 
 
 def mnrl_batch(
@@ -417,25 +412,32 @@ def train_student(
     log: list,
     checkpoint_dir: Path | None = None,
     resume: Path | None = None,
+    peak_learning_rate: float = LEARNING_RATE,
+    checkpoint_meta: dict | None = None,
 ) -> dict:
-    """Train for ``total_steps`` (None: measure the step time first and fix the steps to fill ``seconds``)."""
+    """Train for ``total_steps``, or with ``total_steps=None`` for ``seconds`` of wall time.
+
+    The learning rate follows the share of training done: of the steps, or of the seconds, so that
+    a stall (Triton compiling a kernel the first time it meets a shape) costs steps, not the schedule.
+    ``checkpoint_meta`` (the student's config and pooling) goes into the checkpoints with the progress.
+    """
     model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=LEARNING_RATE, betas=(0.9, 0.98), eps=1e-6)  # fmt: skip
+                                  lr=peak_learning_rate, betas=(0.9, 0.98), eps=1e-6)  # fmt: skip
     mse, mnrl = MSELoss(model), MultipleNegativesRankingLoss(model)
-    first_step = 0
+    first_step, seconds_before = 0, 0.0
     if resume is not None:
         tensors, meta = load_checkpoint(resume)
         first_step, total_steps = meta["step"], meta["total_steps"]
+        seconds, seconds_before = meta.get("seconds", seconds), meta.get("trained_seconds", 0.0)
         restore(model, optimizer, tensors, first_step)
     lengths = np.array([min(len(row) + 1, MAX_TRAIN_TOKENS) for row in data.ids])  # the same batches for both students
     stream = batch_schedule(lengths, data.train, SEED)
     rng = random.Random(SEED + 1)
     start = time.perf_counter()
     last_checkpoint = start
-    measured_from = None
     tokens = 0
     step = first_step
     for _ in range(first_step):  # resume: skip the batches already seen, and the MNRL draws
@@ -443,19 +445,21 @@ def train_student(
     for done in range(first_step):
         if done % MNRL_EVERY == MNRL_EVERY - 1:
             mnrl_batch(data.pairs, rng)
-    while total_steps is None or step < total_steps:
+
+    def progress() -> float:
+        if total_steps is None:
+            return (seconds_before + time.perf_counter() - start) / seconds
+        return step / total_steps
+
+    def save() -> None:
+        meta = {"step": step, "total_steps": total_steps, "seconds": seconds,
+                "trained_seconds": round(seconds_before + time.perf_counter() - start, 2), **(checkpoint_meta or {})}  # fmt: skip
+        save_checkpoint(checkpoint_tensors(model, optimizer), meta, checkpoint_dir)
+
+    while (done := progress()) < 1.0:
         epoch, batch = next(stream)
-        if total_steps is None and step == WARMUP_STEPS:
-            _synchronize(device)
-            measured_from = time.perf_counter()
-        if total_steps is None and step == WARMUP_STEPS + MEASURED_STEPS:
-            _synchronize(device)
-            per_step = (time.perf_counter() - measured_from) / MEASURED_STEPS
-            total_steps = max(step + 1, int((seconds - (measured_from - start)) / per_step) + WARMUP_STEPS)
-            logger.info("%s: %.3f s/step -> %d steps", kind, per_step, total_steps)
-        planned = total_steps or int(seconds / 0.05)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, planned)
+            group["lr"] = learning_rate(done, peak_learning_rate)
         features = _to(collate([data.ids[i] for i in batch], kind, data.pad_id, model.max_seq_length), device)
         labels = data.targets[batch].to(device)
         optimizer.zero_grad(set_to_none=True)
@@ -468,7 +472,7 @@ def train_student(
             (MNRL_WEIGHT * loss_mnrl).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         optimizer.step()
-        tokens += int(features["attention_mask"].sum())
+        tokens += int(features["attention_mask"].sum())  # (a host sync: the clock above sees finished steps)
         step += 1
         if step % 10 == 0 or step == total_steps:
             entry = {"model": kind, "step": step, "epoch": epoch, "seconds": round(time.perf_counter() - start, 2),
@@ -481,22 +485,14 @@ def train_student(
             logger.warning("transformer: stopped at step %d of %d (%.0f s)", step, total_steps, elapsed)
             break
         if checkpoint_dir is not None and time.perf_counter() - last_checkpoint > CHECKPOINT_EVERY_SECONDS:
-            save_checkpoint(
-                checkpoint_tensors(model, optimizer),
-                {"step": step, "total_steps": total_steps, "config": MAMBA, "pooling": model[0].pooling},
-                checkpoint_dir,
-            )
+            save()
             last_checkpoint = time.perf_counter()
     _synchronize(device)
     elapsed = time.perf_counter() - start
     if checkpoint_dir is not None:
-        save_checkpoint(
-            checkpoint_tensors(model, optimizer),
-            {"step": step, "total_steps": total_steps, "config": MAMBA, "pooling": model[0].pooling},
-            checkpoint_dir,
-        )
+        save()
     model.eval()
-    return {"steps": step, "planned_steps": total_steps, "seconds": round(elapsed, 1), "tokens": tokens,
+    return {"steps": step, "planned_steps": total_steps or step, "seconds": round(elapsed, 1), "tokens": tokens,
             "tokens_per_second": round(tokens / max(elapsed, 1e-9))}  # fmt: skip
 
 
@@ -515,24 +511,6 @@ def held_out_cosine(
         for index, cosine in zip(batch, cosines, strict=True):
             sums.setdefault(kinds[index], []).append(cosine)
     return {name: round(float(np.mean(values)), 4) for name, values in sorted(sums.items())}
-
-
-def choose_student(
-    tokenizer_dir: Path, data: TrainData, held_out: list[int], kinds: list[str], device: str, log: list
-) -> dict:
-    """Train each of ``STUDENT_VARIANTS`` for ``TRIAL_STEPS`` on the same first batches; pick the best.
-
-    Best = the highest mean over text kinds of the held-out cosine to the teacher's target.
-    """
-    cosines = {}
-    for name, variant in STUDENT_VARIANTS.items():
-        model = build_mamba_student(tokenizer_dir, **variant)
-        train_student(model, "mamba", data, device, TRIAL_STEPS, 0.0, log)
-        cosines[name] = held_out_cosine(model, "mamba", data, held_out, kinds, device)
-        logger.info("trial %s: held-out cosine %s", name, cosines[name])
-        del model
-    chosen = max(cosines, key=lambda name: np.mean(list(cosines[name].values())))
-    return {"steps": TRIAL_STEPS, "held_out_cosine": cosines, "chosen": chosen}
 
 
 # 6. Evaluation ---------------------------------------------------------------------------------------------
@@ -602,7 +580,8 @@ def encoding_speed(
             encode_documents(model, texts, encoding, batch, show_progress=False)
             _synchronize(device)
             seconds = time.perf_counter() - started
-            rows.append({"device": device, "tokens": length, "model": label, "texts": len(texts),
+            where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+            rows.append({"device": where, "tokens": length, "model": label, "texts": len(texts),
                          "texts_per_second": round(len(texts) / seconds, 2),
                          "tokens_per_second": round(len(texts) * length / seconds)})  # fmt: skip
             logger.info("%s", rows[-1])
@@ -610,41 +589,55 @@ def encoding_speed(
 
 
 # 7. The GPU run --------------------------------------------------------------------------------------------
-def run_training(work: Path, output: Path, resume: Path | None, smoke: bool = False) -> dict:
-    """Steps 2-6 on the best device: targets, both students, evaluation, speed; writes results as it goes."""
+@dataclass
+class Prepared:
+    """What every training command needs: the data with its teacher targets, and where results go."""
+
+    data: TrainData
+    held_out: list[int]
+    kinds: list[str]  # each text's kind (query, passage, segment)
+    texts: list[str]
+    teacher: SentenceTransformer
+    device: str
+    results: dict
+    started: float
+    output: Path
+
+    def save(self) -> None:
+        with gzip.open(self.output / "results.json.gz", "wt", encoding="utf-8") as out:
+            json.dump(self.results, out)
+
+    def mark(self, name: str) -> None:
+        self.results["timings"][name] = round(time.time() - self.started, 1)
+        logger.info("== %s at %.1f s", name, time.time() - self.started)
+        self.save()
+
+
+def prepare_training(work: Path, output: Path, settings: dict) -> Prepared:
+    """Steps 2-3 on the best device: the corpus, a held-out set, GPT-NeoX ids, the teacher's targets."""
     started = time.time()
-    deadline = started + RUN_SECONDS
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     output.mkdir(parents=True, exist_ok=True)
     results: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-                     "settings": {"mamba": MAMBA, "transformer": TRANSFORMER, "train_seconds": TRAIN_SECONDS,
-                                  "max_batch_tokens": MAX_BATCH_TOKENS, "learning_rate": LEARNING_RATE,
+                     "settings": {**settings, "transformer": TRANSFORMER, "max_batch_tokens": MAX_BATCH_TOKENS,
                                   "mse_weight": MSE_WEIGHT, "mnrl": [MNRL_EVERY, MNRL_BATCH, MNRL_WEIGHT]},
                      "log": [], "timings": {}}  # fmt: skip
-
-    def save_results() -> None:
-        with gzip.open(output / "results.json.gz", "wt", encoding="utf-8") as out:
-            json.dump(results, out)
-
-    def mark(name: str) -> None:
-        results["timings"][name] = round(time.time() - started, 1)
-        logger.info("== %s at %.1f s", name, time.time() - started)
-        save_results()
 
     # 2. Data: the corpus, a held-out set, GPT-NeoX ids
     records = read_jsonl_xz(work / "corpus" / "corpus.jsonl.xz")
     pair_rows = read_jsonl_xz(work / "corpus" / "pairs.jsonl.xz")
     texts, kinds = [row["text"] for row in records], [row["kind"] for row in records]
     train, held_out = split_held_out(records, HELD_OUT, SEED)
-    tokenizer = st_mamba.load_tokenizer(work / "gpt-neox-20b", MAMBA["eos_token_id"])
+    tokenizer = st_mamba.load_tokenizer(work / "gpt-neox-20b", EOS_ID)
     ids = tokenize(tokenizer, texts, MAX_TRAIN_TOKENS - 1)
     pairs = list(zip(tokenize(tokenizer, [row["query"] for row in pair_rows], MNRL_MAX_TOKENS - 1),
                      tokenize(tokenizer, [row["document"] for row in pair_rows], MNRL_MAX_TOKENS - 1), strict=True))  # fmt: skip
     results["corpus"] = {"texts": len(texts), "train_texts": len(train), "held_out": len(held_out),
                          "gpt_neox_tokens": int(sum(len(row) for row in ids)), "pairs": len(pairs)}  # fmt: skip
-    mark("tokenized")
+    prepared = Prepared(None, held_out, kinds, texts, None, device, results, started, output)  # type: ignore[arg-type]
+    prepared.mark("tokenized")
 
     # 3. Teacher targets
     teacher = SentenceTransformer(str(work / "teacher"), device=device)
@@ -652,57 +645,107 @@ def run_training(work: Path, output: Path, resume: Path | None, smoke: bool = Fa
         teacher.half()
     else:
         teacher.float()  # saved in fp16, which is slow on CPU
-    targets = teacher_targets(teacher, texts)
-    data = TrainData(ids, targets, train, pairs, pad_id=tokenizer.eos_token_id)
-    mark("teacher_targets")
+    prepared.data = TrainData(ids, teacher_targets(teacher, texts), train, pairs, pad_id=tokenizer.eos_token_id)
+    prepared.teacher = teacher
+    prepared.mark("teacher_targets")
+    return prepared
 
-    # 4. The Mamba student: short trials pick its pooling and initialisation, then the full run
-    if resume is not None:  # the weights come from the checkpoint: only its pooling matters
-        pooling = load_checkpoint(resume)[1].get("pooling", "eos")
-        variant = next(n for n, v in STUDENT_VARIANTS.items() if v["pooling"] == pooling and not v["long_memory"])
-    else:
-        results["trials"] = choose_student(work / "gpt-neox-20b", data, held_out, kinds, device, results["log"])
-        variant = results["trials"]["chosen"]
-        mark("trials")
-    mamba = build_mamba_student(work / "gpt-neox-20b", **STUDENT_VARIANTS[variant])
-    results["settings"]["student_variant"] = variant
+
+def build_student(name: str, work: Path, scratch: Path) -> tuple[SentenceTransformer, str, float]:
+    """A ``STUDENT_VARIANTS`` entry or ``"transformer"``: the model, its collate kind, its peak learning rate."""
+    if name == "transformer":
+        return build_transformer_student(work / "gpt-neox-20b", scratch), "transformer", LEARNING_RATE
+    variant = STUDENT_VARIANTS[name]
+    return (build_mamba_student(work / "gpt-neox-20b", **variant), "mamba",
+            variant.get("learning_rate", LEARNING_RATE))  # fmt: skip
+
+
+def sweep(work: Path, output: Path, names: list[str], seconds: float, scratch: Path) -> dict:
+    """Train each named student ``seconds`` on the same first batches; its held-out cosine to the teacher.
+
+    Equal time, not equal steps: a student with faster kernels takes more steps, as it would in ``train``.
+    """
+    unknown = sorted(set(names) - set(STUDENT_VARIANTS) - {"transformer"})
+    if unknown:
+        raise SystemExit(f"unknown students {unknown}; known: {sorted(STUDENT_VARIANTS)} and 'transformer'")
+    run = prepare_training(
+        work, output, {"sweep_seconds": seconds, "variants": {n: STUDENT_VARIANTS.get(n) for n in names}}
+    )
+    run.results["sweep"] = {}
+    for name in names:
+        model, kind, peak = build_student(name, work, scratch)
+        try:
+            train = train_student(
+                model, kind, run.data, run.device, None, seconds, run.results["log"], peak_learning_rate=peak
+            )
+        except Exception as error:  # one failing student (a kernel, memory) must not cost the others' results
+            logger.exception("%s failed", name)
+            run.results["sweep"][name] = {"error": repr(error)}
+            continue
+        finally:
+            run.mark(name)
+        run.results["sweep"][name] = {"train": train, "parameters": parameter_count(model),
+                                      "held_out_cosine": held_out_cosine(model, kind, run.data, run.held_out, run.kinds, run.device)}  # fmt: skip
+        run.save()
+        del model
+        if run.device == "cuda":
+            torch.cuda.empty_cache()
+    return run.results
+
+
+def run_training(work: Path, output: Path, resume: Path | None, student: str = STUDENT, smoke: bool = False) -> dict:
+    """Steps 2-7 on the best device: targets, both students, evaluation, speed; writes results as it goes."""
+    variant = STUDENT_VARIANTS[student]
+    run = prepare_training(work, output, {"student": student, "mamba": variant, "train_seconds": TRAIN_SECONDS})
+    deadline = run.started + RUN_SECONDS
+    results, teacher = run.results, run.teacher
+    data, held_out, kinds, device = run.data, run.held_out, run.kinds, run.device
+
+    # 4. The Mamba student
+    mamba, _, peak = build_student(student, work, output)
+    if resume is not None:
+        meta = load_checkpoint(resume)[1]
+        if meta.get("student", student) != student:
+            raise SystemExit(f"{resume} holds a checkpoint of student {meta['student']!r}, not {student!r}")
     results["parameters"] = {"mamba": parameter_count(mamba)}
     results["held_out_cosine"] = {
         "mamba@init": held_out_cosine(mamba.to(device), "mamba", data, held_out, kinds, device)
     }
+    meta = {"student": student, "config": variant["config"], "pooling": variant["pooling"]}
     results["train"] = {"mamba": train_student(mamba, "mamba", data, device, None, TRAIN_SECONDS, results["log"],
-                                               checkpoint_dir=output, resume=resume)}  # fmt: skip
+                                               checkpoint_dir=output, resume=resume, peak_learning_rate=peak,
+                                               checkpoint_meta=meta)}  # fmt: skip
     results["held_out_cosine"]["mamba"] = held_out_cosine(mamba, "mamba", data, held_out, kinds, device)
-    mark("mamba_trained")
+    run.mark("mamba_trained")
 
     # 5. The Transformer control: same batches, same number of steps
     transformer = build_transformer_student(
         work / "gpt-neox-20b", Path("/tmp/distill-transformer") if not smoke else output / "tf"
     )
     results["parameters"]["transformer"] = parameter_count(transformer)
-    steps = results["train"]["mamba"]["planned_steps"]
+    steps = results["train"]["mamba"]["steps"]
     results["train"]["transformer"] = train_student(
         transformer, "transformer", data, device, steps, TRAIN_SECONDS, results["log"]
     )
     results["held_out_cosine"]["transformer"] = held_out_cosine(
         transformer, "transformer", data, held_out, kinds, device
     )
-    mark("transformer_trained")
+    run.mark("transformer_trained")
 
     # 6. Evaluation (runs only; scored with ir-measures by the `score` subcommand)
     mamba.max_seq_length = SAVED_MAX_SEQ_LENGTH
     models = {"mamba": mamba, "teacher": teacher, "transformer": transformer}  # in the order they are evaluated
     results["runs"] = evaluate_all(models, work / "data", deadline - 25)
-    mark("evaluated")
+    run.mark("evaluated")
 
     # 7. Speed on this device, fp16 for all three (the teacher already is)
     if time.time() < deadline - 20:
         for model in (mamba, transformer):
             model.half()
-        texts_by_length = {512: fixed_length_texts(tokenizer, texts[:2000], 512, 256 if not smoke else 4),
-                           8192: fixed_length_texts(tokenizer, texts[:2000], 8192, 32 if not smoke else 2)}  # fmt: skip
+        texts_by_length = {512: fixed_length_texts(mamba.tokenizer, run.texts[:2000], 512, 256 if not smoke else 4),
+                           8192: fixed_length_texts(mamba.tokenizer, run.texts[:2000], 8192, 32 if not smoke else 2)}  # fmt: skip
         results["speed"] = encoding_speed(models, texts_by_length, device)
-        mark("speed")
+        run.mark("speed")
     return results
 
 
@@ -724,14 +767,17 @@ def export(checkpoint: Path, output: Path, tokenizer_dir: Path, card: str | None
 
 POOLING_WORDS = {
     "eos": "the hidden state at EOS is the embedding (Mamba Retriever)",
-    "eos-long-memory": "the hidden state at EOS is the embedding (Mamba Retriever), long-memory initialisation",
     "mean": "the mean of the hidden states over the text and its EOS is the embedding",
 }
 
 
-def model_card(results: dict, scores: dict[str, dict], manifest: dict) -> str:
-    """The exported model's README.md: what it is, how it was trained, and every score of the run."""
+def model_card(results: dict, scores: dict[str, dict], manifest: dict, more_speed: list[dict] = ()) -> str:
+    """The exported model's README.md: what it is, how it was trained, and every score of the run.
+
+    ``more_speed``: rows of ``speed`` measured elsewhere (the CPU), added to the run's own (GPU, fp16).
+    """
     train = results["train"]["mamba"]
+    student = results["settings"]["mamba"]
 
     def cell(name: str, measure: str = "nDCG@10") -> str:
         value = scores.get(name, {}).get(measure)
@@ -745,18 +791,19 @@ def model_card(results: dict, scores: dict[str, dict], manifest: dict) -> str:
                                 ("**st-mamba-distilled, whole meeting in one pass**", "mamba:one-pass"),
                                 ("Transformer student, first 8,192 tokens", "transformer:model"))]  # fmt: skip
     speed = [
-        f"| {row['device']} | {row['tokens']:,} | {row['model']} | {row['texts_per_second']:.1f} |"
-        for row in results.get("speed", [])
+        f"| {results['device'] if row['device'] == 'cuda' else row['device']} | {row['tokens']:,} | {row['model']} "
+        f"| {row['texts_per_second']:.1f} | {row['tokens_per_second']:,} |"
+        for row in [*results.get("speed", []), *more_speed]
     ]
     newline = "\n"
     return f"""---
 library_name: sentence-transformers
 pipeline_tag: sentence-similarity
-tags: [sentence-transformers, st-mamba, mamba2, distillation]
+tags: [sentence-transformers, st-mamba, mamba{student["config"]["version"]}, distillation]
 ---
 # st-mamba-distilled
 
-A Mamba-2 retriever (EOS appended; {POOLING_WORDS[results["settings"].get("student_variant", "eos")]};
+A Mamba-{student["config"]["version"]} retriever ({student["config"]["n_layer"]} layers, d_model {student["config"]["d_model"]}; EOS appended; {POOLING_WORDS[student["pooling"]]};
 Dense to 384, L2 normalised, cosine) distilled from all-MiniLM-L6-v2 by `training/distill.py` (docs/distillation.md).
 {results["parameters"]["mamba"]["total"]:,} parameters ({results["parameters"]["mamba"]["token_embedding"]:,} of them the
 GPT-NeoX-20B token embedding), fp16. Reads any length in one pass (long texts stream in chunks of
@@ -788,9 +835,11 @@ QMSum test meetings (35), nDCG@10:
 
 Held-out cosine to the teacher's target: {results["held_out_cosine"].get("mamba")}.
 
-## Encoding speed (texts per second)
-| device | tokens | model | texts/s |
-|---|---|---|---|
+## Encoding speed
+GPU rows in fp16, CPU rows in fp32; the teacher reads long texts in 256-token windows.
+
+| device | tokens a text | model | texts/s | tokens/s |
+|---|---|---|---|---|
 {newline.join(speed)}
 """
 
@@ -901,12 +950,19 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=repo / ".distill")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--resume", type=Path, default=None, help="folder of checkpoint shards to continue from")
+    p.add_argument("--student", default=STUDENT, choices=sorted(STUDENT_VARIANTS), help="which Mamba student")
+    p = sub.add_parser("sweep", help="train each student for the same time; held-out cosines (GPU)")
+    p.add_argument("--work", type=Path, default=repo / ".distill")
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--students", nargs="+", default=[*STUDENT_VARIANTS, "transformer"])
+    p.add_argument("--seconds", type=float, default=SWEEP_SECONDS, help="training time of each student")
     p = sub.add_parser("export", help="write the Mamba student folder (fp16) from a checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--tokenizer", type=Path, default=repo.parent / "shared" / "assets" / "gpt-neox-20b")
     p.add_argument("--output", type=Path, default=repo / "models" / "st-mamba-distilled")
     p.add_argument("--results", type=Path, default=None, help="results.json.gz of the run: writes the model card...")
     p.add_argument("--scores", type=Path, default=None, help="...with the scores that `score` wrote")
+    p.add_argument("--speed", type=Path, default=None, help="...and the rows that `speed` wrote (e.g. on CPU)")
     p = sub.add_parser("score", help="score the runs of results.json.gz with ir-measures; add BM25")
     p.add_argument("--results", type=Path, required=True)
     p.add_argument("--data", type=Path, default=repo / ".distill" / "data")
@@ -930,8 +986,11 @@ def main() -> None:
     if args.command == "prepare":
         prepare(args.corpus, args.data, args.output, args.teacher or default_teacher(), args.tokenizer)
     elif args.command == "train":
-        results = run_training(args.work, args.output, args.resume)
+        results = run_training(args.work, args.output, args.resume, args.student)
         print_table(results)
+    elif args.command == "sweep":
+        results = sweep(args.work, args.output, args.students, args.seconds, Path("/tmp/distill-transformer"))
+        print_sweep(results)
     elif args.command == "export":
         card = None
         if args.results is not None:
@@ -939,7 +998,8 @@ def main() -> None:
                 results = json.load(src)
             scores = json.loads(args.scores.read_text()) if args.scores else {}
             manifest = json.loads((repo / ".distill" / "corpus" / "manifest.json").read_text())
-            card = model_card(results, scores, manifest)
+            more_speed = json.loads(args.speed.read_text()) if args.speed else []
+            card = model_card(results, scores, manifest, more_speed)
         export(args.checkpoint, args.output, args.tokenizer, card)
     elif args.command == "score":
         with gzip.open(args.results, "rt", encoding="utf-8") as src:
@@ -968,6 +1028,18 @@ def main() -> None:
                  8192: fixed_length_texts(student.tokenizer, source, 8192, args.texts[1])}  # fmt: skip
         rows = encoding_speed({"teacher": teacher, "mamba": student}, texts, args.device)
         args.output.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def print_sweep(results: dict) -> None:
+    print(f"\ndevice {results['device']}; {results['settings']['sweep_seconds']:g} s of training each")
+    print(f"{'student':<28} {'steps':>6} {'tokens/s':>9}  held-out cosine to the teacher (mean; per kind)")
+    for name, row in results["sweep"].items():
+        if "error" in row:
+            print(f"{name:<28} failed: {row['error']}")
+            continue
+        cosines = row["held_out_cosine"]
+        print(f"{name:<28} {row['train']['steps']:>6} {row['train']['tokens_per_second']:>9,}  "
+              f"{np.mean(list(cosines.values())):.3f}; {cosines}")  # fmt: skip
 
 
 def print_table(results: dict) -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 
 from tests.conftest import CORPUS, random_texts
@@ -106,17 +105,24 @@ def test_batches_respect_the_token_and_text_limits():
     assert batches != distill.make_batches(lengths, indices, seed=0, epoch=1)
 
 
-def test_long_memory_init_slows_every_heads_decay(tokenizer_dir):
-    """dt * |A| (a head's forgetting rate per token at init) drops below mamba_ssm's range."""
+def test_learning_rate_warms_up_then_decays_to_zero():
+    peak = 2e-3
+    rates = [distill.learning_rate(i / 100, peak) for i in range(101)]
+    top = round(distill.WARMUP_SHARE * 100)
+    assert 0 < rates[0] < rates[1] < rates[top - 1] <= peak
+    assert rates[top] == pytest.approx(peak, rel=0.02)
+    assert all(a >= b for a, b in zip(rates[top:], rates[top + 1 :], strict=False))
+    assert rates[100] == 0.0
+
+
+def test_embedding_std_redraws_only_the_token_embedding(tokenizer_dir):
     plain = distill.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
-    long = distill.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, long_memory=True)
-
-    def rates(model):
-        mixers = [layer.mixer for layer in model[0].backbone.layers]
-        return torch.cat([F.softplus(m.dt_bias) * torch.exp(m.A_log) for m in mixers])
-
-    assert rates(long).max() <= distill.LONG_MEMORY_DT[1] * distill.LONG_MEMORY_A[1] * (1 + 1e-5)
-    assert rates(long).median() < rates(plain).median() / 10
+    unit = distill.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, embedding_std=1.0)
+    assert float(plain[0].backbone.embeddings.weight.detach().std()) == pytest.approx(0.02, rel=0.1)
+    assert float(unit[0].backbone.embeddings.weight.detach().std()) == pytest.approx(1.0, rel=0.1)
+    rest = [name for name, _ in plain.named_parameters() if "embeddings" not in name]
+    plain_params, unit_params = dict(plain.named_parameters()), dict(unit.named_parameters())
+    assert all(torch.equal(plain_params[name], unit_params[name]) for name in rest)
 
 
 def test_checkpoint_shards_round_trip_and_resume_state(tokenizer_dir, tmp_path):
@@ -147,11 +153,12 @@ def test_checkpoint_shards_round_trip_and_resume_state(tokenizer_dir, tmp_path):
     fresh_optimizer.step()  # the rebuilt state is usable
 
 
-def test_checkpoint_of_the_real_student_fits_the_limits(tokenizer_dir):
-    """The real size's checkpoint: shards <= 16 MiB, at most 64 MiB in all (counted, not written)."""
+@pytest.mark.parametrize("student", sorted(distill.STUDENT_VARIANTS))
+def test_checkpoint_of_every_real_student_fits_the_limits(student):
+    """The real sizes' checkpoints: shards <= 16 MiB, at most 64 MiB in all (counted, not written)."""
     from st_mamba import MambaBackbone, MambaConfig
 
-    backbone = MambaBackbone(MambaConfig(**distill.MAMBA))
+    backbone = MambaBackbone(MambaConfig(**distill.STUDENT_VARIANTS[student]["config"]))
     count = sum(p.numel() for p in backbone.parameters()) + 256 * 384 + 384
     embedding = backbone.embeddings.weight.numel()
     total = 2 * count + 2 * 2 * (count - embedding) + 4 * backbone.embeddings.weight.shape[0]
@@ -192,22 +199,19 @@ def work_folder(tmp_path, tokenizer_dir, tiny_teacher) -> Path:
 @pytest.mark.slow
 def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, monkeypatch, tokenizer_dir):
     """Steps 2-7 with tiny students: checkpoint shards, results, runs; then export loads; then scoring."""
-    monkeypatch.setattr(distill, "MAMBA", TINY_MAMBA)
+    tiny_students = {"tiny-eos": {"config": TINY_MAMBA, "pooling": "eos"},
+                     "tiny-mean": {"config": TINY_MAMBA, "pooling": "mean", "learning_rate": 3e-3}}  # fmt: skip
+    monkeypatch.setattr(distill, "STUDENT_VARIANTS", tiny_students)
     monkeypatch.setattr(distill, "TRANSFORMER", TINY_TRANSFORMER)
     monkeypatch.setattr(distill, "TRAIN_SECONDS", 2.0)
-    monkeypatch.setattr(distill, "WARMUP_STEPS", 1)
-    monkeypatch.setattr(distill, "MEASURED_STEPS", 2)
     monkeypatch.setattr(distill, "MAX_BATCH_TOKENS", 2048)
     monkeypatch.setattr(distill, "MNRL_EVERY", 2)
     monkeypatch.setattr(distill, "MNRL_BATCH", 4)
     monkeypatch.setattr(distill, "HELD_OUT", 6)
     monkeypatch.setattr(distill, "TEACHER_DIM", 384)
-    monkeypatch.setattr(distill, "TRIAL_STEPS", 2)
     out = tmp_path / "out"
-    results = distill.run_training(work_folder, out, resume=None, smoke=True)
-    assert set(results["trials"]["held_out_cosine"]) == set(distill.STUDENT_VARIANTS)
-    chosen = results["trials"]["chosen"]
-    assert results["settings"]["student_variant"] == chosen
+    results = distill.run_training(work_folder, out, resume=None, student="tiny-mean", smoke=True)
+    assert results["settings"]["student"] == "tiny-mean"
     assert results["train"]["mamba"]["steps"] == results["train"]["mamba"]["planned_steps"] >= 3
     assert results["train"]["transformer"]["steps"] == results["train"]["mamba"]["steps"]
     assert set(results["held_out_cosine"]) == {"mamba@init", "mamba", "transformer"}
@@ -227,19 +231,24 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     ids = distill.tokenize(model.tokenizer, [r["text"] for r in records], 8191)
     data = distill.TrainData(ids, torch.nn.functional.normalize(torch.randn(len(ids), 384), dim=-1),
                              list(range(len(ids))), [], pad_id=0)  # fmt: skip
-    _, meta = distill.load_checkpoint(out)
-    meta["total_steps"] = meta["step"] + 2
-    tensors, _ = distill.load_checkpoint(out)
-    distill.save_checkpoint(tensors, meta, tmp_path / "resume")
+    tensors, meta = distill.load_checkpoint(out)
+    assert meta["total_steps"] is None and meta["trained_seconds"] >= meta["seconds"] == 2.0  # a timed run, done
+    assert (meta["student"], meta["pooling"]) == ("tiny-mean", "mean")
+    stepped = dict(meta, total_steps=meta["step"] + 2)  # a run planned in steps: 2 to go
+    distill.save_checkpoint(tensors, stepped, tmp_path / "resume")
     resumed = distill.train_student(model, "mamba", data, "cpu", None, 1.0, log, resume=tmp_path / "resume")
-    assert resumed["steps"] == meta["total_steps"]
+    assert resumed["steps"] == stepped["total_steps"]
+    timed = dict(meta, trained_seconds=meta["seconds"] - 0.5)  # a timed run with half a second to go
+    distill.save_checkpoint(tensors, timed, tmp_path / "resume")
+    resumed = distill.train_student(model, "mamba", data, "cpu", None, 60.0, log, resume=tmp_path / "resume")
+    assert meta["step"] < resumed["steps"] and resumed["seconds"] < 30  # the checkpoint's budget, not the 60 s
 
     # export: an ordinary st-mamba folder in fp16 that SentenceTransformer loads
     folder = tmp_path / "exported"
     distill.export(out, folder, tokenizer_dir, card="# card\n")
     assert (folder / "README.md").read_text() == "# card\n"
     loaded = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
-    assert loaded[0].pooling == distill.STUDENT_VARIANTS[chosen]["pooling"]
+    assert loaded[0].pooling == "mean"
     from safetensors.torch import load_file
 
     assert all(t.dtype == torch.float16 for t in load_file(folder / "model.safetensors").values())
@@ -252,3 +261,23 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     assert all(0.0 <= value <= 1.0 for measures in scores.values() for value in measures.values())
     card = distill.model_card(results, scores, {"gpt_neox_tokens": 123, "records": 4})
     assert "# st-mamba-distilled" in card and f"{scores['scifact/mamba']['nDCG@10']:.3f}" in card
+
+
+@pytest.mark.slow
+def test_sweep_trains_each_student_for_the_same_time(work_folder, tmp_path, monkeypatch):
+    tiny_students = {"tiny-eos": {"config": TINY_MAMBA, "pooling": "eos"},
+                     "tiny-mamba1": {"config": dict(TINY_MAMBA, version=1), "pooling": "eos", "embedding_std": 1.0}}  # fmt: skip
+    monkeypatch.setattr(distill, "STUDENT_VARIANTS", tiny_students)
+    monkeypatch.setattr(distill, "TRANSFORMER", TINY_TRANSFORMER)
+    monkeypatch.setattr(distill, "MAX_BATCH_TOKENS", 2048)
+    monkeypatch.setattr(distill, "HELD_OUT", 6)
+    names = ["tiny-eos", "tiny-mamba1", "transformer"]
+    results = distill.sweep(work_folder, tmp_path / "out", names, seconds=1.5, scratch=tmp_path / "tf")
+    assert list(results["sweep"]) == names
+    for row in results["sweep"].values():
+        assert row["train"]["steps"] == row["train"]["planned_steps"] >= 3
+        assert all(-1.0 <= cosine <= 1.0 for cosine in row["held_out_cosine"].values())
+    with gzip.open(tmp_path / "out" / "results.json.gz", "rt") as src:
+        assert set(json.load(src)["sweep"]) == set(names)
+    with pytest.raises(SystemExit, match="unknown students"):
+        distill.sweep(work_folder, tmp_path / "out", ["nope"], seconds=1.0, scratch=tmp_path / "tf")
