@@ -6,10 +6,13 @@ document's rows start: document ``i`` owns rows ``offsets[i]:offsets[i + 1]``.
 
 Two backends give the same ranking (up to ties):
 
-- FAISS ``IndexFlatIP`` (exact, multi-threaded), used when faiss is installed and each document
-  has one row;
+- FAISS ``knn`` (exact inner product, multi-threaded), used when faiss is installed and each
+  document has one row;
 - torch matmul + top-k, over blocks of queries and of documents so that the score matrix held
   at once is at most ``query_block x row_block``; used otherwise (and for chunked documents).
+
+Both read the document vectors ``row_block`` rows at a time and convert only that block to
+float32, so float16 or memory-mapped vectors (st_mamba.scale's shards) are never copied whole.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class DocumentEmbeddings:
     """Row vectors for a list of documents.
 
     Attributes:
-        vectors: (R, D) float32, R >= number of documents.
+        vectors: (R, D) float32 or float16, R >= number of documents.
         offsets: (N + 1,) int64, document ``i`` owns rows ``offsets[i]:offsets[i + 1]`` (at least one).
     """
 
@@ -108,7 +111,8 @@ def exact_search(
         documents: the documents' row vectors (D columns).
         k: results per query; more than the number of documents returns them all.
         backend: "faiss", "torch", or "auto" (faiss when installed and each document has one row).
-        query_block, row_block: torch block sizes; memory is about ``4 * query_block * row_block`` bytes.
+        query_block, row_block: block sizes; the torch backend holds about ``4 * query_block * row_block`` bytes of
+            scores, both hold ``4 * D * row_block`` bytes of float32 document vectors at a time.
 
     Returns:
         scores (Q, k) float32 in descending order, and the documents' indices (Q, k) int64.
@@ -123,13 +127,25 @@ def exact_search(
     if backend == "faiss" and not documents.one_row_each:
         raise ValueError("the faiss backend takes one row per document; use backend='torch' for chunked documents")
     if backend == "faiss" or (backend == "auto" and faiss is not None and documents.one_row_each):
-        _announce("faiss", "IndexFlatIP")
-        index = faiss.IndexFlatIP(documents.vectors.shape[1])
-        index.add(np.ascontiguousarray(documents.vectors, dtype=np.float32))
-        scores, indices = index.search(queries, k)
-        return scores, indices.astype(np.int64)
+        _announce("faiss", "exact inner product")
+        return _faiss_search(queries, documents.vectors, k, row_block)
     _announce("torch", "faiss not installed" if faiss is None else "chunked documents or backend='torch'")
     return _torch_search(queries, documents, k, query_block, row_block)
+
+
+def _faiss_search(queries: np.ndarray, vectors: np.ndarray, k: int, row_block: int) -> tuple[np.ndarray, np.ndarray]:
+    """``faiss.knn`` over blocks of ``row_block`` float32 rows, merged into the running top ``k``."""
+    best_scores = np.empty((len(queries), 0), dtype=np.float32)
+    best_rows = np.empty((len(queries), 0), dtype=np.int64)
+    for start in range(0, len(vectors), row_block):
+        block = np.ascontiguousarray(vectors[start : start + row_block], dtype=np.float32)
+        scores, rows = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+        merged_scores = np.concatenate([best_scores, scores], axis=1)
+        merged_rows = np.concatenate([best_rows, rows.astype(np.int64) + start], axis=1)
+        order = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
+        best_scores = np.take_along_axis(merged_scores, order, axis=1)
+        best_rows = np.take_along_axis(merged_rows, order, axis=1)
+    return best_scores, best_rows
 
 
 def _document_blocks(offsets: np.ndarray, row_block: int) -> list[tuple[int, int]]:
@@ -149,14 +165,14 @@ def _torch_search(
     queries: np.ndarray, documents: DocumentEmbeddings, k: int, query_block: int, row_block: int
 ) -> tuple[np.ndarray, np.ndarray]:
     blocks = _document_blocks(documents.offsets, row_block)
-    vectors = torch.from_numpy(np.ascontiguousarray(documents.vectors, dtype=np.float32))
     all_scores, all_indices = [], []
     for start in range(0, len(queries), query_block):
         query_vectors = torch.from_numpy(queries[start : start + query_block])
         best_scores = torch.empty(len(query_vectors), 0)
         best_indices = torch.empty(len(query_vectors), 0, dtype=torch.long)
         for first, last in blocks:
-            rows = vectors[documents.offsets[first] : documents.offsets[last]]
+            rows = documents.vectors[documents.offsets[first] : documents.offsets[last]]
+            rows = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))  # a view if already float32
             scores = query_vectors @ rows.T  # (Qb, rows)
             if not documents.one_row_each:
                 segment_starts = documents.offsets[first:last] - documents.offsets[first]

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from st_mamba.evaluation.search import DocumentEmbeddings, exact_search
+
 INDEX_FILE, IDS_FILE, OFFSETS_FILE, META_FILE = "index.faiss", "ids.json", "offsets.npy", "index.json"
 KINDS = ("flat", "ivfpq", "hnsw")
 _ADD_BLOCK = 65_536  # vectors converted to float32 and added at a time
@@ -160,27 +162,11 @@ def measure_recall(
         rows = np.random.default_rng(seed).choice(len(vectors), size=min(sample, len(vectors)), replace=False)
         queries = vectors[np.sort(rows)]
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    exact = exact_search(vectors, queries, k)
+    _, exact = exact_search(queries, DocumentEmbeddings.one_per_document(vectors), k, "faiss", row_block=_ADD_BLOCK)
     started = time.perf_counter()
     _, found = index.search(queries, k)
     seconds = time.perf_counter() - started
     return RecallReport(recall_at_k(found, exact, k), k, len(queries), seconds)
-
-
-def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Row numbers (n_queries, k) of the top-k inner products, scanning ``vectors`` in float32 blocks."""
-    faiss = faiss_module()
-    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    best_rows = np.full((len(queries), k), -1, dtype=np.int64)
-    for start in range(0, len(vectors), _ADD_BLOCK):
-        scores, rows = faiss.knn(queries, np.ascontiguousarray(vectors[start : start + _ADD_BLOCK], dtype=np.float32), k,
-                                 metric=faiss.METRIC_INNER_PRODUCT)  # fmt: skip
-        rows = np.where(rows >= 0, rows + start, -1)
-        merged_scores = np.concatenate([best_scores, scores], axis=1)
-        order = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
-        best_scores = np.take_along_axis(merged_scores, order, axis=1)
-        best_rows = np.take_along_axis(np.concatenate([best_rows, rows], axis=1), order, axis=1)
-    return best_rows
 
 
 # --- on disk -------------------------------------------------------------------------------------------

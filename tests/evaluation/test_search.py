@@ -34,6 +34,32 @@ def test_one_row_per_document_matches_brute_force(backend):
     np.testing.assert_array_equal(indices, expected_indices, err_msg="indices")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_vectors_are_read_a_block_at_a_time(backend, monkeypatch):
+    """float16 (as shards store them) gives the float32 ranking; no block converts more than row_block rows."""
+    vectors = _random((50, 16), 5).astype(np.float16)
+    queries = _random((4, 16), 6)
+    converted = []
+    real = np.ascontiguousarray
+
+    def watch(array, dtype=None):
+        if dtype is np.float32 and getattr(array, "dtype", None) == np.float16:
+            converted.append(len(array))
+        return real(array, dtype=dtype)
+
+    monkeypatch.setattr(search_module.np, "ascontiguousarray", watch)
+    scores, indices = exact_search(
+        queries, DocumentEmbeddings.one_per_document(vectors), k=5, backend=backend, row_block=16
+    )
+    monkeypatch.undo()
+    expected_scores, expected_indices = _brute_force(
+        queries, DocumentEmbeddings.one_per_document(vectors.astype(np.float32)), 5
+    )
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(indices, expected_indices)
+    assert converted and max(converted) <= 16
+
+
 def test_chunked_documents_score_their_best_chunk():
     rng = np.random.default_rng(2)
     chunks_per_document = rng.integers(1, 5, size=30)
