@@ -7,13 +7,14 @@ embeddings of its consecutive 256-token windows, renormalised. The student learn
 left-to-right pass over the whole text what the teacher can only see in pieces.
 
 Students (same GPT-NeoX-20B tokenizer, same batches, same number of steps, both in fp32 with TF32
-matrix products): a Mamba-2 st-mamba encoder (EOS or mean pooling, picked by short trials at the
-start of the run: ``STUDENT_VARIANTS``) and a BERT-shaped Transformer (mean pooling), each followed by a Dense layer to the teacher's 384 dimensions and Normalize. Loss: ST's
-``MSELoss`` to the targets (times ``MSE_WEIGHT``) plus, every ``MNRL_EVERY`` steps, ST's
+matrix products): an st-mamba encoder (one of ``STUDENT_VARIANTS``, by default ``STUDENT``: Mamba-1
+with mean pooling, the best of the ``sweep``) and a BERT-shaped Transformer (mean pooling), each
+followed by a Dense layer to the teacher's 384 dimensions and Normalize. Loss: ST's ``MSELoss`` to
+the targets (times ``MSE_WEIGHT``) plus, every ``MNRL_EVERY`` steps, ST's
 ``MultipleNegativesRankingLoss`` on the real pairs (SciFact train claims and their abstracts).
-Training length is set by time: the Mamba student's step time is measured over its first steps and
-the number of steps fixed so that it trains about ``TRAIN_SECONDS``; the Transformer then takes the
-same steps (stopped at ``TRANSFORMER_MAX_SECONDS`` if it is slower).
+Training length is set by time: the Mamba student trains ``TRAIN_SECONDS`` of wall time, its learning
+rate following the share of that time spent; the Transformer then takes the same steps (stopped at
+``TRANSFORMER_MAX_SECONDS`` if it is slower).
 
 Checkpoints (``--output``/checkpoint-0000k-of-0000n.safetensors) hold the Mamba student in fp16, the
 AdamW moments of every non-embedding tensor in bf16 and the embedding's second moment averaged per
@@ -24,6 +25,7 @@ Subcommands:
 - ``train``: the numbered steps of ``run_training`` (data, teacher targets, both students,
   evaluation runs, speed), on the GPU; writes checkpoint shards and ``results.json.gz`` (runs,
   losses, step counts, held-out cosines, speeds) under ``--output``.
+- ``sweep``: trains each of several students for the same time; their held-out cosines (GPU).
 - ``prepare``: gathers corpus, teacher (fp16), tokenizer and evaluation sets into one folder to carry.
 - ``export``: the final model folder from a checkpoint, with a model card that carries the scores.
 - ``score``: scores the runs in ``results.json.gz`` with st_mamba.evaluation (ir-measures), plus BM25.
@@ -33,7 +35,7 @@ Subcommands:
 Run (after training/build_distillation_corpus.py; the second command is one H200 call that carries
 ``.distill``; docs/distillation.md has the details):
     python training/distill.py prepare
-    ST_MAMBA_BACKEND=chunked PYTHONPATH=. python training/distill.py train --work .distill --output $OUT
+    PYTHONPATH=. python training/distill.py train --work .distill --output $OUT
     python training/distill.py score --results OUT/results.json.gz --output OUT/scores.json
     python training/distill.py export --checkpoint OUT --results OUT/results.json.gz --scores OUT/scores.json
 """
@@ -86,7 +88,7 @@ TRANSFORMER_MAX_SECONDS = 150  # the control stops here if it is slower than the
 # initial standard deviation (mamba_ssm's 0.02 makes the token a few percent of the residual stream
 # after 12 layers; 1.0 keeps it dominant, as BERT's LayerNorm on its embeddings does).
 STUDENT_VARIANTS = {
-    "mamba2-eos": {"config": MAMBA2, "pooling": "eos"},  # the two GPU runs of the first session
+    "mamba2-eos": {"config": MAMBA2, "pooling": "eos"},  # runs 1-2 in docs/distillation.md
     "mamba2-mean": {"config": MAMBA2, "pooling": "mean"},
     "mamba1-eos": {"config": MAMBA1, "pooling": "eos"},  # the paper's backbone and pooling
     "mamba1-mean": {"config": MAMBA1, "pooling": "mean"},
@@ -94,8 +96,8 @@ STUDENT_VARIANTS = {
     "mamba1-eos-unit-embedding": {"config": MAMBA1, "pooling": "eos", "embedding_std": 1.0},
     "mamba1-mean-unit-embedding": {"config": MAMBA1, "pooling": "mean", "embedding_std": 1.0},
 }
-STUDENT = "mamba1-mean"
-SWEEP_SECONDS = 40
+STUDENT = "mamba1-mean"  # what `train` trains by default
+SWEEP_SECONDS = 40  # default training time of each student in `sweep`
 EOS_ID = 0  # GPT-NeoX's <|endoftext|>: the EOS appended to every text, and the padding
 MAX_BATCH_TOKENS = 32768  # padded tokens in one batch (a Mamba-2 layer keeps ~100 KB a token for backward)
 MAX_BATCH_TEXTS = 512
