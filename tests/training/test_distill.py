@@ -212,7 +212,10 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     out = tmp_path / "out"
     results = distill.run_training(work_folder, out, resume=None, student="tiny-mean", smoke=True)
     assert results["settings"]["student"] == "tiny-mean"
-    assert results["train"]["mamba"]["steps"] == results["train"]["mamba"]["planned_steps"] >= 3
+    mamba = results["train"]["mamba"]
+    assert (
+        mamba["steps"] == mamba["planned_steps"] >= 1 and mamba["seconds"] >= 2.0
+    )  # timed: its 2 s, whatever the load
     assert results["train"]["transformer"]["steps"] == results["train"]["mamba"]["steps"]
     assert set(results["held_out_cosine"]) == {"mamba@init", "mamba", "transformer"}
     expected_runs = {f"{d}/{m}" for d in ("scifact", "trec-dl-2019") for m in ("teacher", "mamba", "transformer")}
@@ -275,7 +278,7 @@ def test_sweep_trains_each_student_for_the_same_time(work_folder, tmp_path, monk
     results = distill.sweep(work_folder, tmp_path / "out", names, seconds=1.5, scratch=tmp_path / "tf")
     assert list(results["sweep"]) == names
     for row in results["sweep"].values():
-        assert row["train"]["steps"] == row["train"]["planned_steps"] >= 3
+        assert row["train"]["steps"] == row["train"]["planned_steps"] >= 1 and row["train"]["seconds"] >= 1.5
         assert all(-1.0 <= cosine <= 1.0 for cosine in row["held_out_cosine"].values())
     with gzip.open(tmp_path / "out" / "results.json.gz", "rt") as src:
         assert set(json.load(src)["sweep"]) == set(names)
