@@ -325,15 +325,25 @@ def save_checkpoint(
     return paths
 
 
-def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and metadata written by ``save_checkpoint``."""
+def _checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str]]:
+    """The shards written by ``save_checkpoint``, in order, and the first one's metadata strings."""
     from safetensors import safe_open
 
     paths = sorted(folder.glob("checkpoint-*-of-*.safetensors"))
     if not paths:
         raise FileNotFoundError(f"no checkpoint-*.safetensors in {folder}")
     with safe_open(str(paths[0]), "pt") as first:
-        metadata = first.metadata()
+        return paths, first.metadata()
+
+
+def checkpoint_meta(folder: Path) -> dict:
+    """The metadata of a checkpoint (step, seconds, student...), without reading its tensors."""
+    return json.loads(_checkpoint_files(folder)[1]["meta"])
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata written by ``save_checkpoint``."""
+    paths, metadata = _checkpoint_files(folder)
     meta, split = json.loads(metadata["meta"]), json.loads(metadata["split"])
     pieces: dict[str, torch.Tensor] = {}
     for path in paths:
@@ -592,15 +602,9 @@ def encoding_speed(
 
 # 7. The GPU run --------------------------------------------------------------------------------------------
 @dataclass
-class Prepared:
-    """What every training command needs: the data with its teacher targets, and where results go."""
+class RunRecord:
+    """A command's ``results.json.gz``: what it measured so far, and when each step ended."""
 
-    data: TrainData
-    held_out: list[int]
-    kinds: list[str]  # each text's kind (query, passage, segment)
-    texts: list[str]
-    teacher: SentenceTransformer
-    device: str
     results: dict
     started: float
     output: Path
@@ -613,6 +617,19 @@ class Prepared:
         self.results["timings"][name] = round(time.time() - self.started, 1)
         logger.info("== %s at %.1f s", name, time.time() - self.started)
         self.save()
+
+
+@dataclass
+class Prepared:
+    """What every training command needs: the data with its teacher targets, and the run's record."""
+
+    data: TrainData
+    held_out: list[int]
+    kinds: list[str]  # each text's kind (query, passage, segment)
+    texts: list[str]
+    teacher: SentenceTransformer
+    device: str
+    record: RunRecord
 
 
 def prepare_training(work: Path, output: Path, settings: dict) -> Prepared:
@@ -638,8 +655,8 @@ def prepare_training(work: Path, output: Path, settings: dict) -> Prepared:
                      tokenize(tokenizer, [row["document"] for row in pair_rows], MNRL_MAX_TOKENS - 1), strict=True))  # fmt: skip
     results["corpus"] = {"texts": len(texts), "train_texts": len(train), "held_out": len(held_out),
                          "gpt_neox_tokens": int(sum(len(row) for row in ids)), "pairs": len(pairs)}  # fmt: skip
-    prepared = Prepared(None, held_out, kinds, texts, None, device, results, started, output)  # type: ignore[arg-type]
-    prepared.mark("tokenized")
+    record = RunRecord(results, started, output)
+    record.mark("tokenized")
 
     # 3. Teacher targets
     teacher = SentenceTransformer(str(work / "teacher"), device=device)
@@ -647,10 +664,9 @@ def prepare_training(work: Path, output: Path, settings: dict) -> Prepared:
         teacher.half()
     else:
         teacher.float()  # saved in fp16, which is slow on CPU
-    prepared.data = TrainData(ids, teacher_targets(teacher, texts), train, pairs, pad_id=tokenizer.eos_token_id)
-    prepared.teacher = teacher
-    prepared.mark("teacher_targets")
-    return prepared
+    data = TrainData(ids, teacher_targets(teacher, texts), train, pairs, pad_id=tokenizer.eos_token_id)
+    record.mark("teacher_targets")
+    return Prepared(data, held_out, kinds, texts, teacher, device, record)
 
 
 def build_student(name: str, work: Path, scratch: Path) -> tuple[SentenceTransformer, str, float]:
@@ -673,40 +689,39 @@ def sweep(work: Path, output: Path, names: list[str], seconds: float, scratch: P
     run = prepare_training(
         work, output, {"sweep_seconds": seconds, "variants": {n: STUDENT_VARIANTS.get(n) for n in names}}
     )
-    run.results["sweep"] = {}
+    results = run.record.results
+    results["sweep"] = {}
     for name in names:
         model, kind, peak = build_student(name, work, scratch)
         try:
             train = train_student(
-                model, kind, run.data, run.device, None, seconds, run.results["log"], peak_learning_rate=peak
+                model, kind, run.data, run.device, None, seconds, results["log"], peak_learning_rate=peak
             )
         except Exception as error:  # one failing student (a kernel, memory) must not cost the others' results
             logger.exception("%s failed", name)
-            run.results["sweep"][name] = {"error": repr(error)}
-            continue
-        finally:
-            run.mark(name)
-        run.results["sweep"][name] = {"train": train, "parameters": parameter_count(model),
+            results["sweep"][name] = {"error": repr(error)}
+        else:
+            results["sweep"][name] = {"train": train, "parameters": parameter_count(model),
                                       "held_out_cosine": held_out_cosine(model, kind, run.data, run.held_out, run.kinds, run.device)}  # fmt: skip
-        run.save()
+        run.record.mark(name)
         del model
         if run.device == "cuda":
             torch.cuda.empty_cache()
-    return run.results
+    return results
 
 
 def run_training(work: Path, output: Path, resume: Path | None, student: str = STUDENT, smoke: bool = False) -> dict:
     """Steps 2-7 on the best device: targets, both students, evaluation, speed; writes results as it goes."""
     variant = STUDENT_VARIANTS[student]
     run = prepare_training(work, output, {"student": student, "mamba": variant, "train_seconds": TRAIN_SECONDS})
-    deadline = run.started + RUN_SECONDS
-    results, teacher = run.results, run.teacher
+    deadline = run.record.started + RUN_SECONDS
+    results, teacher = run.record.results, run.teacher
     data, held_out, kinds, device = run.data, run.held_out, run.kinds, run.device
 
     # 4. The Mamba student
     mamba, _, peak = build_student(student, work, output)
     if resume is not None:
-        meta = load_checkpoint(resume)[1]
+        meta = checkpoint_meta(resume)
         if meta.get("student", student) != student:
             raise SystemExit(f"{resume} holds a checkpoint of student {meta['student']!r}, not {student!r}")
     results["parameters"] = {"mamba": parameter_count(mamba)}
@@ -718,7 +733,7 @@ def run_training(work: Path, output: Path, resume: Path | None, student: str = S
                                                checkpoint_dir=output, resume=resume, peak_learning_rate=peak,
                                                checkpoint_meta=meta)}  # fmt: skip
     results["held_out_cosine"]["mamba"] = held_out_cosine(mamba, "mamba", data, held_out, kinds, device)
-    run.mark("mamba_trained")
+    run.record.mark("mamba_trained")
 
     # 5. The Transformer control: same batches, same number of steps
     transformer = build_transformer_student(
@@ -732,13 +747,13 @@ def run_training(work: Path, output: Path, resume: Path | None, student: str = S
     results["held_out_cosine"]["transformer"] = held_out_cosine(
         transformer, "transformer", data, held_out, kinds, device
     )
-    run.mark("transformer_trained")
+    run.record.mark("transformer_trained")
 
     # 6. Evaluation (runs only; scored with ir-measures by the `score` subcommand)
     mamba.max_seq_length = SAVED_MAX_SEQ_LENGTH
     models = {"mamba": mamba, "teacher": teacher, "transformer": transformer}  # in the order they are evaluated
     results["runs"] = evaluate_all(models, work / "data", deadline - 25)
-    run.mark("evaluated")
+    run.record.mark("evaluated")
 
     # 7. Speed on this device, fp16 for all three (the teacher already is)
     if time.time() < deadline - 20:
@@ -747,7 +762,7 @@ def run_training(work: Path, output: Path, resume: Path | None, student: str = S
         texts_by_length = {512: fixed_length_texts(mamba.tokenizer, run.texts[:2000], 512, 256 if not smoke else 4),
                            8192: fixed_length_texts(mamba.tokenizer, run.texts[:2000], 8192, 32 if not smoke else 2)}  # fmt: skip
         results["speed"] = encoding_speed(models, texts_by_length, device)
-        run.mark("speed")
+        run.record.mark("speed")
     return results
 
 

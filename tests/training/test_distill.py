@@ -235,6 +235,7 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     data = distill.TrainData(ids, torch.nn.functional.normalize(torch.randn(len(ids), 384), dim=-1),
                              list(range(len(ids))), [], pad_id=0)  # fmt: skip
     tensors, meta = distill.load_checkpoint(out)
+    assert distill.checkpoint_meta(out) == meta  # the same metadata, without reading the tensors
     assert meta["total_steps"] is None and meta["trained_seconds"] >= meta["seconds"] == 2.0  # a timed run, done
     assert (meta["student"], meta["pooling"]) == ("tiny-mean", "mean")
     stepped = dict(meta, total_steps=meta["step"] + 2)  # a run planned in steps: 2 to go
