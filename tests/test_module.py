@@ -121,6 +121,22 @@ def test_save_load_round_trip(tiny_model, tmp_path):
     assert reloaded.max_seq_length == 256
 
 
+def test_bf16_weights_on_cpu_stay_close_to_fp32(tiny_model, tmp_path):
+    """``model_kwargs={"torch_dtype": "bfloat16"}`` loads bf16 weights; on CPU they run through the fast paths."""
+    texts = random_texts(6, seed=14, max_words=80)
+    with st_mamba.ops.use_backend("reference"):
+        expected = tiny_model.encode(texts, convert_to_tensor=True)
+    tiny_model.save(str(tmp_path))
+    model = SentenceTransformer(
+        str(tmp_path), trust_remote_code=True, device="cpu", model_kwargs={"torch_dtype": "bfloat16"}
+    )
+    assert {p.dtype for p in encoder_of(model).backbone.parameters()} == {torch.bfloat16}
+    actual = model.encode(texts, convert_to_tensor=True)
+    error = (actual.float() - expected).abs().max().item()
+    assert error <= 3e-2, f"max abs error {error:.3g} of unit-length embeddings in bf16"
+    assert torch.nn.functional.cosine_similarity(actual.float(), expected).min().item() >= 0.999
+
+
 def test_loading_custom_module_needs_trust_remote_code(tiny_model, tmp_path):
     tiny_model.save(str(tmp_path))
     with pytest.raises(ValueError, match="trust_remote_code"):

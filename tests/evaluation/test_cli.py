@@ -66,6 +66,17 @@ def test_beir_model_compares_document_modes(saved_model, tiny_beir, tmp_path, ca
     assert json.loads(output.read_text())["results"][0]["settings"]["stream_chunk_size"] == 8
 
 
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_beir_model_loads_in_the_dtype_asked_for(saved_model, tiny_beir, tmp_path, capsys, dtype):
+    output = tmp_path / "results.json"
+    options = ["--dtype", dtype] if dtype else []
+    status = main(["beir", "--model", str(saved_model), "--data", str(tiny_beir), "--no-progress", "--output", str(output), *options])  # fmt: skip
+    assert status == 0, capsys.readouterr().err
+    result = json.loads(output.read_text())["results"][0]
+    assert result["settings"]["dtype"] == (dtype or "float32")
+    assert 0.0 <= result["scores"]["nDCG@10"] <= 1.0
+
+
 def test_beir_rerank_reports_first_stage_and_model(saved_model, tiny_beir, capsys):
     run_file = tiny_beir / "runs" / "first-stage.trec"
     arguments = [
