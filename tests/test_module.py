@@ -85,7 +85,9 @@ def test_prompts_are_used_and_explicit_prompt_wins(tiny_model):
     assert np.abs(query - tiny_model.encode(text)).max() > 1e-5
     document = tiny_model.encode_document(text)
     assert np.allclose(document, tiny_model.encode(text, prompt="passage: "), atol=1e-6)
-    assert np.allclose(tiny_model.encode_query(text, prompt="custom: "), tiny_model.encode(["custom: " + text[0]]), atol=1e-6)
+    assert np.allclose(
+        tiny_model.encode_query(text, prompt="custom: "), tiny_model.encode(["custom: " + text[0]]), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("bad", [None, 3, b"bytes", ["nested"]])
