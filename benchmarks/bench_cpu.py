@@ -1,6 +1,6 @@
 """CPU encoding throughput: st-mamba against transformers' Mamba (its CPU path) and BERT-base.
 
-All in one process on this machine, fp32, random weights (speed does not depend on training),
+All in one process on this machine, fp32 (and bf16 where the CPU has it), random weights (speed does not depend on training),
 inference mode, the mamba-130m shape (d_model 768, 24 layers, d_state 16, vocab 50,280):
 
 1. tokens/s of the forward pass at batch 4 x 512 and 1 x 4096 tokens for
@@ -12,7 +12,9 @@ inference mode, the mamba-130m shape (d_model 768, 24 layers, d_state 16, vocab 
      through ``ops.linear`` (what st-mamba uses: oneDNN on CPU) and once through ``F.linear`` (MKL);
 2. st-mamba and BERT-base again after ``st_mamba.ops.cpu.keep_freed_memory()``: glibc's malloc
    then keeps freed memory instead of mapping every large tensor afresh (page faults);
-3. where st-mamba's time goes at 4 x 512: projections, convolution, scan and the rest.
+3. st-mamba, BERT-base and the GEMM floor with bf16 weights, where the CPU multiplies bf16 natively
+   (AVX512-BF16 or AMX, as oneDNN reports it), and how far st-mamba's bf16 outputs are from fp32;
+4. where st-mamba's time goes at 4 x 512: projections, convolution, scan and the rest.
 
 Each number is the median of several runs after one warm-up; the slow transformers Mamba gets
 fewer runs (the table says how many) so that the whole benchmark stays under ten minutes. Other
@@ -50,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## CPU"
 VOCAB, D_MODEL, N_LAYER, D_STATE = 50280, 768, 24, 16  # mamba-130m
 KEPT = "malloc keeps freed memory"  # the rows measured after ops.cpu.keep_freed_memory()
+BF16 = "bf16 weights"  # the rows measured with every weight (and so every activation) in bfloat16
 SHAPES = [(4, 512), (1, 4096)]  # (batch, tokens per text)
 QUICK_SHAPES = [(2, 64), (1, 256)]
 RUNS = {
@@ -61,9 +64,9 @@ RUNS = {
 }
 
 
-def build_st_mamba() -> Callable[[torch.Tensor], torch.Tensor]:
+def build_st_mamba(dtype: torch.dtype = torch.float32) -> Callable[[torch.Tensor], torch.Tensor]:
     config = MambaConfig(d_model=D_MODEL, n_layer=N_LAYER, vocab_size=VOCAB, d_state=D_STATE)
-    return MambaBackbone(config).reset_parameters(seed=0).eval()
+    return MambaBackbone(config).reset_parameters(seed=0).eval().to(dtype)
 
 
 def build_hf_mamba() -> Callable[[torch.Tensor], torch.Tensor]:
@@ -77,28 +80,30 @@ def build_hf_mamba() -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda ids: model(ids).last_hidden_state
 
 
-def build_bert(max_len: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def build_bert(max_len: int, dtype: torch.dtype = torch.float32) -> Callable[[torch.Tensor], torch.Tensor]:
     from transformers import BertConfig, BertModel
 
     config = BertConfig(max_position_embeddings=max_len)  # BERT-base: 768 wide, 12 layers, 12 heads
-    model = BertModel(config, add_pooling_layer=False).eval()
+    model = BertModel(config, add_pooling_layer=False).eval().to(dtype)
     return lambda ids: model(ids % config.vocab_size).last_hidden_state
 
 
-def build_gemm_floor(linear: Callable = ops.linear) -> Callable[[torch.Tensor], torch.Tensor]:
+def build_gemm_floor(
+    linear: Callable = ops.linear, dtype: torch.dtype = torch.float32
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """The four projections of every layer (in_proj, x_proj, dt_proj, out_proj) as plain matmuls, nothing else."""
     d_inner, dt_rank = 2 * D_MODEL, D_MODEL // 16
     g = torch.Generator().manual_seed(0)
 
     def weight(rows: int, cols: int) -> torch.Tensor:
-        return torch.randn(rows, cols, generator=g) / cols**0.5
+        return (torch.randn(rows, cols, generator=g) / cols**0.5).to(dtype)
 
     layers = [
         (weight(2 * d_inner, D_MODEL), weight(dt_rank + 2 * D_STATE, d_inner), weight(d_inner, dt_rank),
          weight(D_MODEL, d_inner))
         for _ in range(N_LAYER)
     ]  # fmt: skip
-    inputs = torch.randn(1024, D_MODEL, generator=g)
+    inputs = torch.randn(1024, D_MODEL, generator=g).to(dtype)
 
     def forward(ids: torch.Tensor) -> torch.Tensor:
         hidden = inputs[ids % len(inputs)]  # (B, L, D)
@@ -134,6 +139,21 @@ def throughput(build: Callable[[], Callable], shapes: list[tuple[int, int]], run
         rows.append({"shape": f"{batch} x {length}", "tok_s": batch * length / seconds, "runs": runs, "s": seconds})
         print(f"  {batch} x {length}: {batch * length / seconds:,.0f} tok/s (median of {runs}: {seconds:.2f} s)")
     return rows
+
+
+def bf16_agreement(batch: int, length: int) -> dict[str, float]:
+    """How far st-mamba's bf16 forward is from its fp32 forward, same weights and tokens.
+
+    The last token's hidden state is what an EOS-pooled encoder returns (before normalising), so its
+    cosine to fp32 is what retrieval sees; the max abs difference over all tokens is for scale.
+    """
+    ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        exact = build_st_mamba()(ids)
+        bf16 = build_st_mamba(torch.bfloat16)(ids).float()
+    cosine = F.cosine_similarity(bf16[:, -1], exact[:, -1], dim=-1)
+    return {"min_cosine": cosine.min().item(), "max_abs": (bf16 - exact).abs().max().item(),
+            "max_abs_fp32": exact.abs().max().item()}  # fmt: skip
 
 
 def breakdown(batch: int, length: int, runs: int) -> dict[str, float]:
@@ -198,7 +218,7 @@ def render(results: dict) -> str:
         SECTION,
         "",
         f"Measured {results['date']} on {results['machine']}, with "
-        f"`{results['command']}`. fp32, random weights, inference mode, median of the runs after one "
+        f"`{results['command']}`. fp32 unless a row says bf16, random weights, inference mode, median of the runs after one "
         f"warm-up. Other processes shared the machine (load average {results['load_before']:.1f} before, "
         f"{results['load_after']:.1f} after, on {os.cpu_count()} cores), so the numbers are noisy; compare "
         "rows of the same run.",
@@ -216,6 +236,20 @@ def render(results: dict) -> str:
         "its pages fault in on first touch. How often depends on what the process allocated before "
         "(glibc adapts its threshold), so the default rows move between runs more than the others.",
         "",
+    ]
+    if "bf16_agreement" in results:
+        agreement = results["bf16_agreement"]
+        lines += [
+            f'Rows marked "{BF16}" hold every weight in bfloat16 (`model.to(torch.bfloat16)`, or '
+            '`model_kwargs={"torch_dtype": "bfloat16"}` when loading a SentenceTransformer): the matmuls run '
+            "in bf16 with fp32 accumulation (oneDNN), the scan and the convolution in fp32 on bf16 inputs. "
+            f"Against the fp32 forward at {results['breakdown_shape'].split(',')[0]} (same weights, same tokens), "
+            f"the last token's hidden state (the EOS embedding) has cosine >= {agreement['min_cosine']:.5f}; "
+            f"the largest abs difference over all tokens is {agreement['max_abs']:.3g} (largest fp32 value "
+            f"{agreement['max_abs_fp32']:.3g}).",
+            "",
+        ]
+    lines += [
         f"Where st-mamba's time goes at {results['breakdown_shape']} (seconds per forward, 24 layers; "
         "each part timed on its own, back to back):",
         "",
@@ -252,7 +286,7 @@ def plot(results: dict, path: Path) -> None:
 
     names = list(results["throughput"])
     shapes = [row["shape"] for row in results["throughput"][names[0]]]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         values = [row["tok_s"] for row in results["throughput"][name]]
@@ -260,7 +294,7 @@ def plot(results: dict, path: Path) -> None:
         ax.bar_label(bars, [f"{v:,.0f}" for v in values], fontsize=7)
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(shapes))], [f"{s} tokens" for s in shapes])
     ax.set_ylabel("tokens / s (higher is better)")
-    ax.set_title(f"CPU encoding, fp32, {os.cpu_count()} cores ({results['date']})")
+    ax.set_title(f"CPU encoding, {os.cpu_count()} cores ({results['date']})")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -297,7 +331,23 @@ def main() -> None:
             print(f"{name}, {KEPT}:")
             results["throughput"][f"{name}, {KEPT}"] = throughput(builders[name], shapes, runs[name])
 
-    # 3. Where st-mamba's time goes, without the page faults where malloc now keeps freed memory.
+    # 3. bf16 weights, where this CPU multiplies bf16 natively (else bf16 would only be slower).
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        bf16_builders = {
+            "st-mamba": lambda: build_st_mamba(torch.bfloat16),
+            "GEMM floor (ops.linear)": lambda: build_gemm_floor(dtype=torch.bfloat16),
+            "BERT-base": lambda: build_bert(max(length for _, length in shapes), torch.bfloat16),
+        }
+        label = f"{BF16}, {KEPT}" if kept else BF16
+        for name, build in bf16_builders.items():
+            print(f"{name}, {label}:")
+            results["throughput"][f"{name}, {label}"] = throughput(build, shapes, runs[name])
+        results["bf16_agreement"] = bf16_agreement(*shapes[0])
+        print(f"bf16 against fp32: {results['bf16_agreement']}")
+    else:
+        print("no native bf16 matmul on this CPU (oneDNN): the bf16 rows are skipped")
+
+    # 4. Where st-mamba's time goes, without the page faults where malloc now keeps freed memory.
     batch, length = shapes[0]
     results["breakdown"] = breakdown(batch, length, runs["st-mamba"])
     results.update(
@@ -310,7 +360,7 @@ def main() -> None:
         load_after=os.getloadavg()[0],
     )
 
-    # 4. The section of docs/benchmarks.md, the plot, and the table last.
+    # 5. The section of docs/benchmarks.md, the plot, and the table last.
     section = render(results)
     if docs_dir is not None:
         docs_dir.mkdir(parents=True, exist_ok=True)
