@@ -13,11 +13,17 @@ too few (sequence, channel block) pairs to fill the GPU, sequences are cut into 
 side: phase 1 gives each chunk's end state from a zero start, phase 2 folds the earlier chunks'
 end states into each chunk's start state and produces the outputs.
 
-Selective scan, backward (``_scan_bwd_kernel``). A reverse walk over tiles of ``BLOCK_T`` tokens.
-The forward kernel first re-runs to store the state at every tile start (nothing but the inputs is
-kept from the forward pass). Inside a tile, the states h_t come from a parallel scan forward from
-the tile's start state, and the adjoints g_t = C_t dy_t + a_{t+1} g_{t+1} from a parallel scan
-backward from the next tile's first adjoint; every gradient is then a local product of the two.
+Selective scan, backward (``_scan_bwd_kernel``). The forward kernel first re-runs to store the
+state before every tile of ``SCAN_BWD_TILE`` tokens (nothing but the inputs is kept from the forward
+pass). One program then owns ``BLOCK_D`` channels of one sequence (or chunk) and takes its tiles from
+last to first, walking each twice token by token as the forward walks, with no scan across threads:
+forward from the tile's checkpoint, writing the state before each token to the program's scratch
+slab (global memory, reused tile after tile, so it stays in cache) and taking dz and dC, which need
+the state after the token; then backward, reading those states back, with the adjoint
+g_t = C_t dy_t + a_{t+1} g_{t+1} carried in registers, for dx, ddt, dB and the sums of dA, dD and
+ddt_bias. The adjoint's recurrence is linear like the state's, so long sequences are chunked as in
+the forward: phase 1 (``_scan_bwd_carry_kernel``) gives what each chunk passes back to the one before
+it from a zero carry, and phase 2 folds the later chunks' into the carry at each chunk's end.
 
 Causal convolution. One program per (token block, channel block): the K shifted windows are read
 straight from the (possibly strided) input, so the x half of ``in_proj``'s output needs no copy.
@@ -34,15 +40,20 @@ from torch import Tensor
 
 LOG2E = math.log2(math.e)
 
-# Launch shapes, from the H200 measurements (benchmarks/bench_encode.py). The forward scan runs one
-# warp per program: with one warp the per-token vectors and the state tile share a layout, so no
-# token pays for a shuffle through shared memory (read off the SASS: no BAR in the loop). The
-# backward tile holds BLOCK_T x N x BLOCK_D values per tensor.
+# Launch shapes, from the H200 measurements (benchmarks/bench_encode.py). The scans run one warp per
+# program: with one warp the per-token vectors and the state tile share a layout, so no token pays
+# for a shuffle through shared memory (read off the SASS: no BAR in the forward loop; the backward
+# loops have one per token, where the 16 sums of dB or dC go to their store layout). The backward
+# keeps a checkpoint every SCAN_BWD_TILE tokens and a scratch slab of SCAN_BWD_TILE states per
+# program. Forward + backward of a mamba-130m layer (128 x 512 tokens, bf16) on the H200: 6.6 ms
+# with tiles of 8, 6.9 with 16 (likely because the slabs of the ~1000 programs in flight, 32 KB
+# each, then fit in the 60 MB L2); 7.2 with 32 channels a program; slower still with a register
+# cap (maxnreg), whose spills cost more than the occupancy it buys.
 SCAN_FWD_BLOCK_D = 64
 SCAN_FWD_WARPS = 1
-SCAN_BWD_BLOCK_T = 8
-SCAN_BWD_BLOCK_D = 32
-SCAN_BWD_WARPS = 4
+SCAN_BWD_TILE = 8
+SCAN_BWD_BLOCK_D = 64
+SCAN_BWD_WARPS = 1
 # With fewer (sequence, channel block) programs than SCAN_MIN_PROGRAMS, the forward scan cuts the
 # sequences into chunks of at least SCAN_MIN_CHUNK tokens, aiming at SCAN_CHUNK_PROGRAMS programs.
 SCAN_MIN_PROGRAMS = 256
@@ -68,12 +79,6 @@ def _sigmoid(u):
 
 
 @triton.jit
-def _affine_combine(a_first, b_first, a_second, b_second):
-    # Compose h -> a_first h + b_first, then h -> a_second h + b_second.
-    return a_first * a_second, a_second * b_first + b_second
-
-
-@triton.jit
 def _find_segment(offsets_ptr, index, n_segments, STEPS: tl.constexpr):
     """For each entry of ``index``, the segment s with offsets[s] <= index < offsets[s + 1] (bisection)."""
     lo = tl.zeros_like(index)
@@ -84,6 +89,35 @@ def _find_segment(offsets_ptr, index, n_segments, STEPS: tl.constexpr):
         lo = tl.where(right, mid, lo)
         hi = tl.where(right, hi, mid)
     return lo
+
+
+@triton.jit
+def _chunk_span(
+    chunk_id, cu_ptr, chunk_off_ptr, seqlen, n_seq, chunk, chunks_per_seq,
+    VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+):  # fmt: skip
+    """Where chunk ``chunk_id`` (numbered over the whole batch) lies.
+
+    Returns its sequence, that sequence's batch row (0 when packed), first token, end token, first
+    chunk and last chunk, and the chunk's own first and end token.
+    """
+    if VARLEN:
+        seq = _find_segment(chunk_off_ptr, chunk_id, n_seq, SEARCH_STEPS)
+        first_chunk = tl.load(chunk_off_ptr + seq)
+        last_chunk = tl.load(chunk_off_ptr + seq + 1) - 1
+        start = tl.load(cu_ptr + seq)
+        end = tl.load(cu_ptr + seq + 1)
+        batch = 0
+    else:
+        seq = chunk_id // chunks_per_seq
+        first_chunk = seq * chunks_per_seq
+        last_chunk = first_chunk + chunks_per_seq - 1
+        start = 0
+        end = seqlen
+        batch = seq
+    t_begin = start + (chunk_id - first_chunk) * chunk
+    t_end = tl.minimum(t_begin + chunk, end)
+    return seq, batch, start, end, first_chunk, last_chunk, t_begin, t_end
 
 
 def _search_steps(n: int, varlen: bool) -> int:
@@ -126,23 +160,12 @@ def _scan_fwd_kernel(
     """PHASE 1: a chunk's end state from zero (and its summed dt). PHASE 2: outputs and/or checkpoints."""
     chunk_id = tl.program_id(0)  # global chunk index: also the row of chunk_state / chunk_dtsum
     if VARLEN:
-        seq = _find_segment(chunk_off_ptr, chunk_id, n_seq, SEARCH_STEPS)
-        if chunk_id >= tl.load(chunk_off_ptr + n_seq):
+        if chunk_id >= tl.load(chunk_off_ptr + n_seq):  # the grid is an upper bound on the chunk count
             return
-        first_chunk = tl.load(chunk_off_ptr + seq)
-        start = tl.load(cu_ptr + seq)
-        end = tl.load(cu_ptr + seq + 1)
-        batch = 0
-    else:
-        seq = chunk_id // chunks_per_seq
-        first_chunk = seq * chunks_per_seq
-        start = 0
-        end = seqlen
-        batch = seq
+    seq, batch, start, end, first_chunk, last_chunk, t_begin, t_end = _chunk_span(
+        chunk_id, cu_ptr, chunk_off_ptr, seqlen, n_seq, chunk, chunks_per_seq, VARLEN, SEARCH_STEPS
+    )
     pid_d = tl.program_id(1)
-    local_chunk = chunk_id - first_chunk
-    t_begin = start + local_chunk * chunk
-    t_end = tl.minimum(t_begin + chunk, end)
     if PHASE == 1:
         if t_end == end:  # the last chunk's end state is nobody's start state
             return
@@ -243,148 +266,276 @@ def _scan_fwd_kernel(
 
 
 @_jit
-def _scan_bwd_kernel(
-    x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, dy_ptr, ckpt_ptr, dhfinal_ptr, cu_ptr, tile_off_ptr,
-    dx_ptr, ddt_ptr, dz_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr, dh0_ptr,
-    seqlen, d_inner, d_state,
-    stride_xb, stride_xt, stride_dtb, stride_dtt, stride_zb, stride_zt,
-    stride_bb, stride_bt, stride_cb, stride_ct, stride_dyb, stride_dyt,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_DHFINAL: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+def _scan_bwd_carry_kernel(
+    dt_ptr, z_ptr, c_ptr, a_ptr, bias_ptr, dy_ptr, chunk_carry_ptr, chunk_dtsum_ptr, cu_ptr, chunk_off_ptr,
+    seqlen, n_seq, d_inner, d_state, chunk, chunks_per_seq,
+    stride_dtb, stride_dtt, stride_zb, stride_zt, stride_cb, stride_ct, stride_dyb, stride_dyt,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One program: BLOCK_D channels of one sequence, tiles of BLOCK_T tokens from last to first.
+    """Phase 1 of a chunked backward: what each chunk passes back to the chunk before it from a zero carry.
 
-    Writes dx, ddt, dz (same layout as the inputs, contiguous), adds dB and dC into fp32 (rows, N)
-    buffers, and writes per-sequence partial sums of dA, dD and ddt_bias.
+    That is a_first g_first, with g_t = C_t dy_t + a_{t+1} g_{t+1} over the chunk and g = 0 after it;
+    a carry G arriving from after the chunk adds exp(A * sum dt) G to it, so the summed dt is stored too.
     """
-    seq = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    chunk_id = tl.program_id(0)
     if VARLEN:
-        start = tl.load(cu_ptr + seq)
-        end = tl.load(cu_ptr + seq + 1)
-        batch = 0
-        ckpt_base = tl.load(tile_off_ptr + seq)
-    else:
-        start = 0
-        end = seqlen
-        batch = seq
-        ckpt_base = seq * tl.cdiv(seqlen, BLOCK_T)
-    n_tiles = tl.cdiv(end - start, BLOCK_T)
+        if chunk_id >= tl.load(chunk_off_ptr + n_seq):
+            return
+    seq, batch, start, end, first_chunk, last_chunk, t_begin, t_end = _chunk_span(
+        chunk_id, cu_ptr, chunk_off_ptr, seqlen, n_seq, chunk, chunks_per_seq, VARLEN, SEARCH_STEPS
+    )
+    if t_begin == start:  # what the first chunk passes back is dh0, which phase 2 finds
+        return
 
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_t = tl.arange(0, BLOCK_T)
     mask_d = offs_d < d_inner
     mask_n = offs_n < d_state
     mask_nd = mask_n[:, None] & mask_d[None, :]
-    A = tl.load(a_ptr + offs_n[:, None] * d_inner + offs_d[None, :], mask=mask_nd, other=0.0)  # (N, BLOCK_D), from A^T
-    A2 = A * 1.4426950408889634
+    A2 = tl.load(a_ptr + offs_n[:, None] * d_inner + offs_d[None, :], mask=mask_nd, other=0.0) * 1.4426950408889634
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
+
+    dt_row = dt_ptr + batch * stride_dtb + offs_d
+    z_row = z_ptr + batch * stride_zb + offs_d
+    c_row = c_ptr + batch * stride_cb + offs_n
+    dy_row = dy_ptr + batch * stride_dyb + offs_d
+    carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dtsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # Token t - 1's inputs are loaded while token t is computed.
+    t_last = t_end.to(tl.int64) - 1  # row offsets can pass 2**31 elements in long packed batches
+    dt_next = tl.load(dt_row + t_last * stride_dtt, mask=mask_d, other=0.0)
+    c_next = tl.load(c_row + t_last * stride_ct, mask=mask_n, other=0.0)
+    dy_next = tl.load(dy_row + t_last * stride_dyt, mask=mask_d, other=0.0)
+    if HAS_Z:
+        z_next = tl.load(z_row + t_last * stride_zt, mask=mask_d, other=0.0)
+    for back in range(0, t_end - t_begin):
+        t = t_last - back
+        dt = dt_next.to(tl.float32)
+        Ct = c_next.to(tl.float32)
+        dy = dy_next.to(tl.float32)
+        if HAS_Z:
+            z = z_next.to(tl.float32)
+        t1 = t - 1
+        more = t1 >= t_begin
+        dt_next = tl.load(dt_row + t1 * stride_dtt, mask=mask_d & more, other=0.0)
+        c_next = tl.load(c_row + t1 * stride_ct, mask=mask_n & more, other=0.0)
+        dy_next = tl.load(dy_row + t1 * stride_dyt, mask=mask_d & more, other=0.0)
+        if HAS_Z:
+            z_next = tl.load(z_row + t1 * stride_zt, mask=mask_d & more, other=0.0)
+
+        if HAS_BIAS:
+            dt = dt + bias
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        if HAS_Z:
+            dy = dy * z * _sigmoid(z)  # the gradient reaching y before the gate
+        dtsum += dt
+        carry = tl.exp2(A2 * dt[None, :]) * (carry + Ct[:, None] * dy[None, :])
+
+    state_offs = chunk_id * d_inner * d_state + offs_n[:, None] * d_inner + offs_d[None, :]
+    tl.store(chunk_carry_ptr + state_offs, carry, mask=mask_nd)
+    tl.store(chunk_dtsum_ptr + chunk_id * d_inner + offs_d, dtsum, mask=mask_d)
+
+
+@_jit
+def _scan_bwd_kernel(
+    x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, dy_ptr, dhfinal_ptr,
+    ckpt_ptr, chunk_carry_ptr, chunk_dtsum_ptr, scratch_ptr, cu_ptr, chunk_off_ptr, tile_off_ptr,
+    dx_ptr, ddt_ptr, dz_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr, dh0_ptr,
+    seqlen, n_seq, n_tokens, d_inner, d_state, chunk, chunks_per_seq,
+    stride_xb, stride_xt, stride_dtb, stride_dtt, stride_zb, stride_zt,
+    stride_bb, stride_bt, stride_cb, stride_ct, stride_dyb, stride_dyt,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_DHFINAL: tl.constexpr, VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_D channels of one chunk of one sequence, its tiles of TILE tokens from last to first.
+
+    Writes dx, ddt, dz (in the dtypes of x, dt, z), this channel block's share of every token's dB and
+    dC, and this chunk's share of dA, dD and ddt_bias; the first chunk of a sequence writes its dh0.
+    """
+    chunk_id = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    if VARLEN:
+        if chunk_id >= tl.load(chunk_off_ptr + n_seq):
+            return
+    seq, batch, start, end, first_chunk, last_chunk, t_begin, t_end = _chunk_span(
+        chunk_id, cu_ptr, chunk_off_ptr, seqlen, n_seq, chunk, chunks_per_seq, VARLEN, SEARCH_STEPS
+    )
+
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < d_inner
+    mask_n = offs_n < d_state
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    # The (N, BLOCK_D) tiles lie as in the forward kernel (N down the tile, so that sums over N stay
+    # in-thread). A2 = A log2(e): the decays are exp2(A2 dt), and ddt's sum over N is taken against A2.
+    A2 = tl.load(a_ptr + offs_n[:, None] * d_inner + offs_d[None, :], mask=mask_nd, other=0.0) * 1.4426950408889634
     if HAS_D:
         D = tl.load(d_ptr + offs_d, mask=mask_d, other=0.0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
-    state_offs = offs_n[:, None] * d_inner + offs_d[None, :]
-    hfinal_offs = seq * d_inner * d_state + offs_d[None, :] * d_state + offs_n[:, None]
+    seq_state_offs = seq * d_inner * d_state + offs_d[None, :] * d_state + offs_n[:, None]  # in (n, Di, N) tensors
 
+    # carry = a_{t+1} g_{t+1}: the adjoint that reaches token t from the token after it. After the
+    # chunk's last token it is dh_final carried back through the later chunks: each adds what it
+    # passes back from a zero carry (phase 1) to the carry it received, decayed by exp(A * its summed dt).
     if HAS_DHFINAL:
-        g_carry = tl.load(dhfinal_ptr + hfinal_offs, mask=mask_nd, other=0.0)
+        carry = tl.load(dhfinal_ptr + seq_state_offs, mask=mask_nd, other=0.0)
     else:
-        g_carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for i in range(0, last_chunk - chunk_id):
+        later = last_chunk - i
+        dtsum = tl.load(chunk_dtsum_ptr + later * d_inner + offs_d, mask=mask_d, other=0.0)
+        passed = tl.load(chunk_carry_ptr + later * d_inner * d_state + offs_n[:, None] * d_inner + offs_d[None, :], mask=mask_nd, other=0.0)  # fmt: skip
+        carry = tl.exp2(A2 * dtsum[None, :]) * carry + passed
     dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
-    for step in range(0, n_tiles):
-        tile = n_tiles - 1 - step
-        t = start + tile * BLOCK_T + offs_t  # (BLOCK_T,)
-        in_seq = t < end
-        next_in_seq = (t + 1) < end
-        rows = t.to(tl.int64)
-        if VARLEN:
-            token_rows = rows  # row of the contiguous (rows, Di) gradient outputs and (rows, N) dB, dC
-        else:
-            token_rows = batch * seqlen + rows
-        out_offs = token_rows[:, None] * d_inner + offs_d[None, :]
-        m_td = in_seq[:, None] & mask_d[None, :]
-        m_tn = in_seq[:, None] & mask_n[None, :]
-        x = tl.load(x_ptr + batch * stride_xb + rows[:, None] * stride_xt + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)  # fmt: skip
-        dt_raw = tl.load(dt_ptr + batch * stride_dtb + rows[:, None] * stride_dtt + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)  # fmt: skip
-        dt_raw_next = tl.load(dt_ptr + batch * stride_dtb + (rows + 1)[:, None] * stride_dtt + offs_d[None, :], mask=next_in_seq[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        dy = tl.load(dy_ptr + batch * stride_dyb + rows[:, None] * stride_dyt + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)  # fmt: skip
-        Bt = tl.load(b_ptr + batch * stride_bb + rows[:, None] * stride_bt + offs_n[None, :], mask=m_tn, other=0.0).to(tl.float32)  # fmt: skip
-        Ct = tl.load(c_ptr + batch * stride_cb + rows[:, None] * stride_ct + offs_n[None, :], mask=m_tn, other=0.0).to(tl.float32)  # fmt: skip
-        if HAS_BIAS:
-            dt_raw = dt_raw + bias[None, :]
-            dt_raw_next = dt_raw_next + bias[None, :]
-        dt = dt_raw
-        dt_next = dt_raw_next
-        if SOFTPLUS:
-            dt = _softplus(dt_raw)
-            dt_next = _softplus(dt_raw_next)
-        dt = tl.where(m_td, dt, 0.0)  # padding rows: decay 1, input 0
+    # This program's scratch holds the state before each token of the tile in hand: (TILE, N, BLOCK_D),
+    # channels contiguous like the state tile's other loads (A, the checkpoints): a layout of N
+    # contiguous makes Triton lay the tile out along N and convert it through shared memory per token.
+    slot_size = BLOCK_N * BLOCK_D
+    program = chunk_id * tl.num_programs(1) + pid_d
+    scratch = scratch_ptr + program.to(tl.int64) * (TILE * slot_size) + offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]  # fmt: skip
+    if VARLEN:
+        ckpt_base = tl.load(tile_off_ptr + seq)
+    else:
+        ckpt_base = seq * tl.cdiv(seqlen, TILE)
+    ckpt_offs = offs_n[:, None] * d_inner + offs_d[None, :]
 
-        # States inside the tile, from the checkpointed start state.
-        a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (BLOCK_T, N, BLOCK_D)
-        dtx = dt * x
-        b = Bt[:, :, None] * dtx[:, None, :]
-        a_cum, h_local = tl.associative_scan((a, b), 0, _affine_combine)
-        h_start = tl.load(ckpt_ptr + (ckpt_base + tile).to(tl.int64) * d_inner * d_state + state_offs, mask=mask_nd, other=0.0)  # fmt: skip
-        h = a_cum * h_start[None, :, :] + h_local
+    x_row = x_ptr + batch * stride_xb + offs_d
+    dt_row = dt_ptr + batch * stride_dtb + offs_d
+    z_row = z_ptr + batch * stride_zb + offs_d
+    b_row = b_ptr + batch * stride_bb + offs_n
+    c_row = c_ptr + batch * stride_cb + offs_n
+    dy_row = dy_ptr + batch * stride_dyb + offs_d
+    out_row = batch * seqlen  # row of the contiguous (rows, Di) gradients, and of the (blocks, rows, N) dB, dC shares
+    db_row = db_ptr + pid_d.to(tl.int64) * n_tokens * d_state + offs_n
+    dc_row = dc_ptr + pid_d.to(tl.int64) * n_tokens * d_state + offs_n
+    first_tile = (t_begin - start) // TILE  # chunks hold whole tiles (the host makes chunk a multiple of TILE)
+    n_tiles = tl.cdiv(t_end - t_begin, TILE)
+    for tile_step in range(0, n_tiles):
+        tile = first_tile + n_tiles - 1 - tile_step
+        tile_begin = (start + tile * TILE).to(tl.int64)
+        tile_end = tl.minimum(tile_begin + TILE, t_end)
+        h = tl.load(ckpt_ptr + (ckpt_base + tile).to(tl.int64) * d_inner * d_state + ckpt_offs, mask=mask_nd, other=0.0)  # fmt: skip
 
-        # Adjoints g_t = C_t dy_t + a_{t+1} g_{t+1}, from the next tile's first adjoint.
+        # 1. Forward over the tile from its checkpoint. It stores the state before each token, and
+        # takes the gradients that need the state after it: dz (through y) and dC.
+        # Triton picks which thread holds which element, so the thread that reads a state back need
+        # not be the one that wrote it: a barrier orders the two walks' scratch accesses.
+        tl.debug_barrier()
+        x_next = tl.load(x_row + tile_begin * stride_xt, mask=mask_d, other=0.0)
+        dt_next = tl.load(dt_row + tile_begin * stride_dtt, mask=mask_d, other=0.0)
+        b_next = tl.load(b_row + tile_begin * stride_bt, mask=mask_n, other=0.0)
+        c_next = tl.load(c_row + tile_begin * stride_ct, mask=mask_n, other=0.0)
+        dy_next = tl.load(dy_row + tile_begin * stride_dyt, mask=mask_d, other=0.0)
         if HAS_Z:
-            z = tl.load(z_ptr + batch * stride_zb + rows[:, None] * stride_zt + offs_d[None, :], mask=m_td, other=0.0).to(tl.float32)  # fmt: skip
-            gate_sig = _sigmoid(z)
-            dy_ssm = dy * z * gate_sig
-        else:
+            z_next = tl.load(z_row + tile_begin * stride_zt, mask=mask_d, other=0.0)
+        for t in range(tile_begin, tile_end):
+            x = x_next.to(tl.float32)
+            dt = dt_next.to(tl.float32)
+            Bt = b_next.to(tl.float32)
+            Ct = c_next.to(tl.float32)
+            dy = dy_next.to(tl.float32)
+            if HAS_Z:
+                z = z_next.to(tl.float32)
+            t1 = t + 1
+            more = t1 < tile_end
+            x_next = tl.load(x_row + t1 * stride_xt, mask=mask_d & more, other=0.0)
+            dt_next = tl.load(dt_row + t1 * stride_dtt, mask=mask_d & more, other=0.0)
+            b_next = tl.load(b_row + t1 * stride_bt, mask=mask_n & more, other=0.0)
+            c_next = tl.load(c_row + t1 * stride_ct, mask=mask_n & more, other=0.0)
+            dy_next = tl.load(dy_row + t1 * stride_dyt, mask=mask_d & more, other=0.0)
+            if HAS_Z:
+                z_next = tl.load(z_row + t1 * stride_zt, mask=mask_d & more, other=0.0)
+
+            tl.store(scratch + (t - tile_begin) * slot_size, h)
+            if HAS_BIAS:
+                dt = dt + bias
+            if SOFTPLUS:
+                dt = _softplus(dt)
+            h = tl.exp2(A2 * dt[None, :]) * h + Bt[:, None] * (dt * x)[None, :]
+            dy_ssm = dy  # the gradient reaching y before the gate
+            if HAS_Z:
+                gate = _sigmoid(z)
+                dy_ssm = dy * z * gate
+                y = tl.sum(h * Ct[:, None], axis=0)
+                if HAS_D:
+                    y += D * x
+                tl.store(dz_ptr + (out_row + t) * d_inner + offs_d, dy * y * gate * (1.0 + z * (1.0 - gate)), mask=mask_d)  # fmt: skip
+            # dC_t sums h_t dy_t over all channels: this block stores its channels' share.
+            tl.store(dc_row + (out_row + t) * d_state, tl.sum(h * dy_ssm[None, :], axis=1), mask=mask_n)
+        tl.debug_barrier()
+
+        # 2. Backward over the tile, reading the state before each token back.
+        t_last = tile_end - 1
+        x_next = tl.load(x_row + t_last * stride_xt, mask=mask_d, other=0.0)
+        dt_next = tl.load(dt_row + t_last * stride_dtt, mask=mask_d, other=0.0)
+        b_next = tl.load(b_row + t_last * stride_bt, mask=mask_n, other=0.0)
+        c_next = tl.load(c_row + t_last * stride_ct, mask=mask_n, other=0.0)
+        dy_next = tl.load(dy_row + t_last * stride_dyt, mask=mask_d, other=0.0)
+        if HAS_Z:
+            z_next = tl.load(z_row + t_last * stride_zt, mask=mask_d, other=0.0)
+        for back in range(0, tile_end - tile_begin):
+            t = t_last - back
+            x = x_next.to(tl.float32)
+            dt_raw = dt_next.to(tl.float32)
+            Bt = b_next.to(tl.float32)
+            Ct = c_next.to(tl.float32)
+            dy = dy_next.to(tl.float32)
+            if HAS_Z:
+                z = z_next.to(tl.float32)
+            t1 = t - 1
+            more = t1 >= tile_begin
+            x_next = tl.load(x_row + t1 * stride_xt, mask=mask_d & more, other=0.0)
+            dt_next = tl.load(dt_row + t1 * stride_dtt, mask=mask_d & more, other=0.0)
+            b_next = tl.load(b_row + t1 * stride_bt, mask=mask_n & more, other=0.0)
+            c_next = tl.load(c_row + t1 * stride_ct, mask=mask_n & more, other=0.0)
+            dy_next = tl.load(dy_row + t1 * stride_dyt, mask=mask_d & more, other=0.0)
+            if HAS_Z:
+                z_next = tl.load(z_row + t1 * stride_zt, mask=mask_d & more, other=0.0)
+            h_prev = tl.load(scratch + (t - tile_begin) * slot_size)
+
+            if HAS_BIAS:
+                dt_raw = dt_raw + bias
+            dt = dt_raw
+            if SOFTPLUS:
+                dt = _softplus(dt_raw)
             dy_ssm = dy
-        a_next = tl.exp2(dt_next[:, None, :] * A2[None, :, :])
-        a_next = tl.where(next_in_seq[:, None, None], a_next, 1.0)
-        c_dy = Ct[:, :, None] * dy_ssm[:, None, :]
-        a_rcum, g_local = tl.associative_scan((a_next, c_dy), 0, _affine_combine, reverse=True)
-        g = a_rcum * g_carry[None, :, :] + g_local
-
-        g_b = tl.sum(g * Bt[:, :, None], axis=1)  # (BLOCK_T, BLOCK_D)
-        g_decay = g * (h - b)  # g_t * a_t * h_{t-1}
-        dx = g_b * dt
-        ddt = g_b * x + tl.sum(g_decay * A[None, :, :], axis=1)
-        dA_acc += tl.sum(g_decay * dt[:, None, :], axis=0)
-        if HAS_D:
-            dx += dy_ssm * D[None, :]
-            dD_acc += tl.sum(dy_ssm * x, axis=0)
-        if HAS_Z:
-            y = tl.sum(h * Ct[:, :, None], axis=1)
+            if HAS_Z:
+                dy_ssm = dy * z * _sigmoid(z)
+            g = carry + Ct[:, None] * dy_ssm[None, :]  # the adjoint of h_t
+            g_b = tl.sum(g * Bt[:, None], axis=0)  # (BLOCK_D,)
+            tl.store(db_row + (out_row + t) * d_state, tl.sum(g * (dt * x)[None, :], axis=1), mask=mask_n)
+            carry = g * tl.exp2(A2 * dt[None, :])  # a_t g_t, for token t - 1
+            g_decay = carry * h_prev  # g_t a_t h_{t-1}: what the decay of this step did to the loss
+            dA_acc += g_decay * dt[None, :]
+            ddt = g_b * x + tl.sum(g_decay * A2, axis=0) * 0.6931471805599453  # A = A2 ln 2
+            dx = g_b * dt
             if HAS_D:
-                y += D[None, :] * x
-            dz = dy * y * gate_sig * (1.0 + z * (1.0 - gate_sig))
-            tl.store(dz_ptr + out_offs, dz, mask=m_td)
-        if SOFTPLUS:
-            ddt = ddt * _sigmoid(dt_raw)
-        ddt = tl.where(m_td, ddt, 0.0)
-        if HAS_BIAS:
-            dbias_acc += tl.sum(ddt, axis=0)
-        tl.store(dx_ptr + out_offs, dx, mask=m_td)
-        tl.store(ddt_ptr + out_offs, ddt, mask=m_td)
-        # dB and dC sum over all channels: each channel block adds its share.
-        db = tl.sum(g * dtx[:, None, :], axis=2)  # (BLOCK_T, N)
-        dc = tl.sum(h * dy_ssm[:, None, :], axis=2)
-        tl.atomic_add(db_ptr + token_rows[:, None] * d_state + offs_n[None, :], db, mask=m_tn)
-        tl.atomic_add(dc_ptr + token_rows[:, None] * d_state + offs_n[None, :], dc, mask=m_tn)
+                dx += D * dy_ssm
+                dD_acc += dy_ssm * x
+            if SOFTPLUS:
+                ddt *= _sigmoid(dt_raw)
+            if HAS_BIAS:
+                dbias_acc += ddt
+            out = (out_row + t) * d_inner + offs_d
+            tl.store(dx_ptr + out, dx, mask=mask_d)
+            tl.store(ddt_ptr + out, ddt, mask=mask_d)
 
-        first_row = offs_t[:, None, None] == 0
-        if HAS_H0:
-            if tile == 0:
-                dh0 = tl.sum(tl.where(first_row, a * g, 0.0), axis=0)
-                tl.store(dh0_ptr + hfinal_offs, dh0, mask=mask_nd)
-        g_carry = tl.sum(tl.where(first_row, g, 0.0), axis=0)
-
-    partial = seq * d_inner
-    tl.store(da_ptr + seq * d_inner * d_state + offs_d[None, :] * d_state + offs_n[:, None], dA_acc, mask=mask_nd)
+    if HAS_H0:
+        if t_begin == start:
+            tl.store(dh0_ptr + seq_state_offs, carry, mask=mask_nd)
+    tl.store(da_ptr + chunk_id * d_inner * d_state + offs_d[None, :] * d_state + offs_n[:, None], dA_acc, mask=mask_nd)
     if HAS_D:
-        tl.store(dd_ptr + partial + offs_d, dD_acc, mask=mask_d)
+        tl.store(dd_ptr + chunk_id * d_inner + offs_d, dD_acc, mask=mask_d)
     if HAS_BIAS:
-        tl.store(dbias_ptr + partial + offs_d, dbias_acc, mask=mask_d)
+        tl.store(dbias_ptr + chunk_id * d_inner + offs_d, dbias_acc, mask=mask_d)
 
 
 # --- selective scan: host side ------------------------------------------------------------------
@@ -508,49 +659,83 @@ class _SelectiveScan(torch.autograd.Function):
         x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens = ctx.saved_tensors
         packing = _Packing(x, cu_seqlens)
         d_inner, d_state = A.shape
-        block_t = SCAN_BWD_BLOCK_T
-        n_tiles, _ = packing.pieces(block_t)
-        ckpt = x.new_empty(n_tiles, d_state, d_inner, dtype=torch.float32)
-        _scan_forward_pass(x, dt, z, B, C, A, D, dt_bias, ctx.softplus, h0, packing, ckpt=ckpt, ckpt_every=block_t)
+        tile = SCAN_BWD_TILE
+        # 1. The forward pass kept nothing but its inputs: re-run it to store the state before every tile.
+        tile_off = packing.segment_offsets(tile)
+        ckpt = x.new_empty(packing.pieces(tile)[0], d_state, d_inner, dtype=torch.float32)
+        _scan_forward_pass(x, dt, z, B, C, A, D, dt_bias, ctx.softplus, h0, packing, ckpt=ckpt, ckpt_every=tile)
+
+        # 2. Chunks as in the forward pass, made of whole tiles (a chunk starts at a checkpoint).
+        block_d = min(SCAN_BWD_BLOCK_D, triton.next_power_of_2(d_inner))
+        block_n = triton.next_power_of_2(d_state)
+        n_dblocks = triton.cdiv(d_inner, block_d)
+        chunk = -(-_scan_chunk(packing, n_dblocks) // tile) * tile
+        n_chunks, chunks_per_seq = packing.pieces(chunk)
+        chunked = chunk < packing.seqlen
+        chunk_off = packing.segment_offsets(chunk)
+        grid = (n_chunks, n_dblocks)
 
         dy = _rows(dy)
         f32 = dict(device=x.device, dtype=torch.float32)
-        dx = torch.empty(x.shape, **f32)
-        ddt = torch.empty(x.shape, **f32)
-        dz = torch.empty(x.shape, **f32) if z is not None else None
-        dB = torch.zeros(B.shape[0] * B.shape[1], d_state, **f32)
-        dC = torch.zeros(C.shape[0] * C.shape[1], d_state, **f32)
-        dA = torch.zeros(packing.n_seq, d_inner, d_state, **f32)
-        dD = torch.zeros(packing.n_seq, d_inner, **f32) if D is not None else None
-        dbias = torch.zeros(packing.n_seq, d_inner, **f32) if dt_bias is not None else None
+        dummy = x.new_empty(0, dtype=torch.float32)
+        zz = z if z is not None else x
+        A_t = A.T.contiguous()  # (N, Di): loads in the layout of the state tile, as in the forward pass
+        bias_arg = dt_bias if dt_bias is not None else A
+        cu = packing.cu_seqlens if packing.varlen else dummy
+        chunk_off_arg = chunk_off if chunk_off is not None else dummy
+        common = dict(
+            HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=ctx.softplus, VARLEN=packing.varlen,
+            SEARCH_STEPS=_search_steps(packing.n_seq, packing.varlen), BLOCK_D=block_d, BLOCK_N=block_n,
+            num_warps=SCAN_BWD_WARPS,
+        )  # fmt: skip
+        chunk_carry = x.new_empty(n_chunks, d_state, d_inner, dtype=torch.float32) if chunked else dummy
+        chunk_dtsum = x.new_empty(n_chunks, d_inner, dtype=torch.float32) if chunked else dummy
+        if chunked:
+            _scan_bwd_carry_kernel[grid](
+                dt, zz, C, A_t, bias_arg, dy, chunk_carry, chunk_dtsum, cu, chunk_off_arg,
+                packing.seqlen, packing.n_seq, d_inner, d_state, chunk, chunks_per_seq,
+                dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1), C.stride(0), C.stride(1),
+                dy.stride(0), dy.stride(1), **common,
+            )  # fmt: skip
+
+        # 3. The backward walk. Each program reuses one scratch slab, the (TILE, N, BLOCK_D) fp32 states of
+        # the tile in hand, tile after tile: TILE x d_inner x N x 4 bytes per sequence (or chunk). The
+        # checkpoints take N x 4 / TILE bytes per channel and token; keeping every token's state instead
+        # would take N x 4, 32 times a bf16 activation at N = 16.
+        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        ddt = torch.empty(x.shape, device=x.device, dtype=dt.dtype)
+        dz = torch.empty(x.shape, device=x.device, dtype=z.dtype) if z is not None else None
+        # dB_t and dC_t sum over all channels. Each channel block stores its share of every token's sums
+        # and the host adds the shares (n_blocks x rows x N x 8 bytes for the two, transient): the sums
+        # come out the same on every run, where atomics would add in a different order each time.
+        n_rows = x.shape[0] * x.shape[1]
+        dB = torch.empty(n_dblocks, n_rows, d_state, **f32)
+        dC = torch.empty(n_dblocks, n_rows, d_state, **f32)
+        # One row per chunk; zeros, since programs past a packed batch's real chunk count write nothing.
+        dA = torch.zeros(n_chunks, d_inner, d_state, **f32)
+        dD = torch.zeros(n_chunks, d_inner, **f32) if D is not None else None
+        dbias = torch.zeros(n_chunks, d_inner, **f32) if dt_bias is not None else None
         dh0 = None
         if h0 is not None:  # kept as is for empty sequences, whose final state is their initial state
             dh0 = (
                 dhfinal.float().clone() if dhfinal is not None else torch.zeros(packing.n_seq, d_inner, d_state, **f32)
             )
-        block_d = min(SCAN_BWD_BLOCK_D, triton.next_power_of_2(d_inner))
-        dummy = dx.new_empty(0)
-        zz = z if z is not None else x
-        grid = (packing.n_seq, triton.cdiv(d_inner, block_d))
+        scratch = torch.empty(n_chunks * n_dblocks * tile * block_n * block_d, **f32)
         _scan_bwd_kernel[grid](
-            x, dt, zz, B, C, A.T.contiguous(), D if D is not None else A, dt_bias if dt_bias is not None else A, dy, ckpt,
-            dhfinal.contiguous() if dhfinal is not None else dummy,
-            packing.cu_seqlens if packing.varlen else dummy,
-            packing.segment_offsets(block_t) if packing.varlen else dummy,
+            x, dt, zz, B, C, A_t, D if D is not None else A, bias_arg, dy,
+            dhfinal.float().contiguous() if dhfinal is not None else dummy,
+            ckpt, chunk_carry, chunk_dtsum, scratch, cu, chunk_off_arg, tile_off if tile_off is not None else dummy,
             dx, ddt, dz if dz is not None else dummy, dB, dC, dA, dD if dD is not None else dummy,
             dbias if dbias is not None else dummy, dh0 if dh0 is not None else dummy,
-            packing.seqlen, d_inner, d_state,
+            packing.seqlen, packing.n_seq, n_rows, d_inner, d_state, chunk, chunks_per_seq,
             x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),
             B.stride(0), B.stride(1), C.stride(0), C.stride(1), dy.stride(0), dy.stride(1),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=ctx.softplus,
-            HAS_H0=h0 is not None, HAS_DHFINAL=dhfinal is not None, VARLEN=packing.varlen,
-            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), num_warps=SCAN_BWD_WARPS,
+            HAS_D=D is not None, HAS_H0=h0 is not None, HAS_DHFINAL=dhfinal is not None, TILE=tile, **common,
         )  # fmt: skip
         dtype_A, dtype_D, dtype_bias, dtype_h0 = ctx.dtypes
         return (
-            dx.to(x.dtype), ddt.to(dt.dtype), dA.sum(0).to(dtype_A), dB.view(B.shape).to(B.dtype),
-            dC.view(C.shape).to(C.dtype), None if dD is None else dD.sum(0).to(dtype_D),
-            None if dz is None else dz.to(z.dtype), None if dbias is None else dbias.sum(0).to(dtype_bias),
+            dx, ddt, dA.sum(0).to(dtype_A), dB.sum(0).view(B.shape).to(B.dtype), dC.sum(0).view(C.shape).to(C.dtype),
+            None if dD is None else dD.sum(0).to(dtype_D), dz, None if dbias is None else dbias.sum(0).to(dtype_bias),
             None, None if dh0 is None else dh0.to(dtype_h0), None, None,
         )  # fmt: skip
 

@@ -170,7 +170,7 @@ if not INTERPRETED:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("lengths", PACKED_LENGTHS, ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("lengths", PACKED_LENGTHS + [[0, 1, 19, 0, 1, 40, 0]], ids=lambda v: "-".join(map(str, v)))
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
 def test_selective_scan_packed_matches_per_sequence_reference(lengths, dtype, with_state, chunking):
     total, n = sum(lengths), len(lengths)
@@ -195,6 +195,91 @@ def test_selective_scan_packed_matches_per_sequence_reference(lengths, dtype, wi
         )
 
     _check_scan(fast, ref, inputs, dtype, seed=n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tile", [1, 5, 16])
+def test_selective_scan_backward_tiles(tile, dtype, chunking, monkeypatch):
+    """Sequences of many backward tiles, none a multiple of the tile length (chunks rounded up to whole tiles)."""
+    monkeypatch.setattr(triton_ops, "SCAN_BWD_TILE", tile)
+    inputs = _scan_inputs(2, 43, 24, 5, dtype, tile, with_state=True)
+    kw = dict(dt_softplus=True, return_final_state=True)
+
+    def ref(t):
+        return selective_scan_reference(*t[:-1], initial_state=t[-1], **kw)
+
+    def fast(t):
+        return triton_ops.selective_scan_triton(*t[:-1], initial_state=t[-1], **kw)
+
+    _check_scan(fast, ref, inputs, dtype, seed=tile)
+
+
+class _LaunchCounter:
+    """Wraps a kernel and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lengths", [[300], [0, 1, 170, 0, 1, 130, 0]], ids=["padded", "packed"])
+def test_selective_scan_long_sequence_takes_the_chunked_backward(lengths, dtype, monkeypatch):
+    """One long sequence is too few programs to fill a GPU: its backward is cut into chunks, whose
+    adjoints are folded back from the last chunk to the first (here across many chunks)."""
+    monkeypatch.setattr(triton_ops, "SCAN_MIN_CHUNK", 32)
+    carry_kernel = _LaunchCounter(triton_ops._scan_bwd_carry_kernel)
+    monkeypatch.setattr(triton_ops, "_scan_bwd_carry_kernel", carry_kernel)
+    total, n = sum(lengths), len(lengths)
+    inputs = _scan_inputs(1, total, 16, 4, dtype, total, with_state=True, n_states=n)
+    cu_seqlens, pieces = _packed(lengths)
+
+    def ref(t):
+        x, dt, A, B, C, D, z, dt_bias, h0 = t
+        outs = [
+            selective_scan_reference(
+                x[:, s], dt[:, s], A, B[:, s], C[:, s], D, z[:, s], dt_bias, dt_softplus=True,
+                initial_state=h0[i : i + 1], return_final_state=True,
+            )
+            for i, s in enumerate(pieces)
+        ]  # fmt: skip
+        return torch.cat([y for y, _ in outs], dim=1), torch.cat([h for _, h in outs], dim=0)
+
+    def fast(t):
+        return triton_ops.selective_scan_triton(
+            *t[:-1], dt_softplus=True, initial_state=t[-1], return_final_state=True,
+            cu_seqlens=cu_seqlens if n > 1 else None,
+        )  # fmt: skip
+
+    _check_scan(fast, ref, inputs, dtype, seed=total)
+    assert carry_kernel.launches == 1, "the backward did not take the chunked path"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
+def test_selective_scan_final_state_gradient_alone(dtype, with_state, chunking):
+    """A loss on the final state only: the adjoint starts from dh_final, and y's gradient is zero."""
+    (rtol, atol), (grtol, gatol) = TOLERANCES[dtype]
+    inputs = _scan_inputs(2, 41, 24, 5, dtype, 41, with_state)
+    leaves_ref, leaves_fast = _leaves(*inputs, dtype=torch.float32), _leaves(*inputs)
+    kw = dict(dt_softplus=True, return_final_state=True)
+    _, h_ref = selective_scan_reference(*leaves_ref[:-1], initial_state=leaves_ref[-1], **kw)
+    _, h = triton_ops.selective_scan_triton(*leaves_fast[:-1], initial_state=leaves_fast[-1], **kw)
+    assert_close("final_state", h, h_ref, rtol, atol)
+    dh = torch.randn(h.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+
+    def grads(state, leaves):  # C, D and z do not reach the final state: their gradients are zeros
+        present = [t for t in leaves if t is not None]
+        return torch.autograd.grad(state, present, dh, allow_unused=True, materialize_grads=True)
+
+    grads_fast = grads(h, leaves_fast)
+    _check_dtypes([h], [torch.float32], grads_fast, leaves_fast)
+    present = [n for n, t in zip(SCAN_NAMES, leaves_ref, strict=True) if t is not None]
+    for name, g_fast, g_ref in zip(present, grads_fast, grads(h_ref, leaves_ref), strict=True):
+        assert_close(f"grad {name}", g_fast, g_ref, grtol, gatol)
 
 
 def _conv_inputs(batch, length, channels, width, dtype, seed, with_state, n_states=None):
@@ -280,8 +365,8 @@ def test_batches_of_new_shapes_reuse_the_compiled_kernels():
     """
     from st_mamba import MambaBackbone, MambaConfig
 
-    kernels = [triton_ops._scan_fwd_kernel, triton_ops._scan_bwd_kernel, triton_ops._conv_fwd_kernel,
-               triton_ops._conv_bwd_pre_kernel, triton_ops._conv_bwd_input_kernel]  # fmt: skip
+    kernels = [triton_ops._scan_fwd_kernel, triton_ops._scan_bwd_carry_kernel, triton_ops._scan_bwd_kernel,
+               triton_ops._conv_fwd_kernel, triton_ops._conv_bwd_pre_kernel, triton_ops._conv_bwd_input_kernel]  # fmt: skip
     torch.manual_seed(0)
     backbone = MambaBackbone(MambaConfig(d_model=32, n_layer=2, version=1, d_state=8, vocab_size=100))
     backbone.reset_parameters(seed=0).to(DEVICE)
