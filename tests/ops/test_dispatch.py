@@ -43,6 +43,11 @@ def test_unknown_backend_is_refused():
 
 
 def test_tests_cannot_reach_the_network():
-    """The socket guard from pyproject's addopts is active: an outside address is refused before any packet."""
+    """The socket guard from pyproject's addopts is active: an outside address is refused before any packet.
+
+    Skipped only where pytest-socket (the dev extra) is not installed, e.g. a GPU machine running the
+    GPU tests with ``-o addopts=""``; with the plugin installed, a missing guard fails here.
+    """
+    pytest.importorskip("pytest_socket", reason="pytest-socket (the dev extra) is not installed: no guard to check")
     with pytest.raises(Exception, match="(?i)socket|host"):
         socket.create_connection(("192.0.2.1", 443), timeout=1)
