@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import random_texts
 
 from st_mamba.ops import use_backend
+from tests.conftest import random_texts
 
 pytestmark = [
     pytest.mark.cuda,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import random_texts, tiny_config
 
 from st_mamba import MambaBackbone
+from tests.conftest import random_texts, tiny_config
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

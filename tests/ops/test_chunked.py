@@ -53,8 +53,10 @@ def test_selective_scan_chunked_matches_reference(batch, length, chunk, with_sta
     y, h = selective_scan_chunked(*leaves_fast[:-1], initial_state=leaves_fast[-1], chunk_size=chunk, **kw)
     assert_close("y", y, y_ref)
     assert_close("final_state", h, h_ref)
-    present = [n for n, t in zip(names, leaves_ref) if t is not None]
-    for name, g_fast, g_ref in zip(present, _grads([y, h], leaves_fast, 1), _grads([y_ref, h_ref], leaves_ref, 1)):
+    present = [n for n, t in zip(names, leaves_ref, strict=True) if t is not None]
+    for name, g_fast, g_ref in zip(
+        present, _grads([y, h], leaves_fast, 1), _grads([y_ref, h_ref], leaves_ref, 1), strict=True
+    ):
         assert_close(f"grad {name}", g_fast, g_ref, rtol=1e-4, atol=1e-4)
 
 
@@ -82,8 +84,10 @@ def test_ssd_scan_chunked_matches_reference(batch, length, chunk, ngroups, with_
     y, h = ssd_scan_chunked(f_x, f_dt, f_A, f_B, f_C, f_D, f_bias, initial_state=f_h0, chunk_size=chunk, **kw)
     assert_close("y", y, y_ref)
     assert_close("final_state", h, h_ref)
-    present = [n for n, t in zip(names, leaves_ref) if t is not None]
-    for name, g_fast, g_ref in zip(present, _grads([y, h], leaves_fast, 2), _grads([y_ref, h_ref], leaves_ref, 2)):
+    present = [n for n, t in zip(names, leaves_ref, strict=True) if t is not None]
+    for name, g_fast, g_ref in zip(
+        present, _grads([y, h], leaves_fast, 2), _grads([y_ref, h_ref], leaves_ref, 2), strict=True
+    ):
         assert_close(f"grad {name}", g_fast, g_ref, rtol=1e-4, atol=1e-4)
 
 
@@ -108,8 +112,10 @@ def test_causal_conv1d_matches_reference(length, with_state):
     y, s = causal_conv1d_torch(*leaves_fast, activation="silu", return_final_state=True)
     assert_close("y", y, y_ref)
     assert_close("final_state", s, s_ref)
-    names = [n for n, t in zip(["x", "weight", "bias", "initial_state"], leaves_ref) if t is not None]
-    for name, g_fast, g_ref in zip(names, _grads([y, s], leaves_fast, 3), _grads([y_ref, s_ref], leaves_ref, 3)):
+    names = [n for n, t in zip(["x", "weight", "bias", "initial_state"], leaves_ref, strict=True) if t is not None]
+    for name, g_fast, g_ref in zip(
+        names, _grads([y, s], leaves_fast, 3), _grads([y_ref, s_ref], leaves_ref, 3), strict=True
+    ):
         assert_close(f"grad {name}", g_fast, g_ref)
 
 

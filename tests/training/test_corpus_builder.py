@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
 from tests.conftest import SHARED
 
 REPO = Path(__file__).resolve().parents[2]
