@@ -1,9 +1,11 @@
-"""CPU fast paths of the Mamba mixers, forward only, fp32; the compiled ones are built on first use.
+"""CPU fast paths of the Mamba mixers, forward only; the compiled ones are built on first use.
 
 - ``selective_scan_cpu``: the selective scan with softplus(dt + dt_bias), the D skip and the
   SiLU(z) gate fused (``csrc/selective_scan_cpu.c``).
 - ``causal_conv1d_cpu``: the depthwise causal convolution with bias and SiLU fused
   (``csrc/causal_conv1d_cpu.c``).
+  Both compute in fp32 and read and write fp32 or bf16 tensors as they are (bf16 models make no
+  fp32 copies of their activations).
 - ``linear_onednn``: the projections through oneDNN's fp32 matmul (ships with PyTorch; nothing to
   build).
 - ``keep_freed_memory``: an opt-in setting of glibc's malloc that spares every large tensor its
@@ -64,6 +66,7 @@ class _ScanArgs(ctypes.Structure):
         ("D", ctypes.c_void_p),
         ("dt_bias", ctypes.c_void_p),
         ("dt_softplus", ctypes.c_int),
+        ("bf16", ctypes.c_int),
         ("initial_state", ctypes.c_void_p),
         ("y", ctypes.c_void_p),
         ("final_state", ctypes.c_void_p),
@@ -82,6 +85,7 @@ class _ConvArgs(ctypes.Structure):
         ("weight", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
         ("silu", ctypes.c_int),
+        ("bf16", ctypes.c_int),
         ("initial_state", ctypes.c_void_p),
         ("y", ctypes.c_void_p),
     ]
@@ -172,10 +176,16 @@ def _checked_library(**expected: tuple[Tensor | None, tuple[int, ...]]) -> ctype
     return library
 
 
-def _fp32_rows(t: Tensor) -> Tensor:
-    """fp32 with unit stride on the last dim; strided views such as a ``split`` of a projection pass uncopied."""
-    t = t.float()
+def _kernel_rows(t: Tensor, bf16: bool) -> Tensor:
+    """bf16 (when ``bf16``) or fp32 with unit stride on the last dim; strided views such as a ``split``
+    of a projection pass uncopied."""
+    t = t if bf16 else t.float()
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _all_bf16(*tensors: Tensor | None) -> bool:
+    """Whether the kernel can read these as bf16: it takes its sequence inputs all bf16 or all fp32."""
+    return all(t is None or t.dtype == torch.bfloat16 for t in tensors)
 
 
 def _seq(t: Tensor | None) -> _Seq:
@@ -203,7 +213,8 @@ def selective_scan_cpu(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Mamba-1 selective scan on CPU, forward only; same signature and shapes as ``selective_scan_reference``.
 
-    Computes in fp32: bf16 and fp16 inputs are upcast, and y is returned in the dtype of x.
+    Computes in fp32. When x, dt, z, B and C are all bf16 the kernel reads them and writes y as they
+    are (no fp32 copies); other dtypes are upcast. y is returned in the dtype of x.
     """
     batch, length, d_inner = x.shape
     d_state = A.shape[-1]
@@ -212,17 +223,18 @@ def selective_scan_cpu(
         B=(B, (batch, length, d_state)), C=(C, (batch, length, d_state)), D=(D, (d_inner,)),
         dt_bias=(dt_bias, (d_inner,)), initial_state=(initial_state, (batch, d_inner, d_state)),
     )  # fmt: skip
-    xs, dts, Bs, Cs = (_fp32_rows(t) for t in (x, dt, B, C))
-    zs = None if z is None else _fp32_rows(z)
+    bf16 = _all_bf16(x, dt, z, B, C)
+    xs, dts, Bs, Cs = (_kernel_rows(t, bf16) for t in (x, dt, B, C))
+    zs = None if z is None else _kernel_rows(z, bf16)
     A, D, dt_bias = (None if t is None else t.float().contiguous() for t in (A, D, dt_bias))
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
-    y = torch.empty(batch, length, d_inner, dtype=torch.float32)
+    y = torch.empty(batch, length, d_inner, dtype=torch.bfloat16 if bf16 else torch.float32)
     final_state = torch.empty(batch, d_inner, d_state, dtype=torch.float32) if return_final_state else None
     args = _ScanArgs(
         batch, length, d_inner, d_state,
         _seq(xs), _seq(dts), _seq(zs), _seq(Bs), _seq(Cs),
-        _ptr(A), _ptr(D), _ptr(dt_bias), int(dt_softplus),
+        _ptr(A), _ptr(D), _ptr(dt_bias), int(dt_softplus), int(bf16),
         _ptr(initial_state), _ptr(y), _ptr(final_state),
     )  # fmt: skip
     library.selective_scan_fwd(ctypes.byref(args), torch.get_num_threads())
@@ -240,7 +252,8 @@ def causal_conv1d_cpu(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Depthwise causal convolution on CPU, forward only; same signature and shapes as ``causal_conv1d_reference``.
 
-    Computes in fp32 and returns y and the final state in the dtype of x.
+    Computes in fp32 (bf16 x is read, and y written, as bf16; other dtypes are upcast) and returns y
+    and the final state in the dtype of x.
     """
     if activation not in ("silu", None):
         raise ValueError(f"unsupported activation {activation!r}")
@@ -250,14 +263,15 @@ def causal_conv1d_cpu(
         x=(x, x.shape), weight=(weight, (channels, width)), bias=(bias, (channels,)),
         initial_state=(initial_state, (batch, width - 1, channels)),
     )  # fmt: skip
-    xs = _fp32_rows(x)
+    bf16 = _all_bf16(x)
+    xs = _kernel_rows(x, bf16)
     weight_by_tap = weight.float().t().contiguous()  # (K, C): one row of channels per tap
     bias = None if bias is None else bias.float().contiguous()
     carried = None if initial_state is None else initial_state.float().contiguous()
-    y = torch.empty(batch, length, channels, dtype=torch.float32)
+    y = torch.empty(batch, length, channels, dtype=torch.bfloat16 if bf16 else torch.float32)
     args = _ConvArgs(
         batch, length, channels, width, _seq(xs), _ptr(weight_by_tap), _ptr(bias), int(activation == "silu"),
-        _ptr(carried), _ptr(y),
+        int(bf16), _ptr(carried), _ptr(y),
     )  # fmt: skip
     library.causal_conv1d_fwd(ctypes.byref(args), torch.get_num_threads())
     y = y.to(x.dtype)

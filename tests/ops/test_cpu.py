@@ -112,6 +112,39 @@ def test_half_precision_inputs_are_computed_in_fp32():
     assert_close("y", y.float(), selective_scan_reference(**low, dt_softplus=True).float())
 
 
+@pytest.mark.parametrize("d_inner,d_state", [(24, 16), (7, 3)])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_bf16_tensors_are_read_and_written_as_they_are(d_inner, d_state, strided):
+    """bf16 in, bf16 out, with fp32 arithmetic: exactly the fp32 kernel on the widened inputs, rounded once."""
+    inputs = _inputs(2, 29, d_inner, d_state, seed=19, strided=strided)
+    low = {k: v.to(torch.bfloat16) if k in ("x", "dt", "z", "B", "C") else v for k, v in inputs.items()}
+    widened = {k: v.float() for k, v in low.items()}
+    y, h = cpu.selective_scan_cpu(**low, dt_softplus=True, return_final_state=True)
+    y32, h32 = cpu.selective_scan_cpu(**widened, dt_softplus=True, return_final_state=True)
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    assert torch.equal(y, y32.to(torch.bfloat16)) and torch.equal(h, h32)
+    x = low["x"]
+    weight, bias = torch.randn(d_inner, 4), torch.randn(d_inner)
+    state = torch.randn(2, 3, d_inner)
+    conv = cpu.causal_conv1d_cpu(x, weight, bias, initial_state=state)
+    assert conv.dtype == torch.bfloat16
+    assert torch.equal(conv, cpu.causal_conv1d_cpu(x.float(), weight, bias, initial_state=state).to(torch.bfloat16))
+
+
+def test_bf16_results_round_to_nearest_even_as_torch_does():
+    """Sums that fall exactly between two bf16 values (ties), past the largest bf16, NaN and infinities."""
+    tie = 2.0**-8  # 1 + 2^-8 lies halfway between 1 and the next bf16 above it, 1 + 2^-7
+    cases = [(1.0, tie), (1.0, 3 * tie), (1.0, 0.3), (3.38e38, 1.0e36), (float("nan"), 0.0), (float("inf"), 1.0),
+             (-float("inf"), 1.0), (-2.0, -tie)]  # fmt: skip
+    cases = cases * 3  # 24 channels: one full vector of 16 and a partial one
+    x = torch.tensor([value for value, _ in cases]).view(1, 1, -1)
+    bias = torch.tensor([offset for _, offset in cases])
+    y = cpu.causal_conv1d_cpu(x.to(torch.bfloat16), torch.ones(len(cases), 1), bias, activation=None)
+    expected = (x + bias).to(torch.bfloat16)  # x is exact in bf16; the sum is rounded once
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert torch.equal(y[~y.isnan()], expected[~expected.isnan()])
+
+
 def test_nan_propagates():
     inputs = _inputs(1, 10, 16, 16, seed=16)
     inputs["dt"][0, 3, 5] = float("nan")

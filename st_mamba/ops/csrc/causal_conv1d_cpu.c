@@ -1,6 +1,7 @@
 /*
  * Depthwise causal convolution over time, channels last, with bias and SiLU fused, forward only,
- * fp32, for CPUs: the compiled kernel behind ops/cpu.py (see causal_conv1d_reference).
+ * for CPUs: the compiled kernel behind ops/cpu.py (see causal_conv1d_reference). x and y are fp32
+ * or bf16; weights, bias, the carried state and the arithmetic are fp32.
  *
  *     y_t = silu(bias + sum_k weight[k] * x_{t - K + 1 + k})      for k = 0 .. K - 1
  *
@@ -21,36 +22,52 @@ typedef struct {
     const float *weight;                    /* (K, C) contiguous: the transpose of the module's (C, K) */
     const float *bias;                      /* (C,) or NULL */
     int silu;
-    const float *initial_state;             /* (B, K - 1, C) contiguous: the inputs before x; NULL for zeros */
-    float *y;                               /* (B, L, C) contiguous */
+    int bf16;                               /* x and y hold bf16 (else fp32) */
+    const float *initial_state;             /* (B, K - 1, C) contiguous, fp32: the inputs before x; NULL for zeros */
+    void *y;                                /* (B, L, C) contiguous */
 } ConvArgs;
 
-/* The input row at time t of batch row b (t < 0 reads the carried state), or NULL where it is zero. */
-static const float *input_row(const ConvArgs *a, int64_t b, int64_t t) {
-    if (t >= 0) return seq_at(a->x, b, t);
-    if (!a->initial_state) return NULL;
-    return a->initial_state + (b * (a->width - 1) + a->width - 1 + t) * a->channels;
+/* Where the taps read: row (b, t) of x, a row of the carried state (t < 0), or nothing (zeros). */
+typedef struct {
+    const void *data; /* the row's first channel, or NULL for zeros */
+    int bf16;         /* a row of x in bf16; the carried state is always fp32 */
+} Row;
+
+static Row input_row(const ConvArgs *a, int64_t b, int64_t t) {
+    if (t >= 0) {
+        int64_t offset = seq_offset(a->x, b, t);
+        if (a->bf16) return (Row){(const uint16_t *)a->x.data + offset, 1};
+        return (Row){(const float *)a->x.data + offset, 0};
+    }
+    if (!a->initial_state) return (Row){NULL, 0};
+    return (Row){a->initial_state + (b * (a->width - 1) + a->width - 1 + t) * a->channels, 0};
 }
 
-/* y_t for channels [c0, c0 + lanes). Inlined with literal lanes and width, the taps unroll and
-   every load is one full vector. */
-static inline __attribute__((always_inline)) void conv_channels(const ConvArgs *a, const float *const *rows, float *y,
-                                                                int64_t c0, int lanes, const int64_t width) {
+static inline vf row_load(Row row, int64_t c0, int lanes) {
+    if (row.bf16) return load_bf16((const uint16_t *)row.data + c0, lanes);
+    return load((const float *)row.data + c0, lanes);
+}
+
+/* y_t for channels [c0, c0 + lanes). Inlined with literal lanes, width and output type, the taps
+   unroll and every load is one full vector. */
+static inline __attribute__((always_inline)) void conv_channels(const ConvArgs *a, const Row *rows, int64_t y_index,
+                                                                int64_t c0, int lanes, const int64_t width,
+                                                                const int bf16) {
     vf out = a->bias ? load(a->bias + c0, lanes) : broadcast(0.0f);
     for (int64_t k = 0; k < width; k++)
-        if (rows[k]) out += load(a->weight + k * a->channels + c0, lanes) * load(rows[k] + c0, lanes);
-    store(y + c0, a->silu ? silu_vec(out) : out, lanes);
+        if (rows[k].data) out += load(a->weight + k * a->channels + c0, lanes) * row_load(rows[k], c0, lanes);
+    store_as(a->y, y_index + c0, a->silu ? silu_vec(out) : out, lanes, bf16);
 }
 
 static inline __attribute__((always_inline)) void conv_span(const ConvArgs *a, int64_t b, int64_t start, int64_t end,
-                                                            const int64_t width) {
-    const float *rows[width]; /* rows[k]: x_{t - K + 1 + k}; rows[K - 1] is x_t */
+                                                            const int64_t width, const int bf16) {
+    Row rows[width]; /* rows[k]: x_{t - K + 1 + k}; rows[K - 1] is x_t */
     for (int64_t t = start; t < end; t++) {
         for (int64_t k = 0; k < width; k++) rows[k] = input_row(a, b, t - width + 1 + k);
-        float *y = a->y + (b * a->length + t) * a->channels;
+        int64_t y_index = (b * a->length + t) * a->channels;
         int64_t c0 = 0;
-        for (; c0 + LANES <= a->channels; c0 += LANES) conv_channels(a, rows, y, c0, LANES, width);
-        if (c0 < a->channels) conv_channels(a, rows, y, c0, (int)(a->channels - c0), width);
+        for (; c0 + LANES <= a->channels; c0 += LANES) conv_channels(a, rows, y_index, c0, LANES, width, bf16);
+        if (c0 < a->channels) conv_channels(a, rows, y_index, c0, (int)(a->channels - c0), width, bf16);
     }
 }
 
@@ -61,7 +78,9 @@ void causal_conv1d_fwd(const ConvArgs *args, int n_threads) {
     for (int64_t i = 0; i < args->batch * spans_per_row; i++) {
         int64_t b = i / spans_per_row, start = (i % spans_per_row) * SPAN;
         int64_t end = start + SPAN < args->length ? start + SPAN : args->length;
-        if (args->width == 4) conv_span(args, b, start, end, 4); /* every released Mamba */
-        else conv_span(args, b, start, end, args->width);
+        if (args->width == 4 && args->bf16) conv_span(args, b, start, end, 4, 1); /* every released Mamba */
+        else if (args->width == 4) conv_span(args, b, start, end, 4, 0);
+        else if (args->bf16) conv_span(args, b, start, end, args->width, 1);
+        else conv_span(args, b, start, end, args->width, 0);
     }
 }

@@ -1,5 +1,7 @@
 /*
- * Mamba-1 selective scan, forward only, fp32, for CPUs: the compiled kernel behind ops/cpu.py.
+ * Mamba-1 selective scan, forward only, for CPUs: the compiled kernel behind ops/cpu.py. The inputs
+ * that run along the sequence (x, dt, z, B, C) and the output y are fp32 or bf16; the arithmetic
+ * and the state are fp32 either way.
  *
  * For every batch row b and channel d, with N states per channel (see ops/README.md):
  *
@@ -22,8 +24,9 @@ typedef struct {
     const float *D;          /* (Di,) or NULL */
     const float *dt_bias;    /* (Di,) or NULL */
     int dt_softplus;
+    int bf16;                /* x, dt, z, B, C and y hold bf16 (else fp32) */
     const float *initial_state; /* (B, Di, N) contiguous, or NULL for zeros */
-    float *y;                /* (B, L, Di) contiguous */
+    void *y;                 /* (B, L, Di) contiguous */
     float *final_state;      /* (B, Di, N) contiguous, or NULL */
 } ScanArgs;
 
@@ -31,11 +34,12 @@ typedef struct {
  * The whole sequence of batch row b for channels [d0, d0 + width). Inlined with a literal
  * d_state (16, the released Mamba-1 models) the state loop unrolls; with a run-time d_state the
  * same code serves any N. About 11 multiply-class vector instructions per state and token, most
- * of them the exp: the loop runs near that bound.
+ * of them the exp: the loop runs near that bound. `bf16` (a literal too) picks the element type.
  */
 static inline __attribute__((always_inline)) void scan_block(const ScanArgs *a, int64_t b, int64_t d0, int width,
-                                                             const int64_t d_state) {
+                                                             const int64_t d_state, const int bf16) {
     vf h[d_state], A_log2[d_state];
+    float B_wide[d_state], C_wide[d_state]; /* one token's B and C, when they arrive as bf16 */
     for (int64_t n = 0; n < d_state; n++) {
         h[n] = broadcast(0.0f);
         A_log2[n] = broadcast(0.0f);
@@ -47,22 +51,32 @@ static inline __attribute__((always_inline)) void scan_block(const ScanArgs *a, 
     }
     vf D = a->D ? load(a->D + d0, width) : broadcast(0.0f);
     vf dt_bias = a->dt_bias ? load(a->dt_bias + d0, width) : broadcast(0.0f);
-    float *y = a->y + b * a->length * a->d_inner + d0;
+    int64_t y_row = b * a->length * a->d_inner + d0;
 
     for (int64_t t = 0; t < a->length; t++) {
-        vf delta = load(seq_at(a->dt, b, t) + d0, width) + dt_bias;
+        vf delta = seq_load(a->dt, b, t, d0, width, bf16) + dt_bias;
         if (a->dt_softplus) delta = softplus_vec(delta);
-        vf x = load(seq_at(a->x, b, t) + d0, width);
+        vf x = seq_load(a->x, b, t, d0, width, bf16);
         vf delta_x = delta * x;
-        const float *B = seq_at(a->B, b, t), *C = seq_at(a->C, b, t);
+        /* fp32 B and C are read in place; bf16 ones are widened into B_wide and C_wide first. */
+        const float *B = (const float *)a->B.data + seq_offset(a->B, b, t);
+        const float *C = (const float *)a->C.data + seq_offset(a->C, b, t);
+        if (bf16) {
+            for (int64_t n = 0; n < d_state; n++) {
+                B_wide[n] = seq_scalar(a->B, b, t, n, 1);
+                C_wide[n] = seq_scalar(a->C, b, t, n, 1);
+            }
+            B = B_wide;
+            C = C_wide;
+        }
         vf out = D * x;
 #pragma GCC unroll 16
         for (int64_t n = 0; n < d_state; n++) {
             h[n] = exp2_vec(delta * A_log2[n]) * h[n] + delta_x * B[n];
             out += h[n] * C[n];
         }
-        if (a->z.data) out *= silu_vec(load(seq_at(a->z, b, t) + d0, width));
-        store(y + t * a->d_inner, out, width);
+        if (a->z.data) out *= silu_vec(seq_load(a->z, b, t, d0, width, bf16));
+        store_as(a->y, y_row + t * a->d_inner, out, width, bf16);
     }
 
     if (a->final_state) {
@@ -72,18 +86,27 @@ static inline __attribute__((always_inline)) void scan_block(const ScanArgs *a, 
     }
 }
 
-/* Literal arguments let the compiler specialise the inlined body: N = 16 and a full vector of channels. */
+/* Literal arguments let the compiler specialise the inlined body: N = 16, a full vector of channels,
+   and the element type. */
 static void scan_block_n16(const void *args, int64_t b, int64_t d0, int width) {
-    if (width == LANES) scan_block(args, b, d0, LANES, 16);
-    else scan_block(args, b, d0, width, 16);
+    if (width == LANES) scan_block(args, b, d0, LANES, 16, 0);
+    else scan_block(args, b, d0, width, 16, 0);
+}
+
+static void scan_block_n16_bf16(const void *args, int64_t b, int64_t d0, int width) {
+    if (width == LANES) scan_block(args, b, d0, LANES, 16, 1);
+    else scan_block(args, b, d0, width, 16, 1);
 }
 
 static void scan_block_any_n(const void *args, int64_t b, int64_t d0, int width) {
-    scan_block(args, b, d0, width, ((const ScanArgs *)args)->d_state);
+    const ScanArgs *a = args;
+    if (a->bf16) scan_block(a, b, d0, width, a->d_state, 1);
+    else scan_block(a, b, d0, width, a->d_state, 0);
 }
 
 /* Entry point for ctypes. */
 void selective_scan_fwd(const ScanArgs *args, int n_threads) {
-    BlockFn block = args->d_state == 16 ? scan_block_n16 : scan_block_any_n;
+    BlockFn block = scan_block_any_n;
+    if (args->d_state == 16) block = args->bf16 ? scan_block_n16_bf16 : scan_block_n16;
     for_each_block(block, args, args->batch, args->d_inner, n_threads);
 }

@@ -1,7 +1,8 @@
 /*
- * What the CPU kernels share: a 16-lane float vector type, partial loads and stores, exp,
- * softplus and silu on whole vectors, the strided (B, L, C) tensor they read, and the loop that
- * shares (batch row, 16 channels) blocks out to OpenMP threads.
+ * What the CPU kernels share: a 16-lane float vector type, partial loads and stores (of fp32 and of
+ * bf16, which is converted on the way in and out), exp, softplus and silu on whole vectors, the
+ * strided (B, L, C) tensor they read, and the loop that shares (batch row, 16 channels) blocks out
+ * to OpenMP threads.
  *
  * The vector type is GCC/Clang's vector extension: one AVX-512 register where the CPU has
  * AVX-512, split by the compiler into narrower registers elsewhere. exp, softplus and silu are
@@ -24,6 +25,8 @@
 typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
 typedef float vf_unaligned __attribute__((vector_size(LANES * sizeof(float)), aligned(sizeof(float))));
+typedef uint32_t vu __attribute__((vector_size(LANES * sizeof(uint32_t))));
+typedef uint16_t vh __attribute__((vector_size(LANES * sizeof(uint16_t))));
 
 static const float LOG2E = 1.4426950408889634f;
 /* 1.5 * 2^23: adding it rounds a float of magnitude < 2^22 to an integer held in the low mantissa bits. */
@@ -52,6 +55,30 @@ static inline void store(float *p, vf v, int width) {
         return;
     }
     memcpy(p, &v, (size_t)width * sizeof(float));
+}
+
+/* bf16 is the top half of an fp32: widening is a shift, exact. */
+static inline vf load_bf16(const uint16_t *p, int width) {
+    vh half = {};
+    memcpy(&half, p, (size_t)width * sizeof(uint16_t));
+    return (vf)(__builtin_convertvector(half, vu) << 16);
+}
+
+static inline float scalar_bf16(uint16_t bits) {
+    uint32_t wide = (uint32_t)bits << 16;
+    float value;
+    memcpy(&value, &wide, sizeof value);
+    return value;
+}
+
+/* Rounds to the nearest bf16, ties to even (as PyTorch does); NaN stays a quiet NaN. */
+static inline void store_bf16(uint16_t *p, vf v, int width) {
+    vu bits = (vu)v;
+    vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    vu nan = (vu)(v != v);
+    rounded = (nan & 0x7fc0u) | (~nan & rounded);
+    vh half = __builtin_convertvector(rounded, vh);
+    memcpy(p, &half, (size_t)width * sizeof(uint16_t));
 }
 
 /*
@@ -111,14 +138,39 @@ static inline vf softplus_vec(vf u) {
 
 static inline vf silu_vec(vf z) { return z / (1.0f + exp_vec(-z)); }
 
-/* One (batch, length, channels) tensor: base pointer and strides in elements; channels have stride 1. */
+/*
+ * One (batch, length, channels) tensor: base pointer and strides in elements; channels have stride 1.
+ * Its elements are fp32, or bf16 where the kernel's `bf16` flag says so: the accessors below take
+ * that flag as an argument, so that each kernel, inlined with a literal flag, is compiled once for
+ * fp32 and once for bf16 with no test in its inner loop.
+ */
 typedef struct {
-    const float *data;
+    const void *data;
     int64_t batch_stride;
     int64_t time_stride;
 } Seq;
 
-static inline const float *seq_at(Seq s, int64_t b, int64_t t) { return s.data + b * s.batch_stride + t * s.time_stride; }
+static inline int64_t seq_offset(Seq s, int64_t b, int64_t t) { return b * s.batch_stride + t * s.time_stride; }
+
+/* Channels [c0, c0 + width) of row (b, t), as fp32. */
+static inline vf seq_load(Seq s, int64_t b, int64_t t, int64_t c0, int width, const int bf16) {
+    int64_t offset = seq_offset(s, b, t) + c0;
+    if (bf16) return load_bf16((const uint16_t *)s.data + offset, width);
+    return load((const float *)s.data + offset, width);
+}
+
+/* Channel c of row (b, t), as fp32. */
+static inline float seq_scalar(Seq s, int64_t b, int64_t t, int64_t c, const int bf16) {
+    int64_t offset = seq_offset(s, b, t) + c;
+    if (bf16) return scalar_bf16(((const uint16_t *)s.data)[offset]);
+    return ((const float *)s.data)[offset];
+}
+
+/* Writes `width` values at element `index` of an output of fp32, or of bf16 (rounded) when `bf16` is set. */
+static inline void store_as(void *out, int64_t index, vf v, int width, const int bf16) {
+    if (bf16) store_bf16((uint16_t *)out + index, v, width);
+    else store((float *)out + index, v, width);
+}
 
 /* Work on the whole sequence of batch row b for channels [c0, c0 + width), width <= LANES. */
 typedef void (*BlockFn)(const void *args, int64_t b, int64_t c0, int width);
