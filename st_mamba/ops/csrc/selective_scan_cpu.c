@@ -59,15 +59,15 @@ static inline __attribute__((always_inline)) void scan_block(const ScanArgs *a, 
         vf x = seq_load(a->x, b, t, d0, width, bf16);
         vf delta_x = delta * x;
         /* fp32 B and C are read in place; bf16 ones are widened into B_wide and C_wide first. */
-        const float *B = (const float *)a->B.data + seq_offset(a->B, b, t);
-        const float *C = (const float *)a->C.data + seq_offset(a->C, b, t);
+        const float *B = B_wide, *C = C_wide;
         if (bf16) {
             for (int64_t n = 0; n < d_state; n++) {
                 B_wide[n] = seq_scalar(a->B, b, t, n, 1);
                 C_wide[n] = seq_scalar(a->C, b, t, n, 1);
             }
-            B = B_wide;
-            C = C_wide;
+        } else {
+            B = (const float *)a->B.data + seq_offset(a->B, b, t);
+            C = (const float *)a->C.data + seq_offset(a->C, b, t);
         }
         vf out = D * x;
 #pragma GCC unroll 16
