@@ -252,8 +252,8 @@ def causal_conv1d_cpu(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Depthwise causal convolution on CPU, forward only; same signature and shapes as ``causal_conv1d_reference``.
 
-    Computes in fp32 (bf16 x is read, and y written, as bf16; other dtypes are upcast) and returns y
-    and the final state in the dtype of x.
+    Computes in fp32 (bf16 x and carried state are read, and y written, as bf16; other dtypes are
+    upcast) and returns y and the final state in the dtype of x.
     """
     if activation not in ("silu", None):
         raise ValueError(f"unsupported activation {activation!r}")
@@ -263,11 +263,11 @@ def causal_conv1d_cpu(
         x=(x, x.shape), weight=(weight, (channels, width)), bias=(bias, (channels,)),
         initial_state=(initial_state, (batch, width - 1, channels)),
     )  # fmt: skip
-    bf16 = _all_bf16(x)
+    bf16 = _all_bf16(x, initial_state)
     xs = _kernel_rows(x, bf16)
     weight_by_tap = weight.float().t().contiguous()  # (K, C): one row of channels per tap
     bias = None if bias is None else bias.float().contiguous()
-    carried = None if initial_state is None else initial_state.float().contiguous()
+    carried = None if initial_state is None else _kernel_rows(initial_state, bf16).contiguous()
     y = torch.empty(batch, length, channels, dtype=torch.bfloat16 if bf16 else torch.float32)
     args = _ConvArgs(
         batch, length, channels, width, _seq(xs), _ptr(weight_by_tap), _ptr(bias), int(activation == "silu"),

@@ -125,10 +125,14 @@ def test_bf16_tensors_are_read_and_written_as_they_are(d_inner, d_state, strided
     assert torch.equal(y, y32.to(torch.bfloat16)) and torch.equal(h, h32)
     x = low["x"]
     weight, bias = torch.randn(d_inner, 4), torch.randn(d_inner)
-    state = torch.randn(2, 3, d_inner)
+    state = torch.randn(2, 3, d_inner).to(torch.bfloat16)  # the last inputs of a previous piece, in x's dtype
     conv = cpu.causal_conv1d_cpu(x, weight, bias, initial_state=state)
     assert conv.dtype == torch.bfloat16
-    assert torch.equal(conv, cpu.causal_conv1d_cpu(x.float(), weight, bias, initial_state=state).to(torch.bfloat16))
+    widened = cpu.causal_conv1d_cpu(x.float(), weight, bias, initial_state=state.float())
+    assert torch.equal(conv, widened.to(torch.bfloat16))
+    mixed = cpu.causal_conv1d_cpu(x, weight, bias, initial_state=state.float() + 1e-3)  # an fp32 state: upcast path
+    expected = cpu.causal_conv1d_cpu(x.float(), weight, bias, initial_state=state.float() + 1e-3)
+    assert torch.equal(mixed, expected.to(torch.bfloat16))
 
 
 def test_bf16_results_round_to_nearest_even_as_torch_does():

@@ -1,7 +1,7 @@
 /*
  * Depthwise causal convolution over time, channels last, with bias and SiLU fused, forward only,
- * for CPUs: the compiled kernel behind ops/cpu.py (see causal_conv1d_reference). x and y are fp32
- * or bf16; weights, bias, the carried state and the arithmetic are fp32.
+ * for CPUs: the compiled kernel behind ops/cpu.py (see causal_conv1d_reference). x, the carried
+ * state and y are all fp32 or all bf16; weights, bias and the arithmetic are fp32.
  *
  *     y_t = silu(bias + sum_k weight[k] * x_{t - K + 1 + k})      for k = 0 .. K - 1
  *
@@ -22,52 +22,46 @@ typedef struct {
     const float *weight;                    /* (K, C) contiguous: the transpose of the module's (C, K) */
     const float *bias;                      /* (C,) or NULL */
     int silu;
-    int bf16;                               /* x and y hold bf16 (else fp32) */
-    const float *initial_state;             /* (B, K - 1, C) contiguous, fp32: the inputs before x; NULL for zeros */
+    int bf16;                               /* x, the carried state and y hold bf16 (else fp32) */
+    const void *initial_state;              /* (B, K - 1, C) contiguous: the inputs before x; NULL for zeros */
     void *y;                                /* (B, L, C) contiguous */
 } ConvArgs;
 
-/* Where the taps read: row (b, t) of x, a row of the carried state (t < 0), or nothing (zeros). */
-typedef struct {
-    const void *data; /* the row's first channel, or NULL for zeros */
-    int bf16;         /* a row of x in bf16; the carried state is always fp32 */
-} Row;
-
-static Row input_row(const ConvArgs *a, int64_t b, int64_t t) {
+/* Element offset of input row t of batch row b in x, or (t < 0) in the carried state; -1 where it is zero. */
+static int64_t input_row(const ConvArgs *a, int64_t b, int64_t t, const void **data) {
     if (t >= 0) {
-        int64_t offset = seq_offset(a->x, b, t);
-        if (a->bf16) return (Row){(const uint16_t *)a->x.data + offset, 1};
-        return (Row){(const float *)a->x.data + offset, 0};
+        *data = a->x.data;
+        return seq_offset(a->x, b, t);
     }
-    if (!a->initial_state) return (Row){NULL, 0};
-    return (Row){a->initial_state + (b * (a->width - 1) + a->width - 1 + t) * a->channels, 0};
+    *data = a->initial_state;
+    if (!a->initial_state) return -1;
+    return (b * (a->width - 1) + a->width - 1 + t) * a->channels;
 }
 
-static inline vf row_load(Row row, int64_t c0, int lanes) {
-    if (row.bf16) return load_bf16((const uint16_t *)row.data + c0, lanes);
-    return load((const float *)row.data + c0, lanes);
-}
-
-/* y_t for channels [c0, c0 + lanes). Inlined with literal lanes, width and output type, the taps
+/* y_t for channels [c0, c0 + lanes). Inlined with literal lanes, width and element type, the taps
    unroll and every load is one full vector. */
-static inline __attribute__((always_inline)) void conv_channels(const ConvArgs *a, const Row *rows, int64_t y_index,
-                                                                int64_t c0, int lanes, const int64_t width,
-                                                                const int bf16) {
+static inline __attribute__((always_inline)) void conv_channels(const ConvArgs *a, const void *const *rows,
+                                                                const int64_t *offsets, int64_t y_index, int64_t c0,
+                                                                int lanes, const int64_t width, const int bf16) {
     vf out = a->bias ? load(a->bias + c0, lanes) : broadcast(0.0f);
     for (int64_t k = 0; k < width; k++)
-        if (rows[k].data) out += load(a->weight + k * a->channels + c0, lanes) * row_load(rows[k], c0, lanes);
+        if (offsets[k] >= 0)
+            out += load(a->weight + k * a->channels + c0, lanes) * load_as(rows[k], offsets[k] + c0, lanes, bf16);
     store_as(a->y, y_index + c0, a->silu ? silu_vec(out) : out, lanes, bf16);
 }
 
 static inline __attribute__((always_inline)) void conv_span(const ConvArgs *a, int64_t b, int64_t start, int64_t end,
                                                             const int64_t width, const int bf16) {
-    Row rows[width]; /* rows[k]: x_{t - K + 1 + k}; rows[K - 1] is x_t */
+    /* Tap k reads x_{t - K + 1 + k} (k = K - 1 is x_t): element offsets[k] of rows[k]. */
+    const void *rows[width];
+    int64_t offsets[width];
     for (int64_t t = start; t < end; t++) {
-        for (int64_t k = 0; k < width; k++) rows[k] = input_row(a, b, t - width + 1 + k);
+        for (int64_t k = 0; k < width; k++) offsets[k] = input_row(a, b, t - width + 1 + k, &rows[k]);
         int64_t y_index = (b * a->length + t) * a->channels;
         int64_t c0 = 0;
-        for (; c0 + LANES <= a->channels; c0 += LANES) conv_channels(a, rows, y_index, c0, LANES, width, bf16);
-        if (c0 < a->channels) conv_channels(a, rows, y_index, c0, (int)(a->channels - c0), width, bf16);
+        for (; c0 + LANES <= a->channels; c0 += LANES)
+            conv_channels(a, rows, offsets, y_index, c0, LANES, width, bf16);
+        if (c0 < a->channels) conv_channels(a, rows, offsets, y_index, c0, (int)(a->channels - c0), width, bf16);
     }
 }
 

@@ -152,11 +152,15 @@ typedef struct {
 
 static inline int64_t seq_offset(Seq s, int64_t b, int64_t t) { return b * s.batch_stride + t * s.time_stride; }
 
+/* `width` values at element `index` of fp32 data, or of bf16 data when `bf16` is set, as fp32. */
+static inline vf load_as(const void *data, int64_t index, int width, const int bf16) {
+    if (bf16) return load_bf16((const uint16_t *)data + index, width);
+    return load((const float *)data + index, width);
+}
+
 /* Channels [c0, c0 + width) of row (b, t), as fp32. */
 static inline vf seq_load(Seq s, int64_t b, int64_t t, int64_t c0, int width, const int bf16) {
-    int64_t offset = seq_offset(s, b, t) + c0;
-    if (bf16) return load_bf16((const uint16_t *)s.data + offset, width);
-    return load((const float *)s.data + offset, width);
+    return load_as(s.data, seq_offset(s, b, t) + c0, width, bf16);
 }
 
 /* Channel c of row (b, t), as fp32. */
