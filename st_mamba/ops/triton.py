@@ -56,7 +56,9 @@ SCAN_BWD_BLOCK_D = 64
 SCAN_BWD_WARPS = 1
 # With fewer (sequence, channel block) programs than SCAN_MIN_PROGRAMS, the forward scan cuts the
 # sequences into chunks of at least SCAN_MIN_CHUNK tokens, aiming at SCAN_CHUNK_PROGRAMS programs.
-SCAN_MIN_PROGRAMS = 256
+# (At 256, mamba-370m at 8K tokens, 8 x 32 = 256 programs, ran unchunked at 199K tok/s, against
+# 334K chunked at 32K; whole sequences in 768 programs, mamba-130m at 2K, beat chunks.)
+SCAN_MIN_PROGRAMS = 512
 SCAN_CHUNK_PROGRAMS = 4096
 SCAN_MIN_CHUNK = 256
 CONV_BLOCK_T = 32
@@ -92,13 +94,23 @@ def _find_segment(offsets_ptr, index, n_segments, STEPS: tl.constexpr):
 
 
 @triton.jit
+def _row_start(ptr, batch, stride_b, ALIGNED: tl.constexpr):
+    """``ptr`` moved to batch row ``batch``. ALIGNED: the host found every row stride a multiple of 16
+    elements; saying so lets loads along a row vectorise (the batch strides are not specialised on)."""
+    offset = batch * stride_b
+    if ALIGNED:
+        offset = tl.multiple_of(offset, 16)
+    return ptr + offset
+
+
+@triton.jit
 def _chunk_span(
     chunk_id, cu_ptr, chunk_off_ptr, seqlen, n_seq, chunk, chunks_per_seq,
     VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):  # fmt: skip
     """Where chunk ``chunk_id`` (numbered over the whole batch) lies.
 
-    Returns its sequence, that sequence's batch row (0 when packed), first token, end token, first
+    Returns its sequence, that sequence's batch row (int64; 0 when packed), first token, end token, first
     chunk and last chunk, and the chunk's own first and end token.
     """
     if VARLEN:
@@ -107,14 +119,14 @@ def _chunk_span(
         last_chunk = tl.load(chunk_off_ptr + seq + 1) - 1
         start = tl.load(cu_ptr + seq)
         end = tl.load(cu_ptr + seq + 1)
-        batch = 0
+        batch = tl.zeros_like(seq).to(tl.int64)
     else:
         seq = chunk_id // chunks_per_seq
         first_chunk = seq * chunks_per_seq
         last_chunk = first_chunk + chunks_per_seq - 1
         start = 0
         end = seqlen
-        batch = seq
+        batch = seq.to(tl.int64)  # batch * stride passes 2**31 elements in large padded batches
     t_begin = start + (chunk_id - first_chunk) * chunk
     t_end = tl.minimum(t_begin + chunk, end)
     return seq, batch, start, end, first_chunk, last_chunk, t_begin, t_end
@@ -154,7 +166,7 @@ def _scan_fwd_kernel(
     stride_bb, stride_bt, stride_cb, stride_ct, stride_yb, stride_yt,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    PHASE: tl.constexpr, STORE_Y: tl.constexpr, STORE_CKPT: tl.constexpr,
+    PHASE: tl.constexpr, STORE_Y: tl.constexpr, STORE_CKPT: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """PHASE 1: a chunk's end state from zero (and its summed dt). PHASE 2: outputs and/or checkpoints."""
@@ -198,12 +210,12 @@ def _scan_fwd_kernel(
         else:
             ckpt_base = seq * tl.cdiv(seqlen, ckpt_every)
 
-    x_row = x_ptr + batch * stride_xb + offs_d
-    dt_row = dt_ptr + batch * stride_dtb + offs_d
-    z_row = z_ptr + batch * stride_zb + offs_d
-    b_row = b_ptr + batch * stride_bb + offs_n
-    c_row = c_ptr + batch * stride_cb + offs_n
-    y_row = y_ptr + batch * stride_yb + offs_d
+    x_row = _row_start(x_ptr, batch, stride_xb, ALIGNED) + offs_d
+    dt_row = _row_start(dt_ptr, batch, stride_dtb, ALIGNED) + offs_d
+    z_row = _row_start(z_ptr, batch, stride_zb, ALIGNED) + offs_d
+    b_row = _row_start(b_ptr, batch, stride_bb, ALIGNED) + offs_n
+    c_row = _row_start(c_ptr, batch, stride_cb, ALIGNED) + offs_n
+    y_row = _row_start(y_ptr, batch, stride_yb, ALIGNED) + offs_d
     mask_n = offs_n < d_state
     # Token t + 1's inputs are loaded while token t is computed (a hand-written prefetch).
     t_begin = t_begin.to(tl.int64)  # row offsets can pass 2**31 elements in long packed batches
@@ -271,7 +283,7 @@ def _scan_bwd_carry_kernel(
     seqlen, n_seq, d_inner, d_state, chunk, chunks_per_seq,
     stride_dtb, stride_dtt, stride_zb, stride_zt, stride_cb, stride_ct, stride_dyb, stride_dyt,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Phase 1 of a chunked backward: what each chunk passes back to the chunk before it from a zero carry.
 
@@ -297,10 +309,10 @@ def _scan_bwd_carry_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
 
-    dt_row = dt_ptr + batch * stride_dtb + offs_d
-    z_row = z_ptr + batch * stride_zb + offs_d
-    c_row = c_ptr + batch * stride_cb + offs_n
-    dy_row = dy_ptr + batch * stride_dyb + offs_d
+    dt_row = _row_start(dt_ptr, batch, stride_dtb, ALIGNED) + offs_d
+    z_row = _row_start(z_ptr, batch, stride_zb, ALIGNED) + offs_d
+    c_row = _row_start(c_ptr, batch, stride_cb, ALIGNED) + offs_n
+    dy_row = _row_start(dy_ptr, batch, stride_dyb, ALIGNED) + offs_d
     carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dtsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     # Token t - 1's inputs are loaded while token t is computed.
@@ -349,7 +361,7 @@ def _scan_bwd_kernel(
     stride_bb, stride_bt, stride_cb, stride_ct, stride_dyb, stride_dyt,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_DHFINAL: tl.constexpr, VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    TILE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_D channels of one chunk of one sequence, its tiles of TILE tokens from last to first.
 
@@ -407,12 +419,12 @@ def _scan_bwd_kernel(
         ckpt_base = seq * tl.cdiv(seqlen, TILE)
     ckpt_offs = offs_n[:, None] * d_inner + offs_d[None, :]
 
-    x_row = x_ptr + batch * stride_xb + offs_d
-    dt_row = dt_ptr + batch * stride_dtb + offs_d
-    z_row = z_ptr + batch * stride_zb + offs_d
-    b_row = b_ptr + batch * stride_bb + offs_n
-    c_row = c_ptr + batch * stride_cb + offs_n
-    dy_row = dy_ptr + batch * stride_dyb + offs_d
+    x_row = _row_start(x_ptr, batch, stride_xb, ALIGNED) + offs_d
+    dt_row = _row_start(dt_ptr, batch, stride_dtb, ALIGNED) + offs_d
+    z_row = _row_start(z_ptr, batch, stride_zb, ALIGNED) + offs_d
+    b_row = _row_start(b_ptr, batch, stride_bb, ALIGNED) + offs_n
+    c_row = _row_start(c_ptr, batch, stride_cb, ALIGNED) + offs_n
+    dy_row = _row_start(dy_ptr, batch, stride_dyb, ALIGNED) + offs_d
     out_row = batch * seqlen  # row of the contiguous (rows, Di) gradients, and of the (blocks, rows, N) dB, dC shares
     db_row = db_ptr + pid_d.to(tl.int64) * n_tokens * d_state + offs_n
     dc_row = dc_ptr + pid_d.to(tl.int64) * n_tokens * d_state + offs_n
@@ -585,6 +597,15 @@ def _scan_chunk(packing: _Packing, n_dblocks: int) -> int:
     return min(chunk, whole)
 
 
+def _aligned(*tensors: Tensor) -> bool:
+    """Whether every batch and time stride of the (B, L, ...) tensors is a multiple of 16 elements.
+
+    True for every real model (rows of 16k channels); the kernels then tell the compiler so about
+    the batch strides they do not specialise on (``_row_start``), and their row loads vectorise.
+    """
+    return all(t.stride(0) % 16 == 0 and t.stride(1) % 16 == 0 for t in tensors)
+
+
 def _rows(t: Tensor) -> Tensor:
     """The tensor with a unit stride along its last dim (a view when it already has one)."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -614,7 +635,7 @@ def _scan_forward_pass(
     common = dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus,
         HAS_H0=h0 is not None, VARLEN=packing.varlen, SEARCH_STEPS=_search_steps(packing.n_seq, packing.varlen),
-        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), num_warps=SCAN_FWD_WARPS,
+        ALIGNED=_aligned(x, dt, z if z is not None else x, B, C, y_arg), BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), num_warps=SCAN_FWD_WARPS,
     )  # fmt: skip
     pointers = (
         x, dt, z if z is not None else x, B, C, A.T.contiguous(), D if D is not None else A,
@@ -685,8 +706,8 @@ class _SelectiveScan(torch.autograd.Function):
         chunk_off_arg = chunk_off if chunk_off is not None else dummy
         common = dict(
             HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=ctx.softplus, VARLEN=packing.varlen,
-            SEARCH_STEPS=_search_steps(packing.n_seq, packing.varlen), BLOCK_D=block_d, BLOCK_N=block_n,
-            num_warps=SCAN_BWD_WARPS,
+            SEARCH_STEPS=_search_steps(packing.n_seq, packing.varlen), ALIGNED=_aligned(x, dt, zz, B, C, dy),
+            BLOCK_D=block_d, BLOCK_N=block_n, num_warps=SCAN_BWD_WARPS,
         )  # fmt: skip
         chunk_carry = x.new_empty(n_chunks, d_state, d_inner, dtype=torch.float32) if chunked else dummy
         chunk_dtsum = x.new_empty(n_chunks, d_inner, dtype=torch.float32) if chunked else dummy
@@ -786,14 +807,14 @@ def _conv_position(tok, cu_ptr, seqlen, n_seq, VARLEN: tl.constexpr, SEARCH_STEP
 def _conv_window(
     x_ptr, w_ptr, h0_ptr, seq, batch, time, pos, tok_mask, offs_c, mask_c,
     stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k, k: tl.constexpr,
-    HAS_H0: tl.constexpr, WIDTH: tl.constexpr,
+    HAS_H0: tl.constexpr, WIDTH: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """Tap k of the window: the input ``WIDTH - 1 - k`` tokens back (from the initial state before the start)."""
     back = WIDTH - 1 - k
     src = pos - back
     inside = tok_mask & (src >= 0)
-    rows = batch.to(tl.int64) * stride_xb + (time - back).to(tl.int64) * stride_xt
-    x = tl.load(x_ptr + rows[:, None] + offs_c[None, :], mask=inside[:, None] & mask_c[None, :], other=0.0)
+    rows = _row_start(x_ptr, batch.to(tl.int64), stride_xb, ALIGNED) + (time - back).to(tl.int64) * stride_xt
+    x = tl.load(rows[:, None] + offs_c[None, :], mask=inside[:, None] & mask_c[None, :], other=0.0)
     x = x.to(tl.float32)
     if HAS_H0:
         before = tok_mask & (src < 0)
@@ -809,7 +830,8 @@ def _conv_fwd_kernel(
     n_tokens, seqlen, channels, n_seq,
     stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SILU: tl.constexpr,
-    VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -820,7 +842,7 @@ def _conv_fwd_kernel(
     for k in tl.static_range(WIDTH):
         x, w = _conv_window(
             x_ptr, w_ptr, h0_ptr, seq, batch, time, pos, tok_mask, offs_c, mask_c,
-            stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k, k, HAS_H0, WIDTH,
+            stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k, k, HAS_H0, WIDTH, ALIGNED,
         )  # fmt: skip
         acc += x * w[None, :]
     if HAS_BIAS:
@@ -837,7 +859,8 @@ def _conv_bwd_pre_kernel(
     n_tokens, seqlen, channels, n_seq,
     stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SILU: tl.constexpr,
-    VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """dpre = dy * silu'(pre), and this token block's share of dweight (WIDTH, C) and dbias (C,)."""
     pid_t = tl.program_id(0)
@@ -851,7 +874,7 @@ def _conv_bwd_pre_kernel(
     for k in tl.static_range(WIDTH):
         x, w = _conv_window(
             x_ptr, w_ptr, h0_ptr, seq, batch, time, pos, tok_mask, offs_c, mask_c,
-            stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k, k, HAS_H0, WIDTH,
+            stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k, k, HAS_H0, WIDTH, ALIGNED,
         )  # fmt: skip
         pre += x * w[None, :]
     if HAS_BIAS:
@@ -865,7 +888,7 @@ def _conv_bwd_pre_kernel(
     for k in tl.static_range(WIDTH):
         x, w = _conv_window(
             x_ptr, w_ptr, h0_ptr, seq, batch, time, pos, tok_mask, offs_c, mask_c,
-            stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k, k, HAS_H0, WIDTH,
+            stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k, k, HAS_H0, WIDTH, ALIGNED,
         )  # fmt: skip
         tl.store(dw_ptr + (pid_t * WIDTH + k) * channels + offs_c, tl.sum(x * dpre, axis=0), mask=mask_c)
     if HAS_BIAS:
@@ -924,7 +947,7 @@ class _CausalConv1d(torch.autograd.Function):
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             h0_arg.stride(0) if h0 is not None else 0, h0_arg.stride(1) if h0 is not None else 0,
             WIDTH=weight.shape[1], HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=activation == "silu",
-            VARLEN=packing.varlen, SEARCH_STEPS=_search_steps(packing.n_seq, packing.varlen),
+            VARLEN=packing.varlen, SEARCH_STEPS=_search_steps(packing.n_seq, packing.varlen), ALIGNED=_aligned(x),
             BLOCK_T=CONV_BLOCK_T, BLOCK_C=CONV_BLOCK_C, num_warps=CONV_WARPS,
         )  # fmt: skip
         ctx.save_for_backward(x, weight, bias, h0, cu_seqlens)
@@ -954,7 +977,8 @@ class _CausalConv1d(torch.autograd.Function):
             n_tokens, packing.seqlen, channels, packing.n_seq,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             h0_arg.stride(0) if h0 is not None else 0, h0_arg.stride(1) if h0 is not None else 0,
-            HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=ctx.activation == "silu", **common,
+            HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=ctx.activation == "silu", ALIGNED=_aligned(x),
+            **common,
         )  # fmt: skip
         dx = torch.empty(n_tokens, channels, **f32)
         _conv_bwd_input_kernel[grid](
