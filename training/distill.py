@@ -434,6 +434,12 @@ def train_student(
     ``checkpoint_meta`` (the student's config and pooling) goes into the checkpoints with the progress.
     """
     model.to(device).train()
+    # Training reads every text in one pass. The saved Mamba student streams texts past its chunk_size
+    # (bounded memory at inference): the same gradients, but an 8K-token batch then launches four times
+    # the kernels and left the H200 idle half of the step (benchmarks/bench_train_step.py).
+    saved_chunk_size = getattr(model[0], "chunk_size", None)
+    if saved_chunk_size is not None:
+        model[0].chunk_size = None
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
@@ -503,6 +509,8 @@ def train_student(
     elapsed = time.perf_counter() - start
     if checkpoint_dir is not None:
         save()
+    if saved_chunk_size is not None:
+        model[0].chunk_size = saved_chunk_size
     model.eval()
     return {"steps": step, "planned_steps": total_steps or step, "seconds": round(elapsed, 1), "tokens": tokens,
             "tokens_per_second": round(tokens / max(elapsed, 1e-9))}  # fmt: skip

@@ -115,6 +115,26 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert rates[100] == 0.0
 
 
+def test_training_reads_whole_texts_and_gives_the_chunk_size_back(tokenizer_dir, monkeypatch):
+    """The student trains in one pass (streaming gives the same gradients, slower); its chunk_size comes back."""
+    from st_mamba.module import MambaEncoder
+
+    streamed = []
+    real_streaming = MambaEncoder._forward_streaming
+    monkeypatch.setattr(
+        MambaEncoder, "_forward_streaming", lambda self, *a: streamed.append(1) or real_streaming(self, *a)
+    )
+    model = distill.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+    model[0].chunk_size = 8
+    generator = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, 400, (30,), generator=generator).numpy() for _ in range(6)]
+    data = distill.TrainData(ids, torch.nn.functional.normalize(torch.randn(6, 384), dim=-1), list(range(6)), [], 0)
+    distill.train_student(model, "mamba", data, "cpu", 2, 60.0, [])
+    assert not streamed and model[0].chunk_size == 8
+    model.encode(["a text longer than eight tokens, streamed at inference as saved"])
+    assert streamed
+
+
 def test_embedding_std_redraws_only_the_token_embedding(tokenizer_dir):
     plain = distill.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
     unit = distill.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, embedding_std=1.0)

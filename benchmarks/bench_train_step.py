@@ -1,0 +1,126 @@
+"""Where a distillation training step's time goes: the students of training/distill.py, one batch shape at a time.
+
+For each batch shape of the distillation run (many short texts ... a few 8K-token segments, each at
+most 32,768 padded tokens), the Mamba and the Transformer student take the recipe's step (forward,
+MSELoss against fixed targets, backward, gradient clipping, AdamW) on random token ids, fp32 with
+TF32 matmuls as in the recipe. Reported per shape: wall milliseconds per step (median after
+warm-up) and the GPU's busy time within it (the summed kernel times of one profiled step, from
+torch.profiler), so that the rest, wall minus busy, is time the GPU waited on the host.
+
+Run on the GPU machine (prints a table last; ``--json`` keeps the rows):
+
+    python benchmarks/bench_train_step.py --json bench_out/train_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "training"))
+sys.path.insert(0, str(ROOT))
+
+import distill  # noqa: E402  (training/distill.py: the students, the loss weight, the optimiser settings)
+
+# (texts, tokens a text): shapes like the run's batches, about 32K padded tokens or 512 texts each.
+SHAPES = [(512, 8), (512, 48), (128, 256), (32, 1024), (4, 8192)]
+
+
+def train_step(model, loss, optimizer, features: dict, labels: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    (distill.MSE_WEIGHT * loss([features], labels)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), distill.MAX_GRAD_NORM)
+    optimizer.step()
+
+
+def busy_ms(step) -> float:
+    """Summed device time of the kernels of one call of ``step`` (torch.profiler), in milliseconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(event.device_time_total for event in prof.key_averages()) / 1e3
+
+
+def measure(kind: str, name: str, model, reps: int, shapes: list[tuple[int, int]] = SHAPES) -> list[dict]:
+    from sentence_transformers.sentence_transformer.losses import MSELoss
+
+    model.to("cuda").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
+    loss = MSELoss(model)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for texts, length in shapes:
+        ids = [torch.randint(1, 50000, (length - 1,), generator=generator).numpy() for _ in range(texts)]
+        features = distill._to(distill.collate(ids, kind, 0, model.max_seq_length), "cuda")
+        labels = torch.nn.functional.normalize(torch.randn(texts, distill.TEACHER_DIM, generator=generator), dim=-1)
+        labels = labels.cuda()
+
+        def step(features=features, labels=labels) -> None:
+            train_step(model, loss, optimizer, features, labels)
+
+        for _ in range(3):  # compiles, allocator warm-up
+            step()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+        wall = statistics.median(times)
+        busy = busy_ms(step)
+        padded = int(features["input_ids"].numel())
+        row = dict(model=name, texts=texts, length=length, padded_tokens=padded, wall_ms=round(wall, 2),
+                   busy_ms=round(busy, 2), tok_s=round(padded / wall * 1e3))  # fmt: skip
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    model.to("cpu")
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| student | texts x tokens | wall ms | GPU busy ms | busy share | padded tok/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['texts']} x {r['length']:,} | {r['wall_ms']:.1f} | {r['busy_ms']:.1f} | "
+                     f"{r['busy_ms'] / r['wall_ms']:.0%} | {r['tok_s'] / 1e3:,.0f}K |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokenizer", type=Path, default=ROOT / ".bench_data" / "gpt-neox-20b")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--json", type=Path, help="write the rows here")
+    a = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    mamba = distill.build_mamba_student(a.tokenizer, pooling="mean")
+    mamba[0].chunk_size = None  # as distill.train_student trains it: one pass
+    rows = measure("mamba", "mamba", mamba, a.reps)
+    # Runs 1-5 of docs/distillation.md trained with the saved chunk_size: longer texts streamed (same gradients).
+    mamba[0].chunk_size = distill.SAVED_CHUNK_SIZE
+    long = [shape for shape in SHAPES if shape[1] > distill.SAVED_CHUNK_SIZE]
+    rows += measure("mamba", f"mamba, {distill.SAVED_CHUNK_SIZE}-token chunks", mamba, a.reps, long)
+    scratch = Path("/tmp/bench_train_step_bert")
+    rows += measure("transformer", "transformer", distill.build_transformer_student(a.tokenizer, scratch), a.reps)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    print()
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
