@@ -12,6 +12,8 @@ tokens per batch (batch = 65,536 / L), median of several timed runs after warm-u
    choice rests on.
 3. ``model.encode`` on real text (the SciFact corpus, GPT-NeoX tokenizer, max 512 tokens):
    docs/s including tokenisation, packed against padded batches.
+4. one long document (SciFact abstracts end to end: 8K and 1M tokens) through ``model.encode``
+   with ``chunk_size``: peak GPU memory of the streamed read against the one-pass read.
 
 It prints a table last and writes, into ``--out-dir``, results.json, the "## GPU (H200)" section
 of docs/benchmarks.md (gpu_section.md) and the plot of tokens/s against length (benchmarks_gpu.png).
@@ -336,7 +338,66 @@ def encode_benchmark(corpus: Path, tokenizer: Path, max_docs: int) -> list[dict]
     return rows
 
 
+def streaming_memory(corpus: Path, tokenizer: Path, lengths: list[int], chunk: int) -> list[dict]:
+    """Peak GPU memory of ``model.encode`` on one long document, read ``chunk`` tokens at a time.
+
+    The document is SciFact abstracts end to end, cut to each length (EOS included). A document of at
+    most ``chunk`` tokens is read in one pass; a longer one streams, carrying the SSM and conv states.
+    "above weights" is the peak minus what the model held before the call.
+    """
+    from st_mamba import MambaConfig, from_config
+
+    model = from_config(MambaConfig(**MODELS["st-mamba-130m"][1]), tokenizer, max_seq_length=None, chunk_size=chunk,
+                        seed=0, device="cuda").to(torch.bfloat16)  # fmt: skip
+    encoder = model[0]
+    ids: list[int] = []
+    with open(corpus) as f:
+        for line in f:
+            row = json.loads(line)
+            ids += encoder.tokenizer((row.get("title", "") + " " + row.get("text", "")).strip() + "\n\n",
+                                     add_special_tokens=False)["input_ids"]  # fmt: skip
+            if len(ids) >= max(lengths):
+                break
+    ids *= -(-max(lengths) // len(ids))  # a corpus shorter than the longest length is repeated
+    rows = []
+    for n in [lengths[0], *lengths]:  # the first length twice: its first run also compiles the kernels
+        keep = n - 1  # decoded ids can tokenise to a few more: cut by the excess until the text holds n - 1
+        while True:
+            text = encoder.tokenizer.decode(ids[:keep])
+            excess = len(encoder.tokenizer(text, add_special_tokens=False)["input_ids"]) - (n - 1)
+            if excess <= 0:
+                break
+            keep -= excess
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        model.encode([text], batch_size=1, convert_to_tensor=True).cpu()
+        seconds = time.perf_counter() - start
+        tokens = int(encoder.preprocess([text])["attention_mask"].sum())
+        peak = torch.cuda.max_memory_allocated()
+        row = dict(tokens=tokens, chunk=chunk, streamed=tokens > chunk, peak_mib=round(peak / 2**20, 1),
+                   above_weights_mib=round((peak - before) / 2**20, 1), seconds=round(seconds, 2),
+                   tok_s=round(tokens / seconds))  # fmt: skip
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows[1:]
+
+
 # --- report -------------------------------------------------------------------------------------
+
+
+def _commands(meta: dict) -> list[str]:
+    """The command of the run, or of each merged run (``--merge``), oldest first."""
+    commands = meta.get("commands") or [meta["command"]]
+    if len(commands) == 1:
+        return [f"Command: `{commands[0]}`"]
+    lines = [
+        "Merged from these runs, oldest first (a row or part re-measured by a later run replaces the earlier one):",
+        "",
+    ]
+    return lines + [f"{i}. `{command}`" for i, command in enumerate(commands, 1)]
 
 
 def _k(value: float) -> str:
@@ -387,7 +448,7 @@ def render(results: dict) -> str:
         "Pythia use SDPA. MFU(lin) = 2 x non-embedding parameters x tokens/s (x3 with backward) / 790 TFLOP/s."
         + anchor,
         "",
-        f"Command: `{meta['command']}`",
+        *_commands(meta),
         "",
         "### Forward (inference), tokens/s",
         "",
@@ -427,6 +488,25 @@ def render(results: dict) -> str:
             parts.append(f"| {r['layout']} | {r['batch_size']} | {r['output']} | {r['seconds']} | "
                          f"{r['docs_s']:,.0f} | {_k(r['tok_s'])} |")  # fmt: skip
         parts.append("")
+    if results.get("stream"):
+        rows = results["stream"]
+        parts += [
+            f"### One long document, streamed {rows[0]['chunk']:,} tokens at a time (st-mamba-130m shape, bf16)",
+            "",
+            "`model.encode([text])` with `chunk_size` set: wall time of the call (tokenisation included) and",
+            "peak GPU memory (`torch.cuda.max_memory_allocated`), in all and above the model's own weights.",
+            "",
+            "| tokens | read | peak MiB | above weights MiB | seconds | tok/s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            read = "streamed" if r["streamed"] else "one pass"
+            parts.append(f"| {r['tokens']:,} | {read} | {r['peak_mib']:,.0f} | {r['above_weights_mib']:,.0f} | "
+                         f"{r['seconds']} | {_k(r['tok_s'])} |")  # fmt: skip
+        short, long = rows[0], rows[-1]
+        parts += ["", f"Peak of {long['tokens']:,} tokens against {short['tokens']:,}: "
+                  f"{long['peak_mib'] / short['peak_mib']:.2f}x in all, "
+                  f"{long['above_weights_mib'] / short['above_weights_mib']:.2f}x above the weights.", ""]  # fmt: skip
     return "\n".join(parts)
 
 
@@ -481,7 +561,9 @@ def main() -> None:
     p.add_argument("--corpus", type=Path, default=ROOT / ".bench_data" / "scifact" / "corpus.jsonl")
     p.add_argument("--tokenizer", type=Path, default=ROOT / ".bench_data" / "gpt-neox-20b")
     p.add_argument("--max-docs", type=int, default=10**9)
-    p.add_argument("--skip", default="", help="comma list of parts to skip: models,floor,ops,encode")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: models,floor,ops,encode,stream")
+    p.add_argument("--stream-lengths", default="8192,1048576", help="documents streamed (first: the reference)")
+    p.add_argument("--stream-chunk", type=int, default=8192, help="tokens read at a time when streaming")
     p.add_argument("--merge", type=Path, help="results.json of an earlier run: its rows are kept unless re-measured")
     p.add_argument("--time-budget", type=float, default=math.inf, help="seconds; later model rows are skipped")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench_out")
@@ -498,10 +580,12 @@ def main() -> None:
         deadline = time.time() + a.time_budget
         skip = set(filter(None, a.skip.split(",")))
         results = json.loads(a.merge.read_text()) if a.merge else {"rows": []}
+        earlier = results.get("meta", {})
+        command = " ".join(["python benchmarks/bench_encode.py", *sys.argv[1:]])
         results["meta"] = dict(
             gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
             transformers=transformers.__version__, tokens=a.tokens, st_backends=st_backends(),
-            command=" ".join(["python benchmarks/bench_encode.py", *sys.argv[1:]]),
+            commands=earlier.get("commands", [earlier["command"]] if "command" in earlier else []) + [command],
         )  # fmt: skip
         if hf_mamba_kernels_available():
             import mamba_ssm
@@ -517,6 +601,9 @@ def main() -> None:
             results["ops"] = op_times(a.tokens, a.reps)
         if "encode" not in skip and a.corpus.exists():
             results["encode"] = encode_benchmark(a.corpus, a.tokenizer, a.max_docs)
+        if "stream" not in skip and a.corpus.exists():
+            stream_lengths = [int(n) for n in a.stream_lengths.split(",")]
+            results["stream"] = streaming_memory(a.corpus, a.tokenizer, stream_lengths, a.stream_chunk)
         from st_mamba.ops import triton as triton_ops
 
         results["meta"]["scan_fwd_shape"] = [triton_ops.SCAN_FWD_BLOCK_D, triton_ops.SCAN_FWD_WARPS]

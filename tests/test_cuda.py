@@ -32,3 +32,32 @@ def test_gpu_streaming_equals_one_pass(tiny_model):
     tiny_model[0].chunk_size = 32
     streamed = tiny_model.encode(texts, convert_to_tensor=True, device="cuda")
     assert (one_pass - streamed).abs().max().item() <= 1e-4
+
+
+def test_gpu_streaming_memory_stays_flat_with_length(tokenizer_dir):
+    """A document 32 chunks long, streamed, peaks at most at twice the memory of a one-chunk document."""
+    from st_mamba import from_config
+    from tests.conftest import tiny_config
+
+    chunk = 1024
+    model = from_config(tiny_config(1, d_model=256), tokenizer_dir, seed=0, max_seq_length=None, chunk_size=chunk,
+                        device="cuda")  # fmt: skip
+    encoder = model[0].eval()
+
+    def peak_above_weights(length: int) -> int:
+        generator = torch.Generator(device="cuda").manual_seed(length)
+        ids = torch.randint(1, 400, (1, length), device="cuda", generator=generator)
+        features = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.inference_mode():
+            encoder(features)["sentence_embedding"].sum().item()
+        return torch.cuda.max_memory_allocated() - before
+
+    peak_above_weights(chunk)  # warm-up: kernels compiled, allocator primed
+    one_pass = peak_above_weights(chunk)
+    streamed = peak_above_weights(32 * chunk)
+    assert streamed <= 2 * one_pass, (
+        f"{32 * chunk} tokens streamed peak at {streamed:,} B, one {chunk}-token pass at {one_pass:,} B"
+    )

@@ -64,7 +64,7 @@ def test_encode_packed_equals_padded_on_gpu(tokenizer_dir, dtype):
     from st_mamba import from_config
 
     model = from_config(tiny_config(1), tokenizer_dir, seed=0, max_seq_length=256, device="cuda")
-    model.to(dtype)
+    model.to(dtype).eval()  # preprocess packs at inference only (encode switches to eval mode itself)
     texts = random_texts(40, seed=3)
     encoder = model[0]
     assert "cu_seqlens" in encoder.preprocess(texts[:3])
