@@ -1,0 +1,57 @@
+"""A/B of the Triton kernels' alignment hint (``st_mamba.ops.triton._aligned``), in one process on one GPU.
+
+The mamba-130m shape, bf16, random weights, 65,536 tokens per batch in rows of 512, 8,192 and 32,768
+tokens: forward milliseconds (best of two rounds of median-of-7 CUDA-event timings) with the hint as
+the host computes it, and with the hint forced off. Which kernels take the hint is up to
+``ops/triton.py``; docs/benchmarks.md says what each version measured.
+
+    python benchmarks/ab_aligned.py
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from st_mamba import MambaBackbone, MambaConfig
+from st_mamba.ops import triton as triton_ops
+
+TOKENS = 65536
+
+
+def forward_ms(model: torch.nn.Module, ids: torch.Tensor, reps: int = 7) -> float:
+    times = []
+    with torch.inference_mode():
+        for _ in range(2):
+            model(ids)
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(ids)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    config = MambaConfig(d_model=768, n_layer=24, vocab_size=50280, d_state=16)
+    model = MambaBackbone(config).reset_parameters(seed=0).cuda().to(torch.bfloat16).eval()
+    computed = triton_ops._aligned
+    settings = {"hint as computed": computed, "hint off": lambda *tensors: False}
+    print(f"{torch.cuda.get_device_name()}, mamba-130m shape, bf16, {TOKENS:,} tokens a batch")
+    for length in (512, 8192, 32768):
+        ids = torch.randint(0, 50000, (TOKENS // length, length), device="cuda")
+        best: dict[str, float] = {}
+        for _ in range(2):  # two rounds, alternating, so that clock drift hits both settings
+            for name, aligned in settings.items():
+                triton_ops._aligned = aligned
+                best[name] = min(best.get(name, float("inf")), forward_ms(model, ids))
+        triton_ops._aligned = computed
+        cells = [f"{name} {ms:.2f} ms ({TOKENS / ms / 1e3:,.2f}M tok/s)" for name, ms in best.items()]
+        print(f"L={length}: " + "; ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
