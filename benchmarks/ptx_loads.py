@@ -1,0 +1,96 @@
+"""Compile st-mamba's Triton kernels for an H100/H200 (sm_90) without a GPU, and count their memory instructions.
+
+Triton's compiler needs no GPU: this builds each kernel for ``GPUTarget("cuda", 90, 32)`` from its
+source, with the specialisations the launcher would give it (pointers 16-byte aligned; the integer
+arguments it specialises on, divisible by 16), and counts the global loads and stores in the PTX by
+width. A vector load (``ld.global.v4.b32``: 16 bytes) against scalar 16-bit loads
+(``ld.global.b16``) shows at once whether a change lets a kernel's row loads vectorise, before any
+GPU time is spent. Written for Triton 3.6 (``triton.compiler.ASTSource``).
+
+    python benchmarks/ptx_loads.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections import Counter
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from st_mamba.ops import triton as kernels
+
+FP32_POINTERS = {"a_ptr", "d_ptr", "bias_ptr", "h0_ptr", "hfinal_ptr", "chunk_state_ptr", "chunk_dtsum_ptr",
+                 "ckpt_ptr", "chunk_carry_ptr", "scratch_ptr", "dhfinal_ptr", "db_ptr", "dc_ptr", "da_ptr", "dd_ptr",
+                 "dbias_ptr", "dh0_ptr", "dpre_ptr", "dw_ptr", "dx_ptr"}  # fmt: skip
+INT_POINTERS = {"cu_ptr", "chunk_off_ptr", "tile_off_ptr"}
+# Integer arguments the launcher specialises on (not in kernels._SHAPE_ARGS): model widths, and the
+# strides along time and channels, all multiples of 16 in real models.
+SPECIALISED = {"d_inner", "d_state", "channels", "stride_xt", "stride_dtt", "stride_zt", "stride_bt", "stride_ct",
+               "stride_yt", "stride_dyt", "stride_wc", "stride_h0k"}  # fmt: skip
+
+
+def memory_instructions(kernel, constants: dict, num_warps: int) -> Counter:
+    """Global loads and stores, by width, in the sm_90 PTX of ``kernel`` with these constexpr values (bf16 data)."""
+    names = kernel.arg_names
+    constants = {name: value for name, value in constants.items() if name in names}
+    signature = {}
+    for name in names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in FP32_POINTERS else "*i32" if name in INT_POINTERS else "*bf16"
+        else:
+            signature[name] = "i32"
+    divisible = [(i,) for i, name in enumerate(names) if name.endswith("_ptr") or name in SPECIALISED]
+    source = ASTSource(
+        fn=kernel,
+        signature=signature,
+        constexprs={(names.index(name),): value for name, value in constants.items()},
+        attrs={key: [["tt.divisibility", 16]] for key in divisible},
+    )
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return Counter(re.findall(r"(?:ld|st)\.global[\w.]*", compiled.asm["ptx"]))
+
+
+def main() -> None:
+    scan = dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=kernels.SCAN_FWD_BLOCK_D, BLOCK_N=16)
+    conv = dict(WIDTH=4, HAS_BIAS=True, HAS_H0=False, SILU=True, BLOCK_T=kernels.CONV_BLOCK_T,
+                BLOCK_C=kernels.CONV_BLOCK_C)  # fmt: skip
+    print("| kernel | batch | ALIGNED | global loads and stores in the PTX |")
+    print("|---|---|---|---|")
+    for varlen, aligned in itertools.product((False, True), (False, True)):
+        layout = dict(VARLEN=varlen, ALIGNED=aligned, SEARCH_STEPS=4 if varlen else 1)
+        builds = {
+            "scan forward": (
+                kernels._scan_fwd_kernel,
+                {
+                    **scan,
+                    **layout,
+                    "HAS_D": True,
+                    "HAS_H0": False,
+                    "STORE_FINAL": False,
+                    "PHASE": 2,
+                    "STORE_Y": True,
+                    "STORE_CKPT": False,
+                },
+                kernels.SCAN_FWD_WARPS,
+            ),  # fmt: skip
+            "scan backward": (
+                kernels._scan_bwd_kernel,
+                {**scan, **layout, "HAS_D": True, "HAS_H0": False, "HAS_DHFINAL": False, "TILE": kernels.SCAN_BWD_TILE},
+                kernels.SCAN_BWD_WARPS,
+            ),  # fmt: skip
+            "conv forward": (kernels._conv_fwd_kernel, {**conv, **layout}, kernels.CONV_WARPS),
+            "conv backward (pre)": (kernels._conv_bwd_pre_kernel, {**conv, **layout}, kernels.CONV_WARPS),
+        }
+        for name, (kernel, constants, warps) in builds.items():
+            counts = memory_instructions(kernel, constants, warps)
+            cells = ", ".join(f"{count} {op}" for op, count in sorted(counts.items()))
+            print(f"| {name} | {'packed' if varlen else 'padded'} | {aligned} | {cells} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
