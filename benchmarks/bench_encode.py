@@ -17,7 +17,9 @@ tokens per batch (batch = 65,536 / L), median of several timed runs after warm-u
 
 It prints a table last and writes, into ``--out-dir``, results.json, the "## GPU (H200)" section
 of docs/benchmarks.md (gpu_section.md) and the plot of tokens/s against length (benchmarks_gpu.png).
-``--update-docs`` splices that section into docs/benchmarks.md, leaving other sections alone.
+``--update-docs`` splices that section into docs/benchmarks.md, leaving other sections alone, and
+keeps the results beside it (docs/benchmarks_gpu.json), so that a later run of some rows can
+``--merge`` them.
 
 Run (on the GPU machine; the mamba-ssm rows need mamba-ssm and causal-conv1d installed):
 
@@ -625,6 +627,7 @@ def main() -> None:
     if a.update_docs:
         update_docs(section)
         plot(results, DOC.parent / "benchmarks_gpu.png")
+        (DOC.parent / "benchmarks_gpu.json").write_text(json.dumps(results, indent=1))  # what --merge reads next time
     print()
     print(throughput_table(results["rows"], "fwd"))
     print()
