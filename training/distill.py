@@ -80,8 +80,14 @@ TRANSFORMER = dict(hidden_size=256, num_hidden_layers=5, num_attention_heads=4, 
 MAX_TRAIN_TOKENS = 8192  # longest text a student reads in training (the corpus builder cuts at this length)
 SAVED_MAX_SEQ_LENGTH = 32768  # what the exported Mamba student reads by default; long texts stream...
 SAVED_CHUNK_SIZE = 2048  # ...in chunks of this many tokens, carrying the state (bounded memory)
-TRAIN_SECONDS = 200  # Mamba student's training time; its steps are the Transformer's
-TRANSFORMER_MAX_SECONDS = 150  # the control stops here if it is slower than the Mamba student
+# One H200 call holds RUN_SECONDS: ~85 s of tokenising and teacher targets, the two students, ~45 s
+# of evaluation and speed. Read in one pass (run 6 on), the Mamba student should be faster per step
+# than the Transformer on the long batches and slower on the short ones (benchmarks/bench_train_step.py:
+# 43 against 186 ms on 8K-token batches, 25-49 against 14-35 ms on short ones); on the run's mix the
+# Transformer may need up to ~1.3x the Mamba student's time for the same steps: 150 s + 200 s fit,
+# leaving evaluation (30 s in run 5) its time before RUN_SECONDS.
+TRAIN_SECONDS = 150  # Mamba student's training time; its steps are the Transformer's
+TRANSFORMER_MAX_SECONDS = 200  # the control stops here if it is slower than that
 # Mamba students that `sweep` compares, each trained for the same time (SWEEP_SECONDS) on the same first
 # batches; `train` trains STUDENT, the sweep's best (docs/distillation.md has the sweep's numbers).
 # Keys: the backbone config, the pooling, and optionally the peak learning rate and the token embedding's
