@@ -225,7 +225,10 @@ def gemm_floor(tokens: int, reps: int) -> dict:
                 tok_s=round(tokens / (ms / 1e3)))  # fmt: skip
 
 
-SCAN_SHAPES = [(64, 1), (128, 1)]  # (channels per program, warps): the forward scan's candidate launch shapes
+# (channels per program, warps): the forward scan's candidate launch shapes. Registers per thread of
+# the padded forward (benchmarks/ptx_loads.py, sm_90): 96 / 168 / 255 / 96, i.e. at most 21 / 12 / 8 / 20
+# warps an SM; 32 x 1 and 64 x 2 had not been timed on their own before the fifth session.
+SCAN_SHAPES = [(64, 1), (128, 1), (32, 1), (64, 2)]
 
 
 def choose_scan_shape(scan, reps: int, rows: list[dict]) -> None:

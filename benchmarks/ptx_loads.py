@@ -1,11 +1,13 @@
-"""Compile st-mamba's Triton kernels for an H100/H200 (sm_90) without a GPU, and count their memory instructions.
+"""Compile st-mamba's Triton kernels for an H100/H200 (sm_90) without a GPU: memory instructions and registers.
 
 Triton's compiler needs no GPU: this builds each kernel for ``GPUTarget("cuda", 90, 32)`` from its
 source, with the specialisations the launcher would give it (pointers 16-byte aligned; the integer
 arguments it specialises on, divisible by 16), and counts the global loads and stores in the PTX by
 width. A vector load (``ld.global.v4.b32``: 16 bytes) against scalar 16-bit loads
 (``ld.global.b16``) shows at once whether a change lets a kernel's row loads vectorise, before any
-GPU time is spent. Written for Triton 3.6 (``triton.compiler.ASTSource``).
+GPU time is spent. The registers per thread (and spills) come from the ptxas that ships with
+Triton: with one-warp programs they bound how many programs an SM holds (65,536 registers). Written
+for Triton 3.6 (``triton.compiler.ASTSource``).
 
     python benchmarks/ptx_loads.py
 """
@@ -14,7 +16,10 @@ from __future__ import annotations
 
 import itertools
 import re
+import subprocess
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -32,8 +37,22 @@ SPECIALISED = {"d_inner", "d_state", "channels", "stride_xt", "stride_dtt", "str
                "stride_yt", "stride_dyt", "stride_wc", "stride_h0k"}  # fmt: skip
 
 
-def memory_instructions(kernel, constants: dict, num_warps: int) -> Counter:
-    """Global loads and stores, by width, in the sm_90 PTX of ``kernel`` with these constexpr values (bf16 data)."""
+def registers(ptx: str) -> str:
+    """ptxas's count of registers per thread (and spilled bytes) for the PTX, compiled for sm_90a."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(ptx)
+        report = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(source), "-o", str(Path(folder) / "k.cubin")],
+                                capture_output=True, text=True, check=True).stderr  # fmt: skip
+    used = re.search(r"Used (\d+) registers", report)
+    spill = re.search(r"(\d+) bytes spill stores", report)
+    return f"{used.group(1) if used else '?'} registers, {spill.group(1) if spill else '?'} B spilled"
+
+
+def memory_instructions(kernel, constants: dict, num_warps: int) -> tuple[Counter, str]:
+    """Global loads and stores by width in the sm_90 PTX of ``kernel`` with these constexpr values
+    (bf16 data), and its registers per thread."""
     names = kernel.arg_names
     constants = {name: value for name, value in constants.items() if name in names}
     signature = {}
@@ -52,15 +71,16 @@ def memory_instructions(kernel, constants: dict, num_warps: int) -> Counter:
         attrs={key: [["tt.divisibility", 16]] for key in divisible},
     )
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    return Counter(re.findall(r"(?:ld|st)\.global[\w.]*", compiled.asm["ptx"]))
+    ptx = compiled.asm["ptx"]
+    return Counter(re.findall(r"(?:ld|st)\.global[\w.]*", ptx)), registers(ptx)
 
 
 def main() -> None:
     scan = dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=kernels.SCAN_FWD_BLOCK_D, BLOCK_N=16)
     conv = dict(WIDTH=4, HAS_BIAS=True, HAS_H0=False, SILU=True, BLOCK_T=kernels.CONV_BLOCK_T,
                 BLOCK_C=kernels.CONV_BLOCK_C)  # fmt: skip
-    print("| kernel | batch | ALIGNED | global loads and stores in the PTX |")
-    print("|---|---|---|---|")
+    print("| kernel | batch | ALIGNED | global loads and stores in the PTX | per thread |")
+    print("|---|---|---|---|---|")
     for varlen, aligned in itertools.product((False, True), (False, True)):
         layout = dict(VARLEN=varlen, ALIGNED=aligned, SEARCH_STEPS=4 if varlen else 1)
         builds = {
@@ -87,9 +107,9 @@ def main() -> None:
             "conv backward (pre)": (kernels._conv_bwd_pre_kernel, {**conv, **layout}, kernels.CONV_WARPS),
         }
         for name, (kernel, constants, warps) in builds.items():
-            counts = memory_instructions(kernel, constants, warps)
+            counts, regs = memory_instructions(kernel, constants, warps)
             cells = ", ".join(f"{count} {op}" for op, count in sorted(counts.items()))
-            print(f"| {name} | {'packed' if varlen else 'padded'} | {aligned} | {cells} |", flush=True)
+            print(f"| {name} | {'packed' if varlen else 'padded'} | {aligned} | {cells} | {regs} |", flush=True)
 
 
 if __name__ == "__main__":
