@@ -144,6 +144,24 @@ def test_selective_scan_matches_reference(batch, length, d_inner, d_state, dtype
     _check_scan(fast, ref, inputs, dtype, seed=length)
 
 
+@pytest.mark.parametrize("block_d,warps", [(32, 1), (64, 2), (128, 1)])
+def test_selective_scan_forward_launch_shapes(block_d, warps, monkeypatch):
+    """The forward scan's other launch shapes (benchmarks/bench_encode.py times them) give the same results."""
+    monkeypatch.setattr(triton_ops, "SCAN_FWD_BLOCK_D", block_d)
+    monkeypatch.setattr(triton_ops, "SCAN_FWD_WARPS", warps)
+    dtype = torch.bfloat16
+    inputs = _scan_inputs(3, 45, 150, 16, dtype, 21, True)  # 150 channels: a partial last block for every shape
+    kw = dict(dt_softplus=True, return_final_state=True)
+
+    def ref(t):
+        return selective_scan_reference(*t[:-1], initial_state=t[-1], **kw)
+
+    def fast(t):
+        return triton_ops.selective_scan_triton(*t[:-1], initial_state=t[-1], **kw)
+
+    _check_scan(fast, ref, inputs, dtype, seed=22)
+
+
 @pytest.mark.parametrize("with_z,with_d,with_bias,softplus", [(False, False, False, False), (True, False, True, True)])
 def test_selective_scan_optional_inputs(with_z, with_d, with_bias, softplus):
     x, dt, A, B, C, D, z, dt_bias, _ = _scan_inputs(2, 29, 16, 4, torch.float32, 5, False)
