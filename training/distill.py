@@ -246,13 +246,13 @@ def collate(ids: list[np.ndarray], kind: str, pad_id: int, limit: int | None = N
     extra = 1 if kind == "mamba" else 0
     if limit is not None:
         ids = [row[: limit - extra] for row in ids]
-    longest = max(len(row) for row in ids) + extra
-    input_ids = torch.full((len(ids), max(longest, 1)), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, tokens in enumerate(ids):
-        input_ids[row, : len(tokens)] = torch.from_numpy(tokens.astype(np.int64))
-        mask[row, : len(tokens) + extra] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
+    lengths = np.array([len(row) for row in ids], dtype=np.int64)
+    columns = np.arange(max(int(lengths.max()) + extra, 1))
+    input_ids = np.full((len(ids), len(columns)), pad_id, dtype=np.int64)
+    if lengths.sum():  # a boolean mask fills row after row: the order of the concatenated rows
+        input_ids[columns < lengths[:, None]] = np.concatenate(ids)
+    mask = (columns < (lengths + extra)[:, None]).astype(np.int64)
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
 
 
 def parameter_count(model: torch.nn.Module) -> dict[str, int]:
@@ -384,8 +384,15 @@ def restore(
 
 
 # 5. Training -----------------------------------------------------------------------------------------------
+def _move(tensor: torch.Tensor, device: str) -> torch.Tensor:
+    """To ``device``; to a GPU through pinned memory, without making the host wait for the GPU's queue."""
+    if device.startswith("cuda"):
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _to(features: dict, device: str) -> dict:
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in features.items()}
+    return {key: _move(value, device) if isinstance(value, torch.Tensor) else value for key, value in features.items()}
 
 
 def _synchronize(device: str) -> None:
@@ -484,8 +491,11 @@ def train_student(
         epoch, batch = next(stream)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(done, peak_learning_rate)
-        features = _to(collate([data.ids[i] for i in batch], kind, data.pad_id, model.max_seq_length), device)
-        labels = data.targets[batch].to(device)
+        # The host prepares and queues the step without waiting for the GPU (no sync in the step; the
+        # loss is read every 10th step), so collating the next batch overlaps the GPU's work.
+        collated = collate([data.ids[i] for i in batch], kind, data.pad_id, model.max_seq_length)
+        tokens += int(collated["attention_mask"].sum())
+        features, labels = _to(collated, device), _move(data.targets[batch], device)
         optimizer.zero_grad(set_to_none=True)
         loss_mse = mse([features], labels)
         (MSE_WEIGHT * loss_mse).backward()
@@ -496,7 +506,6 @@ def train_student(
             (MNRL_WEIGHT * loss_mnrl).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
         optimizer.step()
-        tokens += int(features["attention_mask"].sum())  # (a host sync: the clock above sees finished steps)
         step += 1
         if step % 10 == 0 or step == total_steps:
             entry = {"model": kind, "step": step, "epoch": epoch, "seconds": round(time.perf_counter() - start, 2),

@@ -93,6 +93,24 @@ def test_collate_matches_the_students_own_preprocess(kind, tokenizer_dir, tmp_pa
         torch.testing.assert_close(model(ours)["sentence_embedding"], model(theirs)["sentence_embedding"])
 
 
+@pytest.mark.parametrize("kind", ["mamba", "transformer"])
+def test_collate_pads_each_row_like_a_loop_would(kind):
+    """Rows of every length (empty ones, ones past the limit) land where a plain per-row loop puts them."""
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(1, 50, size=n).astype(np.int32) for n in (0, 3, 12, 0, 1, 7)]
+    limit, pad = 9, 0
+    extra = 1 if kind == "mamba" else 0
+    features = distill.collate(ids, kind, pad, limit)
+    width = max(min(len(row), limit - extra) for row in ids) + extra
+    assert features["input_ids"].shape == features["attention_mask"].shape == (len(ids), width)
+    assert features["input_ids"].dtype == features["attention_mask"].dtype == torch.int64
+    for r, row in enumerate(ids):
+        kept = row[: limit - extra].tolist()
+        assert features["input_ids"][r].tolist() == kept + [pad] * (width - len(kept))
+        assert features["attention_mask"][r].tolist() == [1] * (len(kept) + extra) + [0] * (width - len(kept) - extra)
+    assert distill.collate([np.zeros(0, np.int32)] * 2, kind, pad)["input_ids"].shape == (2, 1)
+
+
 def test_batches_respect_the_token_and_text_limits():
     lengths = np.random.default_rng(0).integers(1, 3000, size=5000)
     indices = list(range(0, 5000, 2))
