@@ -21,7 +21,9 @@ of docs/benchmarks.md (gpu_section.md) and the plot of tokens/s against length (
 keeps the results beside it (docs/benchmarks_gpu.json), so that a later run of some rows can
 ``--merge`` them.
 
-Run (on the GPU machine; the mamba-ssm rows need mamba-ssm and causal-conv1d installed):
+Run (on the GPU machine; the mamba-ssm rows need mamba-ssm and causal-conv1d installed). ../shared
+does not travel to the device: ``.bench_data/`` is an ignored folder holding copies of
+../shared/data/scifact and ../shared/assets/gpt-neox-20b, carried with the call:
 
     python benchmarks/bench_encode.py --corpus .bench_data/scifact/corpus.jsonl \
         --tokenizer .bench_data/gpt-neox-20b --out-dir bench_out
