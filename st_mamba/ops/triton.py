@@ -353,6 +353,23 @@ def _scan_bwd_carry_kernel(
     tl.store(chunk_dtsum_ptr + chunk_id * d_inner + offs_d, dtsum, mask=mask_d)
 
 
+@triton.jit
+def _token_inputs(
+    x_row, dt_row, b_row, c_row, dy_row, z_row, t, ok, mask_d, mask_n,
+    stride_xt, stride_dtt, stride_bt, stride_ct, stride_dyt, stride_zt, HAS_Z: tl.constexpr,
+):  # fmt: skip
+    """Token t's x, dt, B, C, dy and z as stored (zeros where ``ok`` is false); z is dy's stand-in without HAS_Z."""
+    x = tl.load(x_row + t * stride_xt, mask=mask_d & ok, other=0.0)
+    dt = tl.load(dt_row + t * stride_dtt, mask=mask_d & ok, other=0.0)
+    b = tl.load(b_row + t * stride_bt, mask=mask_n & ok, other=0.0)
+    c = tl.load(c_row + t * stride_ct, mask=mask_n & ok, other=0.0)
+    dy = tl.load(dy_row + t * stride_dyt, mask=mask_d & ok, other=0.0)
+    z = dy
+    if HAS_Z:
+        z = tl.load(z_row + t * stride_zt, mask=mask_d & ok, other=0.0)
+    return x, dt, b, c, dy, z
+
+
 @_jit
 def _scan_bwd_kernel(
     x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, a_ptr, d_ptr, bias_ptr, dy_ptr, dhfinal_ptr,
@@ -443,13 +460,10 @@ def _scan_bwd_kernel(
         # Triton picks which thread holds which element, so the thread that reads a state back need
         # not be the one that wrote it: a barrier orders the two walks' scratch accesses.
         tl.debug_barrier()
-        x_next = tl.load(x_row + tile_begin * stride_xt, mask=mask_d, other=0.0)
-        dt_next = tl.load(dt_row + tile_begin * stride_dtt, mask=mask_d, other=0.0)
-        b_next = tl.load(b_row + tile_begin * stride_bt, mask=mask_n, other=0.0)
-        c_next = tl.load(c_row + tile_begin * stride_ct, mask=mask_n, other=0.0)
-        dy_next = tl.load(dy_row + tile_begin * stride_dyt, mask=mask_d, other=0.0)
-        if HAS_Z:
-            z_next = tl.load(z_row + tile_begin * stride_zt, mask=mask_d, other=0.0)
+        x_next, dt_next, b_next, c_next, dy_next, z_next = _token_inputs(
+            x_row, dt_row, b_row, c_row, dy_row, z_row, tile_begin, True, mask_d, mask_n,
+            stride_xt, stride_dtt, stride_bt, stride_ct, stride_dyt, stride_zt, HAS_Z,
+        )  # fmt: skip
         for t in range(tile_begin, tile_end):
             x = x_next.to(tl.float32)
             dt = dt_next.to(tl.float32)
@@ -458,15 +472,10 @@ def _scan_bwd_kernel(
             dy = dy_next.to(tl.float32)
             if HAS_Z:
                 z = z_next.to(tl.float32)
-            t1 = t + 1
-            more = t1 < tile_end
-            x_next = tl.load(x_row + t1 * stride_xt, mask=mask_d & more, other=0.0)
-            dt_next = tl.load(dt_row + t1 * stride_dtt, mask=mask_d & more, other=0.0)
-            b_next = tl.load(b_row + t1 * stride_bt, mask=mask_n & more, other=0.0)
-            c_next = tl.load(c_row + t1 * stride_ct, mask=mask_n & more, other=0.0)
-            dy_next = tl.load(dy_row + t1 * stride_dyt, mask=mask_d & more, other=0.0)
-            if HAS_Z:
-                z_next = tl.load(z_row + t1 * stride_zt, mask=mask_d & more, other=0.0)
+            x_next, dt_next, b_next, c_next, dy_next, z_next = _token_inputs(
+                x_row, dt_row, b_row, c_row, dy_row, z_row, t + 1, t + 1 < tile_end, mask_d, mask_n,
+                stride_xt, stride_dtt, stride_bt, stride_ct, stride_dyt, stride_zt, HAS_Z,
+            )  # fmt: skip
 
             tl.store(scratch + (t - tile_begin) * slot_size, h)
             if HAS_BIAS:
@@ -488,13 +497,10 @@ def _scan_bwd_kernel(
 
         # 2. Backward over the tile, reading the state before each token back.
         t_last = tile_end - 1
-        x_next = tl.load(x_row + t_last * stride_xt, mask=mask_d, other=0.0)
-        dt_next = tl.load(dt_row + t_last * stride_dtt, mask=mask_d, other=0.0)
-        b_next = tl.load(b_row + t_last * stride_bt, mask=mask_n, other=0.0)
-        c_next = tl.load(c_row + t_last * stride_ct, mask=mask_n, other=0.0)
-        dy_next = tl.load(dy_row + t_last * stride_dyt, mask=mask_d, other=0.0)
-        if HAS_Z:
-            z_next = tl.load(z_row + t_last * stride_zt, mask=mask_d, other=0.0)
+        x_next, dt_next, b_next, c_next, dy_next, z_next = _token_inputs(
+            x_row, dt_row, b_row, c_row, dy_row, z_row, t_last, True, mask_d, mask_n,
+            stride_xt, stride_dtt, stride_bt, stride_ct, stride_dyt, stride_zt, HAS_Z,
+        )  # fmt: skip
         for back in range(0, tile_end - tile_begin):
             t = t_last - back
             x = x_next.to(tl.float32)
@@ -504,15 +510,10 @@ def _scan_bwd_kernel(
             dy = dy_next.to(tl.float32)
             if HAS_Z:
                 z = z_next.to(tl.float32)
-            t1 = t - 1
-            more = t1 >= tile_begin
-            x_next = tl.load(x_row + t1 * stride_xt, mask=mask_d & more, other=0.0)
-            dt_next = tl.load(dt_row + t1 * stride_dtt, mask=mask_d & more, other=0.0)
-            b_next = tl.load(b_row + t1 * stride_bt, mask=mask_n & more, other=0.0)
-            c_next = tl.load(c_row + t1 * stride_ct, mask=mask_n & more, other=0.0)
-            dy_next = tl.load(dy_row + t1 * stride_dyt, mask=mask_d & more, other=0.0)
-            if HAS_Z:
-                z_next = tl.load(z_row + t1 * stride_zt, mask=mask_d & more, other=0.0)
+            x_next, dt_next, b_next, c_next, dy_next, z_next = _token_inputs(
+                x_row, dt_row, b_row, c_row, dy_row, z_row, t - 1, t - 1 >= tile_begin, mask_d, mask_n,
+                stride_xt, stride_dtt, stride_bt, stride_ct, stride_dyt, stride_zt, HAS_Z,
+            )  # fmt: skip
             h_prev = tl.load(scratch + (t - tile_begin) * slot_size)
 
             if HAS_BIAS:
