@@ -114,6 +114,19 @@ def _check_scan(fast_fn, ref_fn, inputs, dtype, seed):
         assert_close(f"grad {name}", g_fast, g_ref, grtol, gatol)
 
 
+def _check_padded_scan(inputs, dtype, seed):
+    """The Triton scan of a (B, L) batch (softplus, initial state as given, final state) against the reference."""
+    kw = dict(dt_softplus=True, return_final_state=True)
+
+    def ref(t):
+        return selective_scan_reference(*t[:-1], initial_state=t[-1], **kw)
+
+    def fast(t):
+        return triton_ops.selective_scan_triton(*t[:-1], initial_state=t[-1], **kw)
+
+    _check_scan(fast, ref, inputs, dtype, seed)
+
+
 SCAN_SHAPES = [(1, 1, 8, 4), (2, 37, 24, 5), (3, 64, 16, 16), (1, 50, 40, 3)]
 if not INTERPRETED:
     SCAN_SHAPES += [(4, 300, 96, 16), (2, 1000, 64, 16)]
@@ -133,15 +146,7 @@ def chunking(request, monkeypatch):
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
 def test_selective_scan_matches_reference(batch, length, d_inner, d_state, dtype, with_state, chunking):
     inputs = _scan_inputs(batch, length, d_inner, d_state, dtype, batch * 100 + length, with_state)
-    kw = dict(dt_softplus=True, return_final_state=True)
-
-    def ref(t):
-        return selective_scan_reference(*t[:-1], initial_state=t[-1], **kw)
-
-    def fast(t):
-        return triton_ops.selective_scan_triton(*t[:-1], initial_state=t[-1], **kw)
-
-    _check_scan(fast, ref, inputs, dtype, seed=length)
+    _check_padded_scan(inputs, dtype, seed=length)
 
 
 @pytest.mark.parametrize("block_d,warps", [(32, 1), (64, 2), (128, 1)])
@@ -151,15 +156,7 @@ def test_selective_scan_forward_launch_shapes(block_d, warps, monkeypatch):
     monkeypatch.setattr(triton_ops, "SCAN_FWD_WARPS", warps)
     dtype = torch.bfloat16
     inputs = _scan_inputs(3, 45, 150, 16, dtype, 21, True)  # 150 channels: a partial last block for every shape
-    kw = dict(dt_softplus=True, return_final_state=True)
-
-    def ref(t):
-        return selective_scan_reference(*t[:-1], initial_state=t[-1], **kw)
-
-    def fast(t):
-        return triton_ops.selective_scan_triton(*t[:-1], initial_state=t[-1], **kw)
-
-    _check_scan(fast, ref, inputs, dtype, seed=22)
+    _check_padded_scan(inputs, dtype, seed=22)
 
 
 @pytest.mark.parametrize("with_z,with_d,with_bias,softplus", [(False, False, False, False), (True, False, True, True)])
@@ -221,15 +218,7 @@ def test_selective_scan_backward_tiles(tile, dtype, chunking, monkeypatch):
     """Sequences of many backward tiles, none a multiple of the tile length (chunks rounded up to whole tiles)."""
     monkeypatch.setattr(triton_ops, "SCAN_BWD_TILE", tile)
     inputs = _scan_inputs(2, 43, 24, 5, dtype, tile, with_state=True)
-    kw = dict(dt_softplus=True, return_final_state=True)
-
-    def ref(t):
-        return selective_scan_reference(*t[:-1], initial_state=t[-1], **kw)
-
-    def fast(t):
-        return triton_ops.selective_scan_triton(*t[:-1], initial_state=t[-1], **kw)
-
-    _check_scan(fast, ref, inputs, dtype, seed=tile)
+    _check_padded_scan(inputs, dtype, seed=tile)
 
 
 class _LaunchCounter:
