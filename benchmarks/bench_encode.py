@@ -371,10 +371,10 @@ def streaming_memory(corpus: Path, tokenizer: Path, lengths: list[int], chunk: i
         keep = n - 1  # decoded ids can tokenise to a few more: cut by the excess until the text holds n - 1
         while True:
             text = encoder.tokenizer.decode(ids[:keep])
-            excess = len(encoder.tokenizer(text, add_special_tokens=False)["input_ids"]) - (n - 1)
-            if excess <= 0:
+            tokens = len(encoder.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # and its EOS
+            if tokens <= n:
                 break
-            keep -= excess
+            keep -= tokens - n
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -382,7 +382,6 @@ def streaming_memory(corpus: Path, tokenizer: Path, lengths: list[int], chunk: i
         start = time.perf_counter()
         model.encode([text], batch_size=1, convert_to_tensor=True).cpu()
         seconds = time.perf_counter() - start
-        tokens = int(encoder.preprocess([text])["attention_mask"].sum())
         peak = torch.cuda.max_memory_allocated()
         row = dict(tokens=tokens, chunk=chunk, streamed=tokens > chunk, peak_mib=round(peak / 2**20, 1),
                    above_weights_mib=round((peak - before) / 2**20, 1), seconds=round(seconds, 2),
