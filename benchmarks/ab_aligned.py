@@ -10,9 +10,8 @@ the host computes it, and with the hint forced off. Which kernels take the hint 
 
 from __future__ import annotations
 
-import statistics
-
 import torch
+from bench_encode import time_cuda  # benchmarks/ is this script's folder, first on sys.path
 
 from st_mamba import MambaBackbone, MambaConfig
 from st_mamba.ops import triton as triton_ops
@@ -21,18 +20,8 @@ TOKENS = 65536
 
 
 def forward_ms(model: torch.nn.Module, ids: torch.Tensor, reps: int = 7) -> float:
-    times = []
     with torch.inference_mode():
-        for _ in range(2):
-            model(ids)
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model(ids)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        return time_cuda(lambda: model(ids), reps)
 
 
 def main() -> None:
