@@ -76,8 +76,9 @@ def memory_instructions(kernel, constants: dict, num_warps: int) -> tuple[Counte
 
 
 def main() -> None:
-    scan = dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=kernels.SCAN_FWD_BLOCK_D, BLOCK_N=16)
-    conv = dict(WIDTH=4, HAS_BIAS=True, HAS_H0=False, SILU=True, BLOCK_T=kernels.CONV_BLOCK_T,
+    scan = dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, BLOCK_D=kernels.SCAN_FWD_BLOCK_D, BLOCK_N=16,
+                D_PER_THREAD=kernels._channels_per_thread(kernels.SCAN_FWD_BLOCK_D, kernels.SCAN_FWD_WARPS))  # fmt: skip
+    conv = dict(WIDTH=4, HAS_BIAS=True, HAS_H0=False, SILU=True, FAST=True, BLOCK_T=kernels.CONV_BLOCK_T,
                 BLOCK_C=kernels.CONV_BLOCK_C)  # fmt: skip
     print("| kernel | batch | ALIGNED | global loads and stores in the PTX | per thread |")
     print("|---|---|---|---|---|")

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
 LOG2E = math.log2(math.e)
 
@@ -69,14 +70,27 @@ CONV_WARPS = 4
 # --- shared device helpers ----------------------------------------------------------------------
 
 
+# FAST (every kernel launched on a GPU; Triton's CPU interpreter has neither intrinsic): the
+# special-function unit's log2 (lg2.approx, relative error about 2**-22) and an approximate division,
+# where the precise log is a polynomial of some 20 instructions and the precise division a Newton
+# iteration. In the forward scan they took a sixth of the loop (438 -> 369 instructions a token).
+
+
 @triton.jit
-def _softplus(u):
+def _softplus(u, FAST: tl.constexpr):
     # log(1 + e^u), and u itself where e^u would overflow (the same threshold as torch).
-    return tl.where(u > 20.0, u, tl.log(1.0 + tl.exp(tl.minimum(u, 20.0))))
+    e = tl.exp(tl.minimum(u, 20.0))
+    if FAST:
+        log = libdevice.fast_logf(1.0 + e)
+    else:
+        log = tl.log(1.0 + e)
+    return tl.where(u > 20.0, u, log)
 
 
 @triton.jit
-def _sigmoid(u):
+def _sigmoid(u, FAST: tl.constexpr):
+    if FAST:
+        return libdevice.fast_dividef(1.0, 1.0 + tl.exp(-u))
     return 1.0 / (1.0 + tl.exp(-u))
 
 
@@ -96,9 +110,9 @@ def _find_segment(offsets_ptr, index, n_segments, STEPS: tl.constexpr):
 @triton.jit
 def _row_start(ptr, batch, stride_b, ALIGNED: tl.constexpr):
     """``ptr`` moved to batch row ``batch``. ALIGNED: the host found the row strides multiples of 16
-    elements; saying so lets the convolution's row loads vectorise (the batch stride is not specialised
-    on). The scans go without: on the H200 the hint made their chunked forward slower (mamba-130m,
-    65,536 tokens in rows of 8K or 32K: 70.1 -> 75.7 ms a forward), and it saved little at 512."""
+    elements; saying so lets row loads vectorise (the batch stride is not specialised on). Used by the
+    convolutions and the forward scan's B and C rows. (On all of the forward scan's rows, in its earlier
+    layout, the hint made the chunked scan slower on the H200: 70.1 -> 75.7 ms a mamba-130m forward at 8K.)"""
     offset = batch * stride_b
     if ALIGNED:
         offset = tl.multiple_of(offset, 16)
@@ -168,8 +182,8 @@ def _scan_fwd_kernel(
     stride_bb, stride_bt, stride_cb, stride_ct, stride_yb, stride_yt,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    PHASE: tl.constexpr, STORE_Y: tl.constexpr, STORE_CKPT: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    PHASE: tl.constexpr, STORE_Y: tl.constexpr, STORE_CKPT: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, D_PER_THREAD: tl.constexpr,
 ):  # fmt: skip
     """PHASE 1: a chunk's end state from zero (and its summed dt). PHASE 2: outputs and/or checkpoints."""
     chunk_id = tl.program_id(0)  # global chunk index: also the row of chunk_state / chunk_dtsum
@@ -188,14 +202,20 @@ def _scan_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < d_inner
     mask_nd = (offs_n[:, None] < d_state) & mask_d[None, :]
-    # A arrives transposed, (N, Di), so that it loads in the layout of the (N, BLOCK_D) state tile (no
-    # shuffle through shared memory per token); N runs down the tile so that the read-out sums in-thread.
-    A2 = tl.load(a_ptr + offs_n[:, None] * d_inner + offs_d[None, :], mask=mask_nd, other=0.0) * 1.4426950408889634
+    # Each thread owns D_PER_THREAD whole channels: all N of their states, so the read-out sums over N
+    # in-thread and the per-channel work (softplus, gate) is done once. Triton lays the (N, BLOCK_D)
+    # tile out after its loads; left alone it reads A's rows 16 bytes a thread and spreads N over two
+    # threads (a shuffle per channel and token, softplus twice). Saying the channel offsets run in
+    # pieces of D_PER_THREAD gives the owned layout: 345 instead of 369 instructions a token (sm_90),
+    # a mamba-130m layer's scan 1,117 -> 1,040 us at 128 x 512 tokens with B and C hinted (H200).
+    offs_dt = tl.max_contiguous(offs_d, D_PER_THREAD)
+    # A arrives transposed, (N, Di), so that it loads in the layout of the state tile.
+    A2 = tl.load(a_ptr + offs_n[:, None] * d_inner + offs_dt[None, :], mask=mask_nd, other=0.0) * 1.4426950408889634
     if HAS_D:
         D = tl.load(d_ptr + offs_d, mask=mask_d, other=0.0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0)
-    state_offs = offs_n[:, None] * d_inner + offs_d[None, :]  # a (N, Di) slab of chunk_state / ckpt
+    state_offs = offs_n[:, None] * d_inner + offs_dt[None, :]  # a (N, Di) slab of chunk_state / ckpt
 
     h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     if PHASE == 2:
@@ -215,8 +235,9 @@ def _scan_fwd_kernel(
     x_row = x_ptr + batch * stride_xb + offs_d
     dt_row = dt_ptr + batch * stride_dtb + offs_d
     z_row = z_ptr + batch * stride_zb + offs_d
-    b_row = b_ptr + batch * stride_bb + offs_n
-    c_row = c_ptr + batch * stride_cb + offs_n
+    # Every thread reads all of B_t and C_t: with the rows' alignment known, two 128-bit loads each (bf16).
+    b_row = _row_start(b_ptr, batch, stride_bb, ALIGNED) + offs_n
+    c_row = _row_start(c_ptr, batch, stride_cb, ALIGNED) + offs_n
     y_row = y_ptr + batch * stride_yb + offs_d
     mask_n = offs_n < d_state
     # Token t + 1's inputs are loaded while token t is computed (a hand-written prefetch).
@@ -255,7 +276,7 @@ def _scan_fwd_kernel(
         if HAS_BIAS:
             dt = dt + bias
         if SOFTPLUS:
-            dt = _softplus(dt)
+            dt = _softplus(dt, FAST)
         if PHASE == 1:
             dtsum += dt
         # Zero-order hold for A, Euler for B (as in the reference).
@@ -265,7 +286,7 @@ def _scan_fwd_kernel(
             if HAS_D:
                 y += D * x
             if HAS_Z:
-                y *= z * _sigmoid(z)
+                y *= z * _sigmoid(z, FAST)
             tl.store(y_row + t * stride_yt, y, mask=mask_d)
 
     if PHASE == 1:
@@ -285,7 +306,7 @@ def _scan_bwd_carry_kernel(
     seqlen, n_seq, d_inner, d_state, chunk, chunks_per_seq,
     stride_dtb, stride_dtt, stride_zb, stride_zt, stride_cb, stride_ct, stride_dyb, stride_dyt,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr, FAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Phase 1 of a chunked backward: what each chunk passes back to the chunk before it from a zero carry.
 
@@ -342,9 +363,9 @@ def _scan_bwd_carry_kernel(
         if HAS_BIAS:
             dt = dt + bias
         if SOFTPLUS:
-            dt = _softplus(dt)
+            dt = _softplus(dt, FAST)
         if HAS_Z:
-            dy = dy * z * _sigmoid(z)  # the gradient reaching y before the gate
+            dy = dy * z * _sigmoid(z, FAST)  # the gradient reaching y before the gate
         dtsum += dt
         carry = tl.exp2(A2 * dt[None, :]) * (carry + Ct[:, None] * dy[None, :])
 
@@ -380,7 +401,7 @@ def _scan_bwd_kernel(
     stride_bb, stride_bt, stride_cb, stride_ct, stride_dyb, stride_dyt,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_DHFINAL: tl.constexpr, VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    FAST: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_D channels of one chunk of one sequence, its tiles of TILE tokens from last to first.
 
@@ -481,11 +502,11 @@ def _scan_bwd_kernel(
             if HAS_BIAS:
                 dt = dt + bias
             if SOFTPLUS:
-                dt = _softplus(dt)
+                dt = _softplus(dt, FAST)
             h = tl.exp2(A2 * dt[None, :]) * h + Bt[:, None] * (dt * x)[None, :]
             dy_ssm = dy  # the gradient reaching y before the gate
             if HAS_Z:
-                gate = _sigmoid(z)
+                gate = _sigmoid(z, FAST)
                 dy_ssm = dy * z * gate
                 y = tl.sum(h * Ct[:, None], axis=0)
                 if HAS_D:
@@ -520,10 +541,10 @@ def _scan_bwd_kernel(
                 dt_raw = dt_raw + bias
             dt = dt_raw
             if SOFTPLUS:
-                dt = _softplus(dt_raw)
+                dt = _softplus(dt_raw, FAST)
             dy_ssm = dy
             if HAS_Z:
-                dy_ssm = dy * z * _sigmoid(z)
+                dy_ssm = dy * z * _sigmoid(z, FAST)
             g = carry + Ct[:, None] * dy_ssm[None, :]  # the adjoint of h_t
             g_b = tl.sum(g * Bt[:, None], axis=0)  # (BLOCK_D,)
             tl.store(db_row + (out_row + t) * d_state, tl.sum(g * (dt * x)[None, :], axis=1), mask=mask_n)
@@ -536,7 +557,7 @@ def _scan_bwd_kernel(
                 dx += D * dy_ssm
                 dD_acc += dy_ssm * x
             if SOFTPLUS:
-                ddt *= _sigmoid(dt_raw)
+                ddt *= _sigmoid(dt_raw, FAST)
             if HAS_BIAS:
                 dbias_acc += ddt
             out = (out_row + t) * d_inner + offs_d
@@ -603,11 +624,24 @@ def _scan_chunk(packing: _Packing, n_dblocks: int) -> int:
 def _aligned(x: Tensor) -> bool:
     """Whether the batch and time strides of the (B, L, C) tensor are multiples of 16 elements.
 
-    True for every real model (C a multiple of 16); the convolution kernels then tell the compiler so
-    about the batch stride they do not specialise on (``_row_start``): one 128-bit load where sixteen
-    16-bit loads were (bf16), 373 -> 230 us a mamba-130m layer at 128 x 512 tokens on the H200.
+    True for every real model (C a multiple of 16); the kernels then tell the compiler so about the batch
+    stride they do not specialise on (``_row_start``): one 128-bit load where eight 16-bit loads were
+    (bf16); the convolution went 373 -> 230 us a mamba-130m layer at 128 x 512 tokens on the H200.
     """
     return x.stride(0) % 16 == 0 and x.stride(1) % 16 == 0
+
+
+def _channels_per_thread(block_d: int, warps: int) -> int:
+    """The forward scan's layout hint: the channels each thread owns whole, or ``block_d`` (no hint) where
+    that would be one channel, a layout Triton then builds with shuffles (354 instructions a token for
+    32 channels on one warp, against 218 without the hint; sm_90)."""
+    per_thread = block_d // (32 * warps)
+    return per_thread if per_thread >= 2 else block_d
+
+
+def _fast(x: Tensor) -> bool:
+    """The kernels' FAST math: on a GPU; not in Triton's interpreter, which runs them on CPU tensors."""
+    return x.device.type == "cuda"
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -639,7 +673,8 @@ def _scan_forward_pass(
     common = dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus,
         HAS_H0=h0 is not None, VARLEN=packing.varlen, SEARCH_STEPS=_search_steps(packing.n_seq, packing.varlen),
-        BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state), num_warps=SCAN_FWD_WARPS,
+        ALIGNED=_aligned(B) and _aligned(C), FAST=_fast(x), BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state),
+        D_PER_THREAD=_channels_per_thread(block_d, SCAN_FWD_WARPS), num_warps=SCAN_FWD_WARPS,
     )  # fmt: skip
     pointers = (
         x, dt, z if z is not None else x, B, C, A.T.contiguous(), D if D is not None else A,
@@ -710,8 +745,8 @@ class _SelectiveScan(torch.autograd.Function):
         chunk_off_arg = chunk_off if chunk_off is not None else dummy
         common = dict(
             HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=ctx.softplus, VARLEN=packing.varlen,
-            SEARCH_STEPS=_search_steps(packing.n_seq, packing.varlen), BLOCK_D=block_d, BLOCK_N=block_n,
-            num_warps=SCAN_BWD_WARPS,
+            SEARCH_STEPS=_search_steps(packing.n_seq, packing.varlen), FAST=_fast(x), BLOCK_D=block_d,
+            BLOCK_N=block_n, num_warps=SCAN_BWD_WARPS,
         )  # fmt: skip
         chunk_carry = x.new_empty(n_chunks, d_state, d_inner, dtype=torch.float32) if chunked else dummy
         chunk_dtsum = x.new_empty(n_chunks, d_inner, dtype=torch.float32) if chunked else dummy
@@ -834,7 +869,7 @@ def _conv_fwd_kernel(
     n_tokens, seqlen, channels, n_seq,
     stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SILU: tl.constexpr,
-    VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr, ALIGNED: tl.constexpr,
+    VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -852,7 +887,7 @@ def _conv_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     if SILU:
-        acc = acc * _sigmoid(acc)
+        acc = acc * _sigmoid(acc, FAST)
     out = tok.to(tl.int64)[:, None] * channels + offs_c[None, :]
     tl.store(y_ptr + out, acc, mask=tok_mask[:, None] & mask_c[None, :])
 
@@ -863,7 +898,7 @@ def _conv_bwd_pre_kernel(
     n_tokens, seqlen, channels, n_seq,
     stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SILU: tl.constexpr,
-    VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr, ALIGNED: tl.constexpr,
+    VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """dpre = dy * silu'(pre), and this token block's share of dweight (WIDTH, C) and dbias (C,)."""
@@ -886,7 +921,7 @@ def _conv_bwd_pre_kernel(
     flat = tok.to(tl.int64)[:, None] * channels + offs_c[None, :]
     dpre = tl.load(dy_ptr + flat, mask=mask, other=0.0).to(tl.float32)
     if SILU:
-        sig = _sigmoid(pre)
+        sig = _sigmoid(pre, FAST)
         dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
     tl.store(dpre_ptr + flat, dpre, mask=mask)
     for k in tl.static_range(WIDTH):
@@ -952,7 +987,7 @@ class _CausalConv1d(torch.autograd.Function):
             h0_arg.stride(0) if h0 is not None else 0, h0_arg.stride(1) if h0 is not None else 0,
             WIDTH=weight.shape[1], HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=activation == "silu",
             VARLEN=packing.varlen, SEARCH_STEPS=_search_steps(packing.n_seq, packing.varlen), ALIGNED=_aligned(x),
-            BLOCK_T=CONV_BLOCK_T, BLOCK_C=CONV_BLOCK_C, num_warps=CONV_WARPS,
+            FAST=_fast(x), BLOCK_T=CONV_BLOCK_T, BLOCK_C=CONV_BLOCK_C, num_warps=CONV_WARPS,
         )  # fmt: skip
         ctx.save_for_backward(x, weight, bias, h0, cu_seqlens)
         ctx.activation = activation
@@ -982,7 +1017,7 @@ class _CausalConv1d(torch.autograd.Function):
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             h0_arg.stride(0) if h0 is not None else 0, h0_arg.stride(1) if h0 is not None else 0,
             HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=ctx.activation == "silu", ALIGNED=_aligned(x),
-            **common,
+            FAST=_fast(x), **common,
         )  # fmt: skip
         dx = torch.empty(n_tokens, channels, **f32)
         _conv_bwd_input_kernel[grid](
