@@ -6,14 +6,18 @@ arguments it specialises on, divisible by 16), and counts the global loads and s
 width. A vector load (``ld.global.v4.b32``: 16 bytes) against scalar 16-bit loads
 (``ld.global.b16``) shows at once whether a change lets a kernel's row loads vectorise, before any
 GPU time is spent. The registers per thread (and spills) come from the ptxas that ships with
-Triton: with one-warp programs they bound how many programs an SM holds (65,536 registers). Written
-for Triton 3.6 (``triton.compiler.ASTSource``).
+Triton: with one-warp programs they bound how many programs an SM holds (65,536 registers).
+``--loops`` disassembles the machine code (Triton's nvdisasm) and counts the instructions of each
+loop of the scan kernels, by kind: what one token costs a warp, for the forward scan as the fifth
+session left it (precise math, Triton's own layout) and with each of the sixth session's changes.
+Written for Triton 3.6 (``triton.compiler.ASTSource``).
 
-    python benchmarks/ptx_loads.py
+    python benchmarks/ptx_loads.py [--loops]
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import re
 import subprocess
@@ -37,22 +41,54 @@ SPECIALISED = {"d_inner", "d_state", "channels", "stride_xt", "stride_dtt", "str
                "stride_yt", "stride_dyt", "stride_wc", "stride_h0k"}  # fmt: skip
 
 
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def assemble(ptx: str) -> tuple[str, str]:
+    """(ptxas's report, nvdisasm's listing) of the PTX compiled for sm_90a."""
+    with tempfile.TemporaryDirectory() as folder:
+        source, cubin = Path(folder) / "kernel.ptx", Path(folder) / "kernel.cubin"
+        source.write_text(ptx)
+        report = subprocess.run([str(TOOLS / "ptxas"), "-arch=sm_90a", "-v", str(source), "-o", str(cubin)],
+                                capture_output=True, text=True, check=True).stderr  # fmt: skip
+        listing = subprocess.run(
+            [str(TOOLS / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True
+        )
+        return report, listing.stdout
+
+
 def registers(ptx: str) -> str:
     """ptxas's count of registers per thread (and spilled bytes) for the PTX, compiled for sm_90a."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    with tempfile.TemporaryDirectory() as folder:
-        source = Path(folder) / "kernel.ptx"
-        source.write_text(ptx)
-        report = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(source), "-o", str(Path(folder) / "k.cubin")],
-                                capture_output=True, text=True, check=True).stderr  # fmt: skip
+    report, _ = assemble(ptx)
     used = re.search(r"Used (\d+) registers", report)
     spill = re.search(r"(\d+) bytes spill stores", report)
     return f"{used.group(1) if used else '?'} registers, {spill.group(1) if spill else '?'} B spilled"
 
 
-def memory_instructions(kernel, constants: dict, num_warps: int) -> tuple[Counter, str]:
-    """Global loads and stores by width in the sm_90 PTX of ``kernel`` with these constexpr values
-    (bf16 data), and its registers per thread."""
+def innermost_loops(ptx: str) -> list[Counter]:
+    """The instructions (by opcode, modifiers dropped) of each innermost loop in the machine code, in
+    order: the code from a label to the last branch back to it, where no other loop lies inside."""
+    lines = assemble(ptx)[1].splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    spans = {}
+    for i, line in enumerate(lines):
+        target = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if target and labels.get(target.group(1), i) < i:
+            spans[target.group(1)] = (labels[target.group(1)], i)
+    found = []
+    for begin, end in sorted(spans.values()):
+        if end - begin < 2 or any(begin <= b and e <= end and (b, e) != (begin, end) for b, e in spans.values()):
+            continue  # the branch-to-itself at the kernel's end, or an outer loop
+        opcodes = (
+            re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+            for line in lines[begin : end + 1]
+        )
+        found.append(Counter(m.group(1) for m in opcodes if m))
+    return found
+
+
+def compile_sm90(kernel, constants: dict, num_warps: int) -> str:
+    """The sm_90 PTX of ``kernel`` with these constexpr values (bf16 data)."""
     names = kernel.arg_names
     constants = {name: value for name, value in constants.items() if name in names}
     signature = {}
@@ -70,12 +106,45 @@ def memory_instructions(kernel, constants: dict, num_warps: int) -> tuple[Counte
         constexprs={(names.index(name),): value for name, value in constants.items()},
         attrs={key: [["tt.divisibility", 16]] for key in divisible},
     )
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    ptx = compiled.asm["ptx"]
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
+
+
+def memory_instructions(kernel, constants: dict, num_warps: int) -> tuple[Counter, str]:
+    """Global loads and stores by width in the sm_90 PTX of ``kernel`` (bf16 data), and its registers per thread."""
+    ptx = compile_sm90(kernel, constants, num_warps)
     return Counter(re.findall(r"(?:ld|st)\.global[\w.]*", ptx)), registers(ptx)
 
 
+def loop_table() -> None:
+    """Instructions a token of the scan kernels' loops (padded batch, bf16, 64 channels on one warp)."""
+    block = kernels.SCAN_FWD_BLOCK_D
+    common = dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_H0=False, VARLEN=False, SEARCH_STEPS=1,
+                  BLOCK_D=block, BLOCK_N=16)  # fmt: skip
+    forward = dict(common, STORE_FINAL=False, PHASE=2, STORE_Y=True, STORE_CKPT=False)
+    owned = kernels._channels_per_thread(block, kernels.SCAN_FWD_WARPS)
+    builds = [
+        ("scan forward, precise math, Triton's layout", kernels._scan_fwd_kernel, dict(forward, FAST=False, D_PER_THREAD=block, ALIGNED=False)),
+        ("scan forward, FAST", kernels._scan_fwd_kernel, dict(forward, FAST=True, D_PER_THREAD=block, ALIGNED=False)),
+        ("scan forward, FAST, owned channels", kernels._scan_fwd_kernel, dict(forward, FAST=True, D_PER_THREAD=owned, ALIGNED=False)),
+        ("scan forward, FAST, owned channels, B and C aligned (the default)", kernels._scan_fwd_kernel, dict(forward, FAST=True, D_PER_THREAD=owned, ALIGNED=True)),
+        ("scan backward (its two walks over a tile)", kernels._scan_bwd_kernel, dict(common, FAST=True, HAS_DHFINAL=False, TILE=kernels.SCAN_BWD_TILE)),
+    ]  # fmt: skip
+    print("Innermost loops in code order: the forward's folding of earlier chunks' end states, then its walk")
+    print("over the tokens; the backward's folding of later chunks' carries, then its two walks over a tile.\n")
+    print("| kernel | each loop: instructions an iteration (MUFU, global loads, shuffles) | per thread |")
+    print("|---|---|---|")
+    for name, kernel, constants in builds:
+        ptx = compile_sm90(kernel, constants, kernels.SCAN_FWD_WARPS)
+        cells = "; ".join(f"{sum(c.values())} ({c['MUFU']}, {c['LDG']}, {c['SHFL']})" for c in innermost_loops(ptx))
+        print(f"| {name} | {cells} | {registers(ptx)} |", flush=True)
+
+
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--loops", action="store_true", help="the scan loops' instructions instead of the memory table")
+    if p.parse_args().loops:
+        loop_table()
+        return
     scan = dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, BLOCK_D=kernels.SCAN_FWD_BLOCK_D, BLOCK_N=16,
                 D_PER_THREAD=kernels._channels_per_thread(kernels.SCAN_FWD_BLOCK_D, kernels.SCAN_FWD_WARPS))  # fmt: skip
     conv = dict(WIDTH=4, HAS_BIAS=True, HAS_H0=False, SILU=True, FAST=True, BLOCK_T=kernels.CONV_BLOCK_T,

@@ -206,8 +206,9 @@ def _scan_fwd_kernel(
     # in-thread and the per-channel work (softplus, gate) is done once. Triton lays the (N, BLOCK_D)
     # tile out after its loads; left alone it reads A's rows 16 bytes a thread and spreads N over two
     # threads (a shuffle per channel and token, softplus twice). Saying the channel offsets run in
-    # pieces of D_PER_THREAD gives the owned layout: 345 instead of 369 instructions a token (sm_90),
-    # a mamba-130m layer's scan 1,117 -> 1,040 us at 128 x 512 tokens with B and C hinted (H200).
+    # pieces of D_PER_THREAD gives the owned layout; with B and C hinted aligned (below), 345 instead
+    # of 369 instructions a token (sm_90, `benchmarks/ptx_loads.py --loops`), and a mamba-130m
+    # layer's scan 1,117 -> 1,040 us at 128 x 512 tokens (H200).
     offs_dt = tl.max_contiguous(offs_d, D_PER_THREAD)
     # A arrives transposed, (N, Di), so that it loads in the layout of the state tile.
     A2 = tl.load(a_ptr + offs_n[:, None] * d_inner + offs_dt[None, :], mask=mask_nd, other=0.0) * 1.4426950408889634
