@@ -6,7 +6,8 @@ operations take channels-last tensors exactly as ``reference.py`` documents them
 int32 marking where each starts, the state and the convolution window reset at every start.
 
 Selective scan, forward (``_scan_fwd_kernel``). One program owns ``BLOCK_D`` channels of one
-piece of one sequence and walks it token by token, the (N, BLOCK_D) state in registers. Per token
+piece of one sequence and walks it token by token, the (N, BLOCK_D) state in registers (each thread
+holding all N states of its channels). Per token
 it fuses what mamba-ssm spreads over several kernels: softplus(dt + bias), exp(dt * A), the state
 update, the read-out through C, the D skip and the SiLU(z) gate; only y is written. When there are
 too few (sequence, channel block) pairs to fill the GPU, sequences are cut into chunks run side by
