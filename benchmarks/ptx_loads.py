@@ -44,31 +44,32 @@ SPECIALISED = {"d_inner", "d_state", "channels", "stride_xt", "stride_dtt", "str
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def assemble(ptx: str) -> tuple[str, str]:
-    """(ptxas's report, nvdisasm's listing) of the PTX compiled for sm_90a."""
+def assemble(ptx: str, disassemble: bool = False) -> tuple[str, str]:
+    """ptxas's report on the PTX compiled for sm_90a, and (``disassemble``) nvdisasm's listing of the result."""
     with tempfile.TemporaryDirectory() as folder:
         source, cubin = Path(folder) / "kernel.ptx", Path(folder) / "kernel.cubin"
         source.write_text(ptx)
         report = subprocess.run([str(TOOLS / "ptxas"), "-arch=sm_90a", "-v", str(source), "-o", str(cubin)],
                                 capture_output=True, text=True, check=True).stderr  # fmt: skip
+        if not disassemble:
+            return report, ""
         listing = subprocess.run(
             [str(TOOLS / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True
         )
         return report, listing.stdout
 
 
-def registers(ptx: str) -> str:
-    """ptxas's count of registers per thread (and spilled bytes) for the PTX, compiled for sm_90a."""
-    report, _ = assemble(ptx)
+def registers(report: str) -> str:
+    """Registers per thread (and spilled bytes) from ptxas's report."""
     used = re.search(r"Used (\d+) registers", report)
     spill = re.search(r"(\d+) bytes spill stores", report)
     return f"{used.group(1) if used else '?'} registers, {spill.group(1) if spill else '?'} B spilled"
 
 
-def innermost_loops(ptx: str) -> list[Counter]:
-    """The instructions (by opcode, modifiers dropped) of each innermost loop in the machine code, in
+def innermost_loops(listing: str) -> list[Counter]:
+    """The instructions (by opcode, modifiers dropped) of each innermost loop in nvdisasm's listing, in
     order: the code from a label to the last branch back to it, where no other loop lies inside."""
-    lines = assemble(ptx)[1].splitlines()
+    lines = listing.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
     spans = {}
     for i, line in enumerate(lines):
@@ -112,7 +113,7 @@ def compile_sm90(kernel, constants: dict, num_warps: int) -> str:
 def memory_instructions(kernel, constants: dict, num_warps: int) -> tuple[Counter, str]:
     """Global loads and stores by width in the sm_90 PTX of ``kernel`` (bf16 data), and its registers per thread."""
     ptx = compile_sm90(kernel, constants, num_warps)
-    return Counter(re.findall(r"(?:ld|st)\.global[\w.]*", ptx)), registers(ptx)
+    return Counter(re.findall(r"(?:ld|st)\.global[\w.]*", ptx)), registers(assemble(ptx)[0])
 
 
 def loop_table() -> None:
@@ -134,9 +135,9 @@ def loop_table() -> None:
     print("| kernel | each loop: instructions an iteration (MUFU, global loads, shuffles) | per thread |")
     print("|---|---|---|")
     for name, kernel, constants in builds:
-        ptx = compile_sm90(kernel, constants, kernels.SCAN_FWD_WARPS)
-        cells = "; ".join(f"{sum(c.values())} ({c['MUFU']}, {c['LDG']}, {c['SHFL']})" for c in innermost_loops(ptx))
-        print(f"| {name} | {cells} | {registers(ptx)} |", flush=True)
+        report, listing = assemble(compile_sm90(kernel, constants, kernels.SCAN_FWD_WARPS), disassemble=True)
+        cells = "; ".join(f"{sum(c.values())} ({c['MUFU']}, {c['LDG']}, {c['SHFL']})" for c in innermost_loops(listing))
+        print(f"| {name} | {cells} | {registers(report)} |", flush=True)
 
 
 def main() -> None:
