@@ -11,17 +11,10 @@ the host computes it, and with the hint forced off. Which kernels take the hint 
 from __future__ import annotations
 
 import torch
-from bench_encode import time_cuda  # benchmarks/ is this script's folder, first on sys.path
+from ab_kernels import TOKENS, best_of_two  # benchmarks/ is this script's folder, first on sys.path
 
 from st_mamba import MambaBackbone, MambaConfig
 from st_mamba.ops import triton as triton_ops
-
-TOKENS = 65536
-
-
-def forward_ms(model: torch.nn.Module, ids: torch.Tensor, reps: int = 7) -> float:
-    with torch.inference_mode():
-        return time_cuda(lambda: model(ids), reps)
 
 
 def main() -> None:
@@ -32,11 +25,16 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, mamba-130m shape, bf16, {TOKENS:,} tokens a batch")
     for length in (512, 8192, 32768):
         ids = torch.randint(0, 50000, (TOKENS // length, length), device="cuda")
-        best: dict[str, float] = {}
-        for _ in range(2):  # two rounds, alternating, so that clock drift hits both settings
-            for name, aligned in settings.items():
+
+        def forward(aligned, ids=ids):
+            def step():
                 triton_ops._aligned = aligned
-                best[name] = min(best.get(name, float("inf")), forward_ms(model, ids))
+                with torch.inference_mode():
+                    model(ids)
+
+            return step
+
+        best = best_of_two(settings, forward, 7)
         triton_ops._aligned = computed
         cells = [f"{name} {ms:.2f} ms ({TOKENS / ms / 1e3:,.2f}M tok/s)" for name, ms in best.items()]
         print(f"L={length}: " + "; ".join(cells), flush=True)

@@ -58,11 +58,13 @@ def scan_inputs(batch: int, length: int, d_inner: int, d_state: int = 16, rank: 
     return x, dt, A, B, C, D, z, dt_bias
 
 
-def best_of_two(versions: dict, make_step, reps: int) -> dict[str, float]:
+def best_of_two(settings: dict, make_step, reps: int) -> dict[str, float]:
+    """Milliseconds of ``make_step(setting)()`` for each named setting: the best of two rounds of
+    ``time_cuda``, the settings alternating so that clock drift hits them all alike."""
     best: dict[str, float] = {}
     for _ in range(2):
-        for name, module in versions.items():
-            best[name] = min(best.get(name, float("inf")), time_cuda(make_step(module), reps))
+        for name, setting in settings.items():
+            best[name] = min(best.get(name, float("inf")), time_cuda(make_step(setting), reps))
     return best
 
 
