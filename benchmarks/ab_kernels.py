@@ -6,8 +6,13 @@ both alike. Timed (CUDA events, median of several runs after warm-ups, best of t
 
 1. the selective scan alone, forward and forward + backward, on mamba-130m and mamba-370m layer
    shapes (bf16; x contiguous, z and B, C strided views as the model hands them over);
-2. whole backbones (random weights, bf16, 65,536 tokens a batch): forward at several lengths,
-   forward + backward at 512, the dispatcher pointed at each version in turn.
+2. the causal convolution (+ SiLU) alone, forward and forward + backward, on the same layer shapes
+   (x the strided half of the in_proj output, as in the model);
+3. the residual add after the output projection: ``F.linear`` then ``+``, against the one GEMM that
+   ``ops.linear(..., residual=...)`` runs (not a revision's code: both paths are the working tree's);
+4. whole backbones (random weights, bf16, 65,536 tokens a batch): forward at several lengths,
+   forward + backward at 512, the dispatcher pointed at each version in turn (the model code is the
+   working tree's on both sides; only the kernels differ).
 
     python benchmarks/ab_kernels.py --base 5c52040
 """
@@ -22,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from bench_encode import time_cuda  # benchmarks/ is this script's folder, first on sys.path
 
 import st_mamba.ops as ops
@@ -56,6 +62,28 @@ def scan_inputs(batch: int, length: int, d_inner: int, d_state: int = 16, rank: 
     D = torch.ones(d_inner, device="cuda")
     dt_bias = torch.log(torch.expm1(torch.rand(d_inner, device="cuda", generator=g) * 0.099 + 0.001))
     return x, dt, A, B, C, D, z, dt_bias
+
+
+def conv_inputs(batch: int, length: int, d_inner: int, width: int = 4) -> tuple:
+    """x (the strided first half of an in_proj output), weight, bias, and an upstream gradient."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    xz = torch.randn(batch, length, 2 * d_inner, device="cuda", dtype=torch.bfloat16, generator=g)
+    weight = torch.randn(d_inner, width, device="cuda", dtype=torch.bfloat16, generator=g) * 0.5
+    bias = torch.randn(d_inner, device="cuda", dtype=torch.bfloat16, generator=g) * 0.1
+    dy = torch.randn(batch, length, d_inner, device="cuda", dtype=torch.bfloat16, generator=g)
+    return xz[..., :d_inner], weight, bias, dy
+
+
+def residual_paths(d_inner: int, d_model: int) -> dict:
+    """The output projection plus the residual: added by a second kernel ("base"), or in the GEMM."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    y = torch.randn(TOKENS, d_inner, device="cuda", dtype=torch.bfloat16, generator=g)
+    residual = torch.randn(TOKENS, d_model, device="cuda", dtype=torch.bfloat16, generator=g)
+    weight = torch.randn(d_model, d_inner, device="cuda", dtype=torch.bfloat16, generator=g) * d_inner**-0.5
+    return {
+        "base": lambda: residual + F.linear(y, weight),
+        "working tree": lambda: ops.linear(y, weight, None, residual),
+    }
 
 
 def best_of_two(settings: dict, make_step, reps: int) -> dict[str, float]:
@@ -97,6 +125,25 @@ def main() -> None:
 
             report(f"scan forward + backward, mamba-{shape} layer, {TOKENS // length} x {length}",
                    best_of_two(versions, train_step, 5))  # fmt: skip
+
+    for shape, (d_inner, _, _) in LAYERS.items():
+        for length in (512, 8192):
+            *args, dy = conv_inputs(TOKENS // length, length, d_inner)
+            with torch.inference_mode():
+                times = best_of_two(versions, lambda m, args=args: lambda: m.causal_conv1d_triton(*args), 9)
+            report(f"conv forward, mamba-{shape} layer, {TOKENS // length} x {length}", times)
+            leaves = [t.detach().requires_grad_() for t in args]
+
+            def conv_step(module, leaves=leaves, dy=dy):
+                return lambda: torch.autograd.grad(module.causal_conv1d_triton(*leaves), leaves, dy)
+
+            report(f"conv forward + backward, mamba-{shape} layer, {TOKENS // length} x {length}",
+                   best_of_two(versions, conv_step, 5))  # fmt: skip
+
+    for shape, (d_inner, _, d_model) in LAYERS.items():
+        with torch.inference_mode():
+            times = best_of_two(residual_paths(d_inner, d_model), lambda step: step, 9)
+        report(f"out_proj + residual (add apart -> in the GEMM), mamba-{shape} layer, {TOKENS} tokens", times)
 
     for shape, (_, n_layer, d_model) in LAYERS.items():
         config = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=50280, d_state=16)

@@ -88,7 +88,11 @@ class ResidualBlock(nn.Module):
     def forward(
         self, hidden: Tensor, state: LayerState | None, return_state: bool, cu_seqlens: Tensor | None = None
     ) -> tuple[Tensor, LayerState | None]:
-        out, state = self.mixer(self.norm(hidden.to(self.norm.weight.dtype)), state, return_state, cu_seqlens)
+        normed = self.norm(hidden.to(self.norm.weight.dtype))
+        if hidden.dtype == self.norm.weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+            # The mixer's output projection adds the residual itself (one GEMM on CUDA; ``ops.linear``).
+            return self.mixer(normed, state, return_state, cu_seqlens, residual=hidden)
+        out, state = self.mixer(normed, state, return_state, cu_seqlens)
         if hidden.dtype == out.dtype:
             # PyTorch adds bf16 / fp16 tensors in fp32 and rounds once, so this one kernel is the fp32
             # residual add (residual_in_fp32) without the three passes of upcast, add and downcast.
@@ -133,8 +137,8 @@ class GatedRMSNorm(nn.Module):
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state-dict keys) that runs through ``ops.linear``: oneDNN on CPU inference."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.linear(x, self.weight, self.bias)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return ops.linear(x, self.weight, self.bias, residual)
 
 
 def _conv_weight(conv: nn.Conv1d) -> Tensor:
@@ -158,8 +162,14 @@ class Mamba1Mixer(nn.Module):
         self.out_proj = Linear(d_inner, config.d_model, bias=config.bias)
 
     def forward(
-        self, hidden: Tensor, state: LayerState | None, return_state: bool, cu_seqlens: Tensor | None = None
+        self,
+        hidden: Tensor,
+        state: LayerState | None,
+        return_state: bool,
+        cu_seqlens: Tensor | None = None,
+        residual: Tensor | None = None,
     ) -> tuple[Tensor, LayerState | None]:
+        """(B, L, D) -> (B, L, D): the mixer's output, plus ``residual`` where one is given."""
         d_inner, d_state, dt_rank = self.config.d_inner, self.config.d_state, self.config.dt_rank
         x, z = self.in_proj(hidden).split(d_inner, dim=-1)  # (B, L, Di) each
         conv_out = ops.causal_conv1d(
@@ -176,7 +186,7 @@ class Mamba1Mixer(nn.Module):
             initial_state=None if state is None else state.ssm, return_final_state=return_state, cu_seqlens=cu_seqlens,
         )  # fmt: skip
         y, ssm_state = scan_out if return_state else (scan_out, None)
-        out = self.out_proj(y)  # (B, L, D)
+        out = self.out_proj(y, residual)  # (B, L, D)
         return out, (LayerState(conv_state, ssm_state) if return_state else None)
 
     def reset_parameters(self, generator: torch.Generator | None, n_layer: int) -> None:
@@ -215,8 +225,14 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = Linear(d_inner, config.d_model, bias=config.bias)
 
     def forward(
-        self, hidden: Tensor, state: LayerState | None, return_state: bool, cu_seqlens: Tensor | None = None
+        self,
+        hidden: Tensor,
+        state: LayerState | None,
+        return_state: bool,
+        cu_seqlens: Tensor | None = None,
+        residual: Tensor | None = None,
     ) -> tuple[Tensor, LayerState | None]:
+        """(B, L, D) -> (B, L, D): the mixer's output, plus ``residual`` where one is given."""
         cfg = self.config
         batch, length, _ = hidden.shape
         z, xBC, dt = self.in_proj(hidden).split([cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
@@ -237,7 +253,7 @@ class Mamba2Mixer(nn.Module):
             initial_state=None if state is None else state.ssm, return_final_state=return_state, cu_seqlens=cu_seqlens,
         )  # fmt: skip
         y, ssm_state = scan_out if return_state else (scan_out, None)
-        out = self.out_proj(self.norm(y.reshape(batch, length, cfg.d_inner), z))  # (B, L, D)
+        out = self.out_proj(self.norm(y.reshape(batch, length, cfg.d_inner), z), residual)  # (B, L, D)
         return out, (LayerState(conv_state, ssm_state) if return_state else None)
 
     def reset_parameters(self, generator: torch.Generator | None, n_layer: int) -> None:

@@ -61,3 +61,26 @@ def test_gpu_streaming_memory_stays_flat_with_length(tokenizer_dir):
     assert streamed <= 2 * one_pass, (
         f"{32 * chunk} tokens streamed peak at {streamed:,} B, one {chunk}-token pass at {one_pass:,} B"
     )
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_linear_adds_the_residual_in_the_gemm(dtype, tolerance):
+    """ops.linear(..., residual=...) on CUDA (one addmm) against fp64 ``residual + y @ W.T``, values and gradients."""
+    from st_mamba import ops
+
+    g = torch.Generator().manual_seed(21)
+    y, residual, weight = (torch.randn(*shape, generator=g) for shape in ((3, 37, 96), (3, 37, 40), (40, 96)))
+    dout = torch.randn(3, 37, 40, generator=g)
+    leaves = [t.to("cuda", dtype).requires_grad_() for t in (y, residual, weight)]
+    out = ops.linear(leaves[0], leaves[2], None, leaves[1])
+    grads = torch.autograd.grad(out, leaves, dout.to("cuda", dtype))
+    exact = [t.double().requires_grad_() for t in (y, residual, weight)]
+    expected = exact[1] + torch.nn.functional.linear(exact[0], exact[2])
+    expected_grads = torch.autograd.grad(expected, exact, dout.double())
+    assert out.dtype == dtype and out.shape == expected.shape
+    for name, got, want in [
+        ("out", out, expected),
+        *zip(("dy", "dresidual", "dweight"), grads, expected_grads, strict=True),
+    ]:
+        error = ((got.double().cpu() - want.detach()).abs().max() / want.detach().abs().max()).item()
+        assert error <= tolerance, f"{name}: relative error {error:.3g} in {dtype}"

@@ -733,10 +733,24 @@ def sweep(work: Path, output: Path, names: list[str], seconds: float, scratch: P
     return results
 
 
-def run_training(work: Path, output: Path, resume: Path | None, student: str = STUDENT, smoke: bool = False) -> dict:
-    """Steps 2-7 on the best device: targets, both students, evaluation, speed; writes results as it goes."""
+def run_training(
+    work: Path,
+    output: Path,
+    resume: Path | None,
+    student: str = STUDENT,
+    smoke: bool = False,
+    seconds: float | None = None,
+    control: bool = True,
+) -> dict:
+    """Steps 2-7 on the best device: targets, both students, evaluation, speed; writes results as it goes.
+
+    ``seconds``: the Mamba student's training time (default ``TRAIN_SECONDS``). ``control=False`` trains
+    no Transformer: a longer Mamba run in one call, compared with a control from another run.
+    """
     variant = STUDENT_VARIANTS[student]
-    run = prepare_training(work, output, {"student": student, "mamba": variant, "train_seconds": TRAIN_SECONDS})
+    seconds = TRAIN_SECONDS if seconds is None else seconds
+    settings = {"student": student, "mamba": variant, "train_seconds": seconds, "control": control}
+    run = prepare_training(work, output, settings)
     deadline = run.record.started + RUN_SECONDS
     results, teacher = run.record.results, run.teacher
     data, held_out, kinds, device = run.data, run.held_out, run.kinds, run.device
@@ -752,36 +766,39 @@ def run_training(work: Path, output: Path, resume: Path | None, student: str = S
         "mamba@init": held_out_cosine(mamba.to(device), "mamba", data, held_out, kinds, device)
     }
     meta = {"student": student, "config": variant["config"], "pooling": variant["pooling"]}
-    results["train"] = {"mamba": train_student(mamba, "mamba", data, device, None, TRAIN_SECONDS, results["log"],
+    results["train"] = {"mamba": train_student(mamba, "mamba", data, device, None, seconds, results["log"],
                                                checkpoint_dir=output, resume=resume, peak_learning_rate=peak,
                                                checkpoint_meta=meta)}  # fmt: skip
     results["held_out_cosine"]["mamba"] = held_out_cosine(mamba, "mamba", data, held_out, kinds, device)
     run.record.mark("mamba_trained")
 
     # 5. The Transformer control: same batches, same number of steps
-    transformer = build_transformer_student(
-        work / "gpt-neox-20b", Path("/tmp/distill-transformer") if not smoke else output / "tf"
-    )
-    results["parameters"]["transformer"] = parameter_count(transformer)
-    steps = results["train"]["mamba"]["steps"]
-    results["train"]["transformer"] = train_student(
-        transformer, "transformer", data, device, steps, TRAIN_SECONDS, results["log"]
-    )
-    results["held_out_cosine"]["transformer"] = held_out_cosine(
-        transformer, "transformer", data, held_out, kinds, device
-    )
-    run.record.mark("transformer_trained")
+    models = {"mamba": mamba, "teacher": teacher}  # in the order they are evaluated
+    if control:
+        transformer = build_transformer_student(
+            work / "gpt-neox-20b", Path("/tmp/distill-transformer") if not smoke else output / "tf"
+        )
+        results["parameters"]["transformer"] = parameter_count(transformer)
+        steps = results["train"]["mamba"]["steps"]
+        results["train"]["transformer"] = train_student(
+            transformer, "transformer", data, device, steps, seconds, results["log"]
+        )
+        results["held_out_cosine"]["transformer"] = held_out_cosine(
+            transformer, "transformer", data, held_out, kinds, device
+        )
+        run.record.mark("transformer_trained")
+        models["transformer"] = transformer
 
     # 6. Evaluation (runs only; scored with ir-measures by the `score` subcommand)
     mamba.max_seq_length = SAVED_MAX_SEQ_LENGTH
-    models = {"mamba": mamba, "teacher": teacher, "transformer": transformer}  # in the order they are evaluated
     results["runs"] = evaluate_all(models, work / "data", deadline - 25)
     run.record.mark("evaluated")
 
-    # 7. Speed on this device, fp16 for all three (the teacher already is)
+    # 7. Speed on this device, every model in fp16 (the teacher already is)
     if time.time() < deadline - 20:
-        for model in (mamba, transformer):
-            model.half()
+        for name, model in models.items():
+            if name != "teacher":
+                model.half()
         texts_by_length = {512: fixed_length_texts(mamba.tokenizer, run.texts[:2000], 512, 256 if not smoke else 4),
                            8192: fixed_length_texts(mamba.tokenizer, run.texts[:2000], 8192, 32 if not smoke else 2)}  # fmt: skip
         results["speed"] = encoding_speed(models, texts_by_length, device)
@@ -823,13 +840,18 @@ def model_card(results: dict, scores: dict[str, dict], manifest: dict, more_spee
         value = scores.get(name, {}).get(measure)
         return "-" if value is None else f"{value:.3f}"
 
+    control = "transformer" in results["train"]
     rows = [f"| {label} | {cell(f'scifact/{key}')} | {cell(f'trec-dl-2019/{key}')} |"
             for label, key in (("teacher all-MiniLM-L6-v2", "teacher"), ("**st-mamba-distilled**", "mamba"),
-                               ("Transformer student (control)", "transformer"), ("BM25", "bm25"))]  # fmt: skip
+                               ("Transformer student (control)", "transformer"), ("BM25", "bm25"))
+            if control or key != "transformer"]  # fmt: skip
     qmsum = [f"| {label} | {cell(f'qmsum-summary/{key}')} | {cell(f'qmsum-specific/{key}')} |"
              for label, key in (("teacher, first 256 tokens", "teacher:model"), ("teacher, mean over 256-token windows", "teacher:chunk:254:mean"),
                                 ("**st-mamba-distilled, whole meeting in one pass**", "mamba:one-pass"),
-                                ("Transformer student, first 8,192 tokens", "transformer:model"))]  # fmt: skip
+                                ("Transformer student, first 8,192 tokens", "transformer:model"))
+             if control or not key.startswith("transformer")]  # fmt: skip
+    no_control = ("" if control else "\nThis run trained no Transformer control (`train --no-control`); docs/distillation.md "
+                  "compares the two students on the same batches and steps.\n")  # fmt: skip
     speed = [
         f"| {results['device'] if row['device'] == 'cuda' else row['device']} | {row['tokens']:,} | {row['model']} "
         f"| {row['texts_per_second']:.1f} | {row['tokens_per_second']:,} |"
@@ -866,7 +888,7 @@ MultipleNegativesRankingLoss x {MNRL_WEIGHT} every {MNRL_EVERY} steps on the {re
 | model | SciFact test | TREC DL 2019 (pooled corpus) |
 |---|---|---|
 {newline.join(rows)}
-
+{no_control}
 QMSum test meetings (35), nDCG@10:
 
 | reading | summary -> meeting | question -> meeting |
@@ -991,6 +1013,12 @@ def main() -> None:
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--resume", type=Path, default=None, help="folder of checkpoint shards to continue from")
     p.add_argument("--student", default=STUDENT, choices=sorted(STUDENT_VARIANTS), help="which Mamba student")
+    p.add_argument(
+        "--seconds", type=float, default=None, help=f"the Mamba student's training time (default {TRAIN_SECONDS} s)"
+    )
+    p.add_argument(
+        "--no-control", action="store_true", help="train no Transformer control (a longer Mamba run in one call)"
+    )
     p = sub.add_parser("sweep", help="train each student for the same time; held-out cosines (GPU)")
     p.add_argument("--work", type=Path, default=repo / ".distill")
     p.add_argument("--output", type=Path, required=True)
@@ -1026,7 +1054,8 @@ def main() -> None:
     if args.command == "prepare":
         prepare(args.corpus, args.data, args.output, args.teacher or default_teacher(), args.tokenizer)
     elif args.command == "train":
-        results = run_training(args.work, args.output, args.resume, args.student)
+        results = run_training(args.work, args.output, args.resume, args.student,
+                               seconds=args.seconds, control=not args.no_control)  # fmt: skip
         print_table(results)
     elif args.command == "sweep":
         results = sweep(args.work, args.output, args.students, args.seconds, Path("/tmp/distill-transformer"))

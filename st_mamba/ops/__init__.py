@@ -243,8 +243,19 @@ def causal_conv1d(
     return causal_conv1d_torch(*args)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear``, or oneDNN's matmul (``cpu.linear_onednn``) for fp32 CPU inference."""
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+    """``F.linear``, or oneDNN's matmul (``cpu.linear_onednn``) for fp32 CPU inference; plus ``residual``.
+
+    On CUDA, ``residual + x @ weight.T`` is one GEMM whose epilogue adds the residual (cuBLAS with
+    beta = 1; fp32 accumulate, one rounding) instead of a second kernel that reads both tensors again.
+    """
+    if residual is not None:
+        fused = x.is_cuda and bias is None and residual.dtype == x.dtype == weight.dtype
+        if fused and not torch.is_autocast_enabled(x.device.type):
+            _announce("linear", "torch", x.device)
+            out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), weight.T)
+            return out.view(residual.shape)
+        return residual + linear(x, weight, bias)
     onednn = (
         _forced in (None, "cpu")
         and x.device.type == "cpu"

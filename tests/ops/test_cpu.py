@@ -233,6 +233,17 @@ def test_linear_onednn_matches_f_linear(with_bias):
     assert_close("y", cpu.linear_onednn(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_with_residual_adds_it(with_bias):
+    """On CPU the residual is a plain add after the projection (oneDNN or F.linear)."""
+    g = torch.Generator().manual_seed(7)
+    x, residual, weight = torch.randn(2, 5, 48, generator=g), torch.randn(2, 5, 96, generator=g), torch.randn(96, 48, generator=g)  # fmt: skip
+    bias = torch.randn(96, generator=g) if with_bias else None
+    expected = residual + torch.nn.functional.linear(x, weight, bias)
+    with torch.no_grad():
+        assert_close("y", ops.linear(x, weight, bias, residual), expected)
+
+
 _REFAULTS = """
 import resource, torch
 from st_mamba.ops import cpu

@@ -306,6 +306,22 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
 
 
 @pytest.mark.slow
+def test_a_run_without_the_control_trains_and_evaluates_the_mamba_student_only(work_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(distill, "STUDENT_VARIANTS", {"tiny-mean": {"config": TINY_MAMBA, "pooling": "mean"}})
+    monkeypatch.setattr(distill, "MAX_BATCH_TOKENS", 2048)
+    monkeypatch.setattr(distill, "HELD_OUT", 6)
+    monkeypatch.setattr(distill, "TEACHER_DIM", 384)
+    results = distill.run_training(work_folder, tmp_path / "out", None, "tiny-mean", smoke=True, seconds=1.0, control=False)  # fmt: skip
+    assert set(results["train"]) == {"mamba"} and results["train"]["mamba"]["seconds"] >= 1.0
+    assert results["settings"]["train_seconds"] == 1.0 and results["settings"]["control"] is False
+    assert not any("transformer" in name for name in results["runs"])
+    assert {row["model"] for row in results["speed"]} == {"mamba", "teacher"}
+    pytest.importorskip("ir_measures")
+    card = distill.model_card(results, distill.score(results, work_folder / "data"), {})
+    assert "Transformer student" not in card and "no Transformer control" in card
+
+
+@pytest.mark.slow
 def test_sweep_trains_each_student_for_the_same_time(work_folder, tmp_path, monkeypatch):
     tiny_students = {"tiny-eos": {"config": TINY_MAMBA, "pooling": "eos"},
                      "tiny-mamba1": {"config": dict(TINY_MAMBA, version=1), "pooling": "eos", "embedding_std": 1.0}}  # fmt: skip
