@@ -8,8 +8,9 @@ both alike. Timed (CUDA events, median of several runs after warm-ups, best of t
    shapes (bf16; x contiguous, z and B, C strided views as the model hands them over);
 2. the causal convolution (+ SiLU) alone, forward and forward + backward, on the same layer shapes
    (x the strided half of the in_proj output, as in the model);
-3. the residual add after the output projection: ``F.linear`` then ``+``, against the one GEMM that
-   ``ops.linear(..., residual=...)`` runs (not a revision's code: both paths are the working tree's);
+3. the residual add after the output projection: ``F.linear`` then ``+``, against one ``addmm`` (what
+   ``ops.linear(..., residual=...)`` runs in training) and ``addmm_`` into the residual (in inference);
+   not a revision's code, three ways of doing the same sum;
 4. whole backbones (random weights, bf16, 65,536 tokens a batch): forward at several lengths,
    forward + backward at 512, the dispatcher pointed at each version in turn (the model code is the
    working tree's on both sides; only the kernels differ).
@@ -75,14 +76,15 @@ def conv_inputs(batch: int, length: int, d_inner: int, width: int = 4) -> tuple:
 
 
 def residual_paths(d_inner: int, d_model: int) -> dict:
-    """The output projection plus the residual: added by a second kernel ("base"), or in the GEMM."""
+    """The output projection plus the residual: added by a second kernel, in an addmm, in an addmm_."""
     g = torch.Generator(device="cuda").manual_seed(2)
     y = torch.randn(TOKENS, d_inner, device="cuda", dtype=torch.bfloat16, generator=g)
     residual = torch.randn(TOKENS, d_model, device="cuda", dtype=torch.bfloat16, generator=g)
     weight = torch.randn(d_model, d_inner, device="cuda", dtype=torch.bfloat16, generator=g) * d_inner**-0.5
     return {
-        "base": lambda: residual + F.linear(y, weight),
-        "working tree": lambda: ops.linear(y, weight, None, residual),
+        "add apart": lambda: residual + F.linear(y, weight),
+        "addmm": lambda: torch.addmm(residual, y, weight.T),
+        "addmm_": lambda: residual.addmm_(y, weight.T),  # the sum grows call by call: timing only
     }
 
 
@@ -143,7 +145,8 @@ def main() -> None:
     for shape, (d_inner, _, d_model) in LAYERS.items():
         with torch.inference_mode():
             times = best_of_two(residual_paths(d_inner, d_model), lambda step: step, 9)
-        report(f"out_proj + residual (add apart -> in the GEMM), mamba-{shape} layer, {TOKENS} tokens", times)
+        cells = ", ".join(f"{name} {ms:.3f} ms" for name, ms in times.items())
+        print(f"out_proj + residual, mamba-{shape} layer, {TOKENS} tokens: {cells}", flush=True)
 
     for shape, (_, n_layer, d_model) in LAYERS.items():
         config = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=50280, d_state=16)

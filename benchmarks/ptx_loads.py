@@ -33,7 +33,7 @@ from st_mamba.ops import triton as kernels
 
 FP32_POINTERS = {"a_ptr", "d_ptr", "bias_ptr", "h0_ptr", "hfinal_ptr", "chunk_state_ptr", "chunk_dtsum_ptr",
                  "ckpt_ptr", "chunk_carry_ptr", "scratch_ptr", "dhfinal_ptr", "db_ptr", "dc_ptr", "da_ptr", "dd_ptr",
-                 "dbias_ptr", "dh0_ptr", "dpre_ptr", "dw_ptr", "dx_ptr"}  # fmt: skip
+                 "dbias_ptr", "dh0_ptr", "dw_ptr"}  # fmt: skip
 INT_POINTERS = {"cu_ptr", "chunk_off_ptr", "tile_off_ptr"}
 # Integer arguments the launcher specialises on (not in kernels._SHAPE_ARGS): model widths, and the
 # strides along time and channels, all multiples of 16 in real models.
@@ -175,7 +175,17 @@ def main() -> None:
                 kernels.SCAN_BWD_WARPS,
             ),  # fmt: skip
             "conv forward": (kernels._conv_fwd_kernel, {**conv, **layout}, kernels.CONV_WARPS),
-            "conv backward (pre)": (kernels._conv_bwd_pre_kernel, {**conv, **layout}, kernels.CONV_WARPS),
+            "conv backward (pre)": (
+                kernels._conv_bwd_pre_kernel,
+                {
+                    **conv,
+                    **layout,
+                    "BLOCK_T": kernels.CONV_BWD_BLOCK_T,
+                    "BLOCK_C": kernels.CONV_BWD_BLOCK_C,
+                    "TILES": kernels.CONV_BWD_TILES,
+                },
+                kernels.CONV_BWD_WARPS,
+            ),  # fmt: skip
         }
         for name, (kernel, constants, warps) in builds.items():
             counts, regs = memory_instructions(kernel, constants, warps)

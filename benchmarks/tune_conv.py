@@ -1,10 +1,12 @@
-"""Launch shapes of the Triton causal convolution, timed on this GPU: (tokens, channels) a program, warps.
+"""Launch shapes of the Triton causal convolution, timed on this GPU.
 
-The convolution is flat over tokens (65,536 a batch at any length), so one length stands for all.
-For each candidate the forward kernel, then the two backward kernels, run with that shape on
-mamba-130m and mamba-370m layer inputs (bf16; x the strided half of the in_proj output, as in the
-model), the candidates alternating round by round (``ab_kernels.best_of_two``). The backward is timed
-as forward + backward minus the forward. The shipped constants are the first row.
+Two sets of constants: (tokens, channels) a program and warps of the forward kernel, which the
+backward's second kernel (dx) shares; and (tokens, channels, warps, token blocks a program) of the
+backward's first kernel (dpre, dweight, dbias). Each candidate is timed with the other set as
+shipped, on mamba-130m and mamba-370m layer inputs (bf16, 65,536 tokens; x the strided half of the
+in_proj output, as in the model), the candidates alternating round by round
+(``ab_kernels.best_of_two``). The convolution is flat over tokens, so one length (512) stands for
+all. The backward is timed as forward + backward minus the forward. The shipped pair is the first row.
 
     python benchmarks/tune_conv.py
 """
@@ -18,46 +20,54 @@ from ab_kernels import LAYERS, TOKENS, best_of_two, conv_inputs  # benchmarks/ i
 
 from st_mamba.ops import triton as kernels
 
-CANDIDATES = [(32, 128, 4), (16, 128, 4), (64, 128, 4), (32, 256, 4), (32, 256, 8), (64, 256, 8), (64, 64, 4), (128, 128, 8)]  # fmt: skip
+FORWARD = [(32, 128, 4), (16, 128, 4), (64, 128, 4), (32, 256, 4), (32, 64, 4), (64, 64, 4)]
+BACKWARD = [(16, 64, 4, 8), (16, 64, 4, 16), (16, 64, 4, 4), (32, 64, 4, 4), (16, 128, 4, 8), (16, 64, 2, 8), (8, 128, 4, 8)]  # fmt: skip
 
 
-def use(block_t: int, block_c: int, warps: int) -> None:
-    kernels.CONV_BLOCK_T, kernels.CONV_BLOCK_C, kernels.CONV_WARPS = block_t, block_c, warps
-    kernels.CONV_BWD_BLOCK_T, kernels.CONV_BWD_BLOCK_C, kernels.CONV_BWD_WARPS = block_t, block_c, warps
+def shipped() -> tuple[tuple, tuple]:
+    return (
+        (kernels.CONV_BLOCK_T, kernels.CONV_BLOCK_C, kernels.CONV_WARPS),
+        (kernels.CONV_BWD_BLOCK_T, kernels.CONV_BWD_BLOCK_C, kernels.CONV_BWD_WARPS, kernels.CONV_BWD_TILES),
+    )
+
+
+def use(forward: tuple, backward: tuple) -> None:
+    kernels.CONV_BLOCK_T, kernels.CONV_BLOCK_C, kernels.CONV_WARPS = forward
+    kernels.CONV_BWD_BLOCK_T, kernels.CONV_BWD_BLOCK_C, kernels.CONV_BWD_WARPS, kernels.CONV_BWD_TILES = backward
 
 
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("tune_conv.py needs a CUDA GPU")
-    shipped = (kernels.CONV_BLOCK_T, kernels.CONV_BLOCK_C, kernels.CONV_WARPS)
-    shipped_bwd = (kernels.CONV_BWD_BLOCK_T, kernels.CONV_BWD_BLOCK_C, kernels.CONV_BWD_WARPS)
-    candidates = list(dict.fromkeys([shipped, shipped_bwd, *CANDIDATES]))
-    print(f"{torch.cuda.get_device_name()}: shipped forward {shipped}, backward {shipped_bwd}", flush=True)
+    fwd0, bwd0 = shipped()
+    pairs = list(dict.fromkeys([(fwd0, bwd0), *((f, bwd0) for f in FORWARD), *((fwd0, b) for b in BACKWARD)]))
+    print(f"{torch.cuda.get_device_name()}: shipped forward {fwd0}, backward {bwd0}", flush=True)
     rows = []
     for shape, (d_inner, _, _) in LAYERS.items():
         *args, dy = conv_inputs(TOKENS // 512, 512, d_inner)
         leaves = [t.detach().requires_grad_() for t in args]
-        settings = {c: c for c in candidates}
+        settings = {pair: pair for pair in pairs}
 
-        def forward(c, args=args):
-            use(*c)
+        def forward(pair, args=args):
+            use(*pair)
             return lambda: kernels.causal_conv1d_triton(*args)
 
-        def train(c, leaves=leaves, dy=dy):
-            use(*c)
+        def train(pair, leaves=leaves, dy=dy):
+            use(*pair)
             return lambda: torch.autograd.grad(kernels.causal_conv1d_triton(*leaves), leaves, dy)
 
         with torch.inference_mode():
             fwd = best_of_two(settings, forward, 9)
         both = best_of_two(settings, train, 7)
-        gigabytes = 2 * TOKENS * d_inner * 2 / 1e9  # x read, y written, bf16
-        for c in candidates:
-            rows.append((shape, c, fwd[c], both[c] - fwd[c], gigabytes / fwd[c]))
-    use(*shipped)
-    kernels.CONV_BWD_BLOCK_T, kernels.CONV_BWD_BLOCK_C, kernels.CONV_BWD_WARPS = shipped_bwd
-    print(f"\n{'layer':<6} {'tokens x channels, warps':<26} {'forward us':>11} {'backward us':>12} {'fwd TB/s':>9}")
-    for shape, (bt, bc, w), f, b, rate in rows:
-        print(f"{shape:<6} {f'{bt} x {bc}, {w}':<26} {f * 1e3:>11.0f} {b * 1e3:>12.0f} {rate:>9.2f}")
+        for pair in pairs:
+            rows.append((shape, pair, fwd[pair], both[pair] - fwd[pair]))
+    use(fwd0, bwd0)
+    print(f"\n{'layer':<6} {'forward, dx (T x C, warps)':<27} {'dpre, dweight (T x C, warps, blocks)':<37} "
+          f"{'forward us':>10} {'backward us':>11}")  # fmt: skip
+    for shape, ((ft, fc, fw), (bt, bc, bw, tiles)), f, b in rows:
+        print(
+            f"{shape:<6} {f'{ft} x {fc}, {fw}':<27} {f'{bt} x {bc}, {bw}, {tiles}':<37} {f * 1e3:>10.0f} {b * 1e3:>11.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ class ResidualBlock(nn.Module):
         normed = self.norm(hidden.to(self.norm.weight.dtype))
         if hidden.dtype == self.norm.weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
             # The mixer's output projection adds the residual itself (one GEMM on CUDA; ``ops.linear``).
+            # ``hidden`` is the backbone's running sum, handed over: in inference the sum is written into it.
             return self.mixer(normed, state, return_state, cu_seqlens, residual=hidden)
         out, state = self.mixer(normed, state, return_state, cu_seqlens)
         if hidden.dtype == out.dtype:
@@ -169,7 +170,7 @@ class Mamba1Mixer(nn.Module):
         cu_seqlens: Tensor | None = None,
         residual: Tensor | None = None,
     ) -> tuple[Tensor, LayerState | None]:
-        """(B, L, D) -> (B, L, D): the mixer's output, plus ``residual`` where one is given."""
+        """(B, L, D) -> (B, L, D): the mixer's output, plus ``residual`` (consumed: see ``ops.linear``) if given."""
         d_inner, d_state, dt_rank = self.config.d_inner, self.config.d_state, self.config.dt_rank
         x, z = self.in_proj(hidden).split(d_inner, dim=-1)  # (B, L, Di) each
         conv_out = ops.causal_conv1d(
@@ -232,7 +233,7 @@ class Mamba2Mixer(nn.Module):
         cu_seqlens: Tensor | None = None,
         residual: Tensor | None = None,
     ) -> tuple[Tensor, LayerState | None]:
-        """(B, L, D) -> (B, L, D): the mixer's output, plus ``residual`` where one is given."""
+        """(B, L, D) -> (B, L, D): the mixer's output, plus ``residual`` (consumed: see ``ops.linear``) if given."""
         cfg = self.config
         batch, length, _ = hidden.shape
         z, xBC, dt = self.in_proj(hidden).split([cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)

@@ -65,7 +65,8 @@ def test_gpu_streaming_memory_stays_flat_with_length(tokenizer_dir):
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_linear_adds_the_residual_in_the_gemm(dtype, tolerance):
-    """ops.linear(..., residual=...) on CUDA (one addmm) against fp64 ``residual + y @ W.T``, values and gradients."""
+    """ops.linear(..., residual=...) on CUDA (one addmm; addmm_ into the residual without autograd) against
+    fp64 ``residual + y @ W.T``: values and gradients."""
     from st_mamba import ops
 
     g = torch.Generator().manual_seed(21)
@@ -78,9 +79,12 @@ def test_linear_adds_the_residual_in_the_gemm(dtype, tolerance):
     expected = exact[1] + torch.nn.functional.linear(exact[0], exact[2])
     expected_grads = torch.autograd.grad(expected, exact, dout.double())
     assert out.dtype == dtype and out.shape == expected.shape
-    for name, got, want in [
-        ("out", out, expected),
-        *zip(("dy", "dresidual", "dweight"), grads, expected_grads, strict=True),
-    ]:
+    with torch.no_grad():  # inference: the sum is written into the residual's memory
+        residual_in = residual.to("cuda", dtype)
+        in_place = ops.linear(y.to("cuda", dtype), weight.to("cuda", dtype), None, residual_in)
+    assert in_place.data_ptr() == residual_in.data_ptr()
+    pairs = [("out", out, expected), ("out, no grad", in_place, expected)]
+    pairs += zip(("dy", "dresidual", "dweight"), grads, expected_grads, strict=True)
+    for name, got, want in pairs:
         error = ((got.double().cpu() - want.detach()).abs().max() / want.detach().abs().max()).item()
         assert error <= tolerance, f"{name}: relative error {error:.3g} in {dtype}"

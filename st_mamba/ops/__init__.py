@@ -208,7 +208,7 @@ def causal_conv1d(
     """
     args = (x, weight, bias, initial_state, activation, return_final_state)
     backend = _forced
-    if backend is None and x.is_cuda and _triton is not None:
+    if backend is None and x.is_cuda and _triton is not None and weight.shape[1] <= _triton.CONV_MAX_WIDTH:
         backend = "triton"
     if backend is None:
         if x.is_cuda and _causal_conv1d_cuda is not None:
@@ -246,15 +246,19 @@ def causal_conv1d(
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
     """``F.linear``, or oneDNN's matmul (``cpu.linear_onednn``) for fp32 CPU inference; plus ``residual``.
 
-    On CUDA, ``residual + x @ weight.T`` is one GEMM whose epilogue adds the residual (cuBLAS with
-    beta = 1; fp32 accumulate, one rounding) instead of a second kernel that reads both tensors again.
+    On CUDA, ``residual + x @ weight.T`` is one GEMM that adds the residual (cuBLAS with beta = 1;
+    fp32 accumulate, one rounding) instead of a second kernel that reads both tensors again.
+    ``residual`` is consumed: where no autograd graph is recorded, the GEMM accumulates into its
+    memory (``addmm_``), which spares the copy of it that ``addmm`` makes first.
     """
     if residual is not None:
         fused = x.is_cuda and bias is None and residual.dtype == x.dtype == weight.dtype
         if fused and not torch.is_autocast_enabled(x.device.type):
             _announce("linear", "torch", x.device)
-            out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), weight.T)
-            return out.view(residual.shape)
+            rows, width = x.reshape(-1, x.shape[-1]), residual.shape[-1]
+            if not torch.is_grad_enabled() and residual.is_contiguous():
+                return residual.view(-1, width).addmm_(rows, weight.T).view(residual.shape)
+            return torch.addmm(residual.reshape(-1, width), rows, weight.T).view(residual.shape)
         return residual + linear(x, weight, bias)
     onednn = (
         _forced in (None, "cpu")

@@ -66,12 +66,12 @@ SCAN_MIN_CHUNK = 256
 CONV_BLOCK_T = 32
 CONV_BLOCK_C = 128
 CONV_WARPS = 4
-# The backward's first kernel sums dweight over its token block (four reductions across warps):
-# taller blocks pay for fewer of them (benchmarks/tune_conv.py on the H200: 64 x 64 took 885 us a
-# mamba-130m layer at 65,536 tokens, 32 x 128 1,203 us).
-CONV_BWD_BLOCK_T = 64
+# The backward's first kernel (dpre, dweight, dbias) walks CONV_BWD_TILES blocks of tokens a program.
+CONV_BWD_BLOCK_T = 16
 CONV_BWD_BLOCK_C = 64
 CONV_BWD_WARPS = 4
+CONV_BWD_TILES = 8
+CONV_MAX_WIDTH = 4
 
 
 # --- shared device helpers ----------------------------------------------------------------------
@@ -852,11 +852,12 @@ def _conv_position(tok, cu_ptr, seqlen, n_seq, VARLEN: tl.constexpr, SEARCH_STEP
 
 @triton.jit
 def _conv_window(
-    x_ptr, w_ptr, h0_ptr, seq, batch, time, pos, tok_mask, offs_c, mask_c,
-    stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k, k: tl.constexpr,
+    x_ptr, h0_ptr, seq, batch, time, pos, tok_mask, offs_c, mask_c,
+    stride_xb, stride_xt, stride_h0s, stride_h0k, k: tl.constexpr,
     HAS_H0: tl.constexpr, WIDTH: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
-    """Tap k of the window: the input ``WIDTH - 1 - k`` tokens back (from the initial state before the start)."""
+    """Tap k of the window, (BLOCK_T, BLOCK_C) fp32: the input ``WIDTH - 1 - k`` tokens back (from the
+    initial state before the start)."""
     back = WIDTH - 1 - k
     src = pos - back
     inside = tok_mask & (src >= 0)
@@ -867,8 +868,15 @@ def _conv_window(
         before = tok_mask & (src < 0)
         h0_rows = seq.to(tl.int64) * stride_h0s + (src + WIDTH - 1).to(tl.int64) * stride_h0k
         x += tl.load(h0_ptr + h0_rows[:, None] + offs_c[None, :], mask=before[:, None] & mask_c[None, :], other=0.0).to(tl.float32)  # fmt: skip
-    w = tl.load(w_ptr + offs_c * stride_wc + k * stride_wk, mask=mask_c, other=0.0).to(tl.float32)
-    return x, w
+    return x
+
+
+@triton.jit
+def _conv_weight(w_ptr, offs_c, mask_c, stride_wc, stride_wk, k: tl.constexpr, WIDTH: tl.constexpr):
+    """Tap k's weights, (BLOCK_C,) fp32; zeros for the taps a narrower convolution does not have."""
+    if k < WIDTH:
+        return tl.load(w_ptr + offs_c * stride_wc + k * stride_wk, mask=mask_c, other=0.0).to(tl.float32)
+    return tl.zeros(offs_c.shape, dtype=tl.float32)
 
 
 @_jit
@@ -887,17 +895,31 @@ def _conv_fwd_kernel(
     seq, batch, time, pos, _ = _conv_position(tok, cu_ptr, seqlen, n_seq, VARLEN, SEARCH_STEPS)
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     for k in tl.static_range(WIDTH):
-        x, w = _conv_window(
-            x_ptr, w_ptr, h0_ptr, seq, batch, time, pos, tok_mask, offs_c, mask_c,
-            stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k, k, HAS_H0, WIDTH, ALIGNED,
+        x = _conv_window(
+            x_ptr, h0_ptr, seq, batch, time, pos, tok_mask, offs_c, mask_c,
+            stride_xb, stride_xt, stride_h0s, stride_h0k, k, HAS_H0, WIDTH, ALIGNED,
         )  # fmt: skip
-        acc += x * w[None, :]
+        acc += x * _conv_weight(w_ptr, offs_c, mask_c, stride_wc, stride_wk, k, WIDTH)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     if SILU:
         acc = acc * _sigmoid(acc, FAST)
     out = tok.to(tl.int64)[:, None] * channels + offs_c[None, :]
     tl.store(y_ptr + out, acc, mask=tok_mask[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _conv_tap(
+    x_ptr, h0_ptr, seq, batch, time, pos, tok_mask, offs_c, mask_c, stride_xb, stride_xt, stride_h0s, stride_h0k,
+    k: tl.constexpr, HAS_H0: tl.constexpr, WIDTH: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """``_conv_window`` for taps k < WIDTH; zeros for the taps a narrower convolution does not have."""
+    if k < WIDTH:
+        return _conv_window(
+            x_ptr, h0_ptr, seq, batch, time, pos, tok_mask, offs_c, mask_c,
+            stride_xb, stride_xt, stride_h0s, stride_h0k, k, HAS_H0, WIDTH, ALIGNED,
+        )  # fmt: skip
+    return tl.zeros((BLOCK_T, offs_c.shape[0]), dtype=tl.float32)
 
 
 @_jit
@@ -907,39 +929,58 @@ def _conv_bwd_pre_kernel(
     stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SILU: tl.constexpr,
     VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, TILES: tl.constexpr,
 ):  # fmt: skip
-    """dpre = dy * silu'(pre), and this token block's share of dweight (WIDTH, C) and dbias (C,)."""
+    """dpre = dy * silu'(pre) over TILES blocks of BLOCK_T tokens, and their share of dweight (WIDTH, C)
+    and dbias (C,). The products for dweight are summed elementwise in registers, tile after tile, and
+    over the tokens once at the end: a sum across the warps (shared memory, barriers) costs more than
+    a tile's arithmetic. At most 4 taps (every Mamba checkpoint has d_conv = 4)."""
     pid_t = tl.program_id(0)
-    tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    tok_mask = tok < n_tokens
     mask_c = offs_c < channels
-    mask = tok_mask[:, None] & mask_c[None, :]
-    seq, batch, time, pos, _ = _conv_position(tok, cu_ptr, seqlen, n_seq, VARLEN, SEARCH_STEPS)
-    pre = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    for k in tl.static_range(WIDTH):
-        x, w = _conv_window(
-            x_ptr, w_ptr, h0_ptr, seq, batch, time, pos, tok_mask, offs_c, mask_c,
-            stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k, k, HAS_H0, WIDTH, ALIGNED,
-        )  # fmt: skip
-        pre += x * w[None, :]
+    # Loop-invariant loads first (Triton does not hoist them out of the loop).
+    w0 = _conv_weight(w_ptr, offs_c, mask_c, stride_wc, stride_wk, 0, WIDTH)
+    w1 = _conv_weight(w_ptr, offs_c, mask_c, stride_wc, stride_wk, 1, WIDTH)
+    w2 = _conv_weight(w_ptr, offs_c, mask_c, stride_wc, stride_wk, 2, WIDTH)
+    w3 = _conv_weight(w_ptr, offs_c, mask_c, stride_wc, stride_wk, 3, WIDTH)
+    bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
     if HAS_BIAS:
-        pre += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    flat = tok.to(tl.int64)[:, None] * channels + offs_c[None, :]
-    dpre = tl.load(dy_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-    if SILU:
-        sig = _sigmoid(pre, FAST)
-        dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
-    tl.store(dpre_ptr + flat, dpre, mask=mask)
-    for k in tl.static_range(WIDTH):
-        x, w = _conv_window(
-            x_ptr, w_ptr, h0_ptr, seq, batch, time, pos, tok_mask, offs_c, mask_c,
-            stride_xb, stride_xt, stride_wc, stride_wk, stride_h0s, stride_h0k, k, HAS_H0, WIDTH, ALIGNED,
-        )  # fmt: skip
-        tl.store(dw_ptr + (pid_t * WIDTH + k) * channels + offs_c, tl.sum(x * dpre, axis=0), mask=mask_c)
+        bias = tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    acc0 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    acc1, acc2, acc3, acc_bias = acc0, acc0, acc0, acc0
+    for i in range(TILES):
+        tok = (pid_t * TILES + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tok_mask = tok < n_tokens
+        mask = tok_mask[:, None] & mask_c[None, :]
+        seq, batch, time, pos, _ = _conv_position(tok, cu_ptr, seqlen, n_seq, VARLEN, SEARCH_STEPS)
+        window = (x_ptr, h0_ptr, seq, batch, time, pos, tok_mask, offs_c, mask_c,
+                  stride_xb, stride_xt, stride_h0s, stride_h0k)  # fmt: skip
+        x0 = _conv_tap(*window, 0, HAS_H0, WIDTH, ALIGNED, BLOCK_T)
+        x1 = _conv_tap(*window, 1, HAS_H0, WIDTH, ALIGNED, BLOCK_T)
+        x2 = _conv_tap(*window, 2, HAS_H0, WIDTH, ALIGNED, BLOCK_T)
+        x3 = _conv_tap(*window, 3, HAS_H0, WIDTH, ALIGNED, BLOCK_T)
+        pre = x0 * w0[None, :] + x1 * w1[None, :] + x2 * w2[None, :] + x3 * w3[None, :] + bias[None, :]
+        flat = tok.to(tl.int64)[:, None] * channels + offs_c[None, :]
+        dpre = tl.load(dy_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+        if SILU:
+            sig = _sigmoid(pre, FAST)
+            dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
+        tl.store(dpre_ptr + flat, dpre, mask=mask)
+        acc0 += x0 * dpre
+        acc1 += x1 * dpre
+        acc2 += x2 * dpre
+        acc3 += x3 * dpre
+        acc_bias += dpre
+    dw = dw_ptr + pid_t * WIDTH * channels + offs_c
+    tl.store(dw, tl.sum(acc0, axis=0), mask=mask_c)
+    if WIDTH > 1:
+        tl.store(dw + channels, tl.sum(acc1, axis=0), mask=mask_c)
+    if WIDTH > 2:
+        tl.store(dw + 2 * channels, tl.sum(acc2, axis=0), mask=mask_c)
+    if WIDTH > 3:
+        tl.store(dw + 3 * channels, tl.sum(acc3, axis=0), mask=mask_c)
     if HAS_BIAS:
-        tl.store(dbias_ptr + pid_t * channels + offs_c, tl.sum(dpre, axis=0), mask=mask_c)
+        tl.store(dbias_ptr + pid_t * channels + offs_c, tl.sum(acc_bias, axis=0), mask=mask_c)
 
 
 @_jit
@@ -1005,7 +1046,7 @@ class _CausalConv1d(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, h0, cu_seqlens = ctx.saved_tensors
         packing = _Packing(x, cu_seqlens)
-        n_tokens, grid = _conv_launch(x, CONV_BWD_BLOCK_T, CONV_BWD_BLOCK_C)
+        n_tokens, grid = _conv_launch(x, CONV_BWD_BLOCK_T * CONV_BWD_TILES, CONV_BWD_BLOCK_C)
         channels, width = weight.shape
         dy = dy.contiguous()
         f32 = dict(device=x.device, dtype=torch.float32)
@@ -1017,23 +1058,23 @@ class _CausalConv1d(torch.autograd.Function):
         dbias_part = torch.empty(grid[0], channels, **f32) if bias is not None else dw_part
         dummy = x.new_empty(0)
         h0_arg = h0 if h0 is not None else x
-        common = dict(
-            WIDTH=width, VARLEN=packing.varlen, SEARCH_STEPS=_search_steps(packing.n_seq, packing.varlen),
-            BLOCK_T=CONV_BWD_BLOCK_T, BLOCK_C=CONV_BWD_BLOCK_C, num_warps=CONV_BWD_WARPS,
-        )  # fmt: skip
         cu = packing.cu_seqlens if packing.varlen else dummy
+        search_steps = _search_steps(packing.n_seq, packing.varlen)
         _conv_bwd_pre_kernel[grid](
             x, weight, bias if bias is not None else weight, h0_arg, dy, dpre, dw_part, dbias_part, cu,
             n_tokens, packing.seqlen, channels, packing.n_seq,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             h0_arg.stride(0) if h0 is not None else 0, h0_arg.stride(1) if h0 is not None else 0,
-            HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=ctx.activation == "silu", ALIGNED=_aligned(x),
-            FAST=_fast(x), **common,
+            WIDTH=width, HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=ctx.activation == "silu",
+            VARLEN=packing.varlen, SEARCH_STEPS=search_steps, ALIGNED=_aligned(x), FAST=_fast(x),
+            BLOCK_T=CONV_BWD_BLOCK_T, BLOCK_C=CONV_BWD_BLOCK_C, TILES=CONV_BWD_TILES, num_warps=CONV_BWD_WARPS,
         )  # fmt: skip
         dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        _, grid = _conv_launch(x, CONV_BLOCK_T, CONV_BLOCK_C)
         _conv_bwd_input_kernel[grid](
-            dpre, weight, dx, cu, n_tokens, packing.seqlen, channels, packing.n_seq,
-            weight.stride(0), weight.stride(1), **common,
+            dpre, weight, dx, cu, n_tokens, packing.seqlen, channels, packing.n_seq, weight.stride(0),
+            weight.stride(1), WIDTH=width, VARLEN=packing.varlen, SEARCH_STEPS=search_steps,
+            BLOCK_T=CONV_BLOCK_T, BLOCK_C=CONV_BLOCK_C, num_warps=CONV_WARPS,
         )  # fmt: skip
         dh0 = None
         if h0 is not None:
@@ -1086,6 +1127,8 @@ def causal_conv1d_triton(
     """
     if activation not in (None, "silu"):
         raise ValueError(f"unsupported activation {activation!r}")
+    if weight.shape[1] > CONV_MAX_WIDTH:
+        raise ValueError(f"the Triton convolution takes at most {CONV_MAX_WIDTH} taps, not {weight.shape[1]}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     y = _CausalConv1d.apply(x, weight, bias, initial_state, activation, cu_seqlens)

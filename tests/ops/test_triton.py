@@ -363,6 +363,16 @@ def test_causal_conv1d_packed_matches_per_sequence_reference(lengths, dtype, wit
     _check_conv(fast, ref, inputs, dtype, seed=n)
 
 
+def test_causal_conv1d_of_more_than_four_taps_is_refused_and_dispatched_elsewhere():
+    x, weight, bias, _ = _conv_inputs(2, 9, 8, 5, torch.float32, 5, with_state=False)
+    with pytest.raises(ValueError, match="at most 4 taps, not 5"):
+        triton_ops.causal_conv1d_triton(x, weight, bias)
+    if DEVICE == "cuda":  # the dispatcher takes another backend for it
+        from st_mamba import ops
+
+        assert_close("y", ops.causal_conv1d(x, weight, bias), causal_conv1d_reference(x, weight, bias), 1e-5, 1e-5)
+
+
 @pytest.mark.skipif(INTERPRETED, reason="counts compiled kernels, which the interpreter does not make")
 def test_batches_of_new_shapes_reuse_the_compiled_kernels():
     """Training-like batches of many (rows, length) shapes compile nothing after two warm-up shapes.
