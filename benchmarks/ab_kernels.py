@@ -41,9 +41,12 @@ LAYERS = {"130m": (1536, 24, 768), "370m": (2048, 48, 1024)}  # d_inner, n_layer
 
 
 def load_revision(rev: str):
-    """``st_mamba/ops/triton.py`` as it was at ``rev``, imported as a module of its own."""
-    source = subprocess.run(["git", "show", f"{rev}:st_mamba/ops/triton.py"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout  # fmt: skip
+    """``st_mamba/ops/triton.py`` as it was at ``rev`` (or the file at that path), imported as a module of its own."""
+    if Path(rev).is_file():  # a copy made where the history is (a device's checkout may not have the commit)
+        source, rev = Path(rev).read_text(), Path(rev).stem
+    else:
+        source = subprocess.run(["git", "show", f"{rev}:st_mamba/ops/triton.py"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout  # fmt: skip
     path = Path(tempfile.mkdtemp()) / f"triton_{rev}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -106,7 +109,7 @@ def report(what: str, times: dict[str, float], tokens: int | None = None) -> Non
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--base", default="HEAD", help="git revision whose kernels are the baseline")
+    p.add_argument("--base", default="HEAD", help="git revision whose kernels are the baseline, or a triton.py file")
     p.add_argument("--lengths", default="512,2048,8192,32768")
     a = p.parse_args()
     if not torch.cuda.is_available():
