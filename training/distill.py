@@ -828,30 +828,55 @@ POOLING_WORDS = {
 }
 
 
-def model_card(results: dict, scores: dict[str, dict], manifest: dict, more_speed: list[dict] = ()) -> str:
+def model_card(
+    results: dict,
+    scores: dict[str, dict],
+    manifest: dict,
+    more_speed: list[dict] = (),
+    control: tuple[dict, dict[str, dict]] | None = None,
+) -> str:
     """The exported model's README.md: what it is, how it was trained, and every score of the run.
 
     ``more_speed``: rows of ``speed`` measured elsewhere (the CPU), added to the run's own (GPU, fp16).
+    ``control``: (results, scores) of another run that trained the Transformer control, for a run
+    that did not (``train --no-control``): its two students, trained on the same batches for the
+    same steps, get rows of their own.
     """
     train = results["train"]["mamba"]
     student = results["settings"]["mamba"]
 
-    def cell(name: str, measure: str = "nDCG@10") -> str:
-        value = scores.get(name, {}).get(measure)
+    def cell(source: dict[str, dict], name: str, measure: str = "nDCG@10") -> str:
+        value = source.get(name, {}).get(measure)
         return "-" if value is None else f"{value:.3f}"
 
-    control = "transformer" in results["train"]
-    rows = [f"| {label} | {cell(f'scifact/{key}')} | {cell(f'trec-dl-2019/{key}')} |"
-            for label, key in (("teacher all-MiniLM-L6-v2", "teacher"), ("**st-mamba-distilled**", "mamba"),
-                               ("Transformer student (control)", "transformer"), ("BM25", "bm25"))
-            if control or key != "transformer"]  # fmt: skip
-    qmsum = [f"| {label} | {cell(f'qmsum-summary/{key}')} | {cell(f'qmsum-specific/{key}')} |"
-             for label, key in (("teacher, first 256 tokens", "teacher:model"), ("teacher, mean over 256-token windows", "teacher:chunk:254:mean"),
-                                ("**st-mamba-distilled, whole meeting in one pass**", "mamba:one-pass"),
-                                ("Transformer student, first 8,192 tokens", "transformer:model"))
-             if control or not key.startswith("transformer")]  # fmt: skip
-    no_control = ("" if control else "\nThis run trained no Transformer control (`train --no-control`); docs/distillation.md "
-                  "compares the two students on the same batches and steps.\n")  # fmt: skip
+    # (label, scores, key in scores): SciFact / TREC DL 2019 rows, then QMSum rows
+    rows = [("teacher all-MiniLM-L6-v2", scores, "teacher"), ("**st-mamba-distilled**", scores, "mamba")]
+    qmsum = [("teacher, first 256 tokens", scores, "teacher:model"),
+             ("teacher, mean over 256-token windows", scores, "teacher:chunk:254:mean"),
+             ("**st-mamba-distilled, whole meeting in one pass**", scores, "mamba:one-pass")]  # fmt: skip
+    if "transformer" in results["train"]:
+        rows.append(("Transformer student (control)", scores, "transformer"))
+        qmsum.append(("Transformer student, first 8,192 tokens", scores, "transformer:model"))
+        note = ""
+    elif control is not None:
+        control_results, control_scores = control
+        steps = control_results["train"]["transformer"]["steps"]
+        same = f"the same {steps:,} steps and batches"
+        rows += [(f"Mamba student, {same} (control run)", control_scores, "mamba"),
+                 (f"Transformer student, {same} (control run)", control_scores, "transformer")]  # fmt: skip
+        qmsum += [(f"Mamba student, {same}, whole meeting", control_scores, "mamba:one-pass"),
+                  (f"Transformer student, {same}, first 8,192 tokens", control_scores, "transformer:model")]  # fmt: skip
+        note = (f"\nThis run trained no Transformer (`train --no-control`): the control rows come from a run of "
+                f"{control_results['settings']['train_seconds']:g} s that trained both students on {same}.\n")  # fmt: skip
+    else:
+        note = ("\nThis run trained no Transformer control (`train --no-control`); docs/distillation.md "
+                "compares the two students on the same batches and steps.\n")  # fmt: skip
+    rows += [("BM25 (bm25s, the same corpus)", scores, "bm25"),
+             ("BM25 run file (Anserini, whole MS MARCO collection)", scores, "bm25-run")]  # fmt: skip
+    rows = [f"| {label} | {cell(source, f'scifact/{key}')} | {cell(source, f'trec-dl-2019/{key}')} |"
+            for label, source, key in rows]  # fmt: skip
+    qmsum = [f"| {label} | {cell(source, f'qmsum-summary/{key}')} | {cell(source, f'qmsum-specific/{key}')} |"
+             for label, source, key in qmsum]  # fmt: skip
     speed = [
         f"| {results['device'] if row['device'] == 'cuda' else row['device']} | {row['tokens']:,} | {row['model']} "
         f"| {row['texts_per_second']:.1f} | {row['tokens_per_second']:,} |"
@@ -888,7 +913,7 @@ MultipleNegativesRankingLoss x {MNRL_WEIGHT} every {MNRL_EVERY} steps on the {re
 | model | SciFact test | TREC DL 2019 (pooled corpus) |
 |---|---|---|
 {newline.join(rows)}
-{no_control}
+{note}
 QMSum test meetings (35), nDCG@10:
 
 | reading | summary -> meeting | question -> meeting |
@@ -923,6 +948,15 @@ def score(results: dict, data_dir: Path) -> dict[str, dict]:
         measures = ("nDCG@10", "R@100") if dataset != "qmsum-summary" else ("nDCG@10", "RR@10", "R@10")
         scores[name] = evaluate(qrels[dataset], run, measures, min_relevance=min_relevance).scores
     return scores
+
+
+def bm25_run_scores(data_dir: Path, run_file: Path) -> dict[str, dict]:
+    """The published BM25 run of TREC DL 2019 (ranked over the whole MS MARCO collection) on its judgments."""
+    from st_mamba.evaluation.metrics import evaluate
+    from st_mamba.evaluation.runs import read_run
+
+    qrels = load_beir(data_dir / "trec-dl-2019", "test").qrels
+    return {"trec-dl-2019/bm25-run": evaluate(qrels, read_run(run_file), ("nDCG@10", "R@100"), min_relevance=2).scores}
 
 
 def bm25_scores(data_dir: Path) -> dict[str, dict]:
@@ -1031,10 +1065,14 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=None, help="results.json.gz of the run: writes the model card...")
     p.add_argument("--scores", type=Path, default=None, help="...with the scores that `score` wrote")
     p.add_argument("--speed", type=Path, default=None, help="...and the rows that `speed` wrote (e.g. on CPU)")
+    p.add_argument("--control-results", type=Path, default=None, help="for a --no-control run: results.json.gz...")
+    p.add_argument("--control-scores", type=Path, default=None, help="...and scores of a run with the control")
     p = sub.add_parser("score", help="score the runs of results.json.gz with ir-measures; add BM25")
     p.add_argument("--results", type=Path, required=True)
     p.add_argument("--data", type=Path, default=repo / ".distill" / "data")
     p.add_argument("--output", type=Path, required=True, help="JSON file for the scores")
+    p.add_argument("--bm25-run", type=Path, default=repo.parent / "shared" / "data" / "trec-dl-2019" / "runs" / "BM25.dl19.trec",
+                   help="TREC DL 2019's published BM25 run file, scored too where it exists")  # fmt: skip
     p = sub.add_parser("baselines", help="what needs no student: BM25 (SciFact, TREC DL 2019) and the teacher on QMSum")
     p.add_argument("--data", type=Path, default=repo / ".distill" / "data")
     p.add_argument("--teacher", type=Path, default=None)
@@ -1061,6 +1099,8 @@ def main() -> None:
         results = sweep(args.work, args.output, args.students, args.seconds, Path("/tmp/distill-transformer"))
         print_sweep(results)
     elif args.command == "export":
+        if (args.control_results is None) != (args.control_scores is None):
+            parser.error("--control-results and --control-scores go together")
         card = None
         if args.results is not None:
             with gzip.open(args.results, "rt", encoding="utf-8") as src:
@@ -1068,12 +1108,20 @@ def main() -> None:
             scores = json.loads(args.scores.read_text()) if args.scores else {}
             manifest = json.loads((repo / ".distill" / "corpus" / "manifest.json").read_text())
             more_speed = json.loads(args.speed.read_text()) if args.speed else []
-            card = model_card(results, scores, manifest, more_speed)
+            control = None
+            if args.control_results is not None:
+                with gzip.open(args.control_results, "rt", encoding="utf-8") as src:
+                    control = json.load(src), json.loads(args.control_scores.read_text())
+            card = model_card(results, scores, manifest, more_speed, control)
         export(args.checkpoint, args.output, args.tokenizer, card)
     elif args.command == "score":
         with gzip.open(args.results, "rt", encoding="utf-8") as src:
             results = json.load(src)
         scores = {**score(results, args.data), **bm25_scores(args.data)}
+        if args.bm25_run.is_file():
+            scores.update(bm25_run_scores(args.data, args.bm25_run))
+        else:
+            logger.warning("no BM25 run file at %s: its row stays empty", args.bm25_run)
         args.output.write_text(json.dumps(scores, indent=2) + "\n")
         for name, values in sorted(scores.items()):
             print(f"{name:<48} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))

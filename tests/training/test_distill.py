@@ -317,8 +317,16 @@ def test_a_run_without_the_control_trains_and_evaluates_the_mamba_student_only(w
     assert not any("transformer" in name for name in results["runs"])
     assert {row["model"] for row in results["speed"]} == {"mamba", "teacher"}
     pytest.importorskip("ir_measures")
-    card = distill.model_card(results, distill.score(results, work_folder / "data"), {})
+    scores = distill.score(results, work_folder / "data")
+    card = distill.model_card(results, scores, {})
     assert "Transformer student" not in card and "no Transformer control" in card
+    # with the scores of a run that did train the control: its two students get rows of their own
+    control = ({"train": {"mamba": {"steps": 7}, "transformer": {"steps": 7}}, "settings": {"train_seconds": 150.0}},
+               {"scifact/mamba": {"nDCG@10": 0.25}, "scifact/transformer": {"nDCG@10": 0.375}})  # fmt: skip
+    card = distill.model_card(results, scores, {}, control=control)
+    assert "| Mamba student, the same 7 steps and batches (control run) | 0.250 | - |" in card
+    assert "| Transformer student, the same 7 steps and batches (control run) | 0.375 | - |" in card
+    assert "a run of 150 s that trained both students" in card
 
 
 @pytest.mark.slow
