@@ -26,8 +26,10 @@ ddt_bias. The adjoint's recurrence is linear like the state's, so long sequences
 the forward: phase 1 (``_scan_bwd_carry_kernel``) gives what each chunk passes back to the one before
 it from a zero carry, and phase 2 folds the later chunks' into the carry at each chunk's end.
 
-Causal convolution. One program per (token block, channel block): the K shifted windows are read
-straight from the (possibly strided) input, so the x half of ``in_proj``'s output needs no copy.
+Causal convolution (at most ``CONV_MAX_WIDTH`` taps). Forward, and the backward's dx: one program
+per (token block, channel block); the K shifted windows are read straight from the (possibly
+strided) input, so the x half of ``in_proj``'s output needs no copy. The backward's first kernel
+(dpre, dweight, dbias) walks ``CONV_BWD_TILES`` token blocks a program and sums dweight once.
 """
 
 from __future__ import annotations
