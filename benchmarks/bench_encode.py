@@ -617,7 +617,11 @@ def main() -> None:
             results["stream"] = streaming_memory(a.corpus, a.tokenizer, stream_lengths, a.stream_chunk)
         from st_mamba.ops import triton as triton_ops
 
-        results["meta"]["scan_fwd_shape"] = [triton_ops.SCAN_FWD_BLOCK_D, triton_ops.SCAN_FWD_WARPS]
+        results["meta"]["scan_fwd_shape"] = [
+            triton_ops.SCAN_FWD_BLOCK_D,
+            triton_ops.SCAN_FWD_WARPS,
+            triton_ops.SCAN_FWD_NARROW_BLOCK_D,
+        ]
         if "models" not in skip:
             for name in a.models.split(","):
                 if MODELS[name][0].startswith("hf") and not hf_mamba_kernels_available():

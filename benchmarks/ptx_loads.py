@@ -8,8 +8,9 @@ width. A vector load (``ld.global.v4.b32``: 16 bytes) against scalar 16-bit load
 GPU time is spent. The registers per thread (and spills) come from the ptxas that ships with
 Triton: with one-warp programs they bound how many programs an SM holds (65,536 registers).
 ``--loops`` disassembles the machine code (Triton's nvdisasm) and counts the instructions of each
-loop of the scan kernels, by kind: what one token costs a warp, for the forward scan as the fifth
-session left it (precise math, Triton's own layout) and with each of the sixth session's changes.
+loop of the scan kernels, by kind: what one token costs a warp, for the forward scan without its
+FAST math, owned-channel layout and aligned rows, then with each added in turn, at 64 and at 128
+channels a program; and for the backward.
 Written for Triton 3.6 (``triton.compiler.ASTSource``).
 
     python benchmarks/ptx_loads.py [--loops]
@@ -118,17 +119,19 @@ def memory_instructions(kernel, constants: dict, num_warps: int) -> tuple[Counte
 
 def loop_table() -> None:
     """Instructions a token of the scan kernels' loops (padded batch, bf16, 64 channels on one warp)."""
-    block = kernels.SCAN_FWD_BLOCK_D
+    block = kernels.SCAN_FWD_NARROW_BLOCK_D
     common = dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_H0=False, VARLEN=False, SEARCH_STEPS=1,
                   BLOCK_D=block, BLOCK_N=16)  # fmt: skip
-    forward = dict(common, STORE_FINAL=False, PHASE=2, STORE_Y=True, STORE_CKPT=False)
+    forward = dict(common, STORE_FINAL=False, PHASE=2, STORE_Y=True, STORE_CKPT=False, STAGES=kernels.SCAN_FWD_STAGES)
     owned = kernels._channels_per_thread(block, kernels.SCAN_FWD_WARPS)
+    wide = kernels.SCAN_FWD_BLOCK_D
     builds = [
         ("scan forward, precise math, Triton's layout", kernels._scan_fwd_kernel, dict(forward, FAST=False, D_PER_THREAD=block, ALIGNED=False)),
         ("scan forward, FAST", kernels._scan_fwd_kernel, dict(forward, FAST=True, D_PER_THREAD=block, ALIGNED=False)),
         ("scan forward, FAST, owned channels", kernels._scan_fwd_kernel, dict(forward, FAST=True, D_PER_THREAD=owned, ALIGNED=False)),
-        ("scan forward, FAST, owned channels, B and C aligned (the default)", kernels._scan_fwd_kernel, dict(forward, FAST=True, D_PER_THREAD=owned, ALIGNED=True)),
-        ("scan backward (its two walks over a tile)", kernels._scan_bwd_kernel, dict(common, FAST=True, HAS_DHFINAL=False, TILE=kernels.SCAN_BWD_TILE)),
+        ("scan forward, FAST, owned channels, rows aligned", kernels._scan_fwd_kernel, dict(forward, FAST=True, D_PER_THREAD=owned, ALIGNED=True)),
+        (f"scan forward as the last, {wide} channels", kernels._scan_fwd_kernel, dict(forward, FAST=True, BLOCK_D=wide, D_PER_THREAD=kernels._channels_per_thread(wide, kernels.SCAN_FWD_WARPS), ALIGNED=True)),
+        ("scan backward (its two walks over a tile)", kernels._scan_bwd_kernel, dict(common, FAST=True, HAS_DHFINAL=False, TILE=kernels.SCAN_BWD_TILE, ALIGNED=True, EVEN_D=True, EVEN_N=True)),
     ]  # fmt: skip
     print("Innermost loops in code order: the forward's folding of earlier chunks' end states, then its walk")
     print("over the tokens; the backward's folding of later chunks' carries, then its two walks over a tile.\n")
@@ -147,7 +150,8 @@ def main() -> None:
         loop_table()
         return
     scan = dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, BLOCK_D=kernels.SCAN_FWD_BLOCK_D, BLOCK_N=16,
-                D_PER_THREAD=kernels._channels_per_thread(kernels.SCAN_FWD_BLOCK_D, kernels.SCAN_FWD_WARPS))  # fmt: skip
+                D_PER_THREAD=kernels._channels_per_thread(kernels.SCAN_FWD_BLOCK_D, kernels.SCAN_FWD_WARPS),
+                STAGES=kernels.SCAN_FWD_STAGES, EVEN_D=True, EVEN_N=True)  # fmt: skip
     conv = dict(WIDTH=4, HAS_BIAS=True, HAS_H0=False, SILU=True, FAST=True, BLOCK_T=kernels.CONV_BLOCK_T,
                 BLOCK_C=kernels.CONV_BLOCK_C)  # fmt: skip
     print("| kernel | batch | ALIGNED | global loads and stores in the PTX | per thread |")
@@ -171,7 +175,15 @@ def main() -> None:
             ),  # fmt: skip
             "scan backward": (
                 kernels._scan_bwd_kernel,
-                {**scan, **layout, "HAS_D": True, "HAS_H0": False, "HAS_DHFINAL": False, "TILE": kernels.SCAN_BWD_TILE},
+                {
+                    **scan,
+                    **layout,
+                    "HAS_D": True,
+                    "HAS_H0": False,
+                    "HAS_DHFINAL": False,
+                    "TILE": kernels.SCAN_BWD_TILE,
+                    "BLOCK_D": kernels.SCAN_BWD_BLOCK_D,
+                },
                 kernels.SCAN_BWD_WARPS,
             ),  # fmt: skip
             "conv forward": (kernels._conv_fwd_kernel, {**conv, **layout}, kernels.CONV_WARPS),

@@ -7,9 +7,10 @@ int32 marking where each starts, the state and the convolution window reset at e
 
 Selective scan, forward (``_scan_fwd_kernel``). One program owns ``BLOCK_D`` channels of one
 piece of one sequence and walks it token by token, the (N, BLOCK_D) state in registers (each thread
-holding all N states of its channels). Per token
-it fuses what mamba-ssm spreads over several kernels: softplus(dt + bias), exp(dt * A), the state
-update, the read-out through C, the D skip and the SiLU(z) gate; only y is written. When there are
+holding all N states of its channels); Triton's software pipeliner loads each token's inputs a
+few tokens ahead (cp.async into shared memory). Per token it fuses what mamba-ssm spreads over
+several kernels: softplus(dt + bias), exp(dt * A), the state update, the read-out through C, the D
+skip and the SiLU(z) gate; only y is written. When there are
 too few (sequence, channel block) pairs to fill the GPU, sequences are cut into chunks run side by
 side: phase 1 gives each chunk's end state from a zero start, phase 2 folds the earlier chunks'
 end states into each chunk's start state and produces the outputs.
@@ -53,8 +54,16 @@ LOG2E = math.log2(math.e)
 # with tiles of 8, 6.9 with 16 (likely because the slabs of the ~1000 programs in flight, 32 KB
 # each, then fit in the 60 MB L2); 7.2 with 32 channels a program; slower still with a register
 # cap (maxnreg), whose spills cost more than the occupancy it buys.
-SCAN_FWD_BLOCK_D = 64
+# The forward takes 128 channels a program (243 registers), or 64 (128 registers) where only 64
+# make SCAN_MIN_PROGRAMS programs of whole sequences (``_scan_block``). benchmarks/tune_scan.py,
+# whole-model forward, 65,536 tokens, 64 channels everywhere against 128 (two settings that launch
+# 128 at 512 tokens: they differed by up to 4%): mamba-130m at 512 tokens 44.5 against 42.6-44.2 ms,
+# at 8K 58.4 against 56.3; mamba-370m at 512 133.0 against 122.8-127.3. At 2K mamba-130m has 32
+# sequences, 384 programs of 128 channels, which would be chunked: 55.1 ms, against 52.8 with 64.
+SCAN_FWD_BLOCK_D = 128
+SCAN_FWD_NARROW_BLOCK_D = 64
 SCAN_FWD_WARPS = 1
+SCAN_FWD_STAGES = 3
 SCAN_BWD_TILE = 8
 SCAN_BWD_BLOCK_D = 64
 SCAN_BWD_WARPS = 1
@@ -195,7 +204,7 @@ def _scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     PHASE: tl.constexpr, STORE_Y: tl.constexpr, STORE_CKPT: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, D_PER_THREAD: tl.constexpr,
+    STAGES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, D_PER_THREAD: tl.constexpr,
 ):  # fmt: skip
     """PHASE 1: a chunk's end state from zero (and its summed dt). PHASE 2: outputs and/or checkpoints."""
     chunk_id = tl.program_id(0)  # global chunk index: also the row of chunk_state / chunk_dtsum
@@ -245,43 +254,29 @@ def _scan_fwd_kernel(
         else:
             ckpt_base = seq * tl.cdiv(seqlen, ckpt_every)
 
-    x_row = x_ptr + batch * stride_xb + offs_d
-    dt_row = dt_ptr + batch * stride_dtb + offs_d
-    z_row = z_ptr + batch * stride_zb + offs_d
+    x_row = _row_start(x_ptr, batch, stride_xb, ALIGNED) + offs_d
+    dt_row = _row_start(dt_ptr, batch, stride_dtb, ALIGNED) + offs_d
+    z_row = _row_start(z_ptr, batch, stride_zb, ALIGNED) + offs_d
     # Every thread reads all of B_t and C_t: with the rows' alignment known, two 128-bit loads each (bf16).
     b_row = _row_start(b_ptr, batch, stride_bb, ALIGNED) + offs_n
     c_row = _row_start(c_ptr, batch, stride_cb, ALIGNED) + offs_n
-    y_row = y_ptr + batch * stride_yb + offs_d
+    y_row = _row_start(y_ptr, batch, stride_yb, ALIGNED) + offs_d
     mask_n = offs_n < d_state
-    # Token t + 1's inputs are loaded while token t is computed (a hand-written prefetch).
+    # Token t's inputs are loaded at the top of its iteration and Triton's software pipeliner issues
+    # them SCAN_FWD_STAGES - 1 tokens ahead (cp.async into shared memory). At 64 channels a program,
+    # a prefetch by hand into registers, one token ahead, held 168 registers a thread; this takes 128
+    # (16 one-warp programs an SM instead of 12), and a mamba-130m forward at 2K tokens went from
+    # 55.8 to 52.8 ms on the H200 (128 x 512: 45.2 -> 44.8).
     t_begin = t_begin.to(tl.int64)  # row offsets can pass 2**31 elements in long packed batches
     t_end = t_end.to(tl.int64)
-    t0 = t_begin
-    x_next = tl.load(x_row + t0 * stride_xt, mask=mask_d, other=0.0)
-    dt_next = tl.load(dt_row + t0 * stride_dtt, mask=mask_d, other=0.0)
-    b_next = tl.load(b_row + t0 * stride_bt, mask=mask_n, other=0.0)
-    if STORE_Y:
-        c_next = tl.load(c_row + t0 * stride_ct, mask=mask_n, other=0.0)
-        if HAS_Z:
-            z_next = tl.load(z_row + t0 * stride_zt, mask=mask_d, other=0.0)
-    for t in range(t_begin, t_end):
-        x = x_next.to(tl.float32)
-        dt = dt_next.to(tl.float32)
-        Bt = b_next.to(tl.float32)
+    for t in tl.range(t_begin, t_end, num_stages=STAGES):
+        x = tl.load(x_row + t * stride_xt, mask=mask_d, other=0.0).to(tl.float32)
+        dt = tl.load(dt_row + t * stride_dtt, mask=mask_d, other=0.0).to(tl.float32)
+        Bt = tl.load(b_row + t * stride_bt, mask=mask_n, other=0.0).to(tl.float32)
         if STORE_Y:
-            Ct = c_next.to(tl.float32)
+            Ct = tl.load(c_row + t * stride_ct, mask=mask_n, other=0.0).to(tl.float32)
             if HAS_Z:
-                z = z_next.to(tl.float32)
-        t1 = t + 1
-        more = t1 < t_end
-        x_next = tl.load(x_row + t1 * stride_xt, mask=mask_d & more, other=0.0)
-        dt_next = tl.load(dt_row + t1 * stride_dtt, mask=mask_d & more, other=0.0)
-        b_next = tl.load(b_row + t1 * stride_bt, mask=mask_n & more, other=0.0)
-        if STORE_Y:
-            c_next = tl.load(c_row + t1 * stride_ct, mask=mask_n & more, other=0.0)
-            if HAS_Z:
-                z_next = tl.load(z_row + t1 * stride_zt, mask=mask_d & more, other=0.0)
-
+                z = tl.load(z_row + t * stride_zt, mask=mask_d, other=0.0).to(tl.float32)
         if STORE_CKPT:
             if (t - start) % ckpt_every == 0:
                 tile = ckpt_base + (t - start) // ckpt_every
@@ -388,19 +383,28 @@ def _scan_bwd_carry_kernel(
 
 
 @triton.jit
+def _load_row(row, t, step, mask, EVEN: tl.constexpr):
+    """Row ``t`` of a (T, width) operand; ``mask`` (the width's tail) only where the block overhangs it."""
+    if EVEN:
+        v = tl.load(row + t * step)
+    else:
+        v = tl.load(row + t * step, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
 def _token_inputs(
-    x_row, dt_row, b_row, c_row, dy_row, z_row, t, ok, mask_d, mask_n,
-    stride_xt, stride_dtt, stride_bt, stride_ct, stride_dyt, stride_zt, HAS_Z: tl.constexpr,
+    rows, steps, t, mask_d, mask_n, HAS_Z: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr
 ):  # fmt: skip
-    """Token t's x, dt, B, C, dy and z as stored (zeros where ``ok`` is false); z is dy's stand-in without HAS_Z."""
-    x = tl.load(x_row + t * stride_xt, mask=mask_d & ok, other=0.0)
-    dt = tl.load(dt_row + t * stride_dtt, mask=mask_d & ok, other=0.0)
-    b = tl.load(b_row + t * stride_bt, mask=mask_n & ok, other=0.0)
-    c = tl.load(c_row + t * stride_ct, mask=mask_n & ok, other=0.0)
-    dy = tl.load(dy_row + t * stride_dyt, mask=mask_d & ok, other=0.0)
+    """Token t's x, dt, B, C, dy and z as stored (t must lie inside the tensor); z is dy's stand-in without HAS_Z."""
+    x = _load_row(rows[0], t, steps[0], mask_d, EVEN_D)
+    dt = _load_row(rows[1], t, steps[1], mask_d, EVEN_D)
+    b = _load_row(rows[2], t, steps[2], mask_n, EVEN_N)
+    c = _load_row(rows[3], t, steps[3], mask_n, EVEN_N)
+    dy = _load_row(rows[4], t, steps[4], mask_d, EVEN_D)
     z = dy
     if HAS_Z:
-        z = tl.load(z_row + t * stride_zt, mask=mask_d & ok, other=0.0)
+        z = _load_row(rows[5], t, steps[5], mask_d, EVEN_D)
     return x, dt, b, c, dy, z
 
 
@@ -414,7 +418,8 @@ def _scan_bwd_kernel(
     stride_bb, stride_bt, stride_cb, stride_ct, stride_dyb, stride_dyt,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_DHFINAL: tl.constexpr, VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    FAST: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    FAST: tl.constexpr, ALIGNED: tl.constexpr, EVEN_D: tl.constexpr, EVEN_N: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_D channels of one chunk of one sequence, its tiles of TILE tokens from last to first.
 
@@ -472,12 +477,14 @@ def _scan_bwd_kernel(
         ckpt_base = seq * tl.cdiv(seqlen, TILE)
     ckpt_offs = offs_n[:, None] * d_inner + offs_d[None, :]
 
-    x_row = x_ptr + batch * stride_xb + offs_d
-    dt_row = dt_ptr + batch * stride_dtb + offs_d
-    z_row = z_ptr + batch * stride_zb + offs_d
-    b_row = b_ptr + batch * stride_bb + offs_n
-    c_row = c_ptr + batch * stride_cb + offs_n
-    dy_row = dy_ptr + batch * stride_dyb + offs_d
+    x_row = _row_start(x_ptr, batch, stride_xb, ALIGNED) + offs_d
+    dt_row = _row_start(dt_ptr, batch, stride_dtb, ALIGNED) + offs_d
+    z_row = _row_start(z_ptr, batch, stride_zb, ALIGNED) + offs_d
+    b_row = _row_start(b_ptr, batch, stride_bb, ALIGNED) + offs_n
+    c_row = _row_start(c_ptr, batch, stride_cb, ALIGNED) + offs_n
+    dy_row = _row_start(dy_ptr, batch, stride_dyb, ALIGNED) + offs_d
+    rows = (x_row, dt_row, b_row, c_row, dy_row, z_row)
+    steps = (stride_xt, stride_dtt, stride_bt, stride_ct, stride_dyt, stride_zt)
     out_row = batch * seqlen  # row of the contiguous (rows, Di) gradients, and of the (blocks, rows, N) dB, dC shares
     db_row = db_ptr + pid_d.to(tl.int64) * n_tokens * d_state + offs_n
     dc_row = dc_ptr + pid_d.to(tl.int64) * n_tokens * d_state + offs_n
@@ -494,10 +501,9 @@ def _scan_bwd_kernel(
         # Triton picks which thread holds which element, so the thread that reads a state back need
         # not be the one that wrote it: a barrier orders the two walks' scratch accesses.
         tl.debug_barrier()
-        x_next, dt_next, b_next, c_next, dy_next, z_next = _token_inputs(
-            x_row, dt_row, b_row, c_row, dy_row, z_row, tile_begin, True, mask_d, mask_n,
-            stride_xt, stride_dtt, stride_bt, stride_ct, stride_dyt, stride_zt, HAS_Z,
-        )  # fmt: skip
+        # Each walk loads the next token's inputs while it computes this one's; the index is clamped
+        # into the tile (the last load repeats) rather than masked, which spares zeroing registers.
+        x_next, dt_next, b_next, c_next, dy_next, z_next = _token_inputs(rows, steps, tile_begin, mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N)  # fmt: skip
         for t in range(tile_begin, tile_end):
             x = x_next.to(tl.float32)
             dt = dt_next.to(tl.float32)
@@ -507,8 +513,7 @@ def _scan_bwd_kernel(
             if HAS_Z:
                 z = z_next.to(tl.float32)
             x_next, dt_next, b_next, c_next, dy_next, z_next = _token_inputs(
-                x_row, dt_row, b_row, c_row, dy_row, z_row, t + 1, t + 1 < tile_end, mask_d, mask_n,
-                stride_xt, stride_dtt, stride_bt, stride_ct, stride_dyt, stride_zt, HAS_Z,
+                rows, steps, tl.minimum(t + 1, tile_end - 1), mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N
             )  # fmt: skip
 
             tl.store(scratch + (t - tile_begin) * slot_size, h)
@@ -531,10 +536,7 @@ def _scan_bwd_kernel(
 
         # 2. Backward over the tile, reading the state before each token back.
         t_last = tile_end - 1
-        x_next, dt_next, b_next, c_next, dy_next, z_next = _token_inputs(
-            x_row, dt_row, b_row, c_row, dy_row, z_row, t_last, True, mask_d, mask_n,
-            stride_xt, stride_dtt, stride_bt, stride_ct, stride_dyt, stride_zt, HAS_Z,
-        )  # fmt: skip
+        x_next, dt_next, b_next, c_next, dy_next, z_next = _token_inputs(rows, steps, t_last, mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N)  # fmt: skip
         for back in range(0, tile_end - tile_begin):
             t = t_last - back
             x = x_next.to(tl.float32)
@@ -545,8 +547,7 @@ def _scan_bwd_kernel(
             if HAS_Z:
                 z = z_next.to(tl.float32)
             x_next, dt_next, b_next, c_next, dy_next, z_next = _token_inputs(
-                x_row, dt_row, b_row, c_row, dy_row, z_row, t - 1, t - 1 >= tile_begin, mask_d, mask_n,
-                stride_xt, stride_dtt, stride_bt, stride_ct, stride_dyt, stride_zt, HAS_Z,
+                rows, steps, tl.maximum(t - 1, tile_begin), mask_d, mask_n, HAS_Z, EVEN_D, EVEN_N
             )  # fmt: skip
             h_prev = tl.load(scratch + (t - tile_begin) * slot_size)
 
@@ -634,6 +635,16 @@ def _scan_chunk(packing: _Packing, n_dblocks: int) -> int:
     return min(chunk, whole)
 
 
+def _scan_block(packing: _Packing, d_inner: int) -> int:
+    """Channels a forward-scan program: SCAN_FWD_BLOCK_D, or SCAN_FWD_NARROW_BLOCK_D where only the
+    narrower blocks make enough programs to run whole sequences unchunked (mamba-130m at 2K tokens)."""
+    wide = min(SCAN_FWD_BLOCK_D, triton.next_power_of_2(d_inner))
+    narrow = min(SCAN_FWD_NARROW_BLOCK_D, wide)
+    if packing.n_seq * triton.cdiv(d_inner, wide) < SCAN_MIN_PROGRAMS <= packing.n_seq * triton.cdiv(d_inner, narrow):
+        return narrow
+    return wide
+
+
 def _aligned(x: Tensor) -> bool:
     """Whether the batch and time strides of the (B, L, C) tensor are multiples of 16 elements.
 
@@ -667,7 +678,8 @@ def _scan_forward_pass(
 ):  # fmt: skip
     """Run phase 1 (if chunked) and phase 2 of the forward kernel; fills y / hfinal / ckpt when given."""
     d_inner, d_state = A.shape
-    block_d = min(SCAN_FWD_BLOCK_D, triton.next_power_of_2(d_inner))
+    block_d = _scan_block(packing, d_inner)
+    block_n = triton.next_power_of_2(d_state)
     n_dblocks = triton.cdiv(d_inner, block_d)
     chunk = _scan_chunk(packing, n_dblocks)
     n_chunks, chunks_per_seq = packing.pieces(chunk)
@@ -686,7 +698,8 @@ def _scan_forward_pass(
     common = dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus,
         HAS_H0=h0 is not None, VARLEN=packing.varlen, SEARCH_STEPS=_search_steps(packing.n_seq, packing.varlen),
-        ALIGNED=_aligned(B) and _aligned(C), FAST=_fast(x), BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(d_state),
+        ALIGNED=all(_aligned(t) for t in (x, dt, z, B, C, y) if t is not None), FAST=_fast(x),
+        STAGES=SCAN_FWD_STAGES, BLOCK_D=block_d, BLOCK_N=block_n,
         D_PER_THREAD=_channels_per_thread(block_d, SCAN_FWD_WARPS), num_warps=SCAN_FWD_WARPS,
     )  # fmt: skip
     pointers = (
@@ -803,7 +816,9 @@ class _SelectiveScan(torch.autograd.Function):
             packing.seqlen, packing.n_seq, n_rows, d_inner, d_state, chunk, chunks_per_seq,
             x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), zz.stride(0), zz.stride(1),
             B.stride(0), B.stride(1), C.stride(0), C.stride(1), dy.stride(0), dy.stride(1),
-            HAS_D=D is not None, HAS_H0=h0 is not None, HAS_DHFINAL=dhfinal is not None, TILE=tile, **common,
+            HAS_D=D is not None, HAS_H0=h0 is not None, HAS_DHFINAL=dhfinal is not None, TILE=tile,
+            ALIGNED=all(_aligned(t) for t in (x, dt, zz, B, C, dy)), EVEN_D=d_inner % block_d == 0,
+            EVEN_N=d_state == block_n, **common,
         )  # fmt: skip
         dtype_A, dtype_D, dtype_bias, dtype_h0 = ctx.dtypes
         return (

@@ -149,7 +149,7 @@ def test_selective_scan_matches_reference(batch, length, d_inner, d_state, dtype
     _check_padded_scan(inputs, dtype, seed=length)
 
 
-@pytest.mark.parametrize("block_d,warps", [(32, 1), (64, 2), (128, 1)])
+@pytest.mark.parametrize("block_d,warps", [(32, 1), (64, 1), (64, 2)])
 def test_selective_scan_forward_launch_shapes(block_d, warps, monkeypatch):
     """The forward scan's other launch shapes (benchmarks/bench_encode.py times them) give the same results."""
     monkeypatch.setattr(triton_ops, "SCAN_FWD_BLOCK_D", block_d)
@@ -157,6 +157,18 @@ def test_selective_scan_forward_launch_shapes(block_d, warps, monkeypatch):
     dtype = torch.bfloat16
     inputs = _scan_inputs(3, 45, 150, 16, dtype, 21, True)  # 150 channels: a partial last block for every shape
     _check_padded_scan(inputs, dtype, seed=22)
+
+
+@pytest.mark.parametrize(
+    "n_seq,d_inner,expected",
+    [(128, 1536, 128), (32, 1536, 64), (8, 1536, 128), (32, 2048, 128), (3, 96, 128), (600, 40, 64)],
+)
+def test_forward_scan_takes_narrower_blocks_only_where_they_spare_the_chunks(n_seq, d_inner, expected):
+    """128 channels a program, unless only 64 give whole sequences SCAN_MIN_PROGRAMS programs (and
+    never more channels than the next power of two above d_inner)."""
+    packing = triton_ops._Packing(torch.empty(n_seq, 4, d_inner), None)
+    assert triton_ops.SCAN_MIN_PROGRAMS == 512
+    assert triton_ops._scan_block(packing, d_inner) == expected
 
 
 @pytest.mark.parametrize("with_z,with_d,with_bias,softplus", [(False, False, False, False), (True, False, True, True)])
