@@ -122,7 +122,8 @@ def loop_table() -> None:
     block = kernels.SCAN_FWD_NARROW_BLOCK_D
     common = dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_H0=False, VARLEN=False, SEARCH_STEPS=1,
                   BLOCK_D=block, BLOCK_N=16)  # fmt: skip
-    forward = dict(common, STORE_FINAL=False, PHASE=2, STORE_Y=True, STORE_CKPT=False, STAGES=kernels.SCAN_FWD_STAGES)
+    forward = dict(common, STORE_FINAL=False, PHASE=2, STARTS=False, STORE_Y=True, STORE_CKPT=False,
+                   STAGES=kernels.SCAN_FWD_STAGES)  # fmt: skip
     owned = kernels._channels_per_thread(block, kernels.SCAN_FWD_WARPS)
     wide = kernels.SCAN_FWD_BLOCK_D
     builds = [
@@ -168,6 +169,7 @@ def main() -> None:
                     "HAS_H0": False,
                     "STORE_FINAL": False,
                     "PHASE": 2,
+                    "STARTS": False,
                     "STORE_Y": True,
                     "STORE_CKPT": False,
                 },

@@ -10,10 +10,10 @@ piece of one sequence and walks it token by token, the (N, BLOCK_D) state in reg
 holding all N states of its channels); Triton's software pipeliner loads each token's inputs a
 few tokens ahead (cp.async into shared memory). Per token it fuses what mamba-ssm spreads over
 several kernels: softplus(dt + bias), exp(dt * A), the state update, the read-out through C, the D
-skip and the SiLU(z) gate; only y is written. When there are
-too few (sequence, channel block) pairs to fill the GPU, sequences are cut into chunks run side by
-side: phase 1 gives each chunk's end state from a zero start, phase 2 folds the earlier chunks'
-end states into each chunk's start state and produces the outputs.
+skip and the SiLU(z) gate; only y is written. When there are too few (sequence, channel block)
+pairs to fill the GPU, sequences are cut into chunks run side by side: phase 1 gives each chunk's
+end state from a zero start, ``_scan_chunk_starts_kernel`` walks each sequence's chunks once to
+turn those into start states, and phase 2 produces the outputs from them.
 
 Selective scan, backward (``_scan_bwd_kernel``). The forward kernel first re-runs to store the
 state before every tile of ``SCAN_BWD_TILE`` tokens (nothing but the inputs is kept from the forward
@@ -74,6 +74,14 @@ SCAN_BWD_WARPS = 1
 SCAN_MIN_PROGRAMS = 512
 SCAN_CHUNK_PROGRAMS = 4096
 SCAN_MIN_CHUNK = 256
+# Sequences of more than SCAN_FOLD_MAX_CHUNKS chunks get their chunks' start states from
+# _scan_chunk_starts_kernel; shorter ones fold them in phase 2. On the H200 (benchmarks/ab_kernels.py,
+# whole-model forward): at 32K tokens (128 chunks) the starts kernel took mamba-130m 61.7 -> 57.1 ms
+# and mamba-370m 171.8 -> 160.9; at 8K (32 chunks) it was level (56.1 / 56.4, 159.1 / 159.4). With
+# no fold loop in phase 2 at all, the whole-sequence kernel compiled to 168 registers instead of 243,
+# a change not timed at model level (the scan alone read 0.83x at 128 x 512), so the fold stays.
+SCAN_FOLD_MAX_CHUNKS = 32
+SCAN_STARTS_BLOCK_D = 32  # channels a program of _scan_chunk_starts_kernel (one warp, a channel a thread)
 # The convolution's forward kernel and the backward's dx kernel. The backward's first kernel (dpre,
 # dweight, dbias) walks CONV_BWD_TILES blocks of tokens a program. benchmarks/tune_conv.py on the H200,
 # mamba-130m layer at 65,536 tokens: forward 214 us; backward 571 us with 16 blocks, 815 with 8
@@ -203,8 +211,9 @@ def _scan_fwd_kernel(
     stride_bb, stride_bt, stride_cb, stride_ct, stride_yb, stride_yt,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    PHASE: tl.constexpr, STORE_Y: tl.constexpr, STORE_CKPT: tl.constexpr, ALIGNED: tl.constexpr, FAST: tl.constexpr,
-    STAGES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, D_PER_THREAD: tl.constexpr,
+    PHASE: tl.constexpr, STARTS: tl.constexpr, STORE_Y: tl.constexpr, STORE_CKPT: tl.constexpr,
+    ALIGNED: tl.constexpr, FAST: tl.constexpr, STAGES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    D_PER_THREAD: tl.constexpr,
 ):  # fmt: skip
     """PHASE 1: a chunk's end state from zero (and its summed dt). PHASE 2: outputs and/or checkpoints."""
     chunk_id = tl.program_id(0)  # global chunk index: also the row of chunk_state / chunk_dtsum
@@ -241,12 +250,15 @@ def _scan_fwd_kernel(
 
     h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     if PHASE == 2:
-        if HAS_H0:
-            h = tl.load(h0_ptr + seq * d_inner * d_state + offs_d[None, :] * d_state + offs_n[:, None], mask=mask_nd, other=0.0)  # fmt: skip
-        for prev in range(first_chunk, chunk_id):
-            dtsum = tl.load(chunk_dtsum_ptr + prev * d_inner + offs_d, mask=mask_d, other=0.0)
-            local_end = tl.load(chunk_state_ptr + prev * d_inner * d_state + state_offs, mask=mask_nd, other=0.0)
-            h = tl.exp2(A2 * dtsum[None, :]) * h + local_end
+        if STARTS:  # _scan_chunk_starts_kernel left each chunk's start state in its row of chunk_state
+            h = tl.load(chunk_state_ptr + chunk_id.to(tl.int64) * d_inner * d_state + state_offs, mask=mask_nd, other=0.0)  # fmt: skip
+        else:  # fold the earlier chunks' end states (none for whole sequences)
+            if HAS_H0:
+                h = tl.load(h0_ptr + seq * d_inner * d_state + offs_d[None, :] * d_state + offs_n[:, None], mask=mask_nd, other=0.0)  # fmt: skip
+            for prev in range(first_chunk, chunk_id):
+                dtsum = tl.load(chunk_dtsum_ptr + prev * d_inner + offs_d, mask=mask_d, other=0.0)
+                local_end = tl.load(chunk_state_ptr + prev * d_inner * d_state + state_offs, mask=mask_nd, other=0.0)
+                h = tl.exp2(A2 * dtsum[None, :]) * h + local_end
     dtsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if STORE_CKPT:
         if VARLEN:
@@ -303,6 +315,49 @@ def _scan_fwd_kernel(
     if STORE_FINAL:
         if t_end == end:
             tl.store(hfinal_ptr + seq * d_inner * d_state + offs_d[None, :] * d_state + offs_n[:, None], h, mask=mask_nd)  # fmt: skip
+
+
+@_jit
+def _scan_chunk_starts_kernel(
+    a_ptr, h0_ptr, chunk_state_ptr, chunk_dtsum_ptr, chunk_off_ptr, n_seq, d_inner, d_state, chunks_per_seq,
+    HAS_H0: tl.constexpr, VARLEN: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Between the two phases of a chunked forward scan: each chunk's start state, over its end state.
+
+    One program walks the chunks of one sequence for BLOCK_D channels. The first starts from the
+    initial state (or zero); each next one from the start before it decayed over that chunk
+    (exp(A x the chunk's summed dt)) plus that chunk's end state from a zero start (phase 1). Every
+    row of chunk_state is read once and then overwritten with the chunk's start state, which phase 2
+    loads. (Phase 2 used to fold all earlier chunks' end states itself: for a sequence of K chunks,
+    K (K - 1) / 2 folds where this takes K - 1; 8,128 for a 32K-token sequence in 256-token chunks.)
+    """
+    seq = tl.program_id(0)
+    if VARLEN:
+        first = tl.load(chunk_off_ptr + seq)
+        last = tl.load(chunk_off_ptr + seq + 1) - 1  # first - 1 for an empty sequence: nothing to do
+    else:
+        first = seq * chunks_per_seq
+        last = first + chunks_per_seq - 1
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < d_inner
+    mask_nd = (offs_n[:, None] < d_state) & mask_d[None, :]
+    A2 = tl.load(a_ptr + offs_n[:, None] * d_inner + offs_d[None, :], mask=mask_nd, other=0.0) * 1.4426950408889634
+    state_offs = offs_n[:, None] * d_inner + offs_d[None, :]
+    h = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    if HAS_H0:
+        h = tl.load(h0_ptr + seq * d_inner * d_state + offs_d[None, :] * d_state + offs_n[:, None], mask=mask_nd, other=0.0)  # fmt: skip
+    # The loads do not wait on the state: Triton's pipeliner issues them two chunks ahead (rows that
+    # no store of this walk has reached), so a step costs the decay's FMA rather than a round trip.
+    first_64 = first.to(tl.int64)  # rows of chunk_state can pass 2**31 elements in long packed batches
+    for c in tl.range(first, last, num_stages=3):
+        row = chunk_state_ptr + (first_64 + (c - first)) * d_inner * d_state + state_offs
+        dtsum = tl.load(chunk_dtsum_ptr + c * d_inner + offs_d, mask=mask_d, other=0.0)
+        local_end = tl.load(row, mask=mask_nd, other=0.0)
+        tl.store(row, h, mask=mask_nd)
+        h = tl.exp2(A2 * dtsum[None, :]) * h + local_end
+    if last >= first:
+        tl.store(chunk_state_ptr + last.to(tl.int64) * d_inner * d_state + state_offs, h, mask=mask_nd)
 
 
 # --- selective scan: backward -------------------------------------------------------------------
@@ -702,20 +757,32 @@ def _scan_forward_pass(
         STAGES=SCAN_FWD_STAGES, BLOCK_D=block_d, BLOCK_N=block_n,
         D_PER_THREAD=_channels_per_thread(block_d, SCAN_FWD_WARPS), num_warps=SCAN_FWD_WARPS,
     )  # fmt: skip
+    A_t = A.T.contiguous()  # (N, Di): loads in the layout of the state tile
     pointers = (
-        x, dt, z if z is not None else x, B, C, A.T.contiguous(), D if D is not None else A,
+        x, dt, z if z is not None else x, B, C, A_t, D if D is not None else A,
         dt_bias if dt_bias is not None else A, y_arg, h0 if h0 is not None else dummy, hfinal if hfinal is not None else dummy, chunk_state, chunk_dtsum,
         ckpt if ckpt is not None else dummy, packing.cu_seqlens if packing.varlen else dummy,
         chunk_off if chunk_off is not None else dummy, tile_off if tile_off is not None else dummy,
     )  # fmt: skip
     sizes = (packing.seqlen, packing.n_seq, d_inner, d_state, chunk, chunks_per_seq, ckpt_every)
     grid = (n_chunks, n_dblocks)
+    # Phase 2 folds the earlier chunks' end states itself (K (K - 1) / 2 folds for a sequence of K
+    # chunks) unless a sequence may have more than SCAN_FOLD_MAX_CHUNKS: then a launch of its own
+    # turns them into start states in K - 1 steps.
+    starts = chunked and -(-packing.seqlen // chunk) > SCAN_FOLD_MAX_CHUNKS
     if chunked:
         _scan_fwd_kernel[grid](
-            *pointers, *sizes, *strides, STORE_FINAL=False, PHASE=1, STORE_Y=False, STORE_CKPT=False, **common
-        )
+            *pointers, *sizes, *strides, STORE_FINAL=False, PHASE=1, STARTS=False, STORE_Y=False, STORE_CKPT=False,
+            **common,
+        )  # fmt: skip
+    if starts:
+        _scan_chunk_starts_kernel[(packing.n_seq, triton.cdiv(d_inner, SCAN_STARTS_BLOCK_D))](
+            A_t, h0 if h0 is not None else dummy, chunk_state, chunk_dtsum, chunk_off if chunk_off is not None else dummy,
+            packing.n_seq, d_inner, d_state, chunks_per_seq, HAS_H0=h0 is not None, VARLEN=packing.varlen,
+            BLOCK_D=SCAN_STARTS_BLOCK_D, BLOCK_N=block_n, num_warps=1,
+        )  # fmt: skip
     _scan_fwd_kernel[grid](
-        *pointers, *sizes, *strides, STORE_FINAL=hfinal is not None, PHASE=2, STORE_Y=y is not None,
+        *pointers, *sizes, *strides, STORE_FINAL=hfinal is not None, PHASE=2, STARTS=starts, STORE_Y=y is not None,
         STORE_CKPT=ckpt is not None, **common,
     )  # fmt: skip
 

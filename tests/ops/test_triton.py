@@ -132,13 +132,15 @@ if not INTERPRETED:
     SCAN_SHAPES += [(4, 300, 96, 16), (2, 1000, 64, 16)]
 
 
-@pytest.fixture(params=[False, True], ids=["whole", "chunked"])
+@pytest.fixture(params=["whole", "chunked", "chunk starts"])
 def chunking(request, monkeypatch):
-    """Also run with sequences cut into 16-token chunks, so that the chunk fold is exercised."""
-    if request.param:
+    """Also run with sequences cut into 16-token chunks, so that the chunks' start states are exercised:
+    folded in the forward's phase 2 ("chunked"), or from _scan_chunk_starts_kernel ("chunk starts")."""
+    if request.param != "whole":
         monkeypatch.setattr(triton_ops, "SCAN_MIN_PROGRAMS", 10**9)
         monkeypatch.setattr(triton_ops, "SCAN_MIN_CHUNK", 16)
-    return request.param
+        monkeypatch.setattr(triton_ops, "SCAN_FOLD_MAX_CHUNKS", 10**9 if request.param == "chunked" else 0)
+    return request.param != "whole"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
