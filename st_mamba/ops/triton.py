@@ -149,6 +149,20 @@ def _row_start(ptr, batch, stride_b, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _scan_rows(
+    x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, batch, stride_xb, stride_dtb, stride_zb, stride_bb, stride_cb,
+    offs_d, offs_n, ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """The scan inputs' pointers at token 0 of batch row ``batch``: x, dt, z over channels, B and C over states."""
+    x_row = _row_start(x_ptr, batch, stride_xb, ALIGNED) + offs_d
+    dt_row = _row_start(dt_ptr, batch, stride_dtb, ALIGNED) + offs_d
+    z_row = _row_start(z_ptr, batch, stride_zb, ALIGNED) + offs_d
+    b_row = _row_start(b_ptr, batch, stride_bb, ALIGNED) + offs_n
+    c_row = _row_start(c_ptr, batch, stride_cb, ALIGNED) + offs_n
+    return x_row, dt_row, z_row, b_row, c_row
+
+
+@triton.jit
 def _chunk_span(
     chunk_id, cu_ptr, chunk_off_ptr, seqlen, n_seq, chunk, chunks_per_seq,
     VARLEN: tl.constexpr, SEARCH_STEPS: tl.constexpr,
@@ -266,12 +280,11 @@ def _scan_fwd_kernel(
         else:
             ckpt_base = seq * tl.cdiv(seqlen, ckpt_every)
 
-    x_row = _row_start(x_ptr, batch, stride_xb, ALIGNED) + offs_d
-    dt_row = _row_start(dt_ptr, batch, stride_dtb, ALIGNED) + offs_d
-    z_row = _row_start(z_ptr, batch, stride_zb, ALIGNED) + offs_d
     # Every thread reads all of B_t and C_t: with the rows' alignment known, two 128-bit loads each (bf16).
-    b_row = _row_start(b_ptr, batch, stride_bb, ALIGNED) + offs_n
-    c_row = _row_start(c_ptr, batch, stride_cb, ALIGNED) + offs_n
+    x_row, dt_row, z_row, b_row, c_row = _scan_rows(
+        x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, batch, stride_xb, stride_dtb, stride_zb, stride_bb, stride_cb,
+        offs_d, offs_n, ALIGNED,
+    )  # fmt: skip
     y_row = _row_start(y_ptr, batch, stride_yb, ALIGNED) + offs_d
     mask_n = offs_n < d_state
     # Token t's inputs are loaded at the top of its iteration and Triton's software pipeliner issues
@@ -532,11 +545,10 @@ def _scan_bwd_kernel(
         ckpt_base = seq * tl.cdiv(seqlen, TILE)
     ckpt_offs = offs_n[:, None] * d_inner + offs_d[None, :]
 
-    x_row = _row_start(x_ptr, batch, stride_xb, ALIGNED) + offs_d
-    dt_row = _row_start(dt_ptr, batch, stride_dtb, ALIGNED) + offs_d
-    z_row = _row_start(z_ptr, batch, stride_zb, ALIGNED) + offs_d
-    b_row = _row_start(b_ptr, batch, stride_bb, ALIGNED) + offs_n
-    c_row = _row_start(c_ptr, batch, stride_cb, ALIGNED) + offs_n
+    x_row, dt_row, z_row, b_row, c_row = _scan_rows(
+        x_ptr, dt_ptr, z_ptr, b_ptr, c_ptr, batch, stride_xb, stride_dtb, stride_zb, stride_bb, stride_cb,
+        offs_d, offs_n, ALIGNED,
+    )  # fmt: skip
     dy_row = _row_start(dy_ptr, batch, stride_dyb, ALIGNED) + offs_d
     rows = (x_row, dt_row, b_row, c_row, dy_row, z_row)
     steps = (stride_xt, stride_dtt, stride_bt, stride_ct, stride_dyt, stride_zt)
