@@ -12,8 +12,9 @@ few tokens ahead (cp.async into shared memory). Per token it fuses what mamba-ss
 several kernels: softplus(dt + bias), exp(dt * A), the state update, the read-out through C, the D
 skip and the SiLU(z) gate; only y is written. When there are too few (sequence, channel block)
 pairs to fill the GPU, sequences are cut into chunks run side by side: phase 1 gives each chunk's
-end state from a zero start, ``_scan_chunk_starts_kernel`` walks each sequence's chunks once to
-turn those into start states, and phase 2 produces the outputs from them.
+end state from a zero start, and phase 2 produces the outputs from each chunk's start state, which
+it folds from the earlier chunks' end states or, for sequences of many chunks, loads from
+``_scan_chunk_starts_kernel`` (one walk over a sequence's chunks between the phases).
 
 Selective scan, backward (``_scan_bwd_kernel``). The forward kernel first re-runs to store the
 state before every tile of ``SCAN_BWD_TILE`` tokens (nothing but the inputs is kept from the forward
@@ -140,8 +141,10 @@ def _find_segment(offsets_ptr, index, n_segments, STEPS: tl.constexpr):
 def _row_start(ptr, batch, stride_b, ALIGNED: tl.constexpr):
     """``ptr`` moved to batch row ``batch``. ALIGNED: the host found the row strides multiples of 16
     elements; saying so lets row loads vectorise (the batch stride is not specialised on). Used by the
-    convolutions and the forward scan's B and C rows. (On all of the forward scan's rows, in its earlier
-    layout, the hint made the chunked scan slower on the H200: 70.1 -> 75.7 ms a mamba-130m forward at 8K.)"""
+    convolutions and by every row of the scans. (History, mamba-130m forward on the H200: on all of the
+    forward scan's rows, in its layout before the owned channels, the hint made the chunked scan slower,
+    70.1 -> 75.7 ms at 8K; in the owned layout with the prefetch by hand, 1% faster at 512 and 2% slower
+    at 8K; with the pipelined loads it was not timed apart.)"""
     offset = batch * stride_b
     if ALIGNED:
         offset = tl.multiple_of(offset, 16)
