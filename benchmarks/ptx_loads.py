@@ -118,7 +118,7 @@ def memory_instructions(kernel, constants: dict, num_warps: int) -> tuple[Counte
 
 
 def loop_table() -> None:
-    """Instructions a token of the scan kernels' loops (padded batch, bf16, 64 channels on one warp)."""
+    """Instructions a token of the scan kernels' loops (padded batch, bf16, one warp; 64 channels unless a row says 128)."""
     block = kernels.SCAN_FWD_NARROW_BLOCK_D
     common = dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_D=True, HAS_H0=False, VARLEN=False, SEARCH_STEPS=1,
                   BLOCK_D=block, BLOCK_N=16)  # fmt: skip
