@@ -26,6 +26,7 @@ SETTINGS = {
     "128 channels": {"SCAN_FWD_NARROW_BLOCK_D": 128},
     "chunks for 2048 programs": {"SCAN_CHUNK_PROGRAMS": 2048},
     "chunks for 8192 programs": {"SCAN_CHUNK_PROGRAMS": 8192},
+    "chunk starts whenever chunked": {"SCAN_FOLD_MAX_CHUNKS": 0},
 }
 
 
