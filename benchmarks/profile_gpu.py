@@ -3,9 +3,10 @@
 1. Unit rates: a Triton kernel of independent chains of ``exp2`` (one FMUL and one MUFU.EX2 each on
    NVIDIA GPUs), and one of FMAs, over enough one-warp programs to fill the card: operations per ms.
 2. ``torch.profiler`` over one forward (inference mode) and one forward + backward of a backbone with
-   random weights (bf16, 128 x 512 tokens by default): GPU time by kernel, largest first.
+   random weights (bf16, 65,536 tokens a batch, 128 x 512 by default; each of ``--lengths`` in turn):
+   GPU time by kernel, largest first.
 
-    python benchmarks/profile_gpu.py [--model 130m|370m] [--length 512]
+    python benchmarks/profile_gpu.py [--model 130m|370m] [--lengths 512,2048] [--forward-only]
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def kernel_times(model: torch.nn.Module, ids: torch.Tensor, backward: bool, top:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="130m", choices=["130m", "370m"])
-    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--lengths", default="512", help="tokens a sequence, comma-separated")
+    p.add_argument("--forward-only", action="store_true", help="leave out the forward + backward profiles")
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_gpu.py needs a CUDA GPU")
@@ -80,10 +82,11 @@ def main() -> None:
     unit_rates()
     config = MambaConfig(**MODELS[f"st-mamba-{a.model}"][1])
     model = MambaBackbone(config).reset_parameters(seed=0).cuda().to(torch.bfloat16)
-    ids = torch.randint(0, 50000, (TOKENS // a.length, a.length), device="cuda")
-    print(f"mamba-{a.model} shape, bf16, {TOKENS // a.length} x {a.length} tokens")
-    for backward in (False, True):
-        kernel_times(model, ids, backward)
+    for length in map(int, a.lengths.split(",")):
+        ids = torch.randint(0, 50000, (TOKENS // length, length), device="cuda")
+        print(f"\nmamba-{a.model} shape, bf16, {TOKENS // length} x {length} tokens")
+        for backward in (False,) if a.forward_only else (False, True):
+            kernel_times(model, ids, backward)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Triton: with one-warp programs they bound how many programs an SM holds (65,536 
 ``--loops`` disassembles the machine code (Triton's nvdisasm) and counts the instructions of each
 loop of the scan kernels, by kind: what one token costs a warp, for the forward scan without its
 FAST math, owned-channel layout and aligned rows, then with each added in turn, at 64 and at 128
-channels a program; and for the backward.
+channels a program; for a chunked forward's phase 1 (a chunk's end state); and for the backward.
 Written for Triton 3.6 (``triton.compiler.ASTSource``).
 
     python benchmarks/ptx_loads.py [--loops]
@@ -132,6 +132,7 @@ def loop_table() -> None:
         ("scan forward, FAST, owned channels", kernels._scan_fwd_kernel, dict(forward, FAST=True, D_PER_THREAD=owned, ALIGNED=False)),
         ("scan forward, FAST, owned channels, rows aligned", kernels._scan_fwd_kernel, dict(forward, FAST=True, D_PER_THREAD=owned, ALIGNED=True)),
         (f"scan forward as the last, {wide} channels", kernels._scan_fwd_kernel, dict(forward, FAST=True, BLOCK_D=wide, D_PER_THREAD=kernels._channels_per_thread(wide, kernels.SCAN_FWD_WARPS), ALIGNED=True)),
+        (f"scan forward's phase 1 (a chunk's end state), {wide} channels", kernels._scan_fwd_kernel, dict(forward, PHASE=1, STORE_Y=False, FAST=True, BLOCK_D=wide, D_PER_THREAD=kernels._channels_per_thread(wide, kernels.SCAN_FWD_WARPS), ALIGNED=True)),
         ("scan backward (its two walks over a tile)", kernels._scan_bwd_kernel, dict(common, FAST=True, HAS_DHFINAL=False, TILE=kernels.SCAN_BWD_TILE, ALIGNED=True, EVEN_D=True, EVEN_N=True)),
     ]  # fmt: skip
     print("Innermost loops in code order: the forward's folding of earlier chunks' end states, then its walk")

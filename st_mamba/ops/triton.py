@@ -61,6 +61,9 @@ LOG2E = math.log2(math.e)
 # 128 at 512 tokens: they differed by up to 4%): mamba-130m at 512 tokens 44.5 against 42.6-44.2 ms,
 # at 8K 58.4 against 56.3; mamba-370m at 512 133.0 against 122.8-127.3. At 2K mamba-130m has 32
 # sequences, 384 programs of 128 channels, which would be chunked: 55.1 ms, against 52.8 with 64.
+# Narrower blocks fill more of the GPU's warp schedulers but lose more than they gain (mamba-130m at
+# 2K: 1,536 programs of 32 channels 80.1 ms, 3,072 of 16 81.2, against 53.0; at 8K, whole sequences
+# in 32 or 16 channels a program, 234.2 and 142.9 against 56.1 chunked).
 SCAN_FWD_BLOCK_D = 128
 SCAN_FWD_NARROW_BLOCK_D = 64
 SCAN_FWD_WARPS = 1
@@ -81,6 +84,8 @@ SCAN_MIN_CHUNK = 256
 # and mamba-370m 171.8 -> 160.9; at 8K (32 chunks) it was level (56.1 / 56.4, 159.1 / 159.4). With
 # no fold loop in phase 2 at all, the whole-sequence kernel compiled to 168 registers instead of 243,
 # a change not timed at model level (the scan alone read 0.83x at 128 x 512), so the fold stays.
+# (The starts kernel for every chunked sequence, SCAN_FOLD_MAX_CHUNKS = 0, was level at 8K too:
+# mamba-130m 57.25 against 57.06 ms, mamba-370m 165.76 against 165.30.)
 SCAN_FOLD_MAX_CHUNKS = 32
 SCAN_STARTS_BLOCK_D = 32  # channels a program of _scan_chunk_starts_kernel (one warp, a channel a thread)
 # The convolution's forward kernel and the backward's dx kernel. The backward's first kernel (dpre,
