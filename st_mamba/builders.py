@@ -35,6 +35,7 @@ def from_backbone(
     tokenizer_name_or_path: str | os.PathLike | None = None,
     chunk_size: int | None = None,
     pooling: str = "eos",
+    do_lower_case: bool = False,
     device: str | None = None,
     revision: str | None = None,
     token: bool | str | None = None,
@@ -53,6 +54,7 @@ def from_backbone(
             defaults to the checkpoint's own, else ``EleutherAI/gpt-neox-20b``.
         chunk_size: read texts longer than this in chunks carrying the state (constant memory).
         pooling: ``"eos"`` (the hidden state at the appended EOS, as in the paper) or ``"mean"``.
+        do_lower_case: lower-case texts before tokenising (saved with the model; see ``MambaEncoder``).
         device: where to put the model ("cpu", "cuda", ...); ST picks one if None.
     """
     backbone, folder = load_backbone(
@@ -62,7 +64,14 @@ def from_backbone(
         has_own = any((folder / f).is_file() for f in _TOKENIZER_FILES)
         tokenizer_name_or_path = folder if has_own else GPT_NEOX_TOKENIZER
     tokenizer = load_tokenizer(tokenizer_name_or_path, backbone.config.eos_token_id)
-    encoder = MambaEncoder(backbone, tokenizer, max_seq_length=max_seq_length, chunk_size=chunk_size, pooling=pooling)
+    encoder = MambaEncoder(
+        backbone,
+        tokenizer,
+        max_seq_length=max_seq_length,
+        chunk_size=chunk_size,
+        pooling=pooling,
+        do_lower_case=do_lower_case,
+    )
     base = str(name_or_path) if not os.path.isdir(name_or_path) else None
     return _assemble(encoder, prompts, device, base)
 
@@ -74,13 +83,21 @@ def from_config(
     prompts: dict[str, str] | None = None,
     chunk_size: int | None = None,
     pooling: str = "eos",
+    do_lower_case: bool = False,
     seed: int | None = None,
     device: str | None = None,
 ) -> SentenceTransformer:
     """A randomly initialised st-mamba SentenceTransformer (for training from scratch and for tests)."""
     backbone = MambaBackbone(config).reset_parameters(seed)
     tokenizer = load_tokenizer(tokenizer_name_or_path, config.eos_token_id)
-    encoder = MambaEncoder(backbone, tokenizer, max_seq_length=max_seq_length, chunk_size=chunk_size, pooling=pooling)
+    encoder = MambaEncoder(
+        backbone,
+        tokenizer,
+        max_seq_length=max_seq_length,
+        chunk_size=chunk_size,
+        pooling=pooling,
+        do_lower_case=do_lower_case,
+    )
     return _assemble(encoder, prompts, device, None)
 
 

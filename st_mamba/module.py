@@ -67,10 +67,13 @@ class MambaEncoder(InputModule):
             one-pass embedding. ``token_embeddings`` are then not returned.
         pooling: ``"eos"`` (the paper's: the hidden state at EOS) or ``"mean"`` (over the text's
             tokens and its EOS).
+        do_lower_case: lower-case every text (prompt included) before tokenising, as an uncased
+            model does. GPT-NeoX's tokenizer is cased: without this, "PAIN" and "pain" are different
+            tokens, and a model trained on lower-case text reads capitals as unseen tokens.
     """
 
     config_file_name = "st_mamba_config.json"
-    config_keys = ["max_seq_length", "chunk_size", "pooling"]
+    config_keys = ["max_seq_length", "chunk_size", "pooling", "do_lower_case"]
     poolings = ("eos", "mean")
 
     def __init__(
@@ -80,6 +83,7 @@ class MambaEncoder(InputModule):
         max_seq_length: int | None = 512,
         chunk_size: int | None = None,
         pooling: str = "eos",
+        do_lower_case: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in self.poolings:
@@ -89,6 +93,7 @@ class MambaEncoder(InputModule):
         self.max_seq_length = max_seq_length
         self.chunk_size = chunk_size
         self.pooling = pooling
+        self.do_lower_case = do_lower_case
         self.eos_token_id = tokenizer.eos_token_id
 
     @property
@@ -121,7 +126,7 @@ class MambaEncoder(InputModule):
     # --- preprocess ---------------------------------------------------------------------------
 
     def preprocess(self, inputs: Sequence[str], prompt: str | None = None, **kwargs) -> dict[str, Tensor]:
-        """Tokenise, truncate to ``max_seq_length - 1``, append EOS, right-pad with EOS.
+        """(Lower-case if ``do_lower_case``,) tokenise, truncate to ``max_seq_length - 1``, append EOS, right-pad with EOS.
 
         Returns ``input_ids`` and ``attention_mask``, both (B, L_max) int64. Where the backbone reads
         packed batches in one pass (Mamba-1 on a CUDA GPU with Triton, no ``chunk_size``), the texts are
@@ -133,6 +138,8 @@ class MambaEncoder(InputModule):
             if not isinstance(text, str):
                 raise TypeError(f"text {index} of the batch is {type(text).__name__} ({text!r:.40}), expected str")
         texts = [prompt + text for text in inputs] if prompt else list(inputs)
+        if self.do_lower_case:
+            texts = [text.lower() for text in texts]
         if not texts:
             empty = torch.zeros(0, 1, dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty.clone()}

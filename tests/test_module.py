@@ -233,3 +233,23 @@ def test_mean_pooling_survives_save_and_load(tokenizer_dir, tmp_path):
 def test_unknown_pooling_is_refused(tokenizer_dir):
     with pytest.raises(ValueError, match="pooling must be one of"):
         st_mamba.from_config(tiny_config(1), tokenizer_dir, pooling="max")
+
+
+def test_do_lower_case_makes_the_embedding_blind_to_case_and_is_saved(tokenizer_dir, tmp_path):
+    texts = ["The Quick Brown Fox", "THE QUICK BROWN FOX", "the quick brown fox"]
+    cased = st_mamba.from_config(tiny_config(1), tokenizer_dir, seed=0, device="cpu")
+    assert not encoder_of(cased).do_lower_case  # the default keeps the tokenizer's own behaviour
+    assert not np.allclose(*cased.encode(texts[1:]))
+    uncased = st_mamba.from_config(tiny_config(1), tokenizer_dir, seed=0, do_lower_case=True, device="cpu")
+    embeddings = uncased.encode(texts)
+    np.testing.assert_array_equal(embeddings[0], embeddings[2])
+    np.testing.assert_array_equal(embeddings[1], embeddings[2])
+    # the prompt is lower-cased with the text, as Sentence-Transformers' uncased Transformer module does
+    assert (
+        encoder_of(uncased).preprocess(["X"], prompt="Query: ")["input_ids"].tolist()
+        == encoder_of(uncased).preprocess(["query: x"])["input_ids"].tolist()
+    )
+    uncased.save(str(tmp_path / "m"))
+    loaded = SentenceTransformer(str(tmp_path / "m"), trust_remote_code=True, device="cpu")
+    assert encoder_of(loaded).do_lower_case
+    np.testing.assert_array_equal(loaded.encode(texts), embeddings)

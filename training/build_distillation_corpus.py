@@ -1,28 +1,35 @@
 """Build the text corpus that training/distill.py distils all-MiniLM-L6-v2 on: real text that exists offline.
 
-Sources (each data set's README in ../shared/data gives its origin and licence; the Debian packages'
-``/usr/share/doc/<package>/copyright`` files give theirs, and the manifest records them):
+Zero-shot by construction: no text of a collection that st-mamba reports scores on (SciFact, TREC DL
+2019, QMSum: ``EVALUATION_COLLECTIONS``) is read, corpus or queries, any split. As a guard, every
+text of those collections is collected first and any corpus text equal to one of them (compared
+case- and whitespace-insensitively) is dropped; tests/training/test_corpus_builder.py checks this
+on planted data and on the built corpus.
 
-- ``msmarco-queries``: the 13,817 MS MARCO dev/eval "small" query texts (none is a TREC DL 2019 query);
-- ``scifact``: the 5,183 abstracts, and the 809 *train* claims with their 919 train judgments (the
-  only real pairs, kept apart for ``MultipleNegativesRankingLoss``);
-- ``trec-dl-2019``: the 10,852 pooled passages (the text only; the 43 queries are all test queries);
-- ``qmsum``: the transcripts of the *train and val* meetings (the 35 test meetings are left out, as
-  are all QMSum queries, whose judgments are all in ``qrels/test.tsv``);
+Sources (the data set's README in ../shared/data, and each Debian package's
+``/usr/share/doc/<package>/copyright``, give origin and licence; the manifest records them):
+
+- ``msmarco-queries``: the 13,817 MS MARCO dev/eval "small" query texts (none is a TREC DL 2019
+  query; no MS MARCO passage is read);
+- ``wordnet`` (wordnet-base): every synset's gloss (a short definition with examples) as a passage,
+  its lemmas ("dog, domestic dog, Canis familiaris") as a query, and (lemmas, gloss) as a real pair
+  for ``MultipleNegativesRankingLoss``;
+- ``gcide``, ``foldoc``, ``jargon`` (dict-gcide, dict-foldoc, dict-jargon): dictionary entries (the
+  Collaborative International Dictionary of English, the Free On-line Dictionary of Computing, the
+  Jargon File), each entry a text;
 - documentation that Debian packages install: the Python 3.11 manual's reST sources (python3-doc),
   the Linux kernel's Documentation/ (linux-doc), Perl's pod manual (perl-doc) and man pages rendered
-  with groff (manpages, manpages-dev and every other installed package's pages). Install them once:
-  ``apt-get update && apt-get install -y --no-install-recommends python3-doc linux-doc perl-doc``.
+  with groff (manpages, manpages-dev and every other installed package's pages).
 
-Long texts (meetings, documentation) are cut, at GPT-NeoX token boundaries, into *passages* of
-``SHORT_TOKENS`` and *segments* of ``LONG_TOKENS`` tokens (lengths drawn log-uniformly), about
-``LONG_TOKEN_SHARE`` of the tokens going to segments. distill.py gives each text the mean of the
-teacher's embeddings over its consecutive 256-token windows.
+Install the packages once::
 
-Test data never enters the corpus: every query text of SciFact's test split, of TREC DL 2019 and of
-QMSum is collected first, and any corpus text equal to one of them (compared case- and
-whitespace-insensitively) is dropped; no training pair is a test judgment (checked by
-tests/training/test_corpus_builder.py).
+    apt-get update && apt-get install -y --no-install-recommends python3-doc linux-doc perl-doc groff \\
+        wordnet-base dict-gcide dict-foldoc dict-jargon
+
+Long texts (documentation, long dictionary entries) are cut, at GPT-NeoX token boundaries, into
+*passages* of ``SHORT_TOKENS`` and *segments* of ``LONG_TOKENS`` tokens (lengths drawn
+log-uniformly), about ``LONG_TOKEN_SHARE`` of the documentation's tokens going to segments.
+distill.py gives each text the mean of the teacher's embeddings over its consecutive 256-token windows.
 
 Output (``--output``): ``corpus.jsonl.xz`` (one ``{"text", "source", "kind"}`` per line, kind
 "query", "passage" or "segment"), ``pairs.jsonl.xz`` (``{"query", "document", "source"}``) and
@@ -57,14 +64,23 @@ SHORT_TOKENS = (32, 256)  # passage lengths in GPT-NeoX tokens, drawn log-unifor
 LONG_TOKENS = (512, 8192)  # segment lengths: the student reads them in one pass, the teacher in 256-token windows
 LONG_TOKEN_SHARE = 0.5  # share of a long text's tokens that go to segments rather than passages
 MIN_PIECE_TOKENS = 16  # a tail shorter than this is dropped
-# GPT-NeoX tokens taken from each documentation source (documents are read in a seeded random order).
-DOC_TOKEN_BUDGET = {"python3-doc": 3_000_000, "linux-doc": 2_500_000, "perl-doc": 1_200_000, "man-pages": 1_300_000}
+# GPT-NeoX tokens taken from each documentation and dictionary source (read in a seeded random order).
+DOC_TOKEN_BUDGET = {"python3-doc": 3_000_000, "linux-doc": 2_500_000, "perl-doc": 1_200_000, "man-pages": 1_300_000,
+                    "gcide": 7_000_000, "foldoc": 1_500_000, "jargon": 600_000}  # fmt: skip
 DOC_PACKAGES = {
     "python3-doc": "python3.11-doc",
     "linux-doc": "linux-doc-6.1",
     "perl-doc": "perl-doc",
     "man-pages": "manpages",
+    "gcide": "dict-gcide",
+    "foldoc": "dict-foldoc",
+    "jargon": "dict-jargon",
+    "wordnet": "wordnet-base",
 }
+DICTIONARIES = ("gcide", "foldoc", "jargon")  # dictd databases under /usr/share/dictd
+WORDNET_PARTS = ("noun", "verb", "adj", "adv")
+# Collections whose scores are reported (docs/evaluation.md, the model card): none of their texts is read.
+EVALUATION_COLLECTIONS = ("scifact", "trec-dl-2019", "qmsum")
 MAN_SECTIONS = ("1", "2", "3", "4", "5", "7", "8")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,102 +104,31 @@ def _json_lines(path: Path) -> Iterator[dict]:
                 yield json.loads(line)
 
 
-def _qrels(path: Path) -> dict[str, dict[str, int]]:
-    """query id -> {document id: grade} from a BEIR qrels TSV (header line skipped)."""
-    judged: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as rows:
-        for number, row in enumerate(rows):
-            fields = row.split()
-            if not fields or (number == 0 and not fields[-1].lstrip("-").isdigit()):
-                continue
-            judged.setdefault(fields[0], {})[fields[1]] = int(fields[2])
-    return judged
-
-
 def normalise(text: str) -> str:
     """What two texts are compared by: lower-cased, whitespace collapsed."""
     return " ".join(text.lower().split())
 
 
-@dataclass
-class TestSet:
-    """Every test query text and test judgment of the evaluation data: what the corpus must not contain."""
-
-    query_texts: set[str]  # normalised
-    judgments: set[tuple[str, str]]  # (query text normalised, document id)
-
-
-def collect_test_set(data: Path) -> TestSet:
-    """SciFact test queries and judgments, all TREC DL 2019 queries and judgments, all QMSum queries and judgments."""
+def collect_evaluation_texts(data: Path) -> set[str]:
+    """Every text of the evaluation collections, normalised: each document (with and without its title)
+    and each query, of every split. No corpus text may equal one of them."""
     texts: set[str] = set()
-    judgments: set[tuple[str, str]] = set()
-    for name, split_files in (
-        ("scifact", ["test"]),
-        ("trec-dl-2019", ["test"]),
-        ("qmsum", ["test", "summary", "specific"]),
-    ):
+    for name in EVALUATION_COLLECTIONS:
         folder = data / name
         if not folder.is_dir():
             continue
-        queries = {row["_id"]: row["text"] for row in _json_lines(folder / "queries.jsonl")}
-        test_ids: set[str] = set()
-        for split in split_files:
-            path = folder / "qrels" / f"{split}.tsv"
-            if path.is_file():
-                for query_id, judged in _qrels(path).items():
-                    test_ids.add(query_id)
-                    judgments.update((normalise(queries.get(query_id, query_id)), doc_id) for doc_id in judged)
-        if name in ("trec-dl-2019", "qmsum"):
-            test_ids.update(queries)  # every query of these two is a test query
-        texts.update(normalise(queries[query_id]) for query_id in test_ids if query_id in queries)
-    return TestSet(texts, judgments)
+        for row in _json_lines(folder / "corpus.jsonl"):
+            texts.add(normalise(row["text"]))
+            texts.add(normalise(f"{row.get('title') or ''} {row['text']}"))
+        texts.update(normalise(row["text"]) for row in _json_lines(folder / "queries.jsonl"))
+    texts.discard("")
+    return texts
 
 
 def read_msmarco_queries(data: Path) -> list[Text]:
     return [
         Text(row["text"].strip(), "msmarco-queries", "query")
         for row in _json_lines(data / "msmarco-queries" / "queries.jsonl")
-    ]
-
-
-def _full_text(row: dict) -> str:
-    return f"{row.get('title') or ''} {row['text']}".strip()
-
-
-def read_scifact(data: Path) -> tuple[list[Text], list[dict]]:
-    """Abstracts, train claims, and (train claim, abstract) pairs; the test split is not read."""
-    folder = data / "scifact"
-    corpus = {row["_id"]: _full_text(row) for row in _json_lines(folder / "corpus.jsonl")}
-    queries = {row["_id"]: row["text"].strip() for row in _json_lines(folder / "queries.jsonl")}
-    train = _qrels(folder / "qrels" / "train.tsv")
-    texts = [Text(text, "scifact", "passage") for text in corpus.values()]
-    texts += [Text(queries[query_id], "scifact", "query") for query_id in train if query_id in queries]
-    pairs = [
-        {"query": queries[query_id], "document": corpus[doc_id], "document_id": doc_id, "source": "scifact"}
-        for query_id, judged in train.items() if query_id in queries
-        for doc_id, grade in judged.items() if grade > 0 and doc_id in corpus
-    ]  # fmt: skip
-    return texts, pairs
-
-
-def read_trec_dl_passages(data: Path) -> list[Text]:
-    return [
-        Text(_full_text(row), "trec-dl-2019", "passage") for row in _json_lines(data / "trec-dl-2019" / "corpus.jsonl")
-    ]
-
-
-def read_qmsum_meetings(data: Path) -> list[Text]:
-    """Transcripts of the train and val meetings only."""
-    folder = data / "qmsum"
-    splits = {}
-    with open(folder / "meeting_splits.tsv", encoding="utf-8") as rows:
-        for row in rows:
-            meeting, split = row.rstrip("\n").split("\t")
-            splits[meeting] = split
-    return [
-        Text(row["text"], "qmsum", "document")
-        for row in _json_lines(folder / "corpus.jsonl")
-        if splits.get(row["_id"]) in ("train", "val")
     ]
 
 
@@ -230,6 +175,75 @@ def read_documentation(source: str, paths: Iterable[Path]) -> Iterator[Text]:
         text = _render_man_page(path) if source == "man-pages" else _tidy(_read_maybe_gz(path))
         if text:
             yield Text(text, source, "document")
+
+
+_DICTD_DIGITS = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
+_DICTIONARY_NOTES = re.compile(
+    r"^\s*\[[^\]]*(Webster|WordNet|PJC|Century|Chambers|RN|Source)[^\]]*\]\s*$", re.MULTILINE
+)
+
+
+def _dictd_number(text: str) -> int:
+    """dictd's index numbers: base 64, most significant digit first."""
+    value = 0
+    for char in text:
+        value = value * 64 + _DICTD_DIGITS[char]
+    return value
+
+
+def read_dictionary(name: str, root: Path = Path("/")) -> list[Text]:
+    """The entries of a dictd database (``/usr/share/dictd/NAME.index`` + ``NAME.dict.dz``), one text each.
+
+    Entries that several headwords point to are read once; the database's own ``00-database-*`` entries
+    and the editors' source notes ("[1913 Webster]") are left out, and each line's indentation and runs of
+    spaces are folded. Empty if the package is not installed.
+    """
+    index, body = root / "usr/share/dictd" / f"{name}.index", root / "usr/share/dictd" / f"{name}.dict.dz"
+    if not (index.is_file() and body.is_file()):
+        return []
+    content = gzip.open(body).read()  # dictzip is gzip with a seek table
+    spans: dict[tuple[int, int], str] = {}
+    for line in index.read_text(encoding="utf-8", errors="replace").splitlines():
+        fields = line.split("\t")
+        if len(fields) < 3 or fields[0].startswith("00") or fields[0] == "":
+            continue
+        spans.setdefault((_dictd_number(fields[1]), _dictd_number(fields[2])), fields[0])
+    entries = []
+    for offset, length in sorted(spans):
+        text = content[offset : offset + length].decode("utf-8", errors="replace")
+        text = _tidy(
+            "\n".join(re.sub(r"\s+", " ", line).strip() for line in _DICTIONARY_NOTES.sub("", text).splitlines())
+        )
+        if text:
+            entries.append(Text(text, name, "document"))
+    return entries
+
+
+def read_wordnet(root: Path = Path("/")) -> tuple[list[Text], list[dict]]:
+    """WordNet 3.0 synsets: glosses as passages, lemma lists as queries, and (lemmas, gloss) pairs.
+
+    A line of ``data.<part>`` is ``offset lex_filenum ss_type w_cnt word lex_id [word lex_id ...] ... | gloss``;
+    ``w_cnt`` is hexadecimal, words have ``_`` for spaces and adjectives may carry a marker like ``(a)``.
+    """
+    texts: list[Text] = []
+    pairs: list[dict] = []
+    for part in WORDNET_PARTS:
+        path = root / "usr/share/wordnet" / f"data.{part}"
+        if not path.is_file():
+            continue
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith(" ") or " | " not in line:
+                continue  # the licence header
+            head, gloss = line.split(" | ", 1)
+            fields = head.split()
+            count = int(fields[3], 16)
+            words = [re.sub(r"\([a-z]+\)$", "", fields[4 + 2 * i]).replace("_", " ") for i in range(count)]
+            lemmas = ", ".join(dict.fromkeys(words))
+            gloss = gloss.strip()
+            texts += [Text(gloss, "wordnet", "passage"), Text(lemmas, "wordnet", "query")]
+            pairs.append({"query": lemmas, "document": gloss, "document_id": f"wordnet-{part}-{fields[0]}",
+                          "source": "wordnet"})  # fmt: skip
+    return texts, pairs
 
 
 def licence_of(source: str, root: Path = Path("/")) -> str:
@@ -289,29 +303,35 @@ def cut_documents(
 
 
 # 5. Assembling ---------------------------------------------------------------------------------------------
+SOURCES = ("wordnet", *DOC_TOKEN_BUDGET)  # besides the MS MARCO queries, which are read whenever data holds them
+
+
 def build(
     data: Path,
     tokenizer,
-    doc_sources: Iterable[str] = tuple(DOC_TOKEN_BUDGET),
+    sources: Iterable[str] = SOURCES,
     doc_budget: dict[str, int] | None = None,
     doc_root: Path = Path("/"),
     seed: int = SEED,
 ) -> tuple[list[dict], list[dict], dict]:
     """The corpus records, the training pairs and the manifest (nothing written)."""
     rng = random.Random(seed)
+    sources = tuple(sources)
     budget = {**DOC_TOKEN_BUDGET, **(doc_budget or {})}
-    test = collect_test_set(data)
-    tally: Counter = Counter()
+    excluded = collect_evaluation_texts(data)
+    licences = {}
 
     short: list[Text] = []
     pairs: list[dict] = []
     if (data / "msmarco-queries").is_dir():
         short += read_msmarco_queries(data)
-    if (data / "scifact").is_dir():
-        texts, pairs = read_scifact(data)
-        short += texts
-    if (data / "trec-dl-2019").is_dir():
-        short += read_trec_dl_passages(data)
+    if "wordnet" in sources:
+        texts, pairs = read_wordnet(doc_root)
+        if texts:
+            short += texts
+            licences["wordnet"] = {"package": DOC_PACKAGES["wordnet"], "licence": licence_of("wordnet", doc_root)}
+        else:
+            logger.warning("no WordNet: is %s installed?", DOC_PACKAGES["wordnet"])
 
     records: list[dict] = []
     tokens_by: Counter = Counter()
@@ -322,8 +342,8 @@ def build(
         key = normalise(item.text)
         if not key:
             return
-        if key in test.query_texts:
-            dropped["equal to a test query"] += 1
+        if key in excluded:
+            dropped["equal to a text of an evaluation collection"] += 1
             return
         if key in seen:
             dropped["duplicate"] += 1
@@ -340,28 +360,29 @@ def build(
     for item, ids in zip(short, lengths, strict=True):
         keep(item, len(ids))
 
-    long_sources: list[tuple[str, list[Text] | Iterator[Text], int | None]] = []
-    if (data / "qmsum").is_dir():
-        long_sources.append(("qmsum", read_qmsum_meetings(data), None))
-    licences = {}
-    for source in doc_sources:
-        files = documentation_files(source, doc_root)
-        if not files:
-            logger.warning("no files for %s: is %s installed?", source, DOC_PACKAGES[source])
+    for source in sources:
+        if source == "wordnet":
             continue
-        rng.shuffle(files)
-        long_sources.append((source, read_documentation(source, files), budget[source]))
+        if source in DICTIONARIES:
+            documents = read_dictionary(source, doc_root)
+            rng.shuffle(documents)
+        else:
+            files = documentation_files(source, doc_root)
+            rng.shuffle(files)
+            documents = read_documentation(source, files) if files else []
+        if not documents:
+            logger.warning("nothing read for %s: is %s installed?", source, DOC_PACKAGES[source])
+            continue
         licences[source] = {"package": DOC_PACKAGES[source], "licence": licence_of(source, doc_root)}
-    for source, documents, limit in long_sources:
-        for piece, tokens in cut_documents(documents, tokenizer, rng, limit, tally):
+        tally: Counter = Counter()  # each source keeps its own share of segments
+        for piece, tokens in cut_documents(documents, tokenizer, rng, budget[source], tally):
             keep(piece, tokens)
         logger.info("%s: %d tokens so far", source, sum(tokens_by.values()))
 
     kept_pairs = []
     for pair in pairs:
-        query = normalise(pair["query"])
-        if query in test.query_texts or (query, pair["document_id"]) in test.judgments:
-            dropped["pair that is a test query or judgment"] += 1
+        if normalise(pair["query"]) in excluded or normalise(pair["document"]) in excluded:
+            dropped["pair holding a text of an evaluation collection"] += 1
             continue
         kept_pairs.append(pair)
 
@@ -372,11 +393,13 @@ def build(
         "tokens": {f"{source}/{kind}": count for (source, kind), count in sorted(tokens_by.items())},
         "records_by_kind": dict(Counter(record["kind"] for record in records)),
         "dropped": dict(dropped),
-        "test_query_texts_excluded": len(test.query_texts),
+        "evaluation_collections_excluded": [name for name in EVALUATION_COLLECTIONS if (data / name).is_dir()],
+        "evaluation_texts_excluded": len(excluded),
         "settings": {"seed": seed, "short_tokens": SHORT_TOKENS, "long_tokens": LONG_TOKENS,
-                     "long_token_share": LONG_TOKEN_SHARE, "doc_token_budget": {s: budget[s] for s in doc_sources}},
-        "data_sets": "see the README.md of each folder in the data directory (source and licence)",
-        "documentation_licences": licences,
+                     "long_token_share": LONG_TOKEN_SHARE,
+                     "doc_token_budget": {s: budget[s] for s in sources if s in budget}},
+        "data_sets": "msmarco-queries: see its README.md in the data directory (source and licence)",
+        "package_licences": licences,
     }  # fmt: skip
     return records, kept_pairs, manifest
 
@@ -396,14 +419,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding the data sets (../shared/data)")
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="GPT-NeoX-20B tokenizer folder")
     parser.add_argument("--output", type=Path, default=REPO / ".distill" / "corpus")
-    parser.add_argument("--no-docs", action="store_true", help="leave out the Debian documentation")
+    parser.add_argument("--sources", nargs="*", default=list(SOURCES), choices=SOURCES,
+                        help="Debian sources to read (default: all); the MS MARCO queries are always read")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
     tokenizer.model_max_length = int(1e30)
-    records, pairs, manifest = build(args.data, tokenizer, doc_sources=() if args.no_docs else tuple(DOC_TOKEN_BUDGET))
+    records, pairs, manifest = build(args.data, tokenizer, sources=args.sources)
     write(records, pairs, manifest, args.output)
     print(f"{'source/kind':<28} {'tokens':>12}")
     for name, count in manifest["tokens"].items():

@@ -51,7 +51,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +101,11 @@ STUDENT_VARIANTS = {
     "mamba1-eos-lr3e-3": {"config": MAMBA1, "pooling": "eos", "learning_rate": 3e-3},
     "mamba1-eos-unit-embedding": {"config": MAMBA1, "pooling": "eos", "embedding_std": 1.0},
     "mamba1-mean-unit-embedding": {"config": MAMBA1, "pooling": "mean", "embedding_std": 1.0},
+    # The token table starts as the teacher's view of each GPT-NeoX token (``initialise_from_teacher``) and
+    # texts are lower-cased (the teacher is uncased): the untrained student is a static embedding model.
+    "mamba1-mean-teacher-init": {"config": MAMBA1, "pooling": "mean", "init": "teacher", "do_lower_case": True},
 }
-STUDENT = "mamba1-mean"  # what `train` trains by default
+STUDENT = "mamba1-mean-teacher-init"  # what `train` trains by default
 SWEEP_SECONDS = 40  # default training time of each student in `sweep`
 EOS_ID = 0  # GPT-NeoX's <|endoftext|>: the EOS appended to every text, and the padding
 MAX_BATCH_TOKENS = 32768  # padded tokens in one batch (a Mamba-2 layer keeps ~100 KB a token for backward)
@@ -120,7 +123,10 @@ SHARD_BYTES = 16 * 2**20  # most bytes in one checkpoint file...
 HEADER_BYTES = 64 * 2**10  # ...of which this much is kept for the safetensors header (names, shapes, metadata)
 CHECKPOINT_EVERY_SECONDS = 45
 RUN_SECONDS = 520  # no evaluation run starts later than 25 s, and no speed test later than 20 s, before this
+TOKEN_TABLE_BATCH = 1024  # vocabulary entries the teacher embeds at a time (``teacher_token_table``)
 EVAL_BATCH = {"teacher": 256, "mamba": 64, "transformer": 64}
+# SciFact's test queries are also run re-cased: a retriever should not care how a user types.
+QUERY_CASES = {"upper": str.upper, "lower": str.lower, "title": str.title}
 
 
 # 2. Data ---------------------------------------------------------------------------------------------------
@@ -192,17 +198,19 @@ def batch_schedule(lengths: np.ndarray, indices: list[int], seed: int):
 # 3. Students -----------------------------------------------------------------------------------------------
 def build_mamba_student(
     tokenizer_dir: str | Path, seed: int = SEED, config: dict | None = None, pooling: str = "eos",
-    embedding_std: float | None = None, **_: object,
+    embedding_std: float | None = None, do_lower_case: bool = False, **_: object,
 ) -> SentenceTransformer:  # fmt: skip
     """st-mamba encoder (EOS or mean pooling) -> Dense to the teacher's width -> Normalize.
 
     ``config`` defaults to ``STUDENT``'s; ``embedding_std`` re-draws the token embedding with that
-    standard deviation. Other keys of a ``STUDENT_VARIANTS`` entry (the learning rate) are ignored here.
+    standard deviation; ``do_lower_case`` is saved with the encoder. Other keys of a ``STUDENT_VARIANTS``
+    entry (the learning rate, ``init``) are applied by the caller.
     """
     settings = config or STUDENT_VARIANTS[STUDENT]["config"]
     torch.manual_seed(seed)
     model = st_mamba.from_config(st_mamba.MambaConfig(**settings), tokenizer_dir, seed=seed, pooling=pooling,
-                                 max_seq_length=MAX_TRAIN_TOKENS, chunk_size=SAVED_CHUNK_SIZE, device="cpu")  # fmt: skip
+                                 max_seq_length=MAX_TRAIN_TOKENS, chunk_size=SAVED_CHUNK_SIZE,
+                                 do_lower_case=do_lower_case, device="cpu")  # fmt: skip
     if embedding_std is not None:
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -212,8 +220,50 @@ def build_mamba_student(
                                similarity_fn_name="cosine", device="cpu")  # fmt: skip
 
 
+def teacher_token_table(
+    teacher: SentenceTransformer, tokenizer, vocab_size: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's view of every student token, reduced to the student's width (the Model2Vec recipe).
+
+    Each GPT-NeoX vocabulary entry is decoded to its text (the leading space of a word-initial token
+    dropped) and embedded by the teacher on its own; the unit vectors are centred and projected on
+    their first ``width`` principal directions. model2vec distils a teacher's *own* vocabulary; the
+    student's tokens are GPT-NeoX's, so the few lines are here.
+
+    Returns ``table`` (vocab_size, width), ``components`` (width, 384) and ``mean`` (384,):
+    ``table @ components + mean`` approximates the teacher's vectors.
+    """
+    texts = [tokenizer.decode([index]).strip() if index < len(tokenizer) else "" for index in range(vocab_size)]
+    vectors = teacher.encode(texts, batch_size=TOKEN_TABLE_BATCH, convert_to_tensor=True, normalize_embeddings=True,
+                             show_progress_bar=False).float().cpu()  # fmt: skip
+    mean = vectors.mean(dim=0)
+    _, _, directions = torch.linalg.svd(vectors - mean, full_matrices=False)
+    components = directions[:width]  # (width, 384)
+    return (vectors - mean) @ components.T, components, mean
+
+
+@torch.no_grad()
+def initialise_from_teacher(model: SentenceTransformer, teacher: SentenceTransformer) -> None:
+    """Start a Mamba student as a static embedding model that training only has to give context.
+
+    The token table becomes ``teacher_token_table``'s; the Dense head maps the principal directions back to
+    the teacher's space (scaled for the final RMSNorm, which gives every token vector an RMS of 1), its bias
+    the teacher's mean; every mixer's ``out_proj`` starts at zero, so each residual block starts as the
+    identity and the untrained student is the mean of its tokens' table rows, read by the head.
+    """
+    encoder, dense = model[0], model[1]
+    weight = encoder.backbone.embeddings.weight
+    table, components, mean = teacher_token_table(teacher, encoder.tokenizer, weight.shape[0], weight.shape[1])
+    weight.copy_(table)
+    scale = table.norm(dim=1).mean() / weight.shape[1] ** 0.5
+    dense.linear.weight.copy_(components.T * scale)
+    dense.linear.bias.copy_(mean)
+    for layer in encoder.backbone.layers:
+        layer.mixer.out_proj.weight.zero_()
+
+
 def build_transformer_student(
-    tokenizer_dir: str | Path, folder: Path, seed: int = SEED, config: dict | None = None
+    tokenizer_dir: str | Path, folder: Path, seed: int = SEED, config: dict | None = None, do_lower_case: bool = False
 ) -> SentenceTransformer:
     """BERT-shaped encoder, random init, GPT-NeoX tokenizer -> mean pooling -> Dense -> Normalize."""
     from sentence_transformers.base.modules import Transformer
@@ -229,7 +279,10 @@ def build_transformer_student(
     bert.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     encoder = Transformer(
-        str(folder), max_seq_length=settings["max_position_embeddings"], model_kwargs={"add_pooling_layer": False}
+        str(folder),
+        max_seq_length=settings["max_position_embeddings"],
+        model_kwargs={"add_pooling_layer": False},
+        do_lower_case=do_lower_case,
     )
     encoder.tokenizer.eos_token = encoder.tokenizer.pad_token = tokenizer.eos_token
     pooling = Pooling(settings["hidden_size"], pooling_mode="mean")
@@ -453,8 +506,9 @@ def train_student(
     saved_chunk_size = getattr(model[0], "chunk_size", None)
     if saved_chunk_size is not None:
         model[0].chunk_size = None
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    # No decay on the token table: rows of tokens a batch does not hold would shrink towards 0 unread.
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not _is_token_embedding(n)]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or _is_token_embedding(n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=peak_learning_rate, betas=(0.9, 0.98), eps=1e-6)  # fmt: skip
     mse, mnrl = MSELoss(model), MultipleNegativesRankingLoss(model)
@@ -554,12 +608,13 @@ def qmsum_test(folder: Path, split: str) -> BeirDataset:
 
 
 def evaluate_all(models: dict[str, SentenceTransformer], data_dir: Path, deadline: float) -> dict:
-    """Runs (top 100) on SciFact test, TREC DL 2019 pooled, QMSum test meetings; scored later by ``score``."""
+    """Runs (top 100) on SciFact test (also with its queries re-cased: ``QUERY_CASES``), TREC DL 2019 pooled,
+    QMSum test meetings; scored later by ``score``."""
     runs: dict[str, dict] = {}
-    sets = {
-        "scifact": load_beir(data_dir / "scifact", "test"),
-        "trec-dl-2019": load_beir(data_dir / "trec-dl-2019", "test"),
-    }
+    scifact = load_beir(data_dir / "scifact", "test")
+    sets = {"scifact": scifact, "trec-dl-2019": load_beir(data_dir / "trec-dl-2019", "test")}
+    for case, change in QUERY_CASES.items():
+        sets[f"scifact-{case}"] = replace(scifact, queries={q: change(text) for q, text in scifact.queries.items()})
     for name, dataset in sets.items():
         for label, model in models.items():
             if time.time() > deadline:
@@ -655,8 +710,11 @@ class Prepared:
     record: RunRecord
 
 
-def prepare_training(work: Path, output: Path, settings: dict) -> Prepared:
-    """Steps 2-3 on the best device: the corpus, a held-out set, GPT-NeoX ids, the teacher's targets."""
+def prepare_training(work: Path, output: Path, settings: dict, lower_case: bool = False) -> Prepared:
+    """Steps 2-3 on the best device: the corpus, a held-out set, GPT-NeoX ids, the teacher's targets.
+
+    ``lower_case``: the students read lower-cased texts (the ids); the teacher reads them as they are.
+    """
     started = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -673,11 +731,16 @@ def prepare_training(work: Path, output: Path, settings: dict) -> Prepared:
     texts, kinds = [row["text"] for row in records], [row["kind"] for row in records]
     train, held_out = split_held_out(records, HELD_OUT, SEED)
     tokenizer = st_mamba.load_tokenizer(work / "gpt-neox-20b", EOS_ID)
-    ids = tokenize(tokenizer, texts, MAX_TRAIN_TOKENS - 1)
-    pairs = list(zip(tokenize(tokenizer, [row["query"] for row in pair_rows], MNRL_MAX_TOKENS - 1),
-                     tokenize(tokenizer, [row["document"] for row in pair_rows], MNRL_MAX_TOKENS - 1), strict=True))  # fmt: skip
+
+    def student_ids(strings: list[str], limit: int) -> list[np.ndarray]:
+        return tokenize(tokenizer, [text.lower() for text in strings] if lower_case else strings, limit)
+
+    ids = student_ids(texts, MAX_TRAIN_TOKENS - 1)
+    pairs = list(zip(student_ids([row["query"] for row in pair_rows], MNRL_MAX_TOKENS - 1),
+                     student_ids([row["document"] for row in pair_rows], MNRL_MAX_TOKENS - 1), strict=True))  # fmt: skip
     results["corpus"] = {"texts": len(texts), "train_texts": len(train), "held_out": len(held_out),
-                         "gpt_neox_tokens": int(sum(len(row) for row in ids)), "pairs": len(pairs)}  # fmt: skip
+                         "gpt_neox_tokens": int(sum(len(row) for row in ids)), "pairs": len(pairs),
+                         "lower_case": lower_case}  # fmt: skip
     record = RunRecord(results, started, output)
     record.mark("tokenized")
 
@@ -692,13 +755,29 @@ def prepare_training(work: Path, output: Path, settings: dict) -> Prepared:
     return Prepared(data, held_out, kinds, texts, teacher, device, record)
 
 
-def build_student(name: str, work: Path, scratch: Path) -> tuple[SentenceTransformer, str, float]:
-    """A ``STUDENT_VARIANTS`` entry or ``"transformer"``: the model, its collate kind, its peak learning rate."""
+def build_student(
+    name: str, work: Path, scratch: Path, teacher: SentenceTransformer, lower_case: bool = False
+) -> tuple[SentenceTransformer, str, float]:
+    """A ``STUDENT_VARIANTS`` entry or ``"transformer"``: the model, its collate kind, its peak learning rate.
+
+    The Transformer control lower-cases its input when the run's ids are lower-cased (``lower_case``).
+    """
     if name == "transformer":
-        return build_transformer_student(work / "gpt-neox-20b", scratch), "transformer", LEARNING_RATE
+        model = build_transformer_student(work / "gpt-neox-20b", scratch, do_lower_case=lower_case)
+        return model, "transformer", LEARNING_RATE
     variant = STUDENT_VARIANTS[name]
-    return (build_mamba_student(work / "gpt-neox-20b", **variant), "mamba",
-            variant.get("learning_rate", LEARNING_RATE))  # fmt: skip
+    model = build_mamba_student(work / "gpt-neox-20b", **variant)
+    if variant.get("init") == "teacher":
+        initialise_from_teacher(model, teacher)
+    return model, "mamba", variant.get("learning_rate", LEARNING_RATE)
+
+
+def lower_cases(names: list[str]) -> bool:
+    """Whether the run's ids are lower-cased: as its Mamba students read (they must agree; the control follows)."""
+    flags = {STUDENT_VARIANTS[name].get("do_lower_case", False) for name in names if name != "transformer"}
+    if len(flags) > 1:
+        raise SystemExit(f"students {names} disagree on do_lower_case: sweep them in separate runs")
+    return flags.pop() if flags else False
 
 
 def sweep(work: Path, output: Path, names: list[str], seconds: float, scratch: Path) -> dict:
@@ -709,13 +788,14 @@ def sweep(work: Path, output: Path, names: list[str], seconds: float, scratch: P
     unknown = sorted(set(names) - set(STUDENT_VARIANTS) - {"transformer"})
     if unknown:
         raise SystemExit(f"unknown students {unknown}; known: {sorted(STUDENT_VARIANTS)} and 'transformer'")
+    lower_case = lower_cases(names)
     run = prepare_training(
-        work, output, {"sweep_seconds": seconds, "variants": {n: STUDENT_VARIANTS.get(n) for n in names}}
+        work, output, {"sweep_seconds": seconds, "variants": {n: STUDENT_VARIANTS.get(n) for n in names}}, lower_case
     )
     results = run.record.results
     results["sweep"] = {}
     for name in names:
-        model, kind, peak = build_student(name, work, scratch)
+        model, kind, peak = build_student(name, work, scratch, run.teacher, lower_case)
         try:
             train = train_student(
                 model, kind, run.data, run.device, None, seconds, results["log"], peak_learning_rate=peak
@@ -741,22 +821,25 @@ def run_training(
     smoke: bool = False,
     seconds: float | None = None,
     control: bool = True,
+    run_seconds: float = RUN_SECONDS,
 ) -> dict:
     """Steps 2-7 on the best device: targets, both students, evaluation, speed; writes results as it goes.
 
     ``seconds``: the Mamba student's training time (default ``TRAIN_SECONDS``). ``control=False`` trains
     no Transformer: a longer Mamba run in one call, compared with a control from another run.
+    ``run_seconds``: the whole command's time, after which no evaluation or speed test starts.
     """
     variant = STUDENT_VARIANTS[student]
     seconds = TRAIN_SECONDS if seconds is None else seconds
     settings = {"student": student, "mamba": variant, "train_seconds": seconds, "control": control}
-    run = prepare_training(work, output, settings)
-    deadline = run.record.started + RUN_SECONDS
+    lower_case = lower_cases([student])
+    run = prepare_training(work, output, settings, lower_case)
+    deadline = run.record.started + run_seconds
     results, teacher = run.record.results, run.teacher
     data, held_out, kinds, device = run.data, run.held_out, run.kinds, run.device
 
     # 4. The Mamba student
-    mamba, _, peak = build_student(student, work, output)
+    mamba, _, peak = build_student(student, work, output, teacher, lower_case)
     if resume is not None:
         meta = checkpoint_meta(resume)
         if meta.get("student", student) != student:
@@ -765,7 +848,7 @@ def run_training(
     results["held_out_cosine"] = {
         "mamba@init": held_out_cosine(mamba.to(device), "mamba", data, held_out, kinds, device)
     }
-    meta = {"student": student, "config": variant["config"], "pooling": variant["pooling"]}
+    meta = {"student": student, "config": variant["config"], "pooling": variant["pooling"], "do_lower_case": lower_case}
     results["train"] = {"mamba": train_student(mamba, "mamba", data, device, None, seconds, results["log"],
                                                checkpoint_dir=output, resume=resume, peak_learning_rate=peak,
                                                checkpoint_meta=meta)}  # fmt: skip
@@ -775,8 +858,8 @@ def run_training(
     # 5. The Transformer control: same batches, same number of steps
     models = {"mamba": mamba, "teacher": teacher}  # in the order they are evaluated
     if control:
-        transformer = build_transformer_student(
-            work / "gpt-neox-20b", Path("/tmp/distill-transformer") if not smoke else output / "tf"
+        transformer, _, _ = build_student(
+            "transformer", work, Path("/tmp/distill-transformer") if not smoke else output / "tf", teacher, lower_case
         )
         results["parameters"]["transformer"] = parameter_count(transformer)
         steps = results["train"]["mamba"]["steps"]
@@ -810,7 +893,8 @@ def run_training(
 def export(checkpoint: Path, output: Path, tokenizer_dir: Path, card: str | None = None) -> SentenceTransformer:
     """The Mamba student from a checkpoint, saved in fp16 as an st-mamba folder (optionally with a model card)."""
     tensors, meta = load_checkpoint(checkpoint)
-    model = build_mamba_student(tokenizer_dir, config=meta["config"], pooling=meta.get("pooling", "eos"))
+    model = build_mamba_student(tokenizer_dir, config=meta["config"], pooling=meta.get("pooling", "eos"),
+                                do_lower_case=meta.get("do_lower_case", False))  # fmt: skip
     restore(model, None, tensors, meta["step"])
     model.max_seq_length = SAVED_MAX_SEQ_LENGTH
     model.half()
@@ -877,6 +961,28 @@ def model_card(
             for label, source, key in rows]  # fmt: skip
     qmsum = [f"| {label} | {cell(source, f'qmsum-summary/{key}')} | {cell(source, f'qmsum-specific/{key}')} |"
              for label, source, key in qmsum]  # fmt: skip
+    cases = [
+        f"| {label} | "
+        + " | ".join(cell(scores, f"{name}/{key}") for name in ("scifact", *(f"scifact-{c}" for c in QUERY_CASES)))
+        + " |"
+        for label, key in (("teacher all-MiniLM-L6-v2", "teacher"), ("**st-mamba-distilled**", "mamba"))
+    ]
+    sources = (
+        ", ".join(sorted({name.split("/")[0] for name in manifest.get("tokens", {})})) or "the corpus builder's sources"
+    )
+    excluded = manifest.get("evaluation_collections_excluded")
+    zero_shot = (
+        f"No text of {', '.join(excluded)} (documents or queries, any split) entered training: every score below is zero-shot."
+        if excluded
+        else "**Not zero-shot**: this model's training corpus held texts of the collections scored below."
+    )
+    init = (
+        "The token table started as the teacher's embedding of each GPT-NeoX token, reduced by PCA (the Model2Vec recipe), "
+        "and texts are lower-cased. "
+        if student.get("init") == "teacher"
+        else ""
+    )
+    pair_words = "real (lemmas, gloss) pairs of WordNet" if "wordnet" in sources else "real pairs"
     speed = [
         f"| {results['device'] if row['device'] == 'cuda' else row['device']} | {row['tokens']:,} | {row['model']} "
         f"| {row['texts_per_second']:.1f} | {row['tokens_per_second']:,} |"
@@ -902,18 +1008,25 @@ model = SentenceTransformer("models/st-mamba-distilled", trust_remote_code=True)
 ```
 
 ## Training
-Corpus: {manifest.get("gpt_neox_tokens", 0):,} GPT-NeoX tokens of offline text ({manifest.get("records", 0):,} texts: MS MARCO
-queries, SciFact abstracts and train claims, TREC DL 2019 pooled passages, QMSum train/val meetings,
-Debian documentation), no test query. Target: the teacher's embedding, or for long texts the mean of
+Corpus: {manifest.get("gpt_neox_tokens", 0):,} GPT-NeoX tokens of offline text ({manifest.get("records", 0):,} texts from
+{sources}). {init}Target: the teacher's embedding, or for long texts the mean of
 its embeddings over consecutive 256-token windows. Loss: MSELoss x {MSE_WEIGHT:g}, plus
-MultipleNegativesRankingLoss x {MNRL_WEIGHT} every {MNRL_EVERY} steps on the {results["corpus"]["pairs"]} SciFact train pairs.
-{train["steps"]} steps, {train["tokens"]:,} tokens, {train["seconds"]} s on {results["device"]}.
+MultipleNegativesRankingLoss x {MNRL_WEIGHT} every {MNRL_EVERY} steps on {results["corpus"]["pairs"]:,} {pair_words}.
+{train["steps"]:,} steps, {train["tokens"]:,} tokens, {train["seconds"]} s on {results["device"]}.
 
-## Scores (nDCG@10)
+## Scores (nDCG@10, zero-shot)
+{zero_shot}
+
 | model | SciFact test | TREC DL 2019 (pooled corpus) |
 |---|---|---|
 {newline.join(rows)}
 {note}
+SciFact test with its queries re-cased (nDCG@10; a model that lower-cases its input scores the same on each):
+
+| model | as given | UPPER CASE | lower case | Title Case |
+|---|---|---|---|---|
+{newline.join(cases)}
+
 QMSum test meetings (35), nDCG@10:
 
 | reading | summary -> meeting | question -> meeting |
@@ -941,6 +1054,7 @@ def score(results: dict, data_dir: Path) -> dict[str, dict]:
         "qmsum-summary": load_beir(data_dir / "qmsum-test", "summary").qrels,
         "qmsum-specific": load_beir(data_dir / "qmsum-test", "specific").qrels,
     }
+    qrels.update({f"scifact-{case}": qrels["scifact"] for case in QUERY_CASES})
     scores = {}
     for name, run in results.get("runs", {}).items():
         dataset = name.split("/")[0]
@@ -1053,6 +1167,8 @@ def main() -> None:
     p.add_argument(
         "--no-control", action="store_true", help="train no Transformer control (a longer Mamba run in one call)"
     )
+    p.add_argument("--run-seconds", type=float, default=RUN_SECONDS,
+                   help=f"the command's whole time: no evaluation starts past it (default {RUN_SECONDS} s)")  # fmt: skip
     p = sub.add_parser("sweep", help="train each student for the same time; held-out cosines (GPU)")
     p.add_argument("--work", type=Path, default=repo / ".distill")
     p.add_argument("--output", type=Path, required=True)
@@ -1092,8 +1208,8 @@ def main() -> None:
     if args.command == "prepare":
         prepare(args.corpus, args.data, args.output, args.teacher or default_teacher(), args.tokenizer)
     elif args.command == "train":
-        results = run_training(args.work, args.output, args.resume, args.student,
-                               seconds=args.seconds, control=not args.no_control)  # fmt: skip
+        results = run_training(args.work, args.output, args.resume, args.student, seconds=args.seconds,
+                               control=not args.no_control, run_seconds=args.run_seconds)  # fmt: skip
         print_table(results)
     elif args.command == "sweep":
         results = sweep(args.work, args.output, args.students, args.seconds, Path("/tmp/distill-transformer"))

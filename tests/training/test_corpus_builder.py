@@ -1,7 +1,8 @@
-"""training/build_distillation_corpus.py: test queries and judgments never reach the corpus."""
+"""training/build_distillation_corpus.py: no text of an evaluation collection reaches the corpus."""
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import lzma
@@ -87,31 +88,86 @@ def data_dir(tmp_path) -> Path:
     return data
 
 
-def test_no_test_query_or_judgment_reaches_the_corpus(data_dir, tokenizer_dir):
+def _write_wordnet(root: Path, glosses: list[tuple[list[str], str]]) -> None:
+    """A ``data.noun`` laid out like wordnet-base's: a licence header, then one synset a line."""
+    lines = ["  1 This software and database is being provided to you, the LICENSEE, by Princeton University"]
+    for number, (words, gloss) in enumerate(glosses):
+        fields = " ".join(f"{word.replace(' ', '_')} 0" for word in words)
+        lines.append(f"{number:08d} 05 n {len(words):02x} {fields} 000 | {gloss}  ")
+    path = root / "usr/share/wordnet/data.noun"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _dictd_number(value: int) -> str:
+    digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    text = ""
+    while True:
+        value, digit = divmod(value, 64)
+        text = digits[digit] + text
+        if not value:
+            return text
+
+
+def _write_dictd(root: Path, name: str, entries: list[tuple[list[str], str]]) -> None:
+    """A dictd database: the entries' texts one after another (gzip), and an index of headword, offset, length."""
+    body, index = b"", []
+    for headwords, text in entries:
+        raw = text.encode()
+        index += [f"{word}\t{_dictd_number(len(body))}\t{_dictd_number(len(raw))}" for word in headwords]
+        body += raw
+    folder = root / "usr/share/dictd"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.dict.dz").write_bytes(gzip.compress(body))
+    (folder / f"{name}.index").write_text("\n".join(sorted(index)) + "\n")
+
+
+def test_no_text_of_an_evaluation_collection_reaches_the_corpus(data_dir, tokenizer_dir, tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    records, pairs, manifest = builder.build(data_dir, tokenizer, doc_sources=())
-    test = builder.collect_test_set(data_dir)
-    assert len(test.query_texts) == 3 + 2 + 2  # SciFact test, all TREC DL, all QMSum
+    root = tmp_path / "root"
+    abstract = json.loads((data_dir / "scifact" / "corpus.jsonl").read_text().splitlines()[0])["text"]
+    _write_wordnet(root, [(["selective scan"], "a scan whose parameters depend on the input"),
+                          (["trap"], abstract.upper()),  # a SciFact abstract, in capitals
+                          (["test claim number 2 about models"], "a gloss whose lemma is a planted query")])  # fmt: skip
+    records, pairs, manifest = builder.build(data_dir, tokenizer, sources=("wordnet",), doc_root=root)
+    excluded = builder.collect_evaluation_texts(data_dir)
+    assert len(excluded) >= 8 + 6 + 5 + 2 + 2  # SciFact abstracts and claims (all splits), TREC DL, QMSum
     texts = [builder.normalise(record["text"]) for record in records]
-    assert not set(texts) & test.query_texts
-    for pair in pairs:
-        assert builder.normalise(pair["query"]) not in test.query_texts
-        assert (builder.normalise(pair["query"]), pair["document_id"]) not in test.judgments
-    assert {pair["query"] for pair in pairs} == {
-        "train claim number 1 about passes",
-        "train claim number 2 about passes",
-    }
-    # what must be there is there: train claims, abstracts, passages, the train meeting, other queries
-    assert "train claim number 1 about passes" in texts
-    assert "what is paula deen's brother" in texts
-    assert sum(record["source"] == "scifact" and record["kind"] == "passage" for record in records) == 8
+    assert texts and not set(texts) & excluded
     joined = "\n".join(record["text"] for record in records)
-    assert "TRAINMEETINGMARK" in joined and "TESTMEETINGMARK" not in joined
-    assert manifest["dropped"]["equal to a test query"] == 4  # r3, p9, and two MS MARCO queries
-    assert manifest["dropped"]["pair that is a test query or judgment"] == 1
+    for mark in ("TRAINMEETINGMARK", "TESTMEETINGMARK", "train claim", "test claim", "Title"):
+        assert mark not in joined  # no document, query or meeting of any split of the evaluation collections
+    assert {record["source"] for record in records} == {"msmarco-queries", "wordnet"}
+    assert "what is paula deen's brother" in texts
+    # a TREC DL 2019 query and a QMSum query among the MS MARCO ones, the abstract, the test claim as a lemma
+    assert manifest["dropped"]["equal to a text of an evaluation collection"] == 4
+    assert pairs == [{"query": "selective scan", "document": "a scan whose parameters depend on the input",
+                      "document_id": "wordnet-noun-00000000", "source": "wordnet"}]  # fmt: skip
+    assert manifest["dropped"]["pair holding a text of an evaluation collection"] == 2
     assert manifest["gpt_neox_tokens"] == sum(manifest["tokens"].values()) > 0
+
+
+def test_wordnet_synsets_give_glosses_lemmas_and_pairs(tmp_path):
+    _write_wordnet(
+        tmp_path, [(["dog", "domestic dog", "Canis familiaris"], 'a member of the genus Canis; "the dog barked"')]
+    )
+    texts, pairs = builder.read_wordnet(tmp_path)
+    assert [(t.text, t.kind) for t in texts] == [('a member of the genus Canis; "the dog barked"', "passage"),
+                                                 ("dog, domestic dog, Canis familiaris", "query")]  # fmt: skip
+    assert pairs[0]["query"] == "dog, domestic dog, Canis familiaris"
+    assert builder.read_wordnet(tmp_path / "elsewhere") == ([], [])
+
+
+def test_dictionary_entries_are_read_once_without_database_notes(tmp_path):
+    entry = 'Apple \\Ap"ple\\, n.\n   1. The fleshy pome of a tree.\n      [1913 Webster]\n'
+    _write_dictd(tmp_path, "gcide", [(["00-database-info"], "This is the GCIDE database.\n"),
+                                     (["apple", "Apple"], entry), (["pear"], "Pear, n. A fruit.\n")])  # fmt: skip
+    entries = builder.read_dictionary("gcide", tmp_path)
+    assert [e.text for e in entries] == ['Apple \\Ap"ple\\, n.\n1. The fleshy pome of a tree.', "Pear, n. A fruit."]
+    assert {e.source for e in entries} == {"gcide"}
+    assert builder.read_dictionary("foldoc", tmp_path) == []
 
 
 def test_long_texts_are_cut_into_passages_and_segments_at_token_boundaries(tokenizer_dir, monkeypatch):
@@ -153,25 +209,12 @@ def test_documentation_is_read_from_installed_package_files(tmp_path):
 
 @pytest.mark.shared
 @pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
-def test_real_data_sources_hold_no_test_query_and_no_test_meeting():
-    test = builder.collect_test_set(DATA)
-    assert len(test.query_texts) > 2000  # 300 SciFact + 43 TREC DL + ~1,800 QMSum (some repeated)
-    short = builder.read_msmarco_queries(DATA) + builder.read_trec_dl_passages(DATA)
-    texts, pairs = builder.read_scifact(DATA)
-    kept = [t for t in short + texts if builder.normalise(t.text) not in test.query_texts]
-    assert len(short + texts) - len(kept) <= 5  # the few train texts equal to a test query are what `build` drops
-    meetings = builder.read_qmsum_meetings(DATA)
-    assert len(meetings) == 162 + 35  # train + val
-    test_meetings = {
-        line.split("\t")[0]
-        for line in (DATA / "qmsum" / "meeting_splits.tsv").read_text().splitlines()
-        if line.endswith("\ttest")
-    }
-    corpus = {json.loads(line)["_id"]: json.loads(line)["text"] for line in open(DATA / "qmsum" / "corpus.jsonl")}
-    assert not {corpus[m] for m in test_meetings} & {m.text for m in meetings}
-    test_judged = set(builder._qrels(DATA / "scifact" / "qrels" / "test.tsv"))
-    assert len(pairs) == 919 and all(pair["document_id"] for pair in pairs)
-    assert not test_judged & {q for q in builder._qrels(DATA / "scifact" / "qrels" / "train.tsv")}
+def test_every_text_of_the_real_evaluation_collections_is_excluded():
+    excluded = builder.collect_evaluation_texts(DATA)
+    assert len(excluded) > 5_183 + 1_109 + 10_852 + 43 + 232 + 1_700  # documents (twice with titles) and queries
+    queries = builder.read_msmarco_queries(DATA)
+    assert len(queries) == 13_817
+    assert sum(builder.normalise(q.text) in excluded for q in queries) <= 5  # none is a TREC DL 2019 query
 
 
 BUILT = REPO / ".distill" / "corpus" / "corpus.jsonl.xz"
@@ -179,12 +222,13 @@ BUILT = REPO / ".distill" / "corpus" / "corpus.jsonl.xz"
 
 @pytest.mark.shared
 @pytest.mark.skipif(not (DATA.is_dir() and BUILT.is_file()), reason="needs ../shared/data and a built corpus")
-def test_the_built_corpus_holds_no_test_query_and_no_test_judgment():
-    test = builder.collect_test_set(DATA)
+def test_the_built_corpus_holds_no_text_of_an_evaluation_collection():
+    excluded = builder.collect_evaluation_texts(DATA)
     with lzma.open(BUILT, "rt", encoding="utf-8") as lines:
-        texts = {builder.normalise(json.loads(line)["text"]) for line in lines}
-    assert not texts & test.query_texts
+        records = [json.loads(line) for line in lines]
+    assert not {builder.normalise(record["text"]) for record in records} & excluded
+    assert not {record["source"] for record in records} & set(builder.EVALUATION_COLLECTIONS)
     with lzma.open(BUILT.with_name("pairs.jsonl.xz"), "rt", encoding="utf-8") as lines:
         pairs = [json.loads(line) for line in lines]
-    assert pairs and all(builder.normalise(p["query"]) not in test.query_texts for p in pairs)
-    assert not {(builder.normalise(p["query"]), p["document_id"]) for p in pairs} & test.judgments
+    assert pairs and not {builder.normalise(p["query"]) for p in pairs} & excluded
+    assert not {builder.normalise(p["document"]) for p in pairs} & excluded

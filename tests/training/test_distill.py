@@ -238,7 +238,8 @@ def work_folder(tmp_path, tokenizer_dir, tiny_teacher) -> Path:
 def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, monkeypatch, tokenizer_dir):
     """Steps 2-7 with tiny students: checkpoint shards, results, runs; then export loads; then scoring."""
     tiny_students = {"tiny-eos": {"config": TINY_MAMBA, "pooling": "eos"},
-                     "tiny-mean": {"config": TINY_MAMBA, "pooling": "mean", "learning_rate": 3e-3}}  # fmt: skip
+                     "tiny-mean": {"config": TINY_MAMBA, "pooling": "mean", "learning_rate": 3e-3, "init": "teacher",
+                                   "do_lower_case": True}}  # fmt: skip
     monkeypatch.setattr(distill, "STUDENT_VARIANTS", tiny_students)
     monkeypatch.setattr(distill, "TRANSFORMER", TINY_TRANSFORMER)
     monkeypatch.setattr(distill, "TRAIN_SECONDS", 2.0)
@@ -256,7 +257,8 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     )  # timed: its 2 s, whatever the load
     assert results["train"]["transformer"]["steps"] == results["train"]["mamba"]["steps"]
     assert set(results["held_out_cosine"]) == {"mamba@init", "mamba", "transformer"}
-    expected_runs = {f"{d}/{m}" for d in ("scifact", "trec-dl-2019") for m in ("teacher", "mamba", "transformer")}
+    sets = ("scifact", "scifact-upper", "scifact-lower", "scifact-title", "trec-dl-2019")
+    expected_runs = {f"{d}/{m}" for d in sets for m in ("teacher", "mamba", "transformer")}
     expected_runs |= {f"qmsum-{s}/{r}" for s in ("summary", "specific")
                       for r in ("teacher:model", "teacher:chunk:254:mean", "mamba:one-pass", "transformer:model")}  # fmt: skip
     assert set(results["runs"]) == expected_runs
@@ -275,7 +277,8 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     tensors, meta = distill.load_checkpoint(out)
     assert distill.checkpoint_meta(out) == meta  # the same metadata, without reading the tensors
     assert meta["total_steps"] is None and meta["trained_seconds"] >= meta["seconds"] == 2.0  # a timed run, done
-    assert (meta["student"], meta["pooling"]) == ("tiny-mean", "mean")
+    assert (meta["student"], meta["pooling"], meta["do_lower_case"]) == ("tiny-mean", "mean", True)
+    assert results["corpus"]["lower_case"] is True
     stepped = dict(meta, total_steps=meta["step"] + 2)  # a run planned in steps: 2 to go
     distill.save_checkpoint(tensors, stepped, tmp_path / "resume")
     resumed = distill.train_student(model, "mamba", data, "cpu", None, 1.0, log, resume=tmp_path / "resume")
@@ -290,7 +293,7 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     distill.export(out, folder, tokenizer_dir, card="# card\n")
     assert (folder / "README.md").read_text() == "# card\n"
     loaded = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
-    assert loaded[0].pooling == "mean"
+    assert loaded[0].pooling == "mean" and loaded[0].do_lower_case
     from safetensors.torch import load_file
 
     assert all(t.dtype == torch.float16 for t in load_file(folder / "model.safetensors").values())
@@ -347,3 +350,36 @@ def test_sweep_trains_each_student_for_the_same_time(work_folder, tmp_path, monk
         assert set(json.load(src)["sweep"]) == set(names)
     with pytest.raises(SystemExit, match="unknown students"):
         distill.sweep(work_folder, tmp_path / "out", ["nope"], seconds=1.0, scratch=tmp_path / "tf")
+
+
+def test_the_teacher_token_table_is_a_principal_component_projection(tiny_teacher, tokenizer_dir):
+    tokenizer = distill.st_mamba.load_tokenizer(tokenizer_dir)
+    texts = [tokenizer.decode([index]).strip() for index in range(len(tokenizer))] + [
+        "",
+        "",
+    ]  # 2 ids past the vocabulary
+    vectors = tiny_teacher.encode(texts, convert_to_tensor=True, normalize_embeddings=True).float()
+    table, components, mean = distill.teacher_token_table(tiny_teacher, tokenizer, len(texts), 384)
+    torch.testing.assert_close(table @ components + mean, vectors, atol=1e-4, rtol=1e-4)  # every direction kept
+    torch.testing.assert_close(components @ components.T, torch.eye(384), atol=1e-4, rtol=1e-4)
+    narrow, narrow_components, _ = distill.teacher_token_table(tiny_teacher, tokenizer, len(texts), 16)
+    torch.testing.assert_close(narrow, table[:, :16], atol=1e-4, rtol=1e-4)  # the leading directions, in order
+    assert narrow.var(dim=0)[0] >= narrow.var(dim=0)[-1]
+
+
+def test_a_student_initialised_from_the_teacher_starts_as_a_static_embedding_model(tiny_teacher, tokenizer_dir):
+    student = distill.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, pooling="mean", do_lower_case=True)
+    distill.initialise_from_teacher(student, tiny_teacher)
+    backbone = student[0].backbone
+    assert all(not layer.mixer.out_proj.weight.any() for layer in backbone.layers)
+    texts = ["State space models READ long documents", "a linear pass"]
+    got = student.encode(texts, convert_to_tensor=True)
+    # by hand: the mean of the RMS-normalised table rows of the lower-cased text and its EOS, through the head
+    expected = []
+    for text in texts:
+        ids = student.tokenizer(text.lower(), add_special_tokens=False)["input_ids"] + [0]
+        rows = backbone.embeddings.weight[ids]
+        rows = backbone.norm_f(rows)
+        expected.append(student[1].linear(rows.mean(dim=0)))
+    expected = torch.nn.functional.normalize(torch.stack(expected), dim=-1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
