@@ -13,13 +13,23 @@ some out on purpose, and recall must still count them).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from st_mamba.evaluation.files import DataFileError, find_file, json_lines
 from st_mamba.evaluation.qrels import Qrels, read_qrels
 
 logger = logging.getLogger(__name__)
+
+
+# Ways a user may type the same query (``BeirDataset.recased``): a retriever should not care.
+QUERY_CASES: dict[str, Callable[[str], str]] = {
+    "as-given": lambda text: text,
+    "upper": str.upper,
+    "lower": str.lower,
+    "title": str.title,
+}
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,12 @@ class BeirDataset:
     name: str = ""
     split: str = "test"
     unjudged_queries: int = 0
+
+    def recased(self, case: str) -> BeirDataset:
+        """The same data set with every query re-typed: ``case`` is a key of ``QUERY_CASES``."""
+        if case not in QUERY_CASES:
+            raise ValueError(f"unknown query case {case!r}; known: {', '.join(QUERY_CASES)}")
+        return replace(self, queries={query_id: QUERY_CASES[case](text) for query_id, text in self.queries.items()})
 
     def document_texts(self, doc_ids: list[str] | None = None) -> list[str]:
         ids = list(self.corpus) if doc_ids is None else doc_ids

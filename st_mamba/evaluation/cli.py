@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from st_mamba.evaluation.beir import load_beir
+from st_mamba.evaluation.beir import QUERY_CASES, load_beir
 from st_mamba.evaluation.files import DataFileError
 from st_mamba.evaluation.hub import HubUnavailableError
 from st_mamba.evaluation.metrics import DEFAULT_MEASURES, evaluate, parse_measures
@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         "chunk:N:max, chunk:N:mean",
     )  # fmt: skip
     beir.add_argument(
+        "--query-case", action="append", metavar="CASE", choices=list(QUERY_CASES),
+        help="also search with the queries re-typed, repeatable: as-given (default), upper, lower, title",
+    )  # fmt: skip
+    beir.add_argument(
         "--chunk-overlap", type=int, default=0, metavar="TOKENS", help="tokens shared by neighbouring chunks"
     )
     beir.add_argument(
@@ -155,12 +159,14 @@ def _slug(name: str) -> str:
 def _run_beir(args: argparse.Namespace) -> int:
     from st_mamba.evaluation.bm25 import BM25Settings, bm25_search
     from st_mamba.evaluation.encoding import DocumentEncoding, reads_any_length
-    from st_mamba.evaluation.retrieval import dense_rerank, dense_search
+    from st_mamba.evaluation.retrieval import dense_rerank, dense_search_recased
 
     if args.model is None and not args.bm25:
         raise ValueError("nothing to evaluate: give --model, --bm25 or both")
     if args.rerank is not None and args.model is None:
         raise ValueError("--rerank needs --model (to score a run as it is, use score-run)")
+    if args.rerank is not None and (args.query_case or ["as-given"]) != ["as-given"]:
+        raise ValueError("--query-case is for full-corpus search, not --rerank")
     parse_measures(args.measures, args.min_relevance)  # fail on a bad measure before any slow work
     encodings = [DocumentEncoding.parse(spec, args.chunk_overlap) for spec in (args.doc_mode or ["model"])]
     dataset = load_beir(args.data, args.split)
@@ -192,18 +198,23 @@ def _run_beir(args: argparse.Namespace) -> int:
             model[0].chunk_size = args.stream_chunk_size
         model_name = Path(args.model).name or args.model
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # what the weights really are
+        cases = args.query_case or ["as-given"]
         for encoding in encodings:
             start = time.perf_counter()
-            if candidates is None:
-                run = dense_search(model, dataset, args.top_k, encoding, args.batch_size, args.backend, progress)
-                name = f"{model_name} [{encoding}]"
-            else:
-                run = dense_rerank(model, dataset, candidates, encoding, args.batch_size, progress)
-                name = f"{model_name} [{encoding}] rerank top {args.depth}"
             settings = {"model": args.model, "documents": str(encoding), "batch_size": args.batch_size, "dtype": dtype}
             if args.stream_chunk_size is not None:
                 settings["stream_chunk_size"] = args.stream_chunk_size
-            record(name, run, time.perf_counter() - start, settings)
+            if candidates is not None:
+                run = dense_rerank(model, dataset, candidates, encoding, args.batch_size, progress)
+                record(f"{model_name} [{encoding}] rerank top {args.depth}", run, time.perf_counter() - start, settings)
+                continue
+            recased = dense_search_recased(
+                model, dataset, cases, args.top_k, encoding, args.batch_size, args.backend, progress
+            )
+            seconds = (time.perf_counter() - start) / len(cases)  # the corpus is embedded once for all cases
+            for case, run in recased.items():
+                name = f"{model_name} [{encoding}]" + ("" if case == "as-given" else f" queries {case}")
+                record(name, run, seconds, {**settings, "query_case": case})
 
     if args.save_runs is not None:
         for name, run in runs.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 from sentence_transformers import SentenceTransformer
@@ -28,16 +29,40 @@ def dense_search(
 
     ``encoding`` says how documents are read (default: as the model is configured).
     """
+    return dense_search_recased(model, dataset, ["as-given"], k, encoding, batch_size, backend, show_progress)[
+        "as-given"
+    ]
+
+
+def dense_search_recased(
+    model: SentenceTransformer,
+    dataset: BeirDataset,
+    cases: Sequence[str],
+    k: int = 1000,
+    encoding: DocumentEncoding | None = None,
+    batch_size: int = 32,
+    backend: Backend = "auto",
+    show_progress: bool = True,
+) -> dict[str, Run]:
+    """``dense_search`` once for each of ``cases`` (keys of ``beir.QUERY_CASES``), the queries re-typed that way.
+
+    The corpus is embedded once. Raises ValueError for an unknown case.
+    """
+    recased = {case: dataset.recased(case) for case in cases}
     encoding = encoding or DocumentEncoding()
     doc_ids = list(dataset.corpus)
     query_ids = list(dataset.queries)
     documents = encode_documents(model, dataset.document_texts(doc_ids), encoding, batch_size, show_progress)
-    queries = encode_queries(model, [dataset.queries[query_id] for query_id in query_ids], batch_size, show_progress)
-    scores, indices = exact_search(queries, documents, k, backend=backend)
-    return {
-        query_id: {doc_ids[index]: float(score) for score, index in zip(row_scores, row_indices, strict=True)}
-        for query_id, row_scores, row_indices in zip(query_ids, scores, indices, strict=True)
-    }
+    runs = {}
+    for case in cases:
+        texts = [recased[case].queries[query_id] for query_id in query_ids]
+        queries = encode_queries(model, texts, batch_size, show_progress)
+        scores, indices = exact_search(queries, documents, k, backend=backend)
+        runs[case] = {
+            query_id: {doc_ids[index]: float(score) for score, index in zip(row_scores, row_indices, strict=True)}
+            for query_id, row_scores, row_indices in zip(query_ids, scores, indices, strict=True)
+        }
+    return runs
 
 
 def dense_rerank(

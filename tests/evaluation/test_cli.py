@@ -66,6 +66,35 @@ def test_beir_model_compares_document_modes(saved_model, tiny_beir, tmp_path, ca
     assert json.loads(output.read_text())["results"][0]["settings"]["stream_chunk_size"] == 8
 
 
+def test_beir_model_searches_with_recased_queries(tiny_model, tiny_beir, tmp_path, capsys):
+    tiny_model[0].do_lower_case = True  # blind to case: every re-typed query set must score the same
+    tiny_model.save(str(tmp_path / "uncased"))
+    output = tmp_path / "results.json"
+    cases = ["--query-case", "as-given", "--query-case", "upper", "--query-case", "title"]
+    status = main(["beir", "--model", str(tmp_path / "uncased"), "--data", str(tiny_beir), "--top-k", "5",
+                   "--no-progress", "--output", str(output), *cases])  # fmt: skip
+    assert status == 0, capsys.readouterr().err
+    results = json.loads(output.read_text())["results"]
+    assert [r["name"] for r in results] == [
+        "uncased [model]",
+        "uncased [model] queries upper",
+        "uncased [model] queries title",
+    ]
+    assert [r["settings"]["query_case"] for r in results] == ["as-given", "upper", "title"]
+    assert results[0]["scores"] == results[1]["scores"] == results[2]["scores"]
+
+
+def test_recased_data_set_retypes_every_query_and_refuses_unknown_cases(tiny_beir):
+    from st_mamba.evaluation.beir import load_beir
+
+    dataset = load_beir(tiny_beir)
+    upper = dataset.recased("upper")
+    assert upper.queries == {query_id: text.upper() for query_id, text in dataset.queries.items()}
+    assert upper.corpus is dataset.corpus and upper.qrels is dataset.qrels
+    with pytest.raises(ValueError, match="unknown query case 'shouting'"):
+        dataset.recased("shouting")
+
+
 @pytest.mark.parametrize("dtype", [None, "bfloat16"])
 def test_beir_model_loads_in_the_dtype_asked_for(saved_model, tiny_beir, tmp_path, capsys, dtype):
     output = tmp_path / "results.json"
@@ -109,6 +138,20 @@ def test_beir_rerank_reports_first_stage_and_model(saved_model, tiny_beir, capsy
             "corpus.jsonl:1: expected 6 columns",
         ),
         (["download", "beir", "--to", "{tiny}"], "download beir needs a name"),
+        (
+            [
+                "beir",
+                "--data",
+                "{tiny}",
+                "--model",
+                "{tiny}",
+                "--rerank",
+                "{tiny}/runs/first-stage.trec",
+                "--query-case",
+                "upper",
+            ],
+            "--query-case is for full-corpus search",
+        ),  # fmt: skip
     ],
 )
 def test_bad_input_exits_1_with_a_clear_message(tiny_beir, capsys, arguments, message):
