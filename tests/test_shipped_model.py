@@ -61,3 +61,10 @@ def test_a_long_text_streams_to_the_same_embedding_as_one_pass(model):
     finally:
         model[0].chunk_size = chunk_size
     torch.testing.assert_close(streamed, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_queries_typed_in_capitals_find_the_same_answers(model):
+    """The shipped model lower-cases its input (the teacher it was distilled from is uncased)."""
+    assert model[0].do_lower_case
+    shouted = model.encode_query([question.upper() for question in QUESTIONS], convert_to_tensor=True)
+    torch.testing.assert_close(shouted, model.encode_query(QUESTIONS, convert_to_tensor=True))
