@@ -1060,6 +1060,43 @@ def score(results: dict, data_dir: Path) -> dict[str, dict]:
     return scores
 
 
+# (label, run of the collection, reading of the Mamba student, reading of the teacher) for ``plot_scores``
+PLOTTED = [("SciFact", "scifact", "mamba", "teacher", "bm25"),
+           ("SciFact, queries\nin capitals", "scifact-upper", "mamba", "teacher", None),
+           ("TREC DL 2019", "trec-dl-2019", "mamba", "teacher", "bm25-run"),
+           ("QMSum\nsummary -> meeting", "qmsum-summary", "mamba:one-pass", "teacher:chunk:254:mean", None),
+           ("QMSum\nquestion -> meeting", "qmsum-specific", "mamba:one-pass", "teacher:chunk:254:mean", None)]  # fmt: skip
+
+
+def plot_scores(scores: dict[str, dict], path: Path) -> None:
+    """Bars of nDCG@10 per collection: the Mamba student, the teacher (QMSum: mean over its windows), BM25."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def value(name: str | None) -> float:
+        return scores.get(name, {}).get("nDCG@10", float("nan")) if name else float("nan")
+
+    labels = [label for label, *_ in PLOTTED]
+    bars = {"st-mamba student": [value(f"{run}/{mamba}") for _, run, mamba, _, _ in PLOTTED],
+            "teacher all-MiniLM-L6-v2": [value(f"{run}/{teacher}") for _, run, _, teacher, _ in PLOTTED],
+            "BM25": [value(bm25 and f"{run}/{bm25}") for _, run, _, _, bm25 in PLOTTED]}  # fmt: skip
+    figure, axes = plt.subplots(figsize=(9, 4))
+    width = 0.27
+    for offset, (name, heights) in enumerate(bars.items()):
+        positions = [index + (offset - 1) * width for index in range(len(labels))]
+        drawn = axes.bar(positions, heights, width, label=name)
+        axes.bar_label(drawn, fmt="%.3f", fontsize=7)
+    axes.set_xticks(range(len(labels)), labels, fontsize=8)
+    axes.set_ylabel("nDCG@10 (zero-shot)")
+    axes.set_ylim(0, 1)
+    axes.legend(fontsize=8, loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def bm25_run_scores(data_dir: Path, run_file: Path) -> dict[str, dict]:
     """The published BM25 run of TREC DL 2019 (ranked over the whole MS MARCO collection) on its judgments."""
     from st_mamba.evaluation.metrics import evaluate
@@ -1185,6 +1222,9 @@ def main() -> None:
     p.add_argument("--output", type=Path, required=True, help="JSON file for the scores")
     p.add_argument("--bm25-run", type=Path, default=repo.parent / "shared" / "data" / "trec-dl-2019" / "runs" / "BM25.dl19.trec",
                    help="TREC DL 2019's published BM25 run file, scored too where it exists")  # fmt: skip
+    p.add_argument(
+        "--plot", type=Path, default=None, help="PNG file: nDCG@10 of student, teacher and BM25 per collection"
+    )
     p = sub.add_parser("baselines", help="what needs no student: BM25 (SciFact, TREC DL 2019) and the teacher on QMSum")
     p.add_argument("--data", type=Path, default=repo / ".distill" / "data")
     p.add_argument("--teacher", type=Path, default=None)
@@ -1237,6 +1277,8 @@ def main() -> None:
         args.output.write_text(json.dumps(scores, indent=2) + "\n")
         for name, values in sorted(scores.items()):
             print(f"{name:<48} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        if args.plot is not None:
+            plot_scores(scores, args.plot)
     elif args.command == "baselines":
         teacher = SentenceTransformer(str(args.teacher or default_teacher()), device="cpu")
         scores = bm25_scores(args.data)
