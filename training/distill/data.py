@@ -1,0 +1,102 @@
+"""The training data: the corpus, a held-out draw, GPT-NeoX ids, the teacher's targets, batches and their collation."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sentence_transformers import SentenceTransformer
+
+from st_mamba.evaluation.encoding import split_into_chunks
+from training.distill import settings
+
+
+def read_jsonl_xz(path: Path) -> list[dict]:
+    with lzma.open(path, "rt", encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def split_held_out(records: list[dict], count: int, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of the training texts and of ``count`` held-out texts (a seeded random draw)."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    count = min(count, len(records) // 10)
+    return sorted(order[count:]), sorted(order[:count])
+
+
+def teacher_targets(teacher: SentenceTransformer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """(N, 384) float32: each text's mean teacher embedding over consecutive 256-token windows, renormalised."""
+    pieces, offsets = split_into_chunks(teacher, texts, settings.TEACHER_WINDOW - 2)
+    vectors = teacher.encode(pieces, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
+                             show_progress_bar=False).float()  # fmt: skip
+    owner = torch.repeat_interleave(torch.arange(len(texts)), torch.from_numpy(np.diff(offsets))).to(vectors.device)
+    sums = torch.zeros(len(texts), vectors.shape[1], device=vectors.device).index_add_(0, owner, vectors)
+    return F.normalize(sums, dim=-1).cpu()
+
+
+def tokenize(tokenizer, texts: list[str], limit: int, batch: int = 20000) -> list[np.ndarray]:
+    """GPT-NeoX ids of each text (no special tokens), cut to ``limit`` tokens."""
+    ids: list[np.ndarray] = []
+    for start in range(0, len(texts), batch):
+        encoded = tokenizer(texts[start : start + batch], add_special_tokens=False, return_attention_mask=False)
+        ids += [np.asarray(row[:limit], dtype=np.int32) for row in encoded["input_ids"]]
+    return ids
+
+
+def make_batches(lengths: np.ndarray, indices: list[int], seed: int, epoch: int) -> list[list[int]]:
+    """One epoch of batches: shuffle, sort pools of texts by length, cut by padded tokens and count, shuffle batches."""
+    rng = random.Random(seed * 1000 + epoch)
+    order = list(indices)
+    rng.shuffle(order)
+    pool_size = settings.POOL_BATCHES * 128
+    batches: list[list[int]] = []
+    for start in range(0, len(order), pool_size):
+        pool = sorted(order[start : start + pool_size], key=lambda i: lengths[i])
+        batch: list[int] = []
+        longest = 0
+        for index in pool:
+            longest_if_added = max(longest, int(lengths[index]))
+            if batch and (
+                longest_if_added * (len(batch) + 1) > settings.MAX_BATCH_TOKENS
+                or len(batch) >= settings.MAX_BATCH_TEXTS
+            ):
+                batches.append(batch)
+                batch, longest_if_added = [], int(lengths[index])
+            batch.append(index)
+            longest = longest_if_added
+        if batch:
+            batches.append(batch)
+    rng.shuffle(batches)
+    return batches
+
+
+def batch_schedule(lengths: np.ndarray, indices: list[int], seed: int):
+    """Endless stream of (epoch, batch) with a fresh shuffle each epoch; the same for both students."""
+    epoch = 0
+    while True:
+        for batch in make_batches(lengths, indices, seed, epoch):
+            yield epoch, batch
+        epoch += 1
+
+
+def collate(ids: list[np.ndarray], kind: str, pad_id: int, limit: int | None = None) -> dict[str, torch.Tensor]:
+    """Pre-tokenised texts -> features, as the student's own ``preprocess`` makes them.
+
+    Mamba: ids + EOS, right-padded with EOS (``pad_id``), mask over the ids and their EOS.
+    Transformer: ids, right-padded with ``pad_id``, mask over the ids. ``limit``: most tokens a row holds.
+    """
+    extra = 1 if kind == "mamba" else 0
+    if limit is not None:
+        ids = [row[: limit - extra] for row in ids]
+    lengths = np.array([len(row) for row in ids], dtype=np.int64)
+    columns = np.arange(max(int(lengths.max()) + extra, 1))
+    input_ids = np.full((len(ids), len(columns)), pad_id, dtype=np.int64)
+    if lengths.sum():  # a boolean mask fills row after row: the order of the concatenated rows
+        input_ids[columns < lengths[:, None]] = np.concatenate(ids)
+    mask = (columns < (lengths + extra)[:, None]).astype(np.int64)
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}

@@ -1,0 +1,165 @@
+"""The exported model folder and its model card."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from sentence_transformers import SentenceTransformer
+
+from training.distill import settings
+from training.distill.checkpoints import load_checkpoint, restore
+from training.distill.students import build_mamba_student
+
+
+def export(checkpoint: Path, output: Path, tokenizer_dir: Path, card: str | None = None) -> SentenceTransformer:
+    """The Mamba student from a checkpoint, saved in fp16 as an st-mamba folder (optionally with a model card)."""
+    tensors, meta = load_checkpoint(checkpoint)
+    model = build_mamba_student(tokenizer_dir, config=meta["config"], pooling=meta.get("pooling", "eos"),
+                                do_lower_case=meta.get("do_lower_case", False))  # fmt: skip
+    restore(model, None, tensors, meta["step"])
+    model.max_seq_length = settings.SAVED_MAX_SEQ_LENGTH
+    model.half()
+    if output.exists():
+        shutil.rmtree(output)
+    model.save(str(output))
+    if card is not None:
+        (output / "README.md").write_text(card)
+    return model
+
+
+POOLING_WORDS = {
+    "eos": "the hidden state at EOS is the embedding (Mamba Retriever)",
+    "mean": "the mean of the hidden states over the text and its EOS is the embedding",
+}
+
+
+def model_card(
+    results: dict,
+    scores: dict[str, dict],
+    manifest: dict,
+    more_speed: list[dict] = (),
+    control: tuple[dict, dict[str, dict]] | None = None,
+) -> str:
+    """The exported model's README.md: what it is, how it was trained, and every score of the run.
+
+    ``more_speed``: rows of ``speed`` measured elsewhere (the CPU), added to the run's own (GPU, fp16).
+    ``control``: (results, scores) of another run that trained the Transformer control, for a run
+    that did not (``train --no-control``): its two students, trained on the same batches for the
+    same steps, get rows of their own.
+    """
+    train = results["train"]["mamba"]
+    student = results["settings"]["mamba"]
+
+    def cell(source: dict[str, dict], name: str, measure: str = "nDCG@10") -> str:
+        value = source.get(name, {}).get(measure)
+        return "-" if value is None else f"{value:.3f}"
+
+    # (label, scores, key in scores): SciFact / TREC DL 2019 rows, then QMSum rows
+    rows = [("teacher all-MiniLM-L6-v2", scores, "teacher"), ("**st-mamba-distilled**", scores, "mamba")]
+    qmsum = [("teacher, first 256 tokens", scores, "teacher:model"),
+             ("teacher, mean over 256-token windows", scores, "teacher:chunk:254:mean"),
+             ("**st-mamba-distilled, whole meeting in one pass**", scores, "mamba:one-pass")]  # fmt: skip
+    if "transformer" in results["train"]:
+        rows.append(("Transformer student (control)", scores, "transformer"))
+        qmsum.append(("Transformer student, first 8,192 tokens", scores, "transformer:model"))
+        note = ""
+    elif control is not None:
+        control_results, control_scores = control
+        steps = control_results["train"]["transformer"]["steps"]
+        same = f"the same {steps:,} steps and batches"
+        rows += [(f"Mamba student, {same} (control run)", control_scores, "mamba"),
+                 (f"Transformer student, {same} (control run)", control_scores, "transformer")]  # fmt: skip
+        qmsum += [(f"Mamba student, {same}, whole meeting", control_scores, "mamba:one-pass"),
+                  (f"Transformer student, {same}, first 8,192 tokens", control_scores, "transformer:model")]  # fmt: skip
+        note = (f"\nThis run trained no Transformer (`train --no-control`): the control rows come from a run of "
+                f"{control_results['settings']['train_seconds']:g} s that trained both students on {same}.\n")  # fmt: skip
+    else:
+        note = "\nThis run trained no Transformer control (`train --no-control`).\n"
+    rows += [("BM25 (bm25s, the same corpus)", scores, "bm25"),
+             ("BM25 run file (Anserini, whole MS MARCO collection)", scores, "bm25-run")]  # fmt: skip
+    rows = [f"| {label} | {cell(source, f'scifact/{key}')} | {cell(source, f'trec-dl-2019/{key}')} |"
+            for label, source, key in rows]  # fmt: skip
+    qmsum = [f"| {label} | {cell(source, f'qmsum-summary/{key}')} | {cell(source, f'qmsum-specific/{key}')} |"
+             for label, source, key in qmsum]  # fmt: skip
+    cases = [
+        f"| {label} | "
+        + " | ".join(cell(scores, f"{name}/{key}") for name in ("scifact", *(f"scifact-{c}" for c in settings.RECASED)))
+        + " |"
+        for label, key in (("teacher all-MiniLM-L6-v2", "teacher"), ("**st-mamba-distilled**", "mamba"))
+    ]
+    sources = (
+        ", ".join(sorted({name.split("/")[0] for name in manifest.get("tokens", {})})) or "the corpus builder's sources"
+    )
+    excluded = manifest.get("evaluation_collections_excluded")
+    zero_shot = (
+        f"No text of {', '.join(excluded)} (documents or queries, any split) entered training: every score below is zero-shot."
+        if excluded
+        else "**Not zero-shot**: this model's training corpus held texts of the collections scored below."
+    )
+    init = (
+        "The token table started as the teacher's embedding of each GPT-NeoX token, reduced by PCA (the Model2Vec recipe), "
+        "and texts are lower-cased. "
+        if student.get("init") == "teacher"
+        else ""
+    )
+    pair_words = "real (lemmas, gloss) pairs of WordNet" if "wordnet" in sources else "real pairs"
+    speed = [
+        f"| {results['device'] if row['device'] == 'cuda' else row['device']} | {row['tokens']:,} | {row['model']} "
+        f"| {row['texts_per_second']:.1f} | {row['tokens_per_second']:,} |"
+        for row in [*results.get("speed", []), *more_speed]
+    ]
+    newline = "\n"
+    return f"""---
+library_name: sentence-transformers
+pipeline_tag: sentence-similarity
+tags: [sentence-transformers, st-mamba, mamba{student["config"]["version"]}, distillation]
+---
+# st-mamba-distilled
+
+A Mamba-{student["config"]["version"]} retriever ({student["config"]["n_layer"]} layers, d_model {student["config"]["d_model"]}; EOS appended; {POOLING_WORDS[student["pooling"]]};
+Dense to 384, L2 normalised, cosine) distilled from all-MiniLM-L6-v2 by `python -m training.distill` (docs/distillation.md).
+{results["parameters"]["mamba"]["total"]:,} parameters ({results["parameters"]["mamba"]["token_embedding"]:,} of them the
+GPT-NeoX-20B token embedding), fp16. Reads any length in one pass (long texts stream in chunks of
+{settings.SAVED_CHUNK_SIZE} tokens carrying the state).
+
+```python
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer("models/st-mamba-distilled", trust_remote_code=True)
+```
+
+## Training
+Corpus: {manifest.get("gpt_neox_tokens", 0):,} GPT-NeoX tokens of offline text ({manifest.get("records", 0):,} texts from
+{sources}). {init}Target: the teacher's embedding, or for long texts the mean of
+its embeddings over consecutive 256-token windows. Loss: MSELoss x {settings.MSE_WEIGHT:g}, plus
+MultipleNegativesRankingLoss x {settings.MNRL_WEIGHT} every {settings.MNRL_EVERY} steps on {results["corpus"]["pairs"]:,} {pair_words}.
+{train["steps"]:,} steps, {train["tokens"]:,} tokens, {train["seconds"]} s on {results["device"]}.
+
+## Scores (nDCG@10, zero-shot)
+{zero_shot}
+
+| model | SciFact test | TREC DL 2019 (pooled corpus) |
+|---|---|---|
+{newline.join(rows)}
+{note}
+SciFact test with its queries re-cased (nDCG@10; a model that lower-cases its input scores the same on each):
+
+| model | as given | UPPER CASE | lower case | Title Case |
+|---|---|---|---|---|
+{newline.join(cases)}
+
+QMSum test meetings (35), nDCG@10:
+
+| reading | summary -> meeting | question -> meeting |
+|---|---|---|
+{newline.join(qmsum)}
+
+Held-out cosine to the teacher's target: {results["held_out_cosine"].get("mamba")}.
+
+## Encoding speed
+GPU rows in fp16, CPU rows in fp32; the teacher reads long texts in 256-token windows.
+
+| device | tokens a text | model | texts/s | tokens/s |
+|---|---|---|---|---|
+{newline.join(speed)}
+"""

@@ -1,0 +1,217 @@
+"""The GPU run: data and teacher targets, the students, evaluation and speed, written as it goes; and the sweep."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+
+import st_mamba
+from training.distill import settings
+from training.distill.checkpoints import checkpoint_meta
+from training.distill.data import read_jsonl_xz, split_held_out, teacher_targets, tokenize
+from training.distill.evaluate import encoding_speed, evaluate_all, fixed_length_texts
+from training.distill.students import build_student, lower_cases, parameter_count
+from training.distill.train import TrainData, held_out_cosine, train_student
+
+logger = logging.getLogger("distill")
+
+
+@dataclass
+class RunRecord:
+    """A command's ``results.json.gz``: what it measured so far, and when each step ended."""
+
+    results: dict
+    started: float
+    output: Path
+
+    def save(self) -> None:
+        with gzip.open(self.output / "results.json.gz", "wt", encoding="utf-8") as out:
+            json.dump(self.results, out)
+
+    def mark(self, name: str) -> None:
+        self.results["timings"][name] = round(time.time() - self.started, 1)
+        logger.info("== %s at %.1f s", name, time.time() - self.started)
+        self.save()
+
+
+@dataclass
+class Prepared:
+    """What every training command needs: the data with its teacher targets, and the run's record."""
+
+    data: TrainData
+    held_out: list[int]
+    kinds: list[str]  # each text's kind (query, passage, segment)
+    texts: list[str]
+    teacher: SentenceTransformer
+    device: str
+    record: RunRecord
+
+
+def prepare_training(work: Path, output: Path, run_settings: dict, lower_case: bool = False) -> Prepared:
+    """Steps 2-3 on the best device: the corpus, a held-out set, GPT-NeoX ids, the teacher's targets.
+
+    ``lower_case``: the students read lower-cased texts (the ids); the teacher reads them as they are.
+    """
+    started = time.time()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    output.mkdir(parents=True, exist_ok=True)
+    results: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+                     "settings": {**run_settings, "transformer": settings.TRANSFORMER, "max_batch_tokens": settings.MAX_BATCH_TOKENS,
+                                  "mse_weight": settings.MSE_WEIGHT, "mnrl": [settings.MNRL_EVERY, settings.MNRL_BATCH, settings.MNRL_WEIGHT]},
+                     "log": [], "timings": {}}  # fmt: skip
+
+    # 2. Data: the corpus, a held-out set, GPT-NeoX ids
+    records = read_jsonl_xz(work / "corpus" / "corpus.jsonl.xz")
+    pair_rows = read_jsonl_xz(work / "corpus" / "pairs.jsonl.xz")
+    texts, kinds = [row["text"] for row in records], [row["kind"] for row in records]
+    train, held_out = split_held_out(records, settings.HELD_OUT, settings.SEED)
+    tokenizer = st_mamba.load_tokenizer(work / "gpt-neox-20b", settings.EOS_ID)
+
+    def student_ids(strings: list[str], limit: int) -> list[np.ndarray]:
+        return tokenize(tokenizer, [text.lower() for text in strings] if lower_case else strings, limit)
+
+    ids = student_ids(texts, settings.MAX_TRAIN_TOKENS - 1)
+    pairs = list(zip(student_ids([row["query"] for row in pair_rows], settings.MNRL_MAX_TOKENS - 1),
+                     student_ids([row["document"] for row in pair_rows], settings.MNRL_MAX_TOKENS - 1), strict=True))  # fmt: skip
+    results["corpus"] = {"texts": len(texts), "train_texts": len(train), "held_out": len(held_out),
+                         "gpt_neox_tokens": int(sum(len(row) for row in ids)), "pairs": len(pairs),
+                         "lower_case": lower_case}  # fmt: skip
+    record = RunRecord(results, started, output)
+    record.mark("tokenized")
+
+    # 3. Teacher targets
+    teacher = SentenceTransformer(str(work / "teacher"), device=device)
+    if device == "cuda":
+        teacher.half()
+    else:
+        teacher.float()  # saved in fp16, which is slow on CPU
+    data = TrainData(ids, teacher_targets(teacher, texts), train, pairs, pad_id=tokenizer.eos_token_id)
+    record.mark("teacher_targets")
+    return Prepared(data, held_out, kinds, texts, teacher, device, record)
+
+
+def sweep(work: Path, output: Path, names: list[str], seconds: float, scratch: Path) -> dict:
+    """Train each named student ``seconds`` on the same first batches; its held-out cosine to the teacher.
+
+    Equal time, not equal steps: a student with faster kernels takes more steps, as it would in ``train``.
+    """
+    unknown = sorted(set(names) - set(settings.STUDENT_VARIANTS) - {"transformer"})
+    if unknown:
+        raise SystemExit(f"unknown students {unknown}; known: {sorted(settings.STUDENT_VARIANTS)} and 'transformer'")
+    lower_case = lower_cases(names)
+    run = prepare_training(
+        work,
+        output,
+        {"sweep_seconds": seconds, "variants": {n: settings.STUDENT_VARIANTS.get(n) for n in names}},
+        lower_case,
+    )
+    results = run.record.results
+    results["sweep"] = {}
+    for name in names:
+        model, kind, peak = build_student(name, work, scratch, run.teacher, lower_case)
+        try:
+            train = train_student(
+                model, kind, run.data, run.device, None, seconds, results["log"], peak_learning_rate=peak
+            )
+        except Exception as error:  # one failing student (a kernel, memory) must not cost the others' results
+            logger.exception("%s failed", name)
+            results["sweep"][name] = {"error": repr(error)}
+        else:
+            results["sweep"][name] = {"train": train, "parameters": parameter_count(model),
+                                      "held_out_cosine": held_out_cosine(model, kind, run.data, run.held_out, run.kinds, run.device)}  # fmt: skip
+        run.record.mark(name)
+        del model
+        if run.device == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def run_training(
+    work: Path,
+    output: Path,
+    resume: Path | None,
+    student: str = settings.STUDENT,
+    smoke: bool = False,
+    seconds: float | None = None,
+    control: bool = True,
+    run_seconds: float = settings.RUN_SECONDS,
+) -> dict:
+    """Steps 2-7 on the best device: targets, both students, evaluation, speed; writes results as it goes.
+
+    ``seconds``: the Mamba student's training time (default ``TRAIN_SECONDS``). ``control=False`` trains
+    no Transformer: a longer Mamba run in one call, compared with a control from another run.
+    ``run_seconds``: the whole command's time, after which no evaluation or speed test starts.
+    """
+    variant = settings.STUDENT_VARIANTS[student]
+    seconds = settings.TRAIN_SECONDS if seconds is None else seconds
+    run_settings = {"student": student, "mamba": variant, "train_seconds": seconds, "control": control}
+    lower_case = lower_cases([student])
+    run = prepare_training(work, output, run_settings, lower_case)
+    deadline = run.record.started + run_seconds
+    results, teacher = run.record.results, run.teacher
+    data, held_out, kinds, device = run.data, run.held_out, run.kinds, run.device
+
+    # 4. The Mamba student
+    mamba, _, peak = build_student(student, work, output, teacher, lower_case)
+    if resume is not None:
+        meta = checkpoint_meta(resume)
+        if meta.get("student", student) != student:
+            raise SystemExit(f"{resume} holds a checkpoint of student {meta['student']!r}, not {student!r}")
+    results["parameters"] = {"mamba": parameter_count(mamba)}
+    results["held_out_cosine"] = {
+        "mamba@init": held_out_cosine(mamba.to(device), "mamba", data, held_out, kinds, device)
+    }
+    meta = {"student": student, "config": variant["config"], "pooling": variant["pooling"], "do_lower_case": lower_case}
+    results["train"] = {"mamba": train_student(mamba, "mamba", data, device, None, seconds, results["log"],
+                                               checkpoint_dir=output, resume=resume, peak_learning_rate=peak,
+                                               checkpoint_meta=meta)}  # fmt: skip
+    results["held_out_cosine"]["mamba"] = held_out_cosine(mamba, "mamba", data, held_out, kinds, device)
+    run.record.mark("mamba_trained")
+
+    # 5. The Transformer control: same batches, same number of steps
+    models = {"mamba": mamba, "teacher": teacher}  # in the order they are evaluated
+    if control:
+        transformer, _, _ = build_student(
+            "transformer",
+            work,
+            Path(tempfile.mkdtemp(prefix="distill-transformer-")) if not smoke else output / "tf",
+            teacher,
+            lower_case,
+        )
+        results["parameters"]["transformer"] = parameter_count(transformer)
+        steps = results["train"]["mamba"]["steps"]
+        results["train"]["transformer"] = train_student(
+            transformer, "transformer", data, device, steps, seconds, results["log"]
+        )
+        results["held_out_cosine"]["transformer"] = held_out_cosine(
+            transformer, "transformer", data, held_out, kinds, device
+        )
+        run.record.mark("transformer_trained")
+        models["transformer"] = transformer
+
+    # 6. Evaluation (runs only; scored with ir-measures by the `score` subcommand)
+    mamba.max_seq_length = settings.SAVED_MAX_SEQ_LENGTH
+    results["runs"] = evaluate_all(models, work / "data", deadline - 25)
+    run.record.mark("evaluated")
+
+    # 7. Speed on this device, every model in fp16 (the teacher already is)
+    if time.time() < deadline - 20:
+        for name, model in models.items():
+            if name != "teacher":
+                model.half()
+        texts_by_length = {512: fixed_length_texts(mamba.tokenizer, run.texts[:2000], 512, 256 if not smoke else 4),
+                           8192: fixed_length_texts(mamba.tokenizer, run.texts[:2000], 8192, 32 if not smoke else 2)}  # fmt: skip
+        results["speed"] = encoding_speed(models, texts_by_length, device)
+        run.record.mark("speed")
+    return results

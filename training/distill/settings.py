@@ -1,0 +1,60 @@
+"""The recipe's settings: model shapes, the students, batching, optimiser, loss weights, run limits.
+
+Every other module reads them as ``settings.NAME`` at call time, so that a test can change one.
+"""
+
+from __future__ import annotations
+
+SEED = 0
+TEACHER_WINDOW = 256  # the teacher's max_seq_length: 254 word pieces + [CLS] + [SEP]
+TEACHER_DIM = 384
+MAMBA2 = dict(d_model=256, n_layer=12, version=2, d_state=64, headdim=64, expand=2, vocab_size=50280, eos_token_id=0)
+MAMBA1 = dict(d_model=256, n_layer=12, version=1, d_state=16, expand=2, vocab_size=50280, eos_token_id=0)
+TRANSFORMER = dict(hidden_size=256, num_hidden_layers=5, num_attention_heads=4, intermediate_size=1024,
+                   max_position_embeddings=8192, vocab_size=50280)  # fmt: skip
+MAX_TRAIN_TOKENS = 8192  # longest text a student reads in training (the corpus builder cuts at this length)
+SAVED_MAX_SEQ_LENGTH = 32768  # what the exported Mamba student reads by default; long texts stream...
+SAVED_CHUNK_SIZE = 2048  # ...in chunks of this many tokens, carrying the state (bounded memory)
+# A GPU call holds ``--run-seconds``: tokenising and teacher targets, the students, then evaluation and
+# speed. Read in one pass, the Mamba student is faster per step than the Transformer on long batches and
+# slower on short ones (benchmarks/bench_train_step.py), so the control may need more time for the same steps.
+TRAIN_SECONDS = 150  # Mamba student's training time; its steps are the Transformer's
+TRANSFORMER_MAX_SHARE = 1.35  # the control stops after this many times the Mamba student's time if it is slower
+# Mamba students that `sweep` compares, each trained for the same time (SWEEP_SECONDS) on the same first
+# batches; `train` trains STUDENT.
+# Keys: the backbone config, the pooling, and optionally the peak learning rate and the token embedding's
+# initial standard deviation (mamba_ssm's 0.02 makes the token a few percent of the residual stream
+# after 12 layers; 1.0 keeps it dominant, as BERT's LayerNorm on its embeddings does).
+STUDENT_VARIANTS = {
+    "mamba2-eos": {"config": MAMBA2, "pooling": "eos"},
+    "mamba2-mean": {"config": MAMBA2, "pooling": "mean"},
+    "mamba1-eos": {"config": MAMBA1, "pooling": "eos"},  # the paper's backbone and pooling
+    "mamba1-mean": {"config": MAMBA1, "pooling": "mean"},
+    "mamba1-eos-lr3e-3": {"config": MAMBA1, "pooling": "eos", "learning_rate": 3e-3},
+    "mamba1-eos-unit-embedding": {"config": MAMBA1, "pooling": "eos", "embedding_std": 1.0},
+    "mamba1-mean-unit-embedding": {"config": MAMBA1, "pooling": "mean", "embedding_std": 1.0},
+    # The token table starts as the teacher's view of each GPT-NeoX token (``initialise_from_teacher``) and
+    # texts are lower-cased (the teacher is uncased): the untrained student is a static embedding model.
+    "mamba1-mean-teacher-init": {"config": MAMBA1, "pooling": "mean", "init": "teacher", "do_lower_case": True},
+}
+STUDENT = "mamba1-mean-teacher-init"  # what `train` trains by default
+SWEEP_SECONDS = 40  # default training time of each student in `sweep`
+EOS_ID = 0  # GPT-NeoX's <|endoftext|>: the EOS appended to every text, and the padding
+MAX_BATCH_TOKENS = 32768  # padded tokens in one batch (a Mamba-2 layer keeps ~100 KB a token for backward)
+MAX_BATCH_TEXTS = 512
+POOL_BATCHES = 64  # batches are cut from pools of texts sorted by length (little padding, random order)
+LEARNING_RATE = 1e-3
+WARMUP_SHARE = 0.06  # linear warm-up over this share of the steps, then linear decay to 0
+WEIGHT_DECAY = 0.01
+MAX_GRAD_NORM = 1.0
+MSE_WEIGHT = float(TEACHER_DIM)  # MSE over 384 coordinates x 384 = squared distance of the unit vectors
+MNRL_EVERY, MNRL_BATCH, MNRL_WEIGHT = 4, 32, 0.1
+MNRL_MAX_TOKENS = 512  # abstracts are cut here in the MNRL batches
+HELD_OUT = 2000  # texts kept out of training, to measure how close students come to the teacher
+SHARD_BYTES = 16 * 2**20  # most bytes in one checkpoint file...
+HEADER_BYTES = 64 * 2**10  # ...of which this much is kept for the safetensors header (names, shapes, metadata)
+CHECKPOINT_EVERY_SECONDS = 45
+RUN_SECONDS = 520  # no evaluation run starts later than 25 s, and no speed test later than 20 s, before this
+TOKEN_TABLE_BATCH = 1024  # vocabulary entries the teacher embeds at a time (``teacher_token_table``)
+EVAL_BATCH = {"teacher": 256, "mamba": 64, "transformer": 64}
+RECASED = ("upper", "lower", "title")  # SciFact's test queries are also run re-typed so (beir.QUERY_CASES)

@@ -1,0 +1,147 @@
+"""The students: an st-mamba encoder (optionally initialised from the teacher) and the Transformer control."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules import Dense, Normalize
+
+import st_mamba
+from training.distill import settings
+
+
+def build_mamba_student(
+    tokenizer_dir: str | Path, seed: int = settings.SEED, config: dict | None = None, pooling: str = "eos",
+    embedding_std: float | None = None, do_lower_case: bool = False, **_: object,
+) -> SentenceTransformer:  # fmt: skip
+    """st-mamba encoder (EOS or mean pooling) -> Dense to the teacher's width -> Normalize.
+
+    ``config`` defaults to ``STUDENT``'s; ``embedding_std`` re-draws the token embedding with that
+    standard deviation; ``do_lower_case`` is saved with the encoder. Other keys of a ``STUDENT_VARIANTS``
+    entry (the learning rate, ``init``) are applied by the caller.
+    """
+    shape = config or settings.STUDENT_VARIANTS[settings.STUDENT]["config"]
+    torch.manual_seed(seed)
+    model = st_mamba.from_config(st_mamba.MambaConfig(**shape), tokenizer_dir, seed=seed, pooling=pooling,
+                                 max_seq_length=settings.MAX_TRAIN_TOKENS, chunk_size=settings.SAVED_CHUNK_SIZE,
+                                 do_lower_case=do_lower_case, device="cpu")  # fmt: skip
+    if embedding_std is not None:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            torch.nn.init.normal_(model[0].backbone.embeddings.weight, std=embedding_std, generator=generator)
+    width = model[0].get_embedding_dimension()
+    return SentenceTransformer(modules=[model[0], Dense(width, settings.TEACHER_DIM, activation_function=None), Normalize()],
+                               similarity_fn_name="cosine", device="cpu")  # fmt: skip
+
+
+def teacher_token_table(
+    teacher: SentenceTransformer, tokenizer, vocab_size: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's view of every student token, reduced to the student's width (the Model2Vec recipe).
+
+    Each GPT-NeoX vocabulary entry is decoded to its text (the leading space of a word-initial token
+    dropped) and embedded by the teacher on its own; the unit vectors are centred and projected on
+    their first ``width`` principal directions. model2vec distils a teacher's *own* vocabulary; the
+    student's tokens are GPT-NeoX's, so the few lines are here.
+
+    Returns ``table`` (vocab_size, width), ``components`` (width, 384) and ``mean`` (384,):
+    ``table @ components + mean`` approximates the teacher's vectors.
+    """
+    texts = [tokenizer.decode([index]).strip() if index < len(tokenizer) else "" for index in range(vocab_size)]
+    vectors = teacher.encode(texts, batch_size=settings.TOKEN_TABLE_BATCH, convert_to_tensor=True, normalize_embeddings=True,
+                             show_progress_bar=False).float().cpu()  # fmt: skip
+    mean = vectors.mean(dim=0)
+    _, _, directions = torch.linalg.svd(vectors - mean, full_matrices=False)
+    components = directions[:width]  # (width, 384)
+    return (vectors - mean) @ components.T, components, mean
+
+
+@torch.no_grad()
+def initialise_from_teacher(model: SentenceTransformer, teacher: SentenceTransformer) -> None:
+    """Start a Mamba student as a static embedding model that training only has to give context.
+
+    The token table becomes ``teacher_token_table``'s; the Dense head maps the principal directions back to
+    the teacher's space (scaled for the final RMSNorm, which gives every token vector an RMS of 1), its bias
+    the teacher's mean; every mixer's ``out_proj`` starts at zero, so each residual block starts as the
+    identity and the untrained student is the mean of its tokens' table rows, read by the head.
+    """
+    encoder, dense = model[0], model[1]
+    weight = encoder.backbone.embeddings.weight
+    table, components, mean = teacher_token_table(teacher, encoder.tokenizer, weight.shape[0], weight.shape[1])
+    weight.copy_(table)
+    scale = table.norm(dim=1).mean() / weight.shape[1] ** 0.5
+    dense.linear.weight.copy_(components.T * scale)
+    dense.linear.bias.copy_(mean)
+    for layer in encoder.backbone.layers:
+        layer.mixer.out_proj.weight.zero_()
+
+
+def build_transformer_student(
+    tokenizer_dir: str | Path,
+    folder: Path,
+    seed: int = settings.SEED,
+    config: dict | None = None,
+    do_lower_case: bool = False,
+) -> SentenceTransformer:
+    """BERT-shaped encoder, random init, GPT-NeoX tokenizer -> mean pooling -> Dense -> Normalize."""
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+    from transformers import BertConfig, BertModel
+
+    shape = config or settings.TRANSFORMER
+    torch.manual_seed(seed)
+    tokenizer = st_mamba.load_tokenizer(tokenizer_dir)  # GPT-NeoX's tokenizer.json names no EOS: this sets it
+    tokenizer.pad_token = tokenizer.eos_token
+    bert = BertModel(BertConfig(pad_token_id=tokenizer.pad_token_id, **shape), add_pooling_layer=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    bert.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    encoder = Transformer(
+        str(folder),
+        max_seq_length=shape["max_position_embeddings"],
+        model_kwargs={"add_pooling_layer": False},
+        do_lower_case=do_lower_case,
+    )
+    encoder.tokenizer.eos_token = encoder.tokenizer.pad_token = tokenizer.eos_token
+    pooling = Pooling(shape["hidden_size"], pooling_mode="mean")
+    return SentenceTransformer(modules=[encoder, pooling, Dense(shape["hidden_size"], settings.TEACHER_DIM, activation_function=None),
+                                        Normalize()], similarity_fn_name="cosine", device="cpu")  # fmt: skip
+
+
+def parameter_count(model: torch.nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    embedding = sum(p.numel() for name, p in model.named_parameters() if is_token_embedding(name))
+    return {"total": total, "token_embedding": embedding, "rest": total - embedding}
+
+
+# 4. Checkpoints --------------------------------------------------------------------------------------------
+def is_token_embedding(name: str) -> bool:
+    """The (vocabulary, width) table: Mamba's ``backbone.embeddings``, BERT's ``word_embeddings`` (not its positions)."""
+    return name.endswith(("backbone.embeddings.weight", "word_embeddings.weight"))
+
+
+def build_student(
+    name: str, work: Path, scratch: Path, teacher: SentenceTransformer, lower_case: bool = False
+) -> tuple[SentenceTransformer, str, float]:
+    """A ``STUDENT_VARIANTS`` entry or ``"transformer"``: the model, its collate kind, its peak learning rate.
+
+    The Transformer control lower-cases its input when the run's ids are lower-cased (``lower_case``).
+    """
+    if name == "transformer":
+        model = build_transformer_student(work / "gpt-neox-20b", scratch, do_lower_case=lower_case)
+        return model, "transformer", settings.LEARNING_RATE
+    variant = settings.STUDENT_VARIANTS[name]
+    model = build_mamba_student(work / "gpt-neox-20b", **variant)
+    if variant.get("init") == "teacher":
+        initialise_from_teacher(model, teacher)
+    return model, "mamba", variant.get("learning_rate", settings.LEARNING_RATE)
+
+
+def lower_cases(names: list[str]) -> bool:
+    """Whether the run's ids are lower-cased: as its Mamba students read (they must agree; the control follows)."""
+    flags = {settings.STUDENT_VARIANTS[name].get("do_lower_case", False) for name in names if name != "transformer"}
+    if len(flags) > 1:
+        raise SystemExit(f"students {names} disagree on do_lower_case: sweep them in separate runs")
+    return flags.pop() if flags else False

@@ -1,0 +1,194 @@
+"""Training a student on the teacher's targets (plus MNRL on real pairs), and its held-out cosine."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.losses import MSELoss, MultipleNegativesRankingLoss
+
+from training.distill import settings
+from training.distill.checkpoints import checkpoint_tensors, load_checkpoint, restore, save_checkpoint
+from training.distill.data import batch_schedule, collate
+from training.distill.students import is_token_embedding
+
+logger = logging.getLogger("distill")
+
+
+def _move(tensor: torch.Tensor, device: str) -> torch.Tensor:
+    """To ``device``; to a GPU through pinned memory, without making the host wait for the GPU's queue."""
+    if device.startswith("cuda"):
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _to(features: dict, device: str) -> dict:
+    return {key: _move(value, device) if isinstance(value, torch.Tensor) else value for key, value in features.items()}
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@dataclass
+class TrainData:
+    ids: list[np.ndarray]  # GPT-NeoX ids of every corpus text
+    targets: torch.Tensor  # (N, 384) teacher targets
+    train: list[int]
+    pairs: list[
+        tuple[np.ndarray, np.ndarray]
+    ]  # GPT-NeoX ids of (claim, abstract), abstracts cut to settings.MNRL_MAX_TOKENS
+    pad_id: int  # EOS of GPT-NeoX (also the Transformer's pad)
+
+
+def learning_rate(progress: float, peak: float = settings.LEARNING_RATE) -> float:
+    """Linear warm-up to ``peak`` over the first ``WARMUP_SHARE`` of training, then linear decay to 0 at the end."""
+    return peak * max(
+        0.0, min(1.0, (progress + 1e-3) / settings.WARMUP_SHARE, (1.0 - progress) / (1.0 - settings.WARMUP_SHARE))
+    )
+
+
+def mnrl_batch(
+    pairs: list[tuple[np.ndarray, np.ndarray]], rng: random.Random
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``MNRL_BATCH`` pairs with distinct abstracts (several claims cite one abstract: no false in-batch negatives)."""
+    picked: dict[bytes, int] = {}
+    distinct = len({document.tobytes() for _, document in pairs})
+    while len(picked) < min(settings.MNRL_BATCH, distinct):
+        index = rng.randrange(len(pairs))
+        picked.setdefault(pairs[index][1].tobytes(), index)
+    chosen = [pairs[index] for index in picked.values()]
+    return [query for query, _ in chosen], [document for _, document in chosen]
+
+
+def train_student(
+    model: SentenceTransformer,
+    kind: str,
+    data: TrainData,
+    device: str,
+    total_steps: int | None,
+    seconds: float,
+    log: list,
+    checkpoint_dir: Path | None = None,
+    resume: Path | None = None,
+    peak_learning_rate: float = settings.LEARNING_RATE,
+    checkpoint_meta: dict | None = None,
+) -> dict:
+    """Train for ``total_steps``, or with ``total_steps=None`` for ``seconds`` of wall time.
+
+    The learning rate follows the share of training done: of the steps, or of the seconds, so that
+    a stall (Triton compiling a kernel the first time it meets a shape) costs steps, not the schedule.
+    ``checkpoint_meta`` (the student's config and pooling) goes into the checkpoints with the progress.
+    """
+    model.to(device).train()
+    # Training reads every text in one pass. The saved Mamba student streams texts past its chunk_size
+    # (bounded memory at inference): the same gradients, but an 8K-token batch then launches four times
+    # the kernels and left the H200 idle half of the step (benchmarks/bench_train_step.py).
+    saved_chunk_size = getattr(model[0], "chunk_size", None)
+    if saved_chunk_size is not None:
+        model[0].chunk_size = None
+    # No decay on the token table: rows of tokens a batch does not hold would shrink towards 0 unread.
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not is_token_embedding(n)]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or is_token_embedding(n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=peak_learning_rate, betas=(0.9, 0.98), eps=1e-6)  # fmt: skip
+    mse, mnrl = MSELoss(model), MultipleNegativesRankingLoss(model)
+    first_step, seconds_before = 0, 0.0
+    if resume is not None:
+        tensors, meta = load_checkpoint(resume)
+        first_step, total_steps = meta["step"], meta["total_steps"]
+        seconds, seconds_before = meta.get("seconds", seconds), meta.get("trained_seconds", 0.0)
+        restore(model, optimizer, tensors, first_step)
+    lengths = np.array(
+        [min(len(row) + 1, settings.MAX_TRAIN_TOKENS) for row in data.ids]
+    )  # the same batches for both students
+    stream = batch_schedule(lengths, data.train, settings.SEED)
+    rng = random.Random(settings.SEED + 1)
+    start = time.perf_counter()
+    last_checkpoint = start
+    tokens = 0
+    step = first_step
+    for _ in range(first_step):  # resume: skip the batches already seen, and the MNRL draws
+        next(stream)
+    for done in range(first_step):
+        if done % settings.MNRL_EVERY == settings.MNRL_EVERY - 1:
+            mnrl_batch(data.pairs, rng)
+
+    def progress() -> float:
+        if total_steps is None:
+            return (seconds_before + time.perf_counter() - start) / seconds
+        return step / total_steps
+
+    def save() -> None:
+        meta = {"step": step, "total_steps": total_steps, "seconds": seconds,
+                "trained_seconds": round(seconds_before + time.perf_counter() - start, 2), **(checkpoint_meta or {})}  # fmt: skip
+        save_checkpoint(checkpoint_tensors(model, optimizer), meta, checkpoint_dir)
+
+    while (done := progress()) < 1.0:
+        epoch, batch = next(stream)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(done, peak_learning_rate)
+        # The host prepares and queues the step without waiting for the GPU (no sync in the step; the
+        # loss is read every 10th step), so collating the next batch overlaps the GPU's work.
+        collated = collate([data.ids[i] for i in batch], kind, data.pad_id, model.max_seq_length)
+        tokens += int(collated["attention_mask"].sum())
+        features, labels = _to(collated, device), _move(data.targets[batch], device)
+        optimizer.zero_grad(set_to_none=True)
+        loss_mse = mse([features], labels)
+        (settings.MSE_WEIGHT * loss_mse).backward()
+        loss_mnrl = None
+        if (
+            data.pairs and step % settings.MNRL_EVERY == settings.MNRL_EVERY - 1
+        ):  # a second backward: one graph in memory at a time
+            pair_features = [_to(collate(texts, kind, data.pad_id), device) for texts in mnrl_batch(data.pairs, rng)]
+            loss_mnrl = mnrl(pair_features, None)
+            (settings.MNRL_WEIGHT * loss_mnrl).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.MAX_GRAD_NORM)
+        optimizer.step()
+        step += 1
+        if step % 10 == 0 or step == total_steps:
+            entry = {"model": kind, "step": step, "epoch": epoch, "seconds": round(time.perf_counter() - start, 2),
+                     "mse_x384": round(float(loss_mse.detach()) * settings.MSE_WEIGHT, 5),
+                     "mnrl": None if loss_mnrl is None else round(float(loss_mnrl.detach()), 4)}  # fmt: skip
+            log.append(entry)
+            logger.info("%s", entry)
+        elapsed = time.perf_counter() - start
+        if kind == "transformer" and elapsed > settings.TRANSFORMER_MAX_SHARE * seconds:
+            logger.warning("transformer: stopped at step %d of %d (%.0f s)", step, total_steps, elapsed)
+            break
+        if checkpoint_dir is not None and time.perf_counter() - last_checkpoint > settings.CHECKPOINT_EVERY_SECONDS:
+            save()
+            last_checkpoint = time.perf_counter()
+    _synchronize(device)
+    elapsed = time.perf_counter() - start
+    if checkpoint_dir is not None:
+        save()
+    if saved_chunk_size is not None:
+        model[0].chunk_size = saved_chunk_size
+    model.eval()
+    return {"steps": step, "planned_steps": total_steps or step, "seconds": round(elapsed, 1), "tokens": tokens,
+            "tokens_per_second": round(tokens / max(elapsed, 1e-9))}  # fmt: skip
+
+
+@torch.inference_mode()
+def held_out_cosine(
+    model: SentenceTransformer, kind: str, data: TrainData, held_out: list[int], kinds: list[str], device: str
+) -> dict:
+    """Mean cosine between the student's embedding and the teacher target on held-out texts, per text kind."""
+    sums: dict[str, list[float]] = {}
+    order = sorted(held_out, key=lambda i: len(data.ids[i]))
+    for start in range(0, len(order), 16):
+        batch = order[start : start + 16]
+        features = _to(collate([data.ids[i] for i in batch], kind, data.pad_id, model.max_seq_length), device)
+        embeddings = model(features)["sentence_embedding"].float()
+        cosines = (embeddings * data.targets[batch].to(device)).sum(-1).tolist()
+        for index, cosine in zip(batch, cosines, strict=True):
+            sums.setdefault(kinds[index], []).append(cosine)
+    return {name: round(float(np.mean(values)), 4) for name, values in sorted(sums.items())}
