@@ -228,7 +228,7 @@ def gemm_floor(tokens: int, reps: int) -> dict:
 
 
 # (channels per program, warps): the forward scan's launch shapes timed in the per-operation table.
-# Registers per thread of the padded forward (benchmarks/ptx_loads.py, sm_90, sixth session): 168 /
+# Registers per thread of the padded forward (benchmarks/kernel_dev/ptx_loads.py, sm_90): 168 /
 # 254 / 96 / 96, i.e. at most 12 / 8 / 21 / 20 warps an SM.
 SCAN_SHAPES = [(64, 1), (128, 1), (32, 1), (64, 2)]
 
