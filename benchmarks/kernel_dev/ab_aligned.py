@@ -3,7 +3,7 @@
 The mamba-130m shape, bf16, random weights, 65,536 tokens per batch in rows of 512, 8,192 and 32,768
 tokens: forward milliseconds (best of two rounds of median-of-7 CUDA-event timings) with the hint as
 the host computes it, and with the hint forced off. Which kernels take the hint is up to
-``ops/triton.py``; docs/benchmarks.md says what each version measured.
+``ops/triton.py``; docs/kernels.md says what each version measured.
 
     python benchmarks/kernel_dev/ab_aligned.py
 """
