@@ -19,7 +19,8 @@ It prints a table last and writes, into ``--out-dir``, results.json, the "## GPU
 of docs/benchmarks.md (gpu_section.md) and the plot of tokens/s against length (benchmarks_gpu.png).
 ``--update-docs`` splices that section into docs/benchmarks.md, leaving other sections alone, and
 keeps the results beside it (docs/benchmarks_gpu.json), so that a later run of some rows can
-``--merge`` them.
+``--merge`` them: each row and part remembers the run that measured it (command, date, versions), and
+each table of the section comes from one run, named above it.
 
 Run (on the GPU machine; the mamba-ssm rows need mamba-ssm and causal-conv1d installed). ../shared
 does not travel to the device: ``.bench_data/`` is an ignored folder holding copies of
@@ -45,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## GPU (H200)"
-LINEAR_RATE = 790e12  # bf16 matmul FLOP/s measured on the H200 (/work/shared/anchors/README.md)
+LINEAR_RATE = 790e12  # bf16 matmul FLOP/s measured on the H200 (../shared/anchors/README.md)
 
 # name -> (family, shape); shapes are those of the public checkpoints.
 MODELS = {
@@ -72,7 +73,7 @@ MODELS = {
 
 
 # Forward tok/s at L = 512, 2048, 8192, 32768 from the team's anchor run on the same H200 and software
-# (/work/shared/anchors/README.md, bench_anchor.py: bf16, 65,536 tokens per batch). Shown, marked as
+# (../shared/anchors/README.md, bench_anchor.py: bf16, 65,536 tokens per batch). Shown, marked as
 # such, for the models that a run did not measure itself.
 ANCHORS = {
     "hf-mamba-130m": [425e3, 405e3, 393e3, 375e3],
@@ -228,7 +229,7 @@ def gemm_floor(tokens: int, reps: int) -> dict:
 
 
 # (channels per program, warps): the forward scan's launch shapes timed in the per-operation table.
-# Registers per thread of the padded forward (benchmarks/ptx_loads.py, sm_90, sixth session): 168 /
+# Registers per thread of the padded forward (benchmarks/kernel_dev/ptx_loads.py, sm_90): 168 /
 # 254 / 96 / 96, i.e. at most 12 / 8 / 21 / 20 warps an SM.
 SCAN_SHAPES = [(64, 1), (128, 1), (32, 1), (64, 2)]
 
@@ -397,16 +398,12 @@ def streaming_memory(corpus: Path, tokenizer: Path, lengths: list[int], chunk: i
 # --- report -------------------------------------------------------------------------------------
 
 
-def _commands(meta: dict) -> list[str]:
-    """The command of the run, or of each merged run (``--merge``), oldest first."""
-    commands = meta.get("commands") or [meta["command"]]
-    if len(commands) == 1:
-        return [f"Command: `{commands[0]}`"]
-    lines = [
-        "Merged from these runs, oldest first (a row or part re-measured by a later run replaces the earlier one):",
-        "",
-    ]
-    return lines + [f"{i}. `{command}`" for i, command in enumerate(commands, 1)]
+def _run_line(run: dict) -> str:
+    """Where, when and with what a run of record measured: the line above each of its tables."""
+    versions = f"torch {run['torch']}, triton {run['triton']}, transformers {run['transformers']}"
+    if run.get("mamba_ssm"):
+        versions += f", mamba-ssm {run['mamba_ssm']} and causal-conv1d built from source"
+    return f"Measured {run['date']} on one {run['gpu']} ({versions}) with `{run['command']}`."
 
 
 def _k(value: float) -> str:
@@ -415,6 +412,8 @@ def _k(value: float) -> str:
 
 def throughput_table(rows: list[dict], mode: str) -> str:
     lengths = sorted({r["L"] for r in rows if r["mode"] == mode})
+    if not lengths:
+        return ""
     names = [n for n in MODELS if any(r["model"] == n and r["mode"] == mode for r in rows)]
     head = "| model | " + " | ".join(f"L={n}" for n in lengths) + " | docs/s at 512 | MFU(lin) at 512 | peak GiB |"
     lines = [head, "|---" * (len(lengths) + 4) + "|"]
@@ -429,53 +428,49 @@ def throughput_table(rows: list[dict], mode: str) -> str:
 
 
 def render(results: dict) -> str:
-    rows = results["rows"]
-    meta = results["meta"]
-    measured = {r["model"] for r in rows if r["mode"] == "fwd"}
-    missing = [name for name in ANCHORS if name not in measured]
-    anchor_table = []
-    if missing:
-        anchor_table = [
-            "Not measured in this run, from the team's anchor run on the same H200 and software "
-            "(/work/shared/anchors/bench_anchor.py, same settings; hf-mamba* = transformers with mamba-ssm "
-            "2.3.2.post1 and causal-conv1d 1.7.0 built from source), forward tokens/s:",
-            "",
-            "| model (anchor run) | " + " | ".join(f"L={n}" for n in ANCHOR_LENGTHS) + " |",
-            "|---" * (len(ANCHOR_LENGTHS) + 1) + "|",
-        ]
-        anchor_table += [f"| {name} | " + " | ".join(_k(v) for v in ANCHORS[name]) + " |" for name in missing]
-        anchor_table.append("")
-    anchor = ""
+    """The "## GPU (H200)" section: each table from one run of record, named above it."""
+    rows, meta = results["rows"], results["meta"]
+    runs, part_runs = meta["runs"], results.get("part_runs", {})
     parts = [
         SECTION,
         "",
-        f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}; "
-        f"bf16, random weights, {meta['tokens']:,} tokens per batch (batch = {meta['tokens']:,} / L), "
-        "median of timed runs after warm-ups (CUDA events). st-mamba backends: "
-        f"{meta['st_backends']}. hf-* = transformers' MambaModel / Mamba2Model with the mamba-ssm "
-        f"{meta.get('mamba_ssm', '(not installed)')} and causal-conv1d kernels built from source. BERT and "
-        "Pythia use SDPA. MFU(lin) = 2 x non-embedding parameters x tokens/s (x3 with backward) / 790 TFLOP/s."
-        + anchor,
-        "",
-        *_commands(meta),
-        "",
-        "### Forward (inference), tokens/s",
-        "",
-        throughput_table(rows, "fwd"),
-        "",
-        *anchor_table,
-        "### Forward + backward, tokens/s",
-        "",
-        throughput_table(rows, "fwdbwd"),
-        "",
-        "![tokens/s against length, forward](benchmarks_gpu.png)",
+        f"bf16, random weights (speed does not depend on training), {meta['tokens']:,} tokens per batch "
+        f"(batch = {meta['tokens']:,} / L), median of timed runs after warm-ups (CUDA events). st-mamba backends: "
+        f"{meta['st_backends']}. hf-* = transformers' MambaModel / Mamba2Model with the mamba-ssm and causal-conv1d "
+        "kernels. BERT and Pythia use SDPA. MFU(lin) = 2 x non-embedding parameters x tokens/s (x3 with backward) / "
+        "790 TFLOP/s, the card's measured bf16 matmul rate.",
         "",
     ]
+    for index in sorted({r["run"] for r in rows}, reverse=True):  # the newest run first
+        run_rows = [r for r in rows if r["run"] == index]
+        names = ", ".join(n for n in MODELS if any(r["model"] == n for r in run_rows))
+        parts += [f"### Tokens/s: {names}", "", _run_line(runs[index]), ""]
+        for mode, title in (("fwd", "Forward (inference)"), ("fwdbwd", "Forward + backward")):
+            table = throughput_table(run_rows, mode)
+            if table:
+                parts += [f"{title}:", "", table, ""]
+    measured = {r["model"] for r in rows if r["mode"] == "fwd"}
+    missing = [name for name in ANCHORS if name not in measured]
+    if missing:
+        parts += [
+            "### Tokens/s, forward: models no run above measured",
+            "",
+            "From the team's anchor run on the same H200 and software (../shared/anchors/bench_anchor.py, "
+            "same settings; transformers with mamba-ssm 2.3.2.post1 and causal-conv1d 1.7.0 built from source).",
+            "",
+            "| model (anchor run) | " + " | ".join(f"L={n}" for n in ANCHOR_LENGTHS) + " |",
+            "|---" * (len(ANCHOR_LENGTHS) + 1) + "|",
+            *[f"| {name} | " + " | ".join(_k(v) for v in ANCHORS[name]) + " |" for name in missing],
+            "",
+        ]
+    parts += ["![tokens/s against length, forward](benchmarks_gpu.png)", ""]
     if results.get("floor"):
         floor = results["floor"]
-        parts += [f"Matmul floor: {floor['what']}: {_k(floor['tok_s'])} tok/s ({floor['ms']} ms per batch).", ""]
+        parts += ["### Matmul floor", "", _run_line(runs[part_runs["floor"]]), "",
+                  f"{floor['what']}: {_k(floor['tok_s'])} tok/s ({floor['ms']} ms per batch).", ""]  # fmt: skip
     if results.get("ops"):
         parts += ["### Per operation (mamba-130m layer, 128 x 512 tokens), microseconds", "",
+                  _run_line(runs[part_runs["ops"]]), "",
                   "| operation | bf16 | fp16 | fp32 |", "|---|---|---|---|"]  # fmt: skip
         for op in dict.fromkeys(r["op"] for r in results["ops"]):
             by_dtype = {r["dtype"]: r["us"] for r in results["ops"] if r["op"] == op}
@@ -488,6 +483,7 @@ def render(results: dict) -> str:
             f"### model.encode on SciFact ({enc[0]['docs']:,} abstracts, {enc[0]['tokens']:,} tokens with EOS, "
             "GPT-NeoX tokenizer, max 512 tokens), st-mamba-130m shape, bf16",
             "",
+            _run_line(runs[part_runs["encode"]]),
             "Wall time of the whole call: tokenisation, batching, forward, results back in input order.",
             "",
             "| batches | batch_size | output | seconds | docs/s | tok/s |",
@@ -498,25 +494,52 @@ def render(results: dict) -> str:
                          f"{r['docs_s']:,.0f} | {_k(r['tok_s'])} |")  # fmt: skip
         parts.append("")
     if results.get("stream"):
-        rows = results["stream"]
+        stream = results["stream"]
         parts += [
-            f"### One long document, streamed {rows[0]['chunk']:,} tokens at a time (st-mamba-130m shape, bf16)",
+            f"### One long document, streamed {stream[0]['chunk']:,} tokens at a time (st-mamba-130m shape, bf16)",
             "",
+            _run_line(runs[part_runs["stream"]]),
             "`model.encode([text])` with `chunk_size` set: wall time of the call (tokenisation included) and",
             "peak GPU memory (`torch.cuda.max_memory_allocated`), in all and above the model's own weights.",
             "",
             "| tokens | read | peak MiB | above weights MiB | seconds | tok/s |",
             "|---|---|---|---|---|---|",
         ]
-        for r in rows:
+        for r in stream:
             read = "streamed" if r["streamed"] else "one pass"
             parts.append(f"| {r['tokens']:,} | {read} | {r['peak_mib']:,.0f} | {r['above_weights_mib']:,.0f} | "
                          f"{r['seconds']} | {_k(r['tok_s'])} |")  # fmt: skip
-        short, long = rows[0], rows[-1]
+        short, long = stream[0], stream[-1]
         parts += ["", f"Peak of {long['tokens']:,} tokens against {short['tokens']:,}: "
                   f"{long['peak_mib'] / short['peak_mib']:.2f}x in all, "
                   f"{long['above_weights_mib'] / short['above_weights_mib']:.2f}x above the weights.", ""]  # fmt: skip
     return "\n".join(parts)
+
+
+def drop_unused_runs(results: dict) -> None:
+    """Keep only the runs that some row or part still comes from, renumbering the references."""
+    part_runs = results.setdefault("part_runs", {})
+    used = sorted({r["run"] for r in results["rows"]} | set(part_runs.values()))
+    renumber = {old: new for new, old in enumerate(used)}
+    results["meta"]["runs"] = [results["meta"]["runs"][old] for old in used]
+    for r in results["rows"]:
+        r["run"] = renumber[r["run"]]
+    for part in part_runs:
+        part_runs[part] = renumber[part_runs[part]]
+
+
+def run_command(argv: list[str]) -> str:
+    """The command line of this run as written in the docs: relative to the repository, without the
+    options that only say where results go or which earlier results to keep (--out-dir, --merge)."""
+    kept, skip_next = [], False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+        elif arg in ("--out-dir", "--merge"):
+            skip_next = True
+        elif not arg.startswith(("--out-dir=", "--merge=")):
+            kept.append(arg)
+    return " ".join(["python benchmarks/bench_encode.py", *kept])
 
 
 def plot(results: dict, path: Path) -> None:
@@ -588,33 +611,35 @@ def main() -> None:
 
         deadline = time.time() + a.time_budget
         skip = set(filter(None, a.skip.split(",")))
-        results = json.loads(a.merge.read_text()) if a.merge else {"rows": []}
-        earlier = results.get("meta", {})
-        command = " ".join(["python benchmarks/bench_encode.py", *sys.argv[1:]])
-        results["meta"] = dict(
-            gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-            transformers=transformers.__version__, tokens=a.tokens, st_backends=st_backends(),
-            commands=earlier.get("commands", [earlier["command"]] if "command" in earlier else []) + [command],
+        results = json.loads(a.merge.read_text()) if a.merge else {"rows": [], "part_runs": {}}
+        run = dict(
+            command=run_command(sys.argv[1:]), date=time.strftime("%Y-%m-%d"), gpu=torch.cuda.get_device_name(),
+            torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__,
         )  # fmt: skip
         if hf_mamba_kernels_available():
             import mamba_ssm
 
-            results["meta"]["mamba_ssm"] = mamba_ssm.__version__
-        elif "mamba_ssm" in earlier:  # the merged hf-* rows were measured with it
-            results["meta"]["mamba_ssm"] = earlier["mamba_ssm"]
+            run["mamba_ssm"] = mamba_ssm.__version__
+        runs = results.get("meta", {}).get("runs", []) + [run]
+        this_run = len(runs) - 1
+        results["meta"] = dict(tokens=a.tokens, st_backends=st_backends(), runs=runs)
         torch.backends.cuda.matmul.allow_tf32 = True
         lengths = [int(n) for n in a.lengths.split(",")]
         modes = a.modes.split(",")
         if "floor" not in skip:
             results["floor"] = gemm_floor(a.tokens, a.reps)
+            results["part_runs"]["floor"] = this_run
             print(json.dumps(results["floor"]), flush=True)
         if "ops" not in skip:
             results["ops"] = op_times(a.tokens, a.reps)
+            results["part_runs"]["ops"] = this_run
         if "encode" not in skip and a.corpus.exists():
             results["encode"] = encode_benchmark(a.corpus, a.tokenizer, a.max_docs)
+            results["part_runs"]["encode"] = this_run
         if "stream" not in skip and a.corpus.exists():
             stream_lengths = [int(n) for n in a.stream_lengths.split(",")]
             results["stream"] = streaming_memory(a.corpus, a.tokenizer, stream_lengths, a.stream_chunk)
+            results["part_runs"]["stream"] = this_run
         from st_mamba.ops import triton as triton_ops
 
         results["meta"]["scan_fwd_shape"] = [
@@ -628,10 +653,14 @@ def main() -> None:
                     print(f"{name}: skipped (mamba-ssm / causal-conv1d not importable)", flush=True)
                     continue
                 bwd_lengths = [int(n) for n in a.bwd_lengths.split(",")]
-                fresh = run_model(name, lengths, bwd_lengths, a.tokens, a.reps, modes, deadline)
+                fresh = [
+                    dict(row, run=this_run)
+                    for row in run_model(name, lengths, bwd_lengths, a.tokens, a.reps, modes, deadline)
+                ]
                 measured = {(r["model"], r["mode"], r["L"]) for r in fresh}
                 results["rows"] = [r for r in results["rows"] if (r["model"], r["mode"], r["L"]) not in measured]
                 results["rows"] += fresh
+        drop_unused_runs(results)
     a.out_dir.mkdir(parents=True, exist_ok=True)
     (a.out_dir / "results.json").write_text(json.dumps(results, indent=1))
     section = render(results)

@@ -148,7 +148,7 @@ class _ProjectAndSplit(torch.autograd.Function):
     Autograd's backward of ``split`` concatenates the parts' gradients into one tensor before the
     two matrix products; here each part enters the products on its own (d_hidden accumulates in
     place, d_weight is written by row blocks), which spares that copy: for Mamba-1's x and z, 4.9 ms
-    of a 244 ms mamba-130m training step on the H200 (benchmarks/profile_gpu.py).
+    of a 244 ms mamba-130m training step on the H200 (benchmarks/kernel_dev/profile_gpu.py).
     """
 
     @staticmethod

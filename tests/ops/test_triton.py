@@ -6,6 +6,7 @@ in the input dtype, are held to a tolerance that depends on that dtype.
 
 Runs on a CUDA GPU. Without one it is skipped, unless ``TRITON_INTERPRET=1`` is set, in which case
 the same kernels run on CPU tensors through Triton's interpreter (slow; small shapes only).
+``scripts/test.sh`` (what CI runs) sets it on a machine without a GPU.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from typing import Any
 from langchain_core.embeddings import Embeddings
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from sentence_transformers import SentenceTransformer
-from st_mamba.integrations import Role, RoleEncoder, check_encode_kwargs, check_text, check_texts, load_client
+from st_mamba.role_encoder import Role, RoleEncoder, check_encode_kwargs, check_text, check_texts, load_client
 from typing_extensions import Self
 
 # ``encode`` arguments set by a field of this class, beyond the prompts and the device.

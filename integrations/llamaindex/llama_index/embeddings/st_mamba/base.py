@@ -9,7 +9,7 @@ from pydantic import Field, PrivateAttr, model_validator
 from sentence_transformers import SentenceTransformer
 from typing_extensions import Self
 
-from st_mamba.integrations import Role, RoleEncoder, check_encode_kwargs, check_text, check_texts, load_client
+from st_mamba.role_encoder import Role, RoleEncoder, check_encode_kwargs, check_text, check_texts, load_client
 
 # ``encode`` arguments set by a field of this class (or fixed: None), beyond the prompts and the device.
 _ENCODE_FIELDS = {

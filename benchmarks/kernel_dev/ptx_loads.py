@@ -13,7 +13,7 @@ FAST math, owned-channel layout and aligned rows, then with each added in turn, 
 channels a program; for a chunked forward's phase 1 (a chunk's end state); and for the backward.
 Written for Triton 3.6 (``triton.compiler.ASTSource``).
 
-    python benchmarks/ptx_loads.py [--loops]
+    python benchmarks/kernel_dev/ptx_loads.py [--loops]
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ in_proj output, as in the model), the candidates alternating round by round
 (``ab_kernels.best_of_two``). The convolution is flat over tokens, so one length (512) stands for
 all. The backward is timed as forward + backward minus the forward. The shipped pair is the first row.
 
-    python benchmarks/tune_conv.py
+    python benchmarks/kernel_dev/tune_conv.py
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from ab_kernels import LAYERS, TOKENS, best_of_two, conv_inputs  # benchmarks/ is first on sys.path
+from ab_kernels import LAYERS, TOKENS, best_of_two, conv_inputs  # this script's folder, first on sys.path
 
 from st_mamba.ops import triton as kernels
 

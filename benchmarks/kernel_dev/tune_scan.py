@@ -6,7 +6,7 @@ settings are for: a backbone's forward (random weights, bf16, 65,536 tokens a ba
 alternating round by round (``ab_kernels.best_of_two``). Settings are the ``st_mamba.ops.triton``
 constants named below; "default" is the library's.
 
-    python benchmarks/tune_scan.py [--lengths 512,2048,8192,32768]
+    python benchmarks/kernel_dev/tune_scan.py [--lengths 512,2048,8192,32768]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import sys
 
 import torch
-from ab_kernels import LAYERS, TOKENS, best_of_two  # benchmarks/ is this script's folder, first on sys.path
+from ab_kernels import LAYERS, TOKENS, best_of_two  # this script's folder, first on sys.path
 
 from st_mamba import MambaBackbone, MambaConfig
 from st_mamba.ops import triton as kernels

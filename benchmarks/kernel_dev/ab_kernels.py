@@ -15,7 +15,7 @@ both alike. Timed (CUDA events, median of several runs after warm-ups, best of t
    forward + backward at 512, the dispatcher pointed at each version in turn (the model code is the
    working tree's on both sides; only the kernels differ).
 
-    python benchmarks/ab_kernels.py --base 5c52040
+    python benchmarks/kernel_dev/ab_kernels.py --base 5c52040
 """
 
 from __future__ import annotations
@@ -29,13 +29,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_encode import time_cuda  # benchmarks/ is this script's folder, first on sys.path
 
 import st_mamba.ops as ops
 from st_mamba import MambaBackbone, MambaConfig
 from st_mamba.ops import triton as current
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for bench_encode's timer
+from bench_encode import time_cuda  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 TOKENS = 65536
 LAYERS = {"130m": (1536, 24, 768), "370m": (2048, 48, 1024)}  # d_inner, n_layer, d_model
 

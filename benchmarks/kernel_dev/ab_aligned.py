@@ -3,15 +3,15 @@
 The mamba-130m shape, bf16, random weights, 65,536 tokens per batch in rows of 512, 8,192 and 32,768
 tokens: forward milliseconds (best of two rounds of median-of-7 CUDA-event timings) with the hint as
 the host computes it, and with the hint forced off. Which kernels take the hint is up to
-``ops/triton.py``; docs/benchmarks.md says what each version measured.
+``ops/triton.py``; docs/kernels.md says what each version measured.
 
-    python benchmarks/ab_aligned.py
+    python benchmarks/kernel_dev/ab_aligned.py
 """
 
 from __future__ import annotations
 
 import torch
-from ab_kernels import TOKENS, best_of_two  # benchmarks/ is this script's folder, first on sys.path
+from ab_kernels import TOKENS, best_of_two  # this script's folder, first on sys.path
 
 from st_mamba import MambaBackbone, MambaConfig
 from st_mamba.ops import triton as triton_ops

@@ -1,4 +1,4 @@
-"""What the LangChain and LlamaIndex integrations share: loading, input checks and encoding by role.
+"""The encoding layer the LangChain and LlamaIndex embeddings classes share: loading, input checks, encoding by role.
 
 ``integrations/langchain`` (``STMambaEmbeddings``) and ``integrations/llamaindex`` (``STMambaEmbedding``)
 are thin pydantic classes with the field names of their ecosystems; both delegate to a ``RoleEncoder``

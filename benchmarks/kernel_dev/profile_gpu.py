@@ -6,21 +6,24 @@
    random weights (bf16, 65,536 tokens a batch, 128 x 512 by default; each of ``--lengths`` in turn):
    GPU time by kernel, largest first.
 
-    python benchmarks/profile_gpu.py [--model 130m|370m] [--lengths 512,2048] [--forward-only]
+    python benchmarks/kernel_dev/profile_gpu.py [--model 130m|370m] [--lengths 512,2048] [--forward-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
-from bench_encode import MODELS, time_cuda  # benchmarks/ is this script's folder, first on sys.path
 from torch.profiler import ProfilerActivity, profile
 
 from st_mamba import MambaBackbone, MambaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for bench_encode's shapes and timer
+from bench_encode import MODELS, time_cuda  # noqa: E402
 
 TOKENS = 65536
 
