@@ -1,4 +1,4 @@
-"""Where a distillation training step's time goes: the students of training/distill.py, one batch shape at a time.
+"""Where a distillation training step's time goes: the students of training/distill/, one batch shape at a time.
 
 For each batch shape of the distillation run (many short texts ... a few 8K-token segments, each at
 most 32,768 padded tokens), the Mamba and the Transformer student take the recipe's step (forward,
@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "training"))
 sys.path.insert(0, str(ROOT))
 
-import distill  # noqa: E402  (training/distill.py: the students, the loss weight, the optimiser settings)
+from training.distill import data, settings, students, train  # noqa: E402  (the recipe's students and settings)
 
 # (texts, tokens a text): shapes like the run's batches, about 32K padded tokens or 512 texts each.
 SHAPES = [(512, 8), (512, 48), (128, 256), (32, 1024), (4, 8192)]
@@ -38,8 +37,8 @@ SHAPES = [(512, 8), (512, 48), (128, 256), (32, 1024), (4, 8192)]
 
 def train_step(model, loss, optimizer, features: dict, labels: torch.Tensor) -> None:
     optimizer.zero_grad(set_to_none=True)
-    (distill.MSE_WEIGHT * loss([features], labels)).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), distill.MAX_GRAD_NORM)
+    (settings.MSE_WEIGHT * loss([features], labels)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.MAX_GRAD_NORM)
     optimizer.step()
 
 
@@ -54,14 +53,14 @@ def busy_ms(step) -> float:
 
 
 def loop_ms(model, loss, optimizer, ids, kind: str, labels: torch.Tensor, reps: int) -> float:
-    """Milliseconds a step as distill.train_student runs them back to back: each step collates its
+    """Milliseconds a step as train.train_student runs them back to back: each step collates its
     batch from token ids on the host and sends it to the GPU, with no sync between steps."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(reps):
-        collated = distill.collate(ids, kind, 0, model.max_seq_length)
+        collated = data.collate(ids, kind, 0, model.max_seq_length)
         int(collated["attention_mask"].sum())
-        train_step(model, loss, optimizer, distill._to(collated, "cuda"), distill._move(labels, "cuda"))
+        train_step(model, loss, optimizer, train._to(collated, "cuda"), train._move(labels, "cuda"))
     torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3 / reps
 
@@ -76,8 +75,8 @@ def measure(kind: str, name: str, model, reps: int, shapes: list[tuple[int, int]
     rows = []
     for texts, length in shapes:
         ids = [torch.randint(1, 50000, (length - 1,), generator=generator).numpy() for _ in range(texts)]
-        features = distill._to(distill.collate(ids, kind, 0, model.max_seq_length), "cuda")
-        labels = torch.nn.functional.normalize(torch.randn(texts, distill.TEACHER_DIM, generator=generator), dim=-1)
+        features = train._to(data.collate(ids, kind, 0, model.max_seq_length), "cuda")
+        labels = torch.nn.functional.normalize(torch.randn(texts, settings.TEACHER_DIM, generator=generator), dim=-1)
         labels = labels.cuda()
 
         def step(features=features, labels=labels) -> None:
@@ -123,15 +122,15 @@ def main() -> None:
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    mamba = distill.build_mamba_student(a.tokenizer, pooling="mean")
-    mamba[0].chunk_size = None  # as distill.train_student trains it: one pass
+    mamba = students.build_mamba_student(a.tokenizer, pooling="mean")
+    mamba[0].chunk_size = None  # as train.train_student trains it: one pass
     rows = measure("mamba", "mamba", mamba, a.reps)
     # With the saved chunk_size, longer texts stream in chunks (the same gradients): what that costs a step.
-    mamba[0].chunk_size = distill.SAVED_CHUNK_SIZE
-    long = [shape for shape in SHAPES if shape[1] > distill.SAVED_CHUNK_SIZE]
-    rows += measure("mamba", f"mamba, {distill.SAVED_CHUNK_SIZE}-token chunks", mamba, a.reps, long)
+    mamba[0].chunk_size = settings.SAVED_CHUNK_SIZE
+    long = [shape for shape in SHAPES if shape[1] > settings.SAVED_CHUNK_SIZE]
+    rows += measure("mamba", f"mamba, {settings.SAVED_CHUNK_SIZE}-token chunks", mamba, a.reps, long)
     with tempfile.TemporaryDirectory() as scratch:  # where the Transformer student is built
-        transformer = distill.build_transformer_student(a.tokenizer, Path(scratch))
+        transformer = students.build_transformer_student(a.tokenizer, Path(scratch))
     rows += measure("transformer", "transformer", transformer, a.reps)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
