@@ -124,8 +124,9 @@ class MambaEncoder(InputModule):
         """Tokenise, truncate to ``max_seq_length - 1``, append EOS, right-pad with EOS.
 
         Returns ``input_ids`` and ``attention_mask``, both (B, L_max) int64. Where the backbone reads
-        packed batches in one pass (Mamba-1 on a CUDA GPU with Triton, no ``chunk_size``), the texts are
-        instead packed end to end without padding at inference (eval mode): see ``_pack``.
+        packed batches in one pass (Mamba-1 on a CUDA GPU with Triton or on the compiled CPU kernels) and
+        no text is longer than ``chunk_size``, the texts are instead packed end to end without padding at
+        inference (eval mode): see ``_pack``.
         """
         if isinstance(inputs, str):
             raise TypeError("expected a list of strings, got a single str; wrap it in a list")
@@ -151,7 +152,8 @@ class MambaEncoder(InputModule):
             attention_mask[row, : len(tokens) + 1] = 1  # the tokens and their EOS
         # Inference only: training collators pin, split (cached losses) and move batches by row themselves.
         device = self.backbone.embeddings.weight.device
-        if not self.training and self.chunk_size is None and ops.packs_in_one_pass(device, self.config.version):
+        fits_one_pass = self.chunk_size is None or longest <= self.chunk_size  # else forward streams the batch
+        if not self.training and fits_one_pass and ops.packs_in_one_pass(device, self.config.version):
             return self._pack(input_ids, attention_mask, device)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
