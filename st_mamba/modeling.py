@@ -9,6 +9,7 @@ Symbols (B, L, D, Di, N, K, R, H, P, G): see ``config.py``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -58,11 +59,15 @@ class MambaBackbone(nn.Module):
         end to end, text i at ``cu_seqlens[i]:cu_seqlens[i + 1]``; no text sees another, and states are
         (n, ...), one per text.
         """
+        with self.threads_for(input_ids):
+            return self._forward(input_ids, state, return_state, cu_seqlens)
+
+    def threads_for(self, input_ids: Tensor) -> contextlib.AbstractContextManager:
+        """``ops.cpu.one_thread()`` for a small CPU inference batch of these token ids, else nothing."""
         small = input_ids.numel() * self.config.d_inner <= ONE_THREAD_MAX_WORK
         if small and input_ids.device.type == "cpu" and not torch.is_grad_enabled():
-            with ops_cpu.one_thread():
-                return self._forward(input_ids, state, return_state, cu_seqlens)
-        return self._forward(input_ids, state, return_state, cu_seqlens)
+            return ops_cpu.one_thread()
+        return contextlib.nullcontext()
 
     def _forward(
         self, input_ids: Tensor, state: list[LayerState] | None, return_state: bool, cu_seqlens: Tensor | None

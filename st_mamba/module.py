@@ -124,9 +124,9 @@ class MambaEncoder(InputModule):
         """Tokenise, truncate to ``max_seq_length - 1``, append EOS, right-pad with EOS.
 
         Returns ``input_ids`` and ``attention_mask``, both (B, L_max) int64. Where the backbone reads
-        packed batches in one pass (Mamba-1 on a CUDA GPU with Triton or on the compiled CPU kernels) and
-        no text is longer than ``chunk_size``, the texts are instead packed end to end without padding at
-        inference (eval mode): see ``_pack``.
+        packed batches in one pass (Mamba-1 on a CUDA GPU with Triton or on the compiled CPU kernels), no
+        text is longer than ``chunk_size`` and the batch has padding, the texts are instead packed end to
+        end without padding at inference (eval mode): see ``_pack``.
         """
         if isinstance(inputs, str):
             raise TypeError("expected a list of strings, got a single str; wrap it in a list")
@@ -152,8 +152,9 @@ class MambaEncoder(InputModule):
             attention_mask[row, : len(tokens) + 1] = 1  # the tokens and their EOS
         # Inference only: training collators pin, split (cached losses) and move batches by row themselves.
         device = self.backbone.embeddings.weight.device
+        padded = len(ids) > 1 and min(len(row) for row in ids) + 1 < longest  # else packing removes nothing
         fits_one_pass = self.chunk_size is None or longest <= self.chunk_size  # else forward streams the batch
-        if not self.training and fits_one_pass and ops.packs_in_one_pass(device, self.config.version):
+        if padded and not self.training and fits_one_pass and ops.packs_in_one_pass(device, self.config.version):
             return self._pack(input_ids, attention_mask, device)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
@@ -182,7 +183,14 @@ class MambaEncoder(InputModule):
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, features: dict[str, Tensor], **kwargs) -> dict[str, Tensor]:
-        """Adds ``sentence_embedding`` (B, D), the pooled hidden states, and ``token_embeddings`` (B, L, D)."""
+        """Adds ``sentence_embedding`` (B, D), the pooled hidden states, and ``token_embeddings`` (B, L, D).
+
+        A query-sized batch on CPU runs on the calling thread, pooling included (``MambaBackbone.threads_for``).
+        """
+        with self.backbone.threads_for(features["input_ids"]):
+            return self._forward(features)
+
+    def _forward(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         input_ids, attention_mask = features["input_ids"], features["attention_mask"]
         if "cu_seqlens" in features:
             return self._forward_packed(features)

@@ -208,6 +208,7 @@ def test_cpu_inference_packs_and_equals_the_padded_forward(tokenizer_dir, poolin
     encoder = encoder_of(model).eval()
     texts = random_texts(9, seed=6, max_words=70)
     assert "cu_seqlens" in encoder.preprocess(texts)
+    assert "cu_seqlens" not in encoder.preprocess(texts[:1])  # no padding to remove
     packed = model.encode(texts, batch_size=4, convert_to_tensor=True)
     encoder.train()  # preprocess pads in training mode
     features = encoder.preprocess(texts)
