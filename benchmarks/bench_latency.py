@@ -194,7 +194,9 @@ def measure(model: SentenceTransformer, args: argparse.Namespace, docs: list[str
     row["query_p50_ms"] = 1e3 * percentile(query_times, 0.5)
     row["query_p90_ms"] = 1e3 * percentile(query_times, 0.9)
     abstracts = docs[:32]
-    row["abstracts32_ms"] = 1e3 * statistics.median(wall_times(lambda: model.encode(abstracts), args.runs, 2, args.device))
+    row["abstracts32_ms"] = 1e3 * statistics.median(
+        wall_times(lambda: model.encode(abstracts), args.runs, 2, args.device)
+    )
     corpus = docs[: args.corpus_docs]
     corpus_times = wall_times(lambda: model.encode(corpus, batch_size=32), args.corpus_runs, 1, args.device)
     row["corpus_docs"] = len(corpus)
@@ -277,7 +279,9 @@ def plot(results: dict, path: Path) -> None:
         ax.bar_label(bars, [f"{v:,.1f}" for v in values], fontsize=8)
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
-    fig.suptitle(f"model.encode, ST defaults: {results['machine'].split(',')[0]} ({results['device']}, {results['date']})")
+    fig.suptitle(
+        f"model.encode, ST defaults: {results['machine'].split(',')[0]} ({results['device']}, {results['date']})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -323,9 +327,7 @@ def main() -> None:
             del model
             if cuda:
                 torch.cuda.empty_cache()
-    results.update(
-        load_after=os.getloadavg()[0], machine=machine(args.device), date=datetime.date.today().isoformat()
-    )
+    results.update(load_after=os.getloadavg()[0], machine=machine(args.device), date=datetime.date.today().isoformat())
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "latency.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out_dir / "latency.png")
