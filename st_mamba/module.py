@@ -26,6 +26,7 @@ from st_mamba import ops
 from st_mamba.checkpoints import CheckpointError, load_backbone, resolve_folder, save_backbone
 from st_mamba.config import MambaConfig
 from st_mamba.modeling import LayerState, MambaBackbone
+from st_mamba.staging import PinnedStaging
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -90,6 +91,7 @@ class MambaEncoder(InputModule):
         self.chunk_size = chunk_size
         self.pooling = pooling
         self.eos_token_id = tokenizer.eos_token_id
+        self._staging = PinnedStaging()
 
     @property
     def max_seq_length(self) -> int | None:
@@ -165,20 +167,28 @@ class MambaEncoder(InputModule):
         ``packed_positions`` (T,), each token's index in the flattened (B, L_max) padded layout, and the
         padded ``attention_mask`` (B, L_max), so that ``token_embeddings`` keep their usual shape.
 
-        In the main process the tensors are already sent (pinned, non-blocking) to the model's GPU, so
-        that moving the batch to the device does not wait for the previous batch's forward pass.
+        In the main process the tensors are already sent to the model's GPU, in one asynchronous copy
+        through a reused pinned buffer (``staging.PinnedStaging``), so that moving the batch to the device
+        neither allocates pinned memory nor waits for the previous batch's forward pass.
         """
         keep = attention_mask.bool()
         lengths = attention_mask.sum(dim=1)
-        features = {
-            "input_ids": input_ids[keep].unsqueeze(0),
-            "cu_seqlens": torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
+        parts = {
+            "input_ids": input_ids[keep],
+            "cu_seqlens": torch.nn.functional.pad(lengths.cumsum(0), (1, 0)),
             "packed_positions": keep.flatten().nonzero().squeeze(1),
-            "attention_mask": attention_mask,
+            "attention_mask": attention_mask.flatten(),
         }
         if torch.utils.data.get_worker_info() is None and torch.device(device).type == "cuda":
-            features = {k: v.pin_memory().to(device, non_blocking=True) for k, v in features.items()}
-        return features
+            sizes = [len(part) for part in parts.values()]
+            sent = self._staging.to_device(torch.cat(list(parts.values())), torch.device(device))
+            parts = dict(zip(parts, sent.split(sizes), strict=True))
+        return {
+            "input_ids": parts["input_ids"].unsqueeze(0),  # (1, T)
+            "cu_seqlens": parts["cu_seqlens"].to(torch.int32),  # (B + 1,)
+            "packed_positions": parts["packed_positions"],  # (T,)
+            "attention_mask": parts["attention_mask"].view(attention_mask.shape),  # (B, L_max)
+        }
 
     # --- forward ------------------------------------------------------------------------------
 
@@ -215,7 +225,8 @@ class MambaEncoder(InputModule):
         hidden = self.backbone(features["input_ids"], cu_seqlens=cu_seqlens)[0]  # (T, D)
         if self.pooling == "mean":
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (B,)
-            owner = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)  # (T,)
+            texts = torch.arange(len(lengths), device=hidden.device)
+            owner = torch.repeat_interleave(texts, lengths, output_size=hidden.shape[0])  # (T,); no sync for the size
             sums = hidden.new_zeros(len(lengths), hidden.shape[-1], dtype=torch.float32)
             sums.index_add_(0, owner, hidden.float())
             features["sentence_embedding"] = (sums / lengths.clamp(min=1).unsqueeze(1)).to(hidden.dtype)
