@@ -128,7 +128,7 @@ class MambaEncoder(InputModule):
         Returns ``input_ids`` and ``attention_mask``, both (B, L_max) int64. Where the backbone reads
         packed batches in one pass (Mamba-1 on a CUDA GPU with Triton or on the compiled CPU kernels), no
         text is longer than ``chunk_size`` and the batch has padding, the texts are instead packed end to
-        end without padding at inference (eval mode): see ``_pack``.
+        end without padding at inference (eval mode, autograd off, as in ``encode``): see ``_pack``.
         """
         if isinstance(inputs, str):
             raise TypeError("expected a list of strings, got a single str; wrap it in a list")
@@ -156,7 +156,10 @@ class MambaEncoder(InputModule):
         device = self.backbone.embeddings.weight.device
         padded = len(ids) > 1 and min(len(row) for row in ids) + 1 < longest  # else packing removes nothing
         fits_one_pass = self.chunk_size is None or longest <= self.chunk_size  # else forward streams the batch
-        if padded and not self.training and fits_one_pass and ops.packs_in_one_pass(device, self.config.version):
+        # Inference only (eval mode, no autograd: ``encode`` runs under inference mode). A trainer's collator
+        # may run before the model is switched to training mode, but never without autograd.
+        inference = not self.training and not torch.is_grad_enabled()
+        if padded and inference and fits_one_pass and ops.packs_in_one_pass(device, self.config.version):
             return self._pack(input_ids, attention_mask, device)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
