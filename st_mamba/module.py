@@ -152,12 +152,12 @@ class MambaEncoder(InputModule):
         for row, tokens in enumerate(ids):
             input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             attention_mask[row, : len(tokens) + 1] = 1  # the tokens and their EOS
-        # Inference only: training collators pin, split (cached losses) and move batches by row themselves.
         device = self.backbone.embeddings.weight.device
         padded = len(ids) > 1 and min(len(row) for row in ids) + 1 < longest  # else packing removes nothing
         fits_one_pass = self.chunk_size is None or longest <= self.chunk_size  # else forward streams the batch
-        # Inference only (eval mode, no autograd: ``encode`` runs under inference mode). A trainer's collator
-        # may run before the model is switched to training mode, but never without autograd.
+        # Inference only (eval mode, no autograd: ``encode`` runs under inference mode). Training collators
+        # pin, split (cached losses) and move batches by row themselves, and may run before the model is
+        # switched to training mode, but never without autograd.
         inference = not self.training and not torch.is_grad_enabled()
         if padded and inference and fits_one_pass and ops.packs_in_one_pass(device, self.config.version):
             return self._pack(input_ids, attention_mask, device)
