@@ -9,6 +9,7 @@ Symbols (B, L, D, Di, N, K, R, H, P, G): see ``config.py``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -19,6 +20,12 @@ from torch.utils.checkpoint import checkpoint
 
 from st_mamba import ops
 from st_mamba.config import MambaConfig
+from st_mamba.ops import cpu as ops_cpu
+from st_mamba.ops.weight_cache import cached
+
+# CPU inference batches of at most this many (token, inner channel) pairs, a query or a few, run on the
+# calling thread (ops.cpu.one_thread): for them the second core saves less than its parallel regions cost.
+ONE_THREAD_MAX_WORK = 2**15
 
 
 class LayerState(NamedTuple):
@@ -52,6 +59,19 @@ class MambaBackbone(nn.Module):
         end to end, text i at ``cu_seqlens[i]:cu_seqlens[i + 1]``; no text sees another, and states are
         (n, ...), one per text.
         """
+        with self.threads_for(input_ids):
+            return self._forward(input_ids, state, return_state, cu_seqlens)
+
+    def threads_for(self, input_ids: Tensor) -> contextlib.AbstractContextManager:
+        """``ops.cpu.one_thread()`` for a small CPU inference batch of these token ids, else nothing."""
+        small = input_ids.numel() * self.config.d_inner <= ONE_THREAD_MAX_WORK
+        if small and input_ids.device.type == "cpu" and not torch.is_grad_enabled():
+            return ops_cpu.one_thread()
+        return contextlib.nullcontext()
+
+    def _forward(
+        self, input_ids: Tensor, state: list[LayerState] | None, return_state: bool, cu_seqlens: Tensor | None
+    ) -> Tensor | tuple[Tensor, list[LayerState]]:
         hidden = self.embeddings(input_ids)  # (B, L, D)
         new_state = []
         for i, layer in enumerate(self.layers):
@@ -224,14 +244,25 @@ class Mamba1Mixer(nn.Module):
         x, conv_state = conv_out if return_state else (conv_out, None)
         dt, B, C = self.x_proj(x).split([dt_rank, d_state, d_state], dim=-1)  # (B, L, R), (B, L, N), (B, L, N)
         dt = ops.linear(dt, self.dt_proj.weight)  # (B, L, Di); the bias is added inside the scan
-        A = -torch.exp(self.A_log.float())  # (Di, N), negative so that the state decays
+        A, D, dt_bias = self._scan_parameters()
         scan_out = ops.selective_scan(
-            x, dt, A, B, C, self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
+            x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True,
             initial_state=None if state is None else state.ssm, return_final_state=return_state, cu_seqlens=cu_seqlens,
         )  # fmt: skip
         y, ssm_state = scan_out if return_state else (scan_out, None)
         out = self.out_proj(y, residual)  # (B, L, D)
         return out, (LayerState(conv_state, ssm_state) if return_state else None)
+
+    def _scan_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
+        """A (Di, N), negative so that the state decays, D and dt's bias (Di,), all fp32; at inference made
+        once per weight (``ops.weight_cache``), not once per call."""
+        if torch.is_grad_enabled():
+            return -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()
+        return (
+            cached(self.A_log, "A", lambda a: -torch.exp(a.float())),
+            cached(self.D, "fp32", Tensor.float),
+            cached(self.dt_proj.bias, "fp32", Tensor.float),
+        )
 
     def reset_parameters(self, generator: torch.Generator | None, n_layer: int) -> None:
         cfg = self.config

@@ -26,6 +26,7 @@ from st_mamba import ops
 from st_mamba.checkpoints import CheckpointError, load_backbone, resolve_folder, save_backbone
 from st_mamba.config import MambaConfig
 from st_mamba.modeling import LayerState, MambaBackbone
+from st_mamba.staging import PinnedStaging
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -95,6 +96,7 @@ class MambaEncoder(InputModule):
         self.pooling = pooling
         self.do_lower_case = do_lower_case
         self.eos_token_id = tokenizer.eos_token_id
+        self._staging = PinnedStaging()
 
     @property
     def max_seq_length(self) -> int | None:
@@ -129,8 +131,9 @@ class MambaEncoder(InputModule):
         """(Lower-case if ``do_lower_case``,) tokenise, truncate to ``max_seq_length - 1``, append EOS, right-pad with EOS.
 
         Returns ``input_ids`` and ``attention_mask``, both (B, L_max) int64. Where the backbone reads
-        packed batches in one pass (Mamba-1 on a CUDA GPU with Triton, no ``chunk_size``), the texts are
-        instead packed end to end without padding at inference (eval mode): see ``_pack``.
+        packed batches in one pass (Mamba-1 on a CUDA GPU with Triton or on the compiled CPU kernels), no
+        text is longer than ``chunk_size`` and the batch has padding, the texts are instead packed end to
+        end without padding at inference (eval mode, autograd off, as in ``encode``): see ``_pack``.
         """
         if isinstance(inputs, str):
             raise TypeError("expected a list of strings, got a single str; wrap it in a list")
@@ -156,9 +159,14 @@ class MambaEncoder(InputModule):
         for row, tokens in enumerate(ids):
             input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             attention_mask[row, : len(tokens) + 1] = 1  # the tokens and their EOS
-        # Inference only: training collators pin, split (cached losses) and move batches by row themselves.
         device = self.backbone.embeddings.weight.device
-        if not self.training and self.chunk_size is None and ops.packs_in_one_pass(device, self.config.version):
+        padded = len(ids) > 1 and min(len(row) for row in ids) + 1 < longest  # else packing removes nothing
+        fits_one_pass = self.chunk_size is None or longest <= self.chunk_size  # else forward streams the batch
+        # Inference only (eval mode, no autograd: ``encode`` runs under inference mode). Training collators
+        # pin, split (cached losses) and move batches by row themselves, and may run before the model is
+        # switched to training mode, but never without autograd.
+        inference = not self.training and not torch.is_grad_enabled()
+        if padded and inference and fits_one_pass and ops.packs_in_one_pass(device, self.config.version):
             return self._pack(input_ids, attention_mask, device)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
@@ -169,25 +177,40 @@ class MambaEncoder(InputModule):
         ``packed_positions`` (T,), each token's index in the flattened (B, L_max) padded layout, and the
         padded ``attention_mask`` (B, L_max), so that ``token_embeddings`` keep their usual shape.
 
-        In the main process the tensors are already sent (pinned, non-blocking) to the model's GPU, so
-        that moving the batch to the device does not wait for the previous batch's forward pass.
+        In the main process the tensors are already sent to the model's GPU, in one asynchronous copy
+        through a reused pinned buffer (``staging.PinnedStaging``), so that moving the batch to the device
+        neither allocates pinned memory nor waits for the previous batch's forward pass.
         """
         keep = attention_mask.bool()
         lengths = attention_mask.sum(dim=1)
-        features = {
-            "input_ids": input_ids[keep].unsqueeze(0),
-            "cu_seqlens": torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32),
+        parts = {
+            "input_ids": input_ids[keep],
+            "cu_seqlens": torch.nn.functional.pad(lengths.cumsum(0), (1, 0)),
             "packed_positions": keep.flatten().nonzero().squeeze(1),
-            "attention_mask": attention_mask,
+            "attention_mask": attention_mask.flatten(),
         }
         if torch.utils.data.get_worker_info() is None and torch.device(device).type == "cuda":
-            features = {k: v.pin_memory().to(device, non_blocking=True) for k, v in features.items()}
-        return features
+            sizes = [len(part) for part in parts.values()]
+            sent = self._staging.to_device(torch.cat(list(parts.values())), torch.device(device))
+            parts = dict(zip(parts, sent.split(sizes), strict=True))
+        return {
+            "input_ids": parts["input_ids"].unsqueeze(0),  # (1, T)
+            "cu_seqlens": parts["cu_seqlens"].to(torch.int32),  # (B + 1,)
+            "packed_positions": parts["packed_positions"],  # (T,)
+            "attention_mask": parts["attention_mask"].view(attention_mask.shape),  # (B, L_max)
+        }
 
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, features: dict[str, Tensor], **kwargs) -> dict[str, Tensor]:
-        """Adds ``sentence_embedding`` (B, D), the pooled hidden states, and ``token_embeddings`` (B, L, D)."""
+        """Adds ``sentence_embedding`` (B, D), the pooled hidden states, and ``token_embeddings`` (B, L, D).
+
+        A query-sized batch on CPU runs on the calling thread, pooling included (``MambaBackbone.threads_for``).
+        """
+        with self.backbone.threads_for(features["input_ids"]):
+            return self._forward(features)
+
+    def _forward(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         input_ids, attention_mask = features["input_ids"], features["attention_mask"]
         if "cu_seqlens" in features:
             return self._forward_packed(features)
@@ -212,7 +235,8 @@ class MambaEncoder(InputModule):
         hidden = self.backbone(features["input_ids"], cu_seqlens=cu_seqlens)[0]  # (T, D)
         if self.pooling == "mean":
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (B,)
-            owner = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)  # (T,)
+            texts = torch.arange(len(lengths), device=hidden.device)
+            owner = torch.repeat_interleave(texts, lengths, output_size=hidden.shape[0])  # (T,); no sync for the size
             sums = hidden.new_zeros(len(lengths), hidden.shape[-1], dtype=torch.float32)
             sums.index_add_(0, owner, hidden.float())
             features["sentence_embedding"] = (sums / lengths.clamp(min=1).unsqueeze(1)).to(hidden.dtype)

@@ -197,6 +197,31 @@ def test_training_batches_are_never_packed(tiny_model, monkeypatch):
     assert set(features) == {"input_ids", "attention_mask"} and features["input_ids"].shape[0] == 2
 
 
+@pytest.mark.parametrize("pooling", ["eos", "mean"])
+def test_cpu_inference_packs_and_equals_the_padded_forward(tokenizer_dir, pooling):
+    """With the compiled CPU kernels, eval-mode batches are packed (also under a chunk_size they fit in)."""
+    from st_mamba.ops import cpu
+
+    if not cpu.available():
+        pytest.skip("the compiled CPU kernels did not build here")
+    model = st_mamba.from_config(tiny_config(1), tokenizer_dir, seed=0, pooling=pooling, chunk_size=500, device="cpu")
+    encoder = encoder_of(model).eval()
+    texts = random_texts(9, seed=6, max_words=70)
+    with torch.no_grad():
+        assert "cu_seqlens" in encoder.preprocess(texts)
+        assert "cu_seqlens" not in encoder.preprocess(texts[:1])  # no padding to remove
+    assert "cu_seqlens" not in encoder.preprocess(texts)  # autograd on: a training collator's call
+    packed = model.encode(texts, batch_size=4, convert_to_tensor=True)
+    encoder.train()  # preprocess pads in training mode
+    features = encoder.preprocess(texts)
+    with torch.no_grad():
+        padded = torch.nn.functional.normalize(encoder.eval()(features)["sentence_embedding"], dim=-1)
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    encoder.chunk_size = 4  # texts longer than a chunk: padded and streamed, not packed
+    with torch.no_grad():
+        assert "cu_seqlens" not in encoder.preprocess(texts)
+
+
 # --- mean pooling -----------------------------------------------------------------------------
 
 

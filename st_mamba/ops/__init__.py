@@ -14,8 +14,9 @@ Mamba-1 scan and the causal convolution, used whenever Triton is importable (PyT
 bring it): it needs no compiled extension and reads the channels-last layout as it is, where
 mamba-ssm wants (B, D, L) copies. Its model forward measured 2.6-3.3x transformers + mamba-ssm on an
 H200 (docs/benchmarks.md); ``benchmarks/bench_encode.py`` also times the two backends op by op where
-mamba-ssm is installed. Only ``triton`` reads packed batches (``cu_seqlens``) in one pass; every
-other backend runs a packed batch one sequence at a time.
+mamba-ssm is installed. ``triton`` and ``cpu`` read packed batches (``cu_seqlens``) in one pass
+(``cpu``: the convolution only without states in or out); every other backend runs a packed batch one
+sequence at a time.
 ``linear`` (the mixers' projections) has two paths: oneDNN's matmul (``cpu``) for fp32 CPU tensors
 when no gradient is needed and no other backend is forced, else ``F.linear``.
 ``use_backend("reference")`` (or ``ST_MAMBA_BACKEND=reference``) forces one backend, for tests and
@@ -84,8 +85,13 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 
 
 def packs_in_one_pass(device: torch.device, version: int) -> bool:
-    """Whether a packed batch (``cu_seqlens``) runs in one pass here: the Triton Mamba-1 path on CUDA."""
-    return device.type == "cuda" and _triton is not None and version == 1 and _forced in (None, "triton")
+    """Whether a packed batch (``cu_seqlens``) runs in one pass here, at inference: Mamba-1 on the Triton
+    kernels (CUDA) or on the compiled CPU kernels."""
+    if version != 1:
+        return False
+    if device.type == "cuda":
+        return _triton is not None and _forced in (None, "triton")
+    return device.type == "cpu" and _forced in (None, "cpu") and _cpu.available()
 
 
 def _one_sequence_at_a_time(
@@ -136,6 +142,8 @@ def selective_scan(
     _announce("selective_scan", backend, x.device)
     if backend == "triton":
         return _triton.selective_scan_triton(*args, cu_seqlens=cu_seqlens)
+    if backend == "cpu":
+        return _cpu.selective_scan_cpu(*args, cu_seqlens=cu_seqlens)
     if cu_seqlens is not None:
         with use_backend(backend):
             return _one_sequence_at_a_time(
@@ -151,8 +159,6 @@ def selective_scan(
         if return_final_state:
             return out[0].transpose(1, 2), out[1]
         return out.transpose(1, 2)
-    if backend == "cpu":
-        return _cpu.selective_scan_cpu(*args)
     if backend == "reference":
         return selective_scan_reference(*args)
     return selective_scan_chunked(*args)
@@ -220,6 +226,8 @@ def causal_conv1d(
     _announce("causal_conv1d", backend, x.device)
     if backend == "triton":
         return _triton.causal_conv1d_triton(*args, cu_seqlens=cu_seqlens)
+    if backend == "cpu" and (cu_seqlens is None or (initial_state is None and not return_final_state)):
+        return _cpu.causal_conv1d_cpu(*args, cu_seqlens=cu_seqlens)
     if cu_seqlens is not None:
         with use_backend(backend):
             return _one_sequence_at_a_time(
@@ -236,8 +244,6 @@ def causal_conv1d(
         if return_final_state:
             return out[0].transpose(1, 2), out[1].transpose(1, 2)
         return out.transpose(1, 2)
-    if backend == "cpu":
-        return _cpu.causal_conv1d_cpu(*args)
     if backend == "reference":
         return causal_conv1d_reference(*args)
     return causal_conv1d_torch(*args)

@@ -8,6 +8,8 @@
   fp32 copies of their activations).
 - ``linear_onednn``: the projections through oneDNN's fp32 matmul (ships with PyTorch; nothing to
   build).
+- ``one_thread``: runs a block's CPU work on the calling thread (no OpenMP team), for batches
+  too small to gain from the second core (``MambaBackbone`` uses it for queries).
 - ``keep_freed_memory``: an opt-in setting of glibc's malloc that spares every large tensor its
   page faults (a fifth of the mamba-130m forward on 2 cores).
 
@@ -21,6 +23,7 @@ dispatcher in ``ops/__init__.py`` uses the pure-PyTorch paths instead.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -29,12 +32,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from st_mamba.ops.chunked import conv_final_state
+from st_mamba.ops.weight_cache import cached
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,8 @@ class _ScanArgs(ctypes.Structure):
         ("initial_state", ctypes.c_void_p),
         ("y", ctypes.c_void_p),
         ("final_state", ctypes.c_void_p),
+        ("cu_seqlens", ctypes.c_void_p),
+        ("n_seqs", ctypes.c_int64),
     ]
 
 
@@ -88,6 +95,8 @@ class _ConvArgs(ctypes.Structure):
         ("bf16", ctypes.c_int),
         ("initial_state", ctypes.c_void_p),
         ("y", ctypes.c_void_p),
+        ("cu_seqlens", ctypes.c_void_p),
+        ("n_seqs", ctypes.c_int64),
     ]
 
 
@@ -145,6 +154,8 @@ def _library() -> ctypes.CDLL | None:
             library.selective_scan_fwd.argtypes = [ctypes.POINTER(_ScanArgs), ctypes.c_int]
             library.causal_conv1d_fwd.argtypes = [ctypes.POINTER(_ConvArgs), ctypes.c_int]
             library.selective_scan_fwd.restype = library.causal_conv1d_fwd.restype = None
+            library.st_mamba_set_thread_count.argtypes = [ctypes.c_int]
+            library.st_mamba_set_thread_count.restype = ctypes.c_int
             return library
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             reason = f"building or loading {SOURCE_DIR} failed: {error}"
@@ -198,6 +209,23 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _packed_bounds(cu_seqlens: Tensor | None, batch: int, length: int) -> tuple[Tensor | None, int]:
+    """(int32 bounds the kernel can read, number of sequences); (None, batch) for an unpacked batch.
+
+    The kernels trust the bounds: they are checked here (batch 1, from 0 to the length, not decreasing).
+    """
+    if cu_seqlens is None:
+        return None, batch
+    bounds = cu_seqlens.to(device="cpu", dtype=torch.int32).contiguous()
+    values = bounds.tolist()
+    rising = (
+        bounds.dim() == 1 and len(values) >= 2 and all(a <= b for a, b in zip(values[:-1], values[1:], strict=True))
+    )
+    if batch != 1 or not rising or values[0] != 0 or values[-1] != length:
+        raise ValueError(f"cu_seqlens must rise from 0 to {length} (a packed batch of 1 row), got {values}")
+    return bounds, len(values) - 1
+
+
 def selective_scan_cpu(
     x: Tensor,
     dt: Tensor,
@@ -210,18 +238,21 @@ def selective_scan_cpu(
     dt_softplus: bool = False,
     initial_state: Tensor | None = None,
     return_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Mamba-1 selective scan on CPU, forward only; same signature and shapes as ``selective_scan_reference``.
 
     Computes in fp32. When x, dt, z, B and C are all bf16 the kernel reads them and writes y as they
-    are (no fp32 copies); other dtypes are upcast. y is returned in the dtype of x.
+    are (no fp32 copies); other dtypes are upcast. y is returned in the dtype of x. ``cu_seqlens``
+    (n + 1,) marks a packed batch as in ``ops.selective_scan``: x (1, T, Di), states (n, Di, N).
     """
     batch, length, d_inner = x.shape
     d_state = A.shape[-1]
+    bounds, states = _packed_bounds(cu_seqlens, batch, length)
     library = _checked_library(
         x=(x, x.shape), dt=(dt, x.shape), z=(z, x.shape), A=(A, (d_inner, d_state)),
         B=(B, (batch, length, d_state)), C=(C, (batch, length, d_state)), D=(D, (d_inner,)),
-        dt_bias=(dt_bias, (d_inner,)), initial_state=(initial_state, (batch, d_inner, d_state)),
+        dt_bias=(dt_bias, (d_inner,)), initial_state=(initial_state, (states, d_inner, d_state)),
     )  # fmt: skip
     bf16 = _all_bf16(x, dt, z, B, C)
     xs, dts, Bs, Cs = (_kernel_rows(t, bf16) for t in (x, dt, B, C))
@@ -230,12 +261,12 @@ def selective_scan_cpu(
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
     y = torch.empty(batch, length, d_inner, dtype=torch.bfloat16 if bf16 else torch.float32)
-    final_state = torch.empty(batch, d_inner, d_state, dtype=torch.float32) if return_final_state else None
+    final_state = torch.empty(states, d_inner, d_state, dtype=torch.float32) if return_final_state else None
     args = _ScanArgs(
         batch, length, d_inner, d_state,
         _seq(xs), _seq(dts), _seq(zs), _seq(Bs), _seq(Cs),
         _ptr(A), _ptr(D), _ptr(dt_bias), int(dt_softplus), int(bf16),
-        _ptr(initial_state), _ptr(y), _ptr(final_state),
+        _ptr(initial_state), _ptr(y), _ptr(final_state), _ptr(bounds), states,
     )  # fmt: skip
     library.selective_scan_fwd(ctypes.byref(args), torch.get_num_threads())
     y = y.to(x.dtype)
@@ -249,33 +280,59 @@ def causal_conv1d_cpu(
     initial_state: Tensor | None = None,
     activation: str | None = "silu",
     return_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Depthwise causal convolution on CPU, forward only; same signature and shapes as ``causal_conv1d_reference``.
 
     Computes in fp32 (bf16 x and carried state are read, and y written, as bf16; other dtypes are
-    upcast) and returns y and the final state in the dtype of x.
+    upcast) and returns y and the final state in the dtype of x. ``cu_seqlens`` (n + 1,) marks a
+    packed batch, x (1, T, C), whose sequences carry no state in or out.
     """
     if activation not in ("silu", None):
         raise ValueError(f"unsupported activation {activation!r}")
     batch, length, channels = x.shape
     width = weight.shape[-1]
+    bounds, states = _packed_bounds(cu_seqlens, batch, length)
+    if bounds is not None and (initial_state is not None or return_final_state):
+        raise ValueError("packed batches (cu_seqlens) take no initial_state and return no final state here")
     library = _checked_library(
         x=(x, x.shape), weight=(weight, (channels, width)), bias=(bias, (channels,)),
         initial_state=(initial_state, (batch, width - 1, channels)),
     )  # fmt: skip
     bf16 = _all_bf16(x, initial_state)
     xs = _kernel_rows(x, bf16)
-    weight_by_tap = weight.float().t().contiguous()  # (K, C): one row of channels per tap
+    weight_by_tap = cached(weight, "conv taps", lambda w: w.float().t().contiguous())  # (K, C): a row of channels a tap
     bias = None if bias is None else bias.float().contiguous()
     carried = None if initial_state is None else _kernel_rows(initial_state, bf16).contiguous()
     y = torch.empty(batch, length, channels, dtype=torch.bfloat16 if bf16 else torch.float32)
     args = _ConvArgs(
         batch, length, channels, width, _seq(xs), _ptr(weight_by_tap), _ptr(bias), int(activation == "silu"),
-        int(bf16), _ptr(carried), _ptr(y),
+        int(bf16), _ptr(carried), _ptr(y), _ptr(bounds), states,
     )  # fmt: skip
     library.causal_conv1d_fwd(ctypes.byref(args), torch.get_num_threads())
     y = y.to(x.dtype)
     return (y, conv_final_state(x, initial_state, width)) if return_final_state else y
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Inside the block, CPU work started from the calling thread runs on that thread alone.
+
+    A parallel region costs a wake-up and a barrier (microseconds each, and on a host busy with other
+    processes, a wait for a thread that is not scheduled); for a batch of a few tokens that is more
+    than the second core saves. This sets the calling thread's OpenMP team size (which PyTorch's
+    parallel loops, oneDNN and these kernels read) to 1 and restores it after; other threads and
+    ``torch.get_num_threads()`` elsewhere are untouched. Without the compiled library it does nothing.
+    """
+    library = _library()
+    if library is None:
+        yield
+        return
+    previous = library.st_mamba_set_thread_count(1)
+    try:
+        yield
+    finally:
+        library.st_mamba_set_thread_count(previous)
 
 
 @functools.cache
@@ -284,13 +341,22 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+# Rows the packed weights are laid out for; the packed layout is as fast as the plain one or faster at
+# every batch measured (1 to 8,192 rows), and for a query's few rows a third faster than re-packing.
+_PACKED_FOR_ROWS = 16
+
+
 def linear_onednn(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear`` through oneDNN's matmul (the op torch.compile emits for CPU linears), forward only.
 
     ``F.linear`` on CPU calls MKL's sgemm; on the 2-core AMD Zen 4 of docs/benchmarks.md oneDNN ran
     the four Mamba-1 projections 10-25% faster (single thread, CPU time), with strided inputs as they are.
+    The weight goes in already reordered into oneDNN's blocked layout (made once per weight and kept:
+    ``weight_cache``; a second copy of the weights in memory), which spares every call the reorder that
+    dominates the projections of a short query.
     """
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    packed = cached(weight, "onednn", lambda w: torch.ops.mkldnn._reorder_linear_weight(w, _PACKED_FOR_ROWS))
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def keep_freed_memory() -> bool:

@@ -36,6 +36,7 @@ strided) input, so the x half of ``in_proj``'s output needs no copy. The backwar
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -666,6 +667,10 @@ def _scan_bwd_kernel(
 # --- selective scan: host side ------------------------------------------------------------------
 
 
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class _Packing:
     """Where each sequence lives: uniform (B, L) batch rows, or packed segments of one row."""
 
@@ -676,11 +681,15 @@ class _Packing:
                 raise ValueError(f"packed input (cu_seqlens given) must have batch size 1, got {x.shape[0]}")
             self.cu_seqlens = cu_seqlens.to(device=x.device, dtype=torch.int32).contiguous()
             self.n_seq = self.cu_seqlens.numel() - 1
-            self.lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
         else:
             self.cu_seqlens = None
             self.n_seq = x.shape[0]
         self.seqlen = x.shape[1]
+
+    @functools.cached_property
+    def lengths(self) -> Tensor:
+        """(n,) int32 tokens of each packed sequence; computed when asked for (one launch fewer per call)."""
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
 
     def segment_offsets(self, block: int) -> Tensor | None:
         """(n + 1,) int32: where each sequence's first piece of ``block`` tokens is numbered (packed only)."""
@@ -807,25 +816,31 @@ def _scan_forward_pass(
     )  # fmt: skip
 
 
+def _scan_inference(x, dt, A, B, C, D, z, dt_bias, softplus, h0, return_final, cu_seqlens):
+    """The forward scan, (y, final state or None), and the inputs as the kernels read them (for the backward)."""
+    x, dt, B, C = _rows(x), _rows(dt), _rows(B), _rows(C)
+    z = None if z is None else _rows(z)
+    A = A.float().contiguous()
+    D = None if D is None else D.float().contiguous()
+    dt_bias = None if dt_bias is None else dt_bias.float().contiguous()
+    h0 = None if h0 is None else h0.float().contiguous()
+    packing = _Packing(x, cu_seqlens)
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    hfinal = None
+    if return_final:  # empty sequences launch nothing: their final state is their initial state
+        hfinal = h0.clone() if h0 is not None else x.new_zeros(packing.n_seq, *A.shape, dtype=torch.float32)
+    _scan_forward_pass(x, dt, z, B, C, A, D, dt_bias, softplus, h0, packing, y=y, hfinal=hfinal)
+    return y, hfinal, (x, dt, A, B, C, D, z, dt_bias, h0)
+
+
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, softplus, h0, return_final, cu_seqlens):
         ctx.dtypes = [None if t is None else t.dtype for t in (A, D, dt_bias, h0)]
-        x, dt, B, C = _rows(x), _rows(dt), _rows(B), _rows(C)
-        z = None if z is None else _rows(z)
-        A = A.float().contiguous()
-        D = None if D is None else D.float().contiguous()
-        dt_bias = None if dt_bias is None else dt_bias.float().contiguous()
-        h0 = None if h0 is None else h0.float().contiguous()
-        packing = _Packing(x, cu_seqlens)
-        y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        hfinal = None
-        if return_final:  # empty sequences launch nothing: their final state is their initial state
-            hfinal = h0.clone() if h0 is not None else x.new_zeros(packing.n_seq, *A.shape, dtype=torch.float32)
-        _scan_forward_pass(x, dt, z, B, C, A, D, dt_bias, softplus, h0, packing, y=y, hfinal=hfinal)
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, cu_seqlens)
+        y, hfinal, read = _scan_inference(x, dt, A, B, C, D, z, dt_bias, softplus, h0, return_final, cu_seqlens)
+        ctx.save_for_backward(*read, cu_seqlens)
         ctx.softplus = softplus
-        return (y, hfinal) if return_final else (y, None)
+        return y, hfinal
 
     @staticmethod
     def backward(ctx, dy, dhfinal):
@@ -935,9 +950,11 @@ def selective_scan_triton(
     ``initial_state`` and the final state are (n, Di, N), one per sequence.
     Gradients reach every tensor input (x, dt, A, B, C, D, z, dt_bias, initial_state).
     """
-    y, final_state = _SelectiveScan.apply(
-        x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, return_final_state, cu_seqlens
-    )
+    args = (x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, return_final_state, cu_seqlens)
+    if _needs_grad(x, dt, A, B, C, D, z, dt_bias, initial_state):
+        y, final_state = _SelectiveScan.apply(*args)
+    else:  # inference: the kernels alone, without an autograd node's host-side cost
+        y, final_state, _ = _scan_inference(*args)
     return (y, final_state) if return_final_state else y
 
 
@@ -1126,26 +1143,32 @@ def _sequence_starts(packing: _Packing, device: torch.device) -> tuple[Tensor, T
     return starts, torch.full_like(starts, packing.seqlen)
 
 
+def _conv_inference(x, weight, bias, h0, activation, cu_seqlens):
+    """The convolution's forward, y (the kernels alone)."""
+    packing = _Packing(x, cu_seqlens)
+    h0 = None if h0 is None else _rows(h0)
+    n_tokens, grid = _conv_launch(x, CONV_BLOCK_T, CONV_BLOCK_C)
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    dummy = x.new_empty(0)
+    h0_arg = h0 if h0 is not None else x
+    _conv_fwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, h0_arg, y,
+        packing.cu_seqlens if packing.varlen else dummy,
+        n_tokens, packing.seqlen, x.shape[2], packing.n_seq,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        h0_arg.stride(0) if h0 is not None else 0, h0_arg.stride(1) if h0 is not None else 0,
+        WIDTH=weight.shape[1], HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=activation == "silu",
+        VARLEN=packing.varlen, SEARCH_STEPS=_search_steps(packing.n_seq, packing.varlen), ALIGNED=_aligned(x),
+        FAST=_fast(x), BLOCK_T=CONV_BLOCK_T, BLOCK_C=CONV_BLOCK_C, num_warps=CONV_WARPS,
+    )  # fmt: skip
+    return y
+
+
 class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, h0, activation, cu_seqlens):
-        packing = _Packing(x, cu_seqlens)
-        h0 = None if h0 is None else _rows(h0)
-        n_tokens, grid = _conv_launch(x, CONV_BLOCK_T, CONV_BLOCK_C)
-        y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        dummy = x.new_empty(0)
-        h0_arg = h0 if h0 is not None else x
-        _conv_fwd_kernel[grid](
-            x, weight, bias if bias is not None else weight, h0_arg, y,
-            packing.cu_seqlens if packing.varlen else dummy,
-            n_tokens, packing.seqlen, x.shape[2], packing.n_seq,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            h0_arg.stride(0) if h0 is not None else 0, h0_arg.stride(1) if h0 is not None else 0,
-            WIDTH=weight.shape[1], HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=activation == "silu",
-            VARLEN=packing.varlen, SEARCH_STEPS=_search_steps(packing.n_seq, packing.varlen), ALIGNED=_aligned(x),
-            FAST=_fast(x), BLOCK_T=CONV_BLOCK_T, BLOCK_C=CONV_BLOCK_C, num_warps=CONV_WARPS,
-        )  # fmt: skip
-        ctx.save_for_backward(x, weight, bias, h0, cu_seqlens)
+        y = _conv_inference(x, weight, bias, h0, activation, cu_seqlens)
+        ctx.save_for_backward(x, weight, bias, None if h0 is None else _rows(h0), cu_seqlens)
         ctx.activation = activation
         return y
 
@@ -1238,7 +1261,10 @@ def causal_conv1d_triton(
         raise ValueError(f"the Triton convolution takes at most {CONV_MAX_WIDTH} taps, not {weight.shape[1]}")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    y = _CausalConv1d.apply(x, weight, bias, initial_state, activation, cu_seqlens)
+    if _needs_grad(x, weight, bias, initial_state):
+        y = _CausalConv1d.apply(x, weight, bias, initial_state, activation, cu_seqlens)
+    else:  # inference: the kernel alone, without an autograd node's host-side cost
+        y = _conv_inference(x, weight, bias, initial_state, activation, cu_seqlens)
     if not return_final_state:
         return y
     return y, _conv_final_state(x, initial_state, weight.shape[1], _Packing(x, cu_seqlens))

@@ -208,6 +208,84 @@ def test_causal_conv1d_without_bias_or_activation():
     )
 
 
+def _packed(lengths: list[int]) -> torch.Tensor:
+    return torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+
+
+# Empty sequences, one token, spans of 32 crossed, and a sequence far longer than the others.
+@pytest.mark.parametrize("lengths", [[5, 1, 17, 40, 3], [0, 33, 0, 2], [1], [300, 4, 4]], ids=str)
+@pytest.mark.parametrize("d_state", [16, 5])
+def test_packed_scan_equals_each_sequence_alone(lengths, d_state):
+    """A packed batch: every sequence starts from its own state and leaves its own; none sees another."""
+    inputs = _inputs(1, sum(lengths), 40, d_state, seed=len(lengths) + d_state, strided=True)
+    inputs["initial_state"] = torch.randn(len(lengths), 40, d_state, generator=torch.Generator().manual_seed(1))
+    cu_seqlens = _packed(lengths)
+    y, h = cpu.selective_scan_cpu(**inputs, dt_softplus=True, return_final_state=True, cu_seqlens=cu_seqlens)
+    bounds = cu_seqlens.tolist()
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        alone = {k: v[:, start:end] if k in ("x", "dt", "z", "B", "C") else v for k, v in inputs.items()}
+        alone["initial_state"] = inputs["initial_state"][i : i + 1]
+        y_ref, h_ref = selective_scan_reference(**alone, dt_softplus=True, return_final_state=True)
+        assert_close(f"y of sequence {i}", y[:, start:end], y_ref)
+        assert_close(f"final_state of sequence {i}", h[i : i + 1], h_ref)
+
+
+@pytest.mark.parametrize("lengths", [[5, 1, 17, 40, 3], [0, 33, 0, 2], [1], [300, 4, 4]], ids=str)
+@pytest.mark.parametrize("width", [4, 3])
+def test_packed_conv_equals_each_sequence_alone(lengths, width):
+    g = torch.Generator().manual_seed(sum(lengths) + width)
+    x = torch.randn(1, sum(lengths), 80, generator=g)[..., :40]  # strided, like x of the in_proj split
+    weight, bias = torch.randn(40, width, generator=g), torch.randn(40, generator=g)
+    cu_seqlens = _packed(lengths)
+    y = cpu.causal_conv1d_cpu(x, weight, bias, cu_seqlens=cu_seqlens)
+    bounds = cu_seqlens.tolist()
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        assert_close(f"y of sequence {i}", y[:, start:end], causal_conv1d_reference(x[:, start:end], weight, bias))
+
+
+def test_packed_bounds_are_checked_before_the_kernels_read_them():
+    x = torch.randn(1, 10, 16)
+    for bad in ([0, 4, 11], [1, 10], [0, 6, 4, 10], [0]):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            cpu.causal_conv1d_cpu(x, torch.randn(16, 4), cu_seqlens=torch.tensor(bad, dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens"):  # packed batches have one row
+        cpu.causal_conv1d_cpu(torch.randn(2, 5, 16), torch.randn(16, 4), cu_seqlens=_packed([5, 5]))
+    with pytest.raises(ValueError, match="no initial_state"):
+        cpu.causal_conv1d_cpu(x, torch.randn(16, 4), torch.zeros(16), torch.zeros(2, 3, 16), cu_seqlens=_packed([4, 6]))
+
+
+def test_one_thread_holds_only_inside_the_block_and_only_on_this_thread():
+    import threading
+
+    before = torch.get_num_threads()
+    seen = {}
+    with cpu.one_thread():
+        seen["inside"] = torch.get_num_threads()
+        other = threading.Thread(target=lambda: seen.setdefault("other thread", torch.get_num_threads()))
+        other.start()
+        other.join()
+    assert seen["inside"] == 1
+    assert torch.get_num_threads() == before
+    assert seen["other thread"] == before
+
+
+def test_small_batches_on_one_thread_equal_the_parallel_forward(monkeypatch):
+    """The backbone runs a query's batch on the calling thread; the result is the same as with every thread."""
+    from st_mamba import MambaBackbone, MambaConfig, modeling
+
+    model = MambaBackbone(MambaConfig(d_model=24, n_layer=2, vocab_size=50, dt_rank=4)).reset_parameters(seed=0)
+    ids = torch.randint(0, 50, (1, 9), generator=torch.Generator().manual_seed(2))
+    entered = []
+    real_one_thread = cpu.one_thread
+    monkeypatch.setattr(cpu, "one_thread", lambda: entered.append(1) or real_one_thread())
+    with torch.no_grad():
+        alone = model(ids)
+        monkeypatch.setattr(modeling, "ONE_THREAD_MAX_WORK", 0)
+        parallel = model(ids)
+    assert entered == [1]
+    assert_close("hidden", alone, parallel)
+
+
 @pytest.mark.parametrize("d_state", [16, 8])
 def test_backbone_on_the_kernels_matches_the_reference(d_state):
     """The mixer's strided views (x/z of in_proj, dt/B/C of x_proj) reach the kernels as they are."""
@@ -217,6 +295,37 @@ def test_backbone_on_the_kernels_matches_the_reference(d_state):
     model = MambaBackbone(config).reset_parameters(seed=0).eval()
     ids = torch.randint(0, 50, (2, 33), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
+        hidden = model(ids)
+        with ops.use_backend("reference"):
+            expected = model(ids)
+    assert_close("hidden", hidden, expected)
+
+
+def test_packed_backbone_on_the_kernels_matches_the_reference():
+    from st_mamba import MambaBackbone, MambaConfig
+
+    config = MambaConfig(d_model=24, n_layer=2, vocab_size=50, dt_rank=4)
+    model = MambaBackbone(config).reset_parameters(seed=0).eval()
+    lengths = [7, 1, 30, 12]
+    ids = torch.randint(0, 50, (1, sum(lengths)), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        hidden = model(ids, cu_seqlens=_packed(lengths))
+        with ops.use_backend("reference"):
+            expected = model(ids, cu_seqlens=_packed(lengths))
+    assert_close("hidden", hidden, expected)
+
+
+def test_weights_changed_in_place_are_seen_at_the_next_forward():
+    """Inference keeps -exp(A_log), packed projections and conv taps per weight; an update replaces them."""
+    from st_mamba import MambaBackbone, MambaConfig
+
+    model = MambaBackbone(MambaConfig(d_model=24, n_layer=1, vocab_size=50, dt_rank=4)).reset_parameters(seed=0)
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model(ids)  # fills the caches
+        mixer = model.layers[0].mixer
+        for weight in (mixer.A_log, mixer.in_proj.weight, mixer.conv1d.weight, mixer.D):
+            weight.mul_(0.5)
         hidden = model(ids)
         with ops.use_backend("reference"):
             expected = model(ids)

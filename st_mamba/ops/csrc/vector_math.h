@@ -176,16 +176,18 @@ static inline void store_as(void *out, int64_t index, vf v, int width, const int
     else store((float *)out + index, v, width);
 }
 
-/* Work on the whole sequence of batch row b for channels [c0, c0 + width), width <= LANES. */
-typedef void (*BlockFn)(const void *args, int64_t b, int64_t c0, int width);
+/* Work on the whole of sequence `item` (a batch row or a packed sequence) for channels [c0, c0 + width),
+   width <= LANES. */
+typedef void (*BlockFn)(const void *args, int64_t item, int64_t c0, int width);
 
-/* Runs `block` on every (batch row, LANES channels) block; blocks are independent. */
-static void for_each_block(BlockFn block, const void *args, int64_t batch, int64_t channels, int n_threads) {
-    int64_t blocks_per_row = (channels + LANES - 1) / LANES;
-#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1)
-    for (int64_t i = 0; i < batch * blocks_per_row; i++) {
-        int64_t b = i / blocks_per_row, c0 = (i % blocks_per_row) * LANES;
-        block(args, b, c0, channels - c0 < LANES ? (int)(channels - c0) : LANES);
+/* Runs `block` on every (sequence, LANES channels) block; blocks are independent. n_threads 1 runs
+   them on the calling thread without entering a parallel region. */
+static void for_each_block(BlockFn block, const void *args, int64_t items, int64_t channels, int n_threads) {
+    int64_t blocks_per_item = (channels + LANES - 1) / LANES;
+#pragma omp parallel for num_threads(n_threads) schedule(dynamic, 1) if (n_threads > 1)
+    for (int64_t i = 0; i < items * blocks_per_item; i++) {
+        int64_t item = i / blocks_per_item, c0 = (i % blocks_per_item) * LANES;
+        block(args, item, c0, channels - c0 < LANES ? (int)(channels - c0) : LANES);
     }
 }
 
