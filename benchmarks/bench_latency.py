@@ -113,7 +113,8 @@ def build(name: str, device: str, dtype: torch.dtype, scratch: Path) -> Sentence
 def build_bert(folder: Path, device: str, shape: dict, max_seq_length: int) -> SentenceTransformer:
     """A BERT of ``shape`` (default: BERT-base, 768 wide, 12 layers) with random weights and MiniLM's
     tokenizer (else the shipped GPT-NeoX one), as ST's Transformer + mean pooling + Normalize."""
-    from sentence_transformers.base.modules import Normalize, Pooling, Transformer
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder() or SHIPPED)
