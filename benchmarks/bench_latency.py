@@ -299,7 +299,9 @@ def plot(results: dict, path: Path) -> None:
         errors = None if high is None else [[0] * len(values), [h - v for v, h in zip(values, high, strict=True)]]
         bars = ax.bar(range(len(names)), values, yerr=errors, color=[f"C{i}" for i in range(len(names))], capsize=3)
         ax.bar_label(bars, [f"{v:,.1f}" for v in values], fontsize=8)
-        ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+        ax.set_xticks(
+            range(len(names)), [n.split(" (")[0] for n in names], rotation=20, ha="right", fontsize=8
+        )  # table says the rest
         ax.set_title(title, fontsize=10)
     fig.suptitle(
         f"model.encode, ST defaults: {results['machine'].split(',')[0]} ({results['device']}, {results['date']})"
