@@ -64,14 +64,7 @@ def from_backbone(
         has_own = any((folder / f).is_file() for f in _TOKENIZER_FILES)
         tokenizer_name_or_path = folder if has_own else GPT_NEOX_TOKENIZER
     tokenizer = load_tokenizer(tokenizer_name_or_path, backbone.config.eos_token_id)
-    encoder = MambaEncoder(
-        backbone,
-        tokenizer,
-        max_seq_length=max_seq_length,
-        chunk_size=chunk_size,
-        pooling=pooling,
-        do_lower_case=do_lower_case,
-    )
+    encoder = MambaEncoder(backbone, tokenizer, max_seq_length, chunk_size, pooling, do_lower_case)
     base = str(name_or_path) if not os.path.isdir(name_or_path) else None
     return _assemble(encoder, prompts, device, base)
 
@@ -90,14 +83,7 @@ def from_config(
     """A randomly initialised st-mamba SentenceTransformer (for training from scratch and for tests)."""
     backbone = MambaBackbone(config).reset_parameters(seed)
     tokenizer = load_tokenizer(tokenizer_name_or_path, config.eos_token_id)
-    encoder = MambaEncoder(
-        backbone,
-        tokenizer,
-        max_seq_length=max_seq_length,
-        chunk_size=chunk_size,
-        pooling=pooling,
-        do_lower_case=do_lower_case,
-    )
+    encoder = MambaEncoder(backbone, tokenizer, max_seq_length, chunk_size, pooling, do_lower_case)
     return _assemble(encoder, prompts, device, None)
 
 
