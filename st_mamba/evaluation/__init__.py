@@ -7,7 +7,7 @@ baseline, measures from ir-measures, and loaders for Hub benchmarks. The command
 
 from __future__ import annotations
 
-from st_mamba.evaluation.beir import BeirDataset, Document, load_beir
+from st_mamba.evaluation.beir import QUERY_CASES, BeirDataset, Document, load_beir
 from st_mamba.evaluation.bm25 import BM25Settings, bm25_search
 from st_mamba.evaluation.encoding import DocumentEncoding, encode_documents, encode_queries, split_into_chunks
 from st_mamba.evaluation.files import DataFileError
@@ -15,12 +15,13 @@ from st_mamba.evaluation.hub import HubUnavailableError, download_beir, download
 from st_mamba.evaluation.metrics import DEFAULT_MEASURES, Evaluation, evaluate, parse_measures
 from st_mamba.evaluation.qrels import Qrels, read_qrels
 from st_mamba.evaluation.report import RunResult, markdown_table, write_report
-from st_mamba.evaluation.retrieval import dense_rerank, dense_search
+from st_mamba.evaluation.retrieval import dense_rerank, dense_search, dense_search_recased
 from st_mamba.evaluation.runs import Run, read_run, top_k, write_run
 from st_mamba.evaluation.search import DocumentEmbeddings, exact_search
 
 __all__ = [
     "DEFAULT_MEASURES",
+    "QUERY_CASES",
     "BM25Settings",
     "BeirDataset",
     "DataFileError",
@@ -35,6 +36,7 @@ __all__ = [
     "bm25_search",
     "dense_rerank",
     "dense_search",
+    "dense_search_recased",
     "download_beir",
     "download_loco",
     "download_msmarco_dev",
