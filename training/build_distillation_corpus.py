@@ -18,21 +18,27 @@ Sources (the data set's README in ../shared/data, and each Debian package's
   Collaborative International Dictionary of English, the Free On-line Dictionary of Computing, the
   Jargon File), each entry a text;
 - documentation that Debian packages install: the Python 3.11 manual's reST sources (python3-doc),
-  the Linux kernel's Documentation/ (linux-doc), Perl's pod manual (perl-doc) and man pages rendered
-  with groff (manpages, manpages-dev and every other installed package's pages).
+  the Linux kernel's Documentation/ (linux-doc), Perl's pod manual (perl-doc), man pages rendered
+  with groff (manpages, manpages-dev and every other installed package's pages), scikit-learn's
+  user guide and examples (python-sklearn-doc, reST sources), SciPy's reference and tutorials
+  (python-scipy-doc, HTML), the R manuals (r-doc-html, HTML) and The Debian Administrator's
+  Handbook in English (debian-handbook, HTML).
 
 Install the packages once::
 
     apt-get update && apt-get install -y --no-install-recommends python3-doc linux-doc perl-doc groff \\
-        wordnet-base dict-gcide dict-foldoc dict-jargon
+        wordnet-base dict-gcide dict-foldoc dict-jargon python-sklearn-doc python-scipy-doc r-doc-html \\
+        debian-handbook
 
 Long texts (documentation, long dictionary entries) are cut, at GPT-NeoX token boundaries, into
 *passages* of ``SHORT_TOKENS`` and *segments* of ``LONG_TOKENS`` tokens (lengths drawn
 log-uniformly), about ``LONG_TOKEN_SHARE`` of the documentation's tokens going to segments.
+Each passage and segment may also lend a run of one to three of its sentences as a short text of its
+own (kind "sentence"; ``SENTENCE_PROBABILITY``, ``SENTENCE_TOKENS``): the shape of a claim or a question.
 training/distill gives each text the mean of the teacher's embeddings over its consecutive 256-token windows.
 
 Output (``--output``): ``corpus.jsonl.xz`` (one ``{"text", "source", "kind"}`` per line, kind
-"query", "passage" or "segment"), ``pairs.jsonl.xz`` (``{"query", "document", "source"}``) and
+"query", "passage", "segment" or "sentence"), ``pairs.jsonl.xz`` (``{"query", "document", "source"}``) and
 ``manifest.json`` (counts, GPT-NeoX tokens per source and kind, licences, what was excluded).
 
 Run:
@@ -44,6 +50,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import html.parser
 import json
 import logging
 import lzma
@@ -66,9 +73,19 @@ LONG_TOKEN_SHARE = 0.5  # share of a long text's tokens that go to segments rath
 MIN_PIECE_TOKENS = 16  # a tail shorter than this is dropped
 # GPT-NeoX tokens taken from each documentation and dictionary source (read in a seeded random order).
 DOC_TOKEN_BUDGET = {"python3-doc": 3_000_000, "linux-doc": 2_500_000, "perl-doc": 1_200_000, "man-pages": 1_300_000,
-                    "gcide": 7_000_000, "foldoc": 1_500_000, "jargon": 600_000}  # fmt: skip
+                    "gcide": 7_000_000, "foldoc": 1_500_000, "jargon": 600_000, "sklearn-doc": 2_500_000,
+                    "scipy-doc": 3_000_000, "r-manuals": 1_000_000, "debian-handbook": 1_500_000}  # fmt: skip
+# Sentences: from each passage or segment of documentation and dictionaries, with this probability, a run of
+# 1-3 consecutive sentences becomes a text of its own (kind "sentence") if it holds SENTENCE_TOKENS tokens:
+# claim- and question-sized inputs, which the cut pieces alone rarely are.
+SENTENCE_PROBABILITY = 0.75
+SENTENCE_TOKENS = (8, 96)
 DOC_PACKAGES = {
     "python3-doc": "python3.11-doc",
+    "sklearn-doc": "python-sklearn-doc",
+    "scipy-doc": "python-scipy-doc",
+    "r-manuals": "r-doc-html",
+    "debian-handbook": "debian-handbook",
     "linux-doc": "linux-doc-6.1",
     "perl-doc": "perl-doc",
     "man-pages": "manpages",
@@ -92,7 +109,7 @@ DEFAULT_TOKENIZER = REPO.parent / "shared" / "assets" / "gpt-neox-20b"
 class Text:
     text: str
     source: str
-    kind: str  # "query", "passage", "segment", or "document" before it is cut
+    kind: str  # "query", "passage", "segment", "sentence", or "document" before it is cut
 
 
 # 2. Reading the data sets ----------------------------------------------------------------------------------
@@ -154,10 +171,69 @@ def _render_man_page(path: Path) -> str:
     return _tidy("\n".join(re.sub(r" {2,}", " ", line.strip()) for line in text.splitlines()))
 
 
+class _HtmlText(html.parser.HTMLParser):
+    """The text of an HTML page's main content: Sphinx's ``role="main"`` element where there is one, else
+    the body; scripts, styles and navigation left out; a line break after each block element."""
+
+    BLOCKS = {"p", "div", "li", "dt", "dd", "pre", "tr", "br", "h1", "h2", "h3", "h4", "h5", "h6", "table", "section"}
+    SKIPPED = {"script", "style", "head", "nav", "footer", "header"}
+
+    def __init__(self, has_main: bool) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.depth = 0 if has_main else None  # open tags inside the main element (None: it has not opened)
+        self.reading = not has_main
+        self.skipping = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self.depth is not None and self.reading and tag not in ("br", "img", "hr", "meta", "link", "input"):
+            self.depth += 1
+        if not self.reading and ("role", "main") in attrs:
+            self.reading, self.depth = True, 1
+        if tag in self.SKIPPED:
+            self.skipping += 1
+        if tag in self.BLOCKS:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.SKIPPED and self.skipping:
+            self.skipping -= 1
+        if tag in self.BLOCKS:
+            self.parts.append("\n")
+        if self.depth is not None and self.reading:
+            self.depth -= 1
+            if self.depth == 0:
+                self.reading = False
+
+    def handle_data(self, data: str) -> None:
+        if self.reading and not self.skipping:
+            self.parts.append(data)
+
+
+def _html_text(path: Path) -> str:
+    """Plain text of an HTML page's main content, spaces folded and blank lines kept single."""
+    page = _read_maybe_gz(path)
+    reader = _HtmlText(has_main='role="main"' in page)
+    reader.feed(page)
+    lines = (re.sub(r"[ \t\u00a0]+", " ", line).strip() for line in "".join(reader.parts).splitlines())
+    return _tidy("\n".join(lines).replace("\u00b6", ""))  # Sphinx's pilcrow permalinks
+
+
 def documentation_files(source: str, root: Path = Path("/")) -> list[Path]:
     """The files of one documentation source, sorted (empty if the package is not installed)."""
     if source == "python3-doc":
         return sorted((root / "usr/share/doc/python3.11/html/_sources").rglob("*.rst.txt"))
+    if source == "sklearn-doc":
+        return sorted((root / "usr/share/doc/python-sklearn-doc/html/_sources").rglob("*.rst.txt"))
+    if source == "scipy-doc":
+        folder = root / "usr/share/doc/python-scipy-doc/html"
+        return sorted(p for p in (folder / "reference").rglob("*.html*") if p.is_file()) + sorted(
+            p for p in (folder / "tutorial").rglob("*.html*") if p.is_file()
+        )
+    if source == "r-manuals":
+        return sorted((root / "usr/share/R/doc/manual").glob("R-*.html"))
+    if source == "debian-handbook":
+        return sorted((root / "usr/share/doc/debian-handbook/html/en-US").glob("*.html"))
     if source == "linux-doc":
         return sorted((root / "usr/share/doc/linux-doc-6.1/Documentation").rglob("*.rst.gz"))
     if source == "perl-doc":
@@ -172,7 +248,12 @@ def documentation_files(source: str, root: Path = Path("/")) -> list[Path]:
 
 def read_documentation(source: str, paths: Iterable[Path]) -> Iterator[Text]:
     for path in paths:
-        text = _render_man_page(path) if source == "man-pages" else _tidy(_read_maybe_gz(path))
+        if source == "man-pages":
+            text = _render_man_page(path)
+        elif path.name.endswith((".html", ".html.gz")):
+            text = _html_text(path)
+        else:
+            text = _tidy(_read_maybe_gz(path))
         if text:
             yield Text(text, source, "document")
 
@@ -302,7 +383,36 @@ def cut_documents(
             return
 
 
-# 5. Assembling ---------------------------------------------------------------------------------------------
+# 5. Sentences ----------------------------------------------------------------------------------------------
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+_WHOLE_SENTENCE = re.compile(r"^[\"'(\[]?[A-Z0-9].*[.!?][\"')\]]?$")
+
+
+def sentence_run(text: str, rng: random.Random) -> str | None:
+    """One to three consecutive sentences of ``text``, whitespace folded; None when none looks like prose.
+
+    A sentence ends at ., ! or ? followed by space and a capital or digit; the cut pieces start and
+    end anywhere, so their first and last fragments count only if they look whole. A run is prose
+    when at least 70% of its non-space characters are letters (code and tables are not).
+    """
+    parts = [" ".join(part.split()) for part in _SENTENCE_END.split(text)]
+    if len(parts) < 2:  # a piece that is one sentence is already a text of its own
+        return None
+    first, last = (
+        (0 if _WHOLE_SENTENCE.match(parts[0]) else 1),
+        (len(parts) if _WHOLE_SENTENCE.match(parts[-1]) else -1),
+    )
+    sentences = parts[first:last]
+    if not sentences:
+        return None
+    size = rng.choices((1, 2, 3), weights=(5, 3, 2))[0]
+    start = rng.randrange(max(1, len(sentences) - size + 1))
+    run = " ".join(sentences[start : start + size])
+    letters = sum(char.isalpha() for char in run)
+    return run if letters >= 0.7 * len(run.replace(" ", "")) else None
+
+
+# 6. Assembling ---------------------------------------------------------------------------------------------
 SOURCES = ("wordnet", *DOC_TOKEN_BUDGET)  # besides the MS MARCO queries, which are read whenever data holds them
 
 
@@ -375,8 +485,16 @@ def build(
             continue
         licences[source] = {"package": DOC_PACKAGES[source], "licence": licence_of(source, doc_root)}
         tally: Counter = Counter()  # each source keeps its own share of segments
+        runs = []
         for piece, tokens in cut_documents(documents, tokenizer, rng, budget[source], tally):
             keep(piece, tokens)
+            if rng.random() < SENTENCE_PROBABILITY and (run := sentence_run(piece.text, rng)) is not None:
+                runs.append(run)
+        if runs:
+            ids = tokenizer(runs, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+            for run, row in zip(runs, ids, strict=True):
+                if SENTENCE_TOKENS[0] <= len(row) <= SENTENCE_TOKENS[1]:
+                    keep(Text(run, source, "sentence"), len(row))
         logger.info("%s: %d tokens so far", source, sum(tokens_by.values()))
 
     kept_pairs = []
@@ -396,7 +514,8 @@ def build(
         "evaluation_collections_excluded": [name for name in EVALUATION_COLLECTIONS if (data / name).is_dir()],
         "evaluation_texts_excluded": len(excluded),
         "settings": {"seed": seed, "short_tokens": SHORT_TOKENS, "long_tokens": LONG_TOKENS,
-                     "long_token_share": LONG_TOKEN_SHARE,
+                     "long_token_share": LONG_TOKEN_SHARE, "sentence_probability": SENTENCE_PROBABILITY,
+                     "sentence_tokens": SENTENCE_TOKENS,
                      "doc_token_budget": {s: budget[s] for s in sources if s in budget}},
         "data_sets": "msmarco-queries: see its README.md in the data directory (source and licence)",
         "package_licences": licences,

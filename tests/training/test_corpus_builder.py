@@ -232,3 +232,64 @@ def test_the_built_corpus_holds_no_text_of_an_evaluation_collection():
         pairs = [json.loads(line) for line in lines]
     assert pairs and not {builder.normalise(p["query"]) for p in pairs} & excluded
     assert not {builder.normalise(p["document"]) for p in pairs} & excluded
+
+
+def test_html_pages_give_the_text_of_their_main_content(tmp_path):
+    page = tmp_path / "usr/share/doc/python-scipy-doc/html/reference/generated/scipy.stats.demo.html"
+    page.parent.mkdir(parents=True)
+    page.write_text(
+        "<html><head><title>skip me</title><script>var x = 1;</script></head><body>"
+        "<nav><a href='#'>Navigation</a></nav>"
+        "<main role='main'><h1>scipy.stats.demo&para;</h1><p>Compute a   demo\nstatistic.</p>"
+        "<div><p>It is <em>tested</em>.</p></div><br><p>Last&nbsp;line.</p></main>"
+        "<footer>Footer text</footer></body></html>"
+    )
+    assert builder.documentation_files("scipy-doc", tmp_path) == [page]
+    [text] = builder.read_documentation("scipy-doc", [page])
+    assert text.text == "scipy.stats.demo\n\nCompute a demo\nstatistic.\n\nIt is tested.\n\nLast line."
+    plain = tmp_path / "plain.html"  # no role="main": the body, without script, navigation and footer
+    plain.write_text(
+        "<html><body><nav>menu</nav><p>Chapter one.</p><script>f()</script><p>Two</p><footer>x</footer></body></html>"
+    )
+    assert builder._html_text(plain) == "Chapter one.\n\nTwo"
+
+
+def test_sentence_runs_are_consecutive_prose_sentences():
+    text = "First sentence here. Second one follows!\nThird (with a line break)\ncontinues. Fourth? Yes."
+    sentences = [
+        "First sentence here.",
+        "Second one follows!",
+        "Third (with a line break) continues.",
+        "Fourth?",
+        "Yes.",
+    ]
+    rng = random.Random(0)
+    runs = {builder.sentence_run(text, rng) for _ in range(200)}
+    assert None not in runs and len(runs) > 5
+    for run in runs:
+        parts = builder._SENTENCE_END.split(run)
+        start = sentences.index(parts[0])
+        assert parts == sentences[start : start + len(parts)] and 1 <= len(parts) <= 3
+    assert builder.sentence_run("Only one sentence here.", rng) is None
+    code = "x = f(1, 2); y = [a[0] for a in z]. Next = {k: v}; q += 3.0 * 2e-5."
+    assert builder.sentence_run(code, rng) is None
+
+
+def test_documentation_lends_sentences_to_the_corpus(data_dir, tokenizer_dir, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(builder, "SENTENCE_PROBABILITY", 1.0)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    pod = tmp_path / "usr/share/perl/5.36.0/pod/perlintro.pod"
+    pod.parent.mkdir(parents=True)
+    words = ("one", "two", "three", "four", "five", "six", "seven")
+    prose = " ".join(f"Sentence {words[i % 7]} tells the reader about selective scans and states." for i in range(400))
+    pod.write_text(prose)
+    records, _, manifest = builder.build(data_dir, tokenizer, sources=("perl-doc",), doc_root=tmp_path)
+    sentences = [record for record in records if record["kind"] == "sentence"]
+    pieces = [record["text"] for record in records if record["kind"] in ("passage", "segment")]
+    assert sentences and manifest["records_by_kind"]["sentence"] == len(sentences)
+    for record in sentences:
+        assert record["source"] == "perl-doc" and record["text"].startswith("Sentence ")
+        assert any(record["text"] in " ".join(piece.split()) for piece in pieces)
+        assert builder.SENTENCE_TOKENS[0] <= len(tokenizer(record["text"])["input_ids"]) <= builder.SENTENCE_TOKENS[1]

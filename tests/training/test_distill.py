@@ -104,7 +104,7 @@ def test_batches_respect_the_token_and_text_limits():
     batches = data.make_batches(lengths, indices, seed=0, epoch=0)
     assert sorted(i for batch in batches for i in batch) == indices
     for batch in batches:
-        assert len(batch) <= settings.MAX_BATCH_TEXTS
+        assert len(batch) <= data.max_batch_texts() == settings.MAX_BATCH_TOKENS // settings.TOKENS_PER_TEXT
         assert len(batch) == 1 or max(lengths[batch]) * len(batch) <= settings.MAX_BATCH_TOKENS
     assert batches == data.make_batches(lengths, indices, seed=0, epoch=0)
     assert batches != data.make_batches(lengths, indices, seed=0, epoch=1)

@@ -39,6 +39,7 @@ def main() -> None:
         prog="python -m training.distill", description=training.distill.__doc__.split("\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    batch_help = f"padded tokens a batch holds (default {settings.MAX_BATCH_TOKENS:,})"
     p = sub.add_parser("prepare", help="gather corpus, teacher, tokenizer and evaluation data into one folder")
     p.add_argument("--corpus", type=Path, default=repo / ".distill" / "corpus")
     p.add_argument("--data", type=Path, default=repo.parent / "shared" / "data")
@@ -63,11 +64,13 @@ def main() -> None:
     )
     p.add_argument("--run-seconds", type=float, default=settings.RUN_SECONDS,
                    help=f"the command's whole time: no evaluation starts past it (default {settings.RUN_SECONDS} s)")  # fmt: skip
+    p.add_argument("--batch-tokens", type=int, default=None, help=batch_help)
     p = sub.add_parser("sweep", help="train each student for the same time; held-out cosines (GPU)")
     p.add_argument("--work", type=Path, default=repo / ".distill")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--students", nargs="+", default=[*settings.STUDENT_VARIANTS, "transformer"])
     p.add_argument("--seconds", type=float, default=settings.SWEEP_SECONDS, help="training time of each student")
+    p.add_argument("--batch-tokens", type=int, default=None, help=batch_help)
     p = sub.add_parser("export", help="write the Mamba student folder (fp16) from a checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--tokenizer", type=Path, default=repo.parent / "shared" / "assets" / "gpt-neox-20b")
@@ -101,6 +104,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    if getattr(args, "batch_tokens", None) is not None:
+        settings.MAX_BATCH_TOKENS = args.batch_tokens
 
     if args.command == "prepare":
         prepare(args.corpus, args.data, args.output, args.teacher or default_teacher(), args.tokenizer)

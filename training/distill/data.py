@@ -48,12 +48,18 @@ def tokenize(tokenizer, texts: list[str], limit: int, batch: int = 20000) -> lis
     return ids
 
 
+def max_batch_texts() -> int:
+    """Most texts in one batch: one per ``TOKENS_PER_TEXT`` of the batch's padded tokens."""
+    return max(1, settings.MAX_BATCH_TOKENS // settings.TOKENS_PER_TEXT)
+
+
 def make_batches(lengths: np.ndarray, indices: list[int], seed: int, epoch: int) -> list[list[int]]:
     """One epoch of batches: shuffle, sort pools of texts by length, cut by padded tokens and count, shuffle batches."""
     rng = random.Random(seed * 1000 + epoch)
     order = list(indices)
     rng.shuffle(order)
-    pool_size = settings.POOL_BATCHES * 128
+    max_texts = max_batch_texts()
+    pool_size = settings.POOL_BATCHES * max_texts
     batches: list[list[int]] = []
     for start in range(0, len(order), pool_size):
         pool = sorted(order[start : start + pool_size], key=lambda i: lengths[i])
@@ -63,7 +69,7 @@ def make_batches(lengths: np.ndarray, indices: list[int], seed: int, epoch: int)
             longest_if_added = max(longest, int(lengths[index]))
             if batch and (
                 longest_if_added * (len(batch) + 1) > settings.MAX_BATCH_TOKENS
-                or len(batch) >= settings.MAX_BATCH_TEXTS
+                or len(batch) >= max_texts
             ):
                 batches.append(batch)
                 batch, longest_if_added = [], int(lengths[index])

@@ -49,7 +49,7 @@ class Prepared:
 
     data: TrainData
     held_out: list[int]
-    kinds: list[str]  # each text's kind (query, passage, segment)
+    kinds: list[str]  # each text's kind (query, passage, segment, sentence)
     texts: list[str]
     teacher: SentenceTransformer
     device: str

@@ -40,9 +40,14 @@ STUDENT_VARIANTS = {
 STUDENT = "mamba1-mean-teacher-init"  # what `train` trains by default
 SWEEP_SECONDS = 40  # default training time of each student in `sweep`
 EOS_ID = 0  # GPT-NeoX's <|endoftext|>: the EOS appended to every text, and the padding
-MAX_BATCH_TOKENS = 32768  # padded tokens in one batch (a Mamba-2 layer keeps ~100 KB a token for backward)
-MAX_BATCH_TEXTS = 512
-POOL_BATCHES = 64  # batches are cut from pools of texts sorted by length (little padding, random order)
+# Padded tokens in one batch; a batch holds at most one text per TOKENS_PER_TEXT of them, and batches are cut
+# from pools of POOL_BATCHES batches' worth of texts sorted by length (little padding, random order). Most texts
+# are short: at 32,768 tokens (512 texts) a step of the Mamba-1 student was host-bound (the H200 ~20% busy),
+# so the default is 4x that; `--batch-tokens 32768` gives the run of record's batches. A Mamba-2 student on the
+# PyTorch scan keeps ~100 KB a token for backward: sweep it with --batch-tokens 32768.
+MAX_BATCH_TOKENS = 131072
+TOKENS_PER_TEXT = 64
+POOL_BATCHES = 16
 LEARNING_RATE = 1e-3
 WARMUP_SHARE = 0.06  # linear warm-up over this share of the steps, then linear decay to 0
 WEIGHT_DECAY = 0.01
