@@ -231,6 +231,7 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     monkeypatch.setattr(settings, "TRANSFORMER", TINY_TRANSFORMER)
     monkeypatch.setattr(settings, "TRAIN_SECONDS", 2.0)
     monkeypatch.setattr(settings, "MAX_BATCH_TOKENS", 2048)
+    monkeypatch.setattr(settings, "TOKENS_PER_TEXT", 4)
     monkeypatch.setattr(settings, "MNRL_EVERY", 2)
     monkeypatch.setattr(settings, "MNRL_BATCH", 4)
     monkeypatch.setattr(settings, "HELD_OUT", 6)
@@ -299,6 +300,7 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
 def test_a_run_without_the_control_trains_and_evaluates_the_mamba_student_only(work_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(settings, "STUDENT_VARIANTS", {"tiny-mean": {"config": TINY_MAMBA, "pooling": "mean"}})
     monkeypatch.setattr(settings, "MAX_BATCH_TOKENS", 2048)
+    monkeypatch.setattr(settings, "TOKENS_PER_TEXT", 4)
     monkeypatch.setattr(settings, "HELD_OUT", 6)
     monkeypatch.setattr(settings, "TEACHER_DIM", 384)
     results = run.run_training(work_folder, tmp_path / "out", None, "tiny-mean", smoke=True, seconds=1.0, control=False)  # fmt: skip
@@ -326,6 +328,7 @@ def test_sweep_trains_each_student_for_the_same_time(work_folder, tmp_path, monk
     monkeypatch.setattr(settings, "STUDENT_VARIANTS", tiny_students)
     monkeypatch.setattr(settings, "TRANSFORMER", TINY_TRANSFORMER)
     monkeypatch.setattr(settings, "MAX_BATCH_TOKENS", 2048)
+    monkeypatch.setattr(settings, "TOKENS_PER_TEXT", 4)
     monkeypatch.setattr(settings, "HELD_OUT", 6)
     names = ["tiny-eos", "tiny-mamba1", "transformer"]
     results = run.sweep(work_folder, tmp_path / "out", names, seconds=1.5, scratch=tmp_path / "tf")
