@@ -53,7 +53,8 @@ def from_backbone(
         tokenizer_name_or_path: tokenizer to use when the checkpoint has none (mamba_ssm format);
             defaults to the checkpoint's own, else ``EleutherAI/gpt-neox-20b``.
         chunk_size: read texts longer than this in chunks carrying the state (constant memory).
-        pooling: ``"eos"`` (the hidden state at the appended EOS, as in the paper) or ``"mean"``.
+        pooling: ``"eos"`` (the hidden state at the appended EOS, as in the paper), ``"mean"`` or
+            ``"weighted-mean"`` (see ``MambaEncoder``).
         do_lower_case: lower-case texts before tokenising (saved with the model; see ``MambaEncoder``).
         device: where to put the model ("cpu", "cuda", ...); ST picks one if None.
     """

@@ -4,7 +4,9 @@ As in Mamba Retriever (Zhang et al., 2024): ``<EOS>`` is appended to every text,
 the text left to right, and the final hidden state at ``<EOS>`` is the text's embedding (the
 pipeline's ``Normalize`` module then makes ``model.similarity`` a cosine). ``pooling="mean"``
 averages the hidden states of the text's tokens and its EOS instead (an option for models
-trained from scratch; docs/distillation.md compares the two there).
+trained from scratch; docs/distillation.md compares the two there), and ``pooling="weighted-mean"``
+weighs each token by a learned weight of its vocabulary entry (as SIF and Model2Vec weigh frequent
+words down).
 
 Texts are right-padded with EOS under the attention mask. For a causal model right padding is
 exact: no position before a text's EOS can see the padding after it.
@@ -18,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from sentence_transformers.base.modules import InputModule
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from st_mamba import ops
@@ -29,6 +32,7 @@ from st_mamba.modeling import LayerState, MambaBackbone
 from st_mamba.staging import PinnedStaging
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_TINY = torch.finfo(torch.float32).tiny  # floor of a text's summed pooling weights (each is > 0)
 
 
 class TokenizerNotFoundError(CheckpointError):
@@ -66,8 +70,10 @@ class MambaEncoder(InputModule):
             each chunk starting from the SSM and convolution states the previous one left, so that
             activation memory stays constant however long the text. The embedding equals the
             one-pass embedding. ``token_embeddings`` are then not returned.
-        pooling: ``"eos"`` (the paper's: the hidden state at EOS) or ``"mean"`` (over the text's
-            tokens and its EOS).
+        pooling: ``"eos"`` (the paper's: the hidden state at EOS), ``"mean"`` (over the text's
+            tokens and its EOS) or ``"weighted-mean"`` (the same tokens, token ``i`` weighing
+            ``exp(token_log_weights[i])``; the weights start equal and are learned, and are saved in
+            ``token_weights.safetensors``).
         do_lower_case: lower-case every text (prompt included) before tokenising, as an uncased
             model does. GPT-NeoX's tokenizer is cased: without this, "PAIN" and "pain" are different
             tokens, and a model trained on lower-case text reads capitals as unseen tokens.
@@ -75,7 +81,8 @@ class MambaEncoder(InputModule):
 
     config_file_name = "st_mamba_config.json"
     config_keys = ["max_seq_length", "chunk_size", "pooling", "do_lower_case"]
-    poolings = ("eos", "mean")
+    poolings = ("eos", "mean", "weighted-mean")
+    weights_file_name = "token_weights.safetensors"
 
     def __init__(
         self,
@@ -97,6 +104,9 @@ class MambaEncoder(InputModule):
         self.do_lower_case = do_lower_case
         self.eos_token_id = tokenizer.eos_token_id
         self._staging = PinnedStaging()
+        if pooling == "weighted-mean":
+            table = backbone.embeddings.weight
+            self.token_log_weights = nn.Parameter(torch.zeros(table.shape[0], device=table.device))  # (V,)
 
     @property
     def max_seq_length(self) -> int | None:
@@ -221,9 +231,9 @@ class MambaEncoder(InputModule):
             return features
         hidden = self.backbone(input_ids)  # (B, L, D)
         features["token_embeddings"] = hidden
-        if self.pooling == "mean":
-            mask = attention_mask.unsqueeze(-1).to(torch.float32)  # (B, L, 1)
-            mean = (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        if self.pooling != "eos":
+            weights = self._pooling_weights(input_ids, attention_mask).unsqueeze(-1)  # (B, L, 1)
+            mean = (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=_TINY)
             features["sentence_embedding"] = mean.to(hidden.dtype)
         else:
             features["sentence_embedding"] = hidden[rows, eos_positions]
@@ -240,6 +250,15 @@ class MambaEncoder(InputModule):
             sums = hidden.new_zeros(len(lengths), hidden.shape[-1], dtype=torch.float32)
             sums.index_add_(0, owner, hidden.float())
             features["sentence_embedding"] = (sums / lengths.clamp(min=1).unsqueeze(1)).to(hidden.dtype)
+        elif self.pooling == "weighted-mean":
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (B,)
+            texts = torch.arange(len(lengths), device=hidden.device)
+            owner = torch.repeat_interleave(texts, lengths, output_size=hidden.shape[0])  # (T,)
+            weights = self._pooling_weights(features["input_ids"][0])  # (T,)
+            sums = hidden.new_zeros(len(lengths), hidden.shape[-1], dtype=torch.float32)
+            sums.index_add_(0, owner, hidden.float() * weights.unsqueeze(1))
+            totals = weights.new_zeros(len(lengths)).index_add_(0, owner, weights)  # (B,)
+            features["sentence_embedding"] = (sums / totals.clamp(min=_TINY).unsqueeze(1)).to(hidden.dtype)
         else:
             features["sentence_embedding"] = hidden[cu_seqlens[1:].long() - 1]  # each text's EOS is its last token
         padded = hidden.new_zeros(attention_mask.numel(), hidden.shape[-1])
@@ -250,25 +269,37 @@ class MambaEncoder(InputModule):
     def _forward_streaming(self, input_ids: Tensor, attention_mask: Tensor, eos_positions: Tensor) -> Tensor:
         """Read (B, L) ids ``chunk_size`` tokens at a time; keep only what the pooling needs.
 
-        EOS pooling keeps each text's hidden state at its EOS; mean pooling a running (B, D) fp32 sum.
+        EOS pooling keeps each text's hidden state at its EOS; the means a running (B, D) fp32 sum and the
+        (B, 1) sum of the weights.
         """
         state: list[LayerState] | None = None
         embedding = None
+        total = torch.zeros(input_ids.shape[0], 1, device=input_ids.device)  # (B, 1)
         for start in range(0, input_ids.shape[1], self.chunk_size):
-            hidden, state = self.backbone(input_ids[:, start : start + self.chunk_size], state, return_state=True)
+            ids = input_ids[:, start : start + self.chunk_size]
+            hidden, state = self.backbone(ids, state, return_state=True)
             if embedding is None:
                 embedding = hidden.new_zeros(input_ids.shape[0], hidden.shape[-1], dtype=torch.float32)
-            if self.pooling == "mean":
-                mask = attention_mask[:, start : start + hidden.shape[1]].unsqueeze(-1).to(torch.float32)
-                embedding += (hidden.float() * mask).sum(dim=1)
+            if self.pooling != "eos":
+                weights = self._pooling_weights(ids, attention_mask[:, start : start + ids.shape[1]]).unsqueeze(-1)
+                embedding += (hidden.float() * weights).sum(dim=1)
+                total += weights.sum(dim=1)
                 continue
             here = (eos_positions >= start) & (eos_positions < start + hidden.shape[1])
             if here.any():
                 rows = here.nonzero().squeeze(1)
                 embedding = embedding.index_put((rows,), hidden[rows, eos_positions[rows] - start].float())
-        if self.pooling == "mean":
-            embedding /= attention_mask.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)
+        if self.pooling != "eos":
+            embedding /= total.clamp(min=_TINY)
         return embedding.to(hidden.dtype)
+
+    def _pooling_weights(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Each token's fp32 weight in the mean, shaped like ``input_ids``: the mask (ones if None), times
+        ``exp(token_log_weights)`` of the token for ``"weighted-mean"``."""
+        weights = torch.ones_like(input_ids, dtype=torch.float32) if attention_mask is None else attention_mask.float()
+        if self.pooling == "weighted-mean":
+            weights = weights * self.token_log_weights.float()[input_ids].exp()
+        return weights
 
     # --- training -----------------------------------------------------------------------------
 
@@ -293,6 +324,9 @@ class MambaEncoder(InputModule):
         save_backbone(self.backbone, output_path)
         self.save_tokenizer(output_path)
         self.save_config(output_path)
+        if self.pooling == "weighted-mean":
+            weights = {"token_log_weights": self.token_log_weights.detach().cpu().contiguous()}
+            save_file(weights, str(Path(output_path) / self.weights_file_name))
 
     @classmethod
     def load(
@@ -316,4 +350,17 @@ class MambaEncoder(InputModule):
         if dtype is not None:
             backbone = backbone.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         tokenizer = load_tokenizer(folder, backbone.config.eos_token_id)
-        return cls(backbone, tokenizer, **settings)
+        encoder = cls(backbone, tokenizer, **settings)
+        if encoder.pooling == "weighted-mean":
+            path = folder / cls.weights_file_name
+            if not path.is_file():
+                raise CheckpointError(f"{folder} uses weighted-mean pooling but has no {cls.weights_file_name}")
+            weights = load_file(str(path))["token_log_weights"]
+            if weights.shape != encoder.token_log_weights.shape:
+                raise CheckpointError(
+                    f"{path} holds {tuple(weights.shape)} token weights; the vocabulary has "
+                    f"{encoder.token_log_weights.shape[0]} entries"
+                )
+            with torch.no_grad():
+                encoder.token_log_weights.copy_(weights)
+        return encoder

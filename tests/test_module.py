@@ -11,6 +11,7 @@ from sentence_transformers import SentenceTransformer
 
 import st_mamba
 from st_mamba import MambaEncoder, TokenizerNotFoundError
+from st_mamba.checkpoints import CheckpointError
 from tests.conftest import GPT_NEOX_DIR, random_texts, tiny_config
 
 
@@ -197,7 +198,7 @@ def test_training_batches_are_never_packed(tiny_model, monkeypatch):
     assert set(features) == {"input_ids", "attention_mask"} and features["input_ids"].shape[0] == 2
 
 
-@pytest.mark.parametrize("pooling", ["eos", "mean"])
+@pytest.mark.parametrize("pooling", ["eos", "mean", "weighted-mean"])
 def test_cpu_inference_packs_and_equals_the_padded_forward(tokenizer_dir, pooling):
     """With the compiled CPU kernels, eval-mode batches are packed (also under a chunk_size they fit in)."""
     from st_mamba.ops import cpu
@@ -225,17 +226,27 @@ def test_cpu_inference_packs_and_equals_the_padded_forward(tokenizer_dir, poolin
 # --- mean pooling -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("pooling", ["mean", "weighted-mean"])
 @pytest.mark.parametrize("version", [1, 2], ids=["mamba1", "mamba2"])
-def test_mean_pooling_is_the_masked_mean_on_every_path(tokenizer_dir, version):
-    """Padded, packed and streamed batches all give the mean over each text's tokens and its EOS."""
-    model = st_mamba.from_config(tiny_config(version), tokenizer_dir, seed=0, pooling="mean", device="cpu")
+def test_mean_pooling_is_the_masked_mean_on_every_path(tokenizer_dir, version, pooling):
+    """Padded, packed and streamed batches all give the (weighted) mean over each text's tokens and its EOS."""
+    model = st_mamba.from_config(tiny_config(version), tokenizer_dir, seed=0, pooling=pooling, device="cpu")
     enc = encoder_of(model)
+    log_weights = torch.randn(tiny_config(version).vocab_size, generator=torch.Generator().manual_seed(3))
+    if pooling == "weighted-mean":
+        with torch.no_grad():
+            enc.token_log_weights.copy_(log_weights)
     texts = random_texts(5, seed=4, max_words=50)
     features = enc.preprocess(texts)
     ids, mask = features["input_ids"], features["attention_mask"]
     with torch.no_grad():
         hidden = enc.backbone(ids)
-        expected = torch.stack([hidden[row, : int(mask[row].sum())].mean(0) for row in range(len(texts))])
+        expected = []
+        for row in range(len(texts)):
+            length = int(mask[row].sum())
+            weights = log_weights[ids[row, :length]].exp() if pooling == "weighted-mean" else torch.ones(length)
+            expected.append((hidden[row, :length] * weights[:, None]).sum(0) / weights.sum())
+        expected = torch.stack(expected)
         padded = enc(dict(features))["sentence_embedding"]
         packed = enc(enc._pack(ids, mask, torch.device("cpu")))["sentence_embedding"]
         enc.chunk_size = 7
@@ -246,13 +257,40 @@ def test_mean_pooling_is_the_masked_mean_on_every_path(tokenizer_dir, version):
     assert not torch.allclose(padded, hidden[torch.arange(len(texts)), mask.sum(1) - 1])  # not the EOS state
 
 
-def test_mean_pooling_survives_save_and_load(tokenizer_dir, tmp_path):
-    model = st_mamba.from_config(tiny_config(1), tokenizer_dir, seed=0, pooling="mean", device="cpu")
+@pytest.mark.parametrize("pooling", ["mean", "weighted-mean"])
+def test_mean_pooling_survives_save_and_load(tokenizer_dir, tmp_path, pooling):
+    model = st_mamba.from_config(tiny_config(1), tokenizer_dir, seed=0, pooling=pooling, device="cpu")
+    if pooling == "weighted-mean":
+        with torch.no_grad():
+            encoder_of(model).token_log_weights.normal_(generator=torch.Generator().manual_seed(1))
     texts = random_texts(4, seed=5)
     model.save(str(tmp_path / "m"))
     loaded = SentenceTransformer(str(tmp_path / "m"), trust_remote_code=True, device="cpu")
-    assert encoder_of(loaded).pooling == "mean"
+    assert encoder_of(loaded).pooling == pooling
     np.testing.assert_array_equal(model.encode(texts), loaded.encode(texts))
+
+
+def test_token_weights_are_learned_and_their_file_is_checked(tokenizer_dir, tmp_path):
+    model = st_mamba.from_config(tiny_config(1), tokenizer_dir, seed=0, pooling="weighted-mean", device="cpu")
+    enc = encoder_of(model).train()
+    features = enc.preprocess(random_texts(3, seed=2))
+    enc(features)["sentence_embedding"].square().sum().backward()
+    grad = enc.token_log_weights.grad
+    read = features["input_ids"][features["attention_mask"].bool()].unique()
+    assert grad[read].abs().sum() > 0  # every token read gets a gradient...
+    unread = torch.ones_like(grad, dtype=torch.bool)
+    unread[read] = False
+    assert not grad[unread].any()  # ...and no other
+    model.save(str(tmp_path / "m"))
+    weights = tmp_path / "m" / MambaEncoder.weights_file_name
+    from safetensors.torch import save_file
+
+    save_file({"token_log_weights": torch.zeros(7)}, str(weights))
+    with pytest.raises(CheckpointError, match="holds \\(7,\\) token weights"):
+        MambaEncoder.load(str(tmp_path / "m"))
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="weighted-mean pooling but has no token_weights.safetensors"):
+        MambaEncoder.load(str(tmp_path / "m"))
 
 
 def test_unknown_pooling_is_refused(tokenizer_dir):

@@ -185,6 +185,8 @@ def test_checkpoint_of_every_real_student_fits_the_limits(student):
 
     backbone = MambaBackbone(MambaConfig(**settings.STUDENT_VARIANTS[student]["config"]))
     count = sum(p.numel() for p in backbone.parameters()) + 256 * 384 + 384
+    if settings.STUDENT_VARIANTS[student]["pooling"] == "weighted-mean":
+        count += backbone.embeddings.weight.shape[0]  # one weight a vocabulary entry
     embedding = backbone.embeddings.weight.numel()
     total = 2 * count + 2 * 2 * (count - embedding) + 4 * backbone.embeddings.weight.shape[0]
     assert total <= 64 * 2**20
@@ -324,13 +326,15 @@ def test_a_run_without_the_control_trains_and_evaluates_the_mamba_student_only(w
 @pytest.mark.slow
 def test_sweep_trains_each_student_for_the_same_time(work_folder, tmp_path, monkeypatch):
     tiny_students = {"tiny-eos": {"config": TINY_MAMBA, "pooling": "eos"},
-                     "tiny-mamba1": {"config": dict(TINY_MAMBA, version=1), "pooling": "eos", "embedding_std": 1.0}}  # fmt: skip
+                     "tiny-mamba1": {"config": dict(TINY_MAMBA, version=1), "pooling": "eos", "embedding_std": 1.0},
+                     "tiny-wmean": {"config": TINY_MAMBA, "pooling": "weighted-mean", "init": "teacher"}}  # fmt: skip
     monkeypatch.setattr(settings, "STUDENT_VARIANTS", tiny_students)
     monkeypatch.setattr(settings, "TRANSFORMER", TINY_TRANSFORMER)
     monkeypatch.setattr(settings, "MAX_BATCH_TOKENS", 2048)
     monkeypatch.setattr(settings, "TOKENS_PER_TEXT", 4)
     monkeypatch.setattr(settings, "HELD_OUT", 6)
-    names = ["tiny-eos", "tiny-mamba1", "transformer"]
+    monkeypatch.setattr(settings, "TEACHER_DIM", 384)
+    names = ["tiny-eos", "tiny-mamba1", "tiny-wmean", "transformer"]
     results = run.sweep(work_folder, tmp_path / "out", names, seconds=1.5, scratch=tmp_path / "tf")
     assert list(results["sweep"]) == names
     for row in results["sweep"].values():
@@ -357,19 +361,52 @@ def test_the_teacher_token_table_is_a_principal_component_projection(tiny_teache
     assert narrow.var(dim=0)[0] >= narrow.var(dim=0)[-1]
 
 
-def test_a_student_initialised_from_the_teacher_starts_as_a_static_embedding_model(tiny_teacher, tokenizer_dir):
-    student = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, pooling="mean", do_lower_case=True)
-    students.initialise_from_teacher(student, tiny_teacher)
+@pytest.mark.parametrize("pooling", ["mean", "weighted-mean"])
+def test_a_student_initialised_from_the_teacher_starts_as_a_static_embedding_model(
+    tiny_teacher, tokenizer_dir, pooling
+):
+    student = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, pooling=pooling, do_lower_case=True)
+    counts = np.random.default_rng(0).integers(0, 1000, size=TINY_MAMBA["vocab_size"])
+    if pooling == "weighted-mean":
+        with pytest.raises(ValueError, match="token_counts"):
+            students.initialise_from_teacher(student, tiny_teacher)
+    students.initialise_from_teacher(student, tiny_teacher, counts)
     backbone = student[0].backbone
     assert all(not layer.mixer.out_proj.weight.any() for layer in backbone.layers)
     texts = ["State space models READ long documents", "a linear pass"]
     got = student.encode(texts, convert_to_tensor=True)
-    # by hand: the mean of the RMS-normalised table rows of the lower-cased text and its EOS, through the head
+    # by hand: the (SIF-weighted) mean of the RMS-normalised table rows of the lower-cased text and its EOS,
+    # through the head
+    share = (counts + 1) / (counts.sum() + len(counts))
+    sif = torch.tensor(settings.SIF_COEFFICIENT / (settings.SIF_COEFFICIENT + share), dtype=torch.float32)
     expected = []
     for text in texts:
         ids = student.tokenizer(text.lower(), add_special_tokens=False)["input_ids"] + [0]
-        rows = backbone.embeddings.weight[ids]
-        rows = backbone.norm_f(rows)
-        expected.append(student[1].linear(rows.mean(dim=0)))
+        rows = backbone.norm_f(backbone.embeddings.weight[ids])
+        weights = sif[ids] if pooling == "weighted-mean" else torch.ones(len(ids))
+        expected.append(student[1].linear((rows * weights[:, None]).sum(dim=0) / weights.sum()))
     expected = torch.nn.functional.normalize(torch.stack(expected), dim=-1)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_token_counts_count_the_chosen_texts_and_their_eos():
+    ids = [np.array([5, 6, 5], np.int32), np.array([7], np.int32), np.array([], np.int32)]
+    counts = data.token_counts(ids, [0, 2], vocab_size=9)
+    assert counts.tolist() == [2, 0, 0, 0, 0, 2, 1, 0, 0]  # EOS (id 0) once a text
+    assert data.token_counts(ids, [], vocab_size=9).tolist() == [0] * 9
+
+
+def test_a_weighted_mean_student_exports_its_token_weights(tokenizer_dir, tmp_path):
+    model = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, pooling="weighted-mean")
+    with torch.no_grad():
+        model[0].token_log_weights.normal_(generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(model.preprocess(random_texts(4, seed=0)))["sentence_embedding"].sum().backward()
+    optimizer.step()
+    meta = {"step": 1, "total_steps": 1, "config": TINY_MAMBA, "pooling": "weighted-mean"}
+    checkpoints.save_checkpoint(checkpoints.checkpoint_tensors(model, optimizer), meta, tmp_path / "checkpoint")
+    export.export(tmp_path / "checkpoint", tmp_path / "exported", tokenizer_dir)
+    loaded = SentenceTransformer(str(tmp_path / "exported"), trust_remote_code=True, device="cpu")
+    assert loaded[0].pooling == "weighted-mean"
+    expected = model[0].token_log_weights.detach().half()
+    assert torch.equal(loaded[0].token_log_weights.detach().half(), expected) and expected.std() > 0.5

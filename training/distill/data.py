@@ -48,6 +48,13 @@ def tokenize(tokenizer, texts: list[str], limit: int, batch: int = 20000) -> lis
     return ids
 
 
+def token_counts(ids: list[np.ndarray], indices: list[int], vocab_size: int) -> np.ndarray:
+    """(vocab_size,) how often each token occurs in the texts ``indices``, each text's appended EOS included."""
+    counts = np.bincount(np.concatenate([ids[i] for i in indices] or [np.zeros(0, np.int32)]), minlength=vocab_size)
+    counts[settings.EOS_ID] += len(indices)
+    return counts[:vocab_size]
+
+
 def max_batch_texts() -> int:
     """Most texts in one batch: one per ``TOKENS_PER_TEXT`` of the batch's padded tokens."""
     return max(1, settings.MAX_BATCH_TOKENS // settings.TOKENS_PER_TEXT)

@@ -31,6 +31,8 @@ def export(checkpoint: Path, output: Path, tokenizer_dir: Path, card: str | None
 POOLING_WORDS = {
     "eos": "the hidden state at EOS is the embedding (Mamba Retriever)",
     "mean": "the mean of the hidden states over the text and its EOS is the embedding",
+    "weighted-mean": "the mean of the hidden states over the text and its EOS, each token weighed by a learned "
+    "weight of its vocabulary entry, is the embedding",
 }
 
 

@@ -119,7 +119,7 @@ def sweep(work: Path, output: Path, names: list[str], seconds: float, scratch: P
     results = run.record.results
     results["sweep"] = {}
     for name in names:
-        model, kind, peak = build_student(name, work, scratch, run.teacher, lower_case)
+        model, kind, peak = build_student(name, work, scratch, run.teacher, lower_case, run.data)
         try:
             train = train_student(
                 model, kind, run.data, run.device, None, seconds, results["log"], peak_learning_rate=peak
@@ -163,7 +163,7 @@ def run_training(
     data, held_out, kinds, device = run.data, run.held_out, run.kinds, run.device
 
     # 4. The Mamba student
-    mamba, _, peak = build_student(student, work, output, teacher, lower_case)
+    mamba, _, peak = build_student(student, work, output, teacher, lower_case, data)
     if resume is not None:
         meta = checkpoint_meta(resume)
         if meta.get("student", student) != student:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Dense, Normalize
 
 import st_mamba
 from training.distill import settings
+from training.distill.data import token_counts
+
+if TYPE_CHECKING:
+    from training.distill.train import TrainData
 
 
 def build_mamba_student(
@@ -58,16 +64,31 @@ def teacher_token_table(
     return (vectors - mean) @ components.T, components, mean
 
 
+def sif_log_weights(counts: np.ndarray, coefficient: float | None = None) -> torch.Tensor:
+    """``log(a / (a + p))`` for every vocabulary entry, ``p`` its share of ``counts`` (one added to each count)."""
+    a = settings.SIF_COEFFICIENT if coefficient is None else coefficient
+    share = (counts.astype(np.float64) + 1) / (counts.sum() + len(counts))
+    return torch.from_numpy(np.log(a / (a + share))).float()
+
+
 @torch.no_grad()
-def initialise_from_teacher(model: SentenceTransformer, teacher: SentenceTransformer) -> None:
+def initialise_from_teacher(
+    model: SentenceTransformer, teacher: SentenceTransformer, token_counts: np.ndarray | None = None
+) -> None:
     """Start a Mamba student as a static embedding model that training only has to give context.
 
     The token table becomes ``teacher_token_table``'s; the Dense head maps the principal directions back to
     the teacher's space (scaled for the final RMSNorm, which gives every token vector an RMS of 1), its bias
     the teacher's mean; every mixer's ``out_proj`` starts at zero, so each residual block starts as the
-    identity and the untrained student is the mean of its tokens' table rows, read by the head.
+    identity and the untrained student is the mean of its tokens' table rows, read by the head. With
+    ``weighted-mean`` pooling, each token's weight starts at its SIF weight (``sif_log_weights`` of
+    ``token_counts``, the training texts' token counts): the untrained student is a SIF-weighted static model.
     """
     encoder, dense = model[0], model[1]
+    if encoder.pooling == "weighted-mean":
+        if token_counts is None:
+            raise ValueError("a weighted-mean student starts from SIF weights: pass the training texts' token_counts")
+        encoder.token_log_weights.copy_(sif_log_weights(token_counts))
     weight = encoder.backbone.embeddings.weight
     table, components, mean = teacher_token_table(teacher, encoder.tokenizer, weight.shape[0], weight.shape[1])
     weight.copy_(table)
@@ -123,11 +144,18 @@ def is_token_embedding(name: str) -> bool:
 
 
 def build_student(
-    name: str, work: Path, scratch: Path, teacher: SentenceTransformer, lower_case: bool = False
+    name: str,
+    work: Path,
+    scratch: Path,
+    teacher: SentenceTransformer,
+    lower_case: bool = False,
+    data: TrainData | None = None,
 ) -> tuple[SentenceTransformer, str, float]:
     """A ``STUDENT_VARIANTS`` entry or ``"transformer"``: the model, its collate kind, its peak learning rate.
 
-    The Transformer control lower-cases its input when the run's ids are lower-cased (``lower_case``).
+    The Transformer control lower-cases its input when the run's ids are lower-cased (``lower_case``);
+    ``data``: the run's texts, whose token counts (as the students read them) start a weighted-mean student's
+    weights.
     """
     if name == "transformer":
         model = build_transformer_student(work / "gpt-neox-20b", scratch, do_lower_case=lower_case)
@@ -135,7 +163,10 @@ def build_student(
     variant = settings.STUDENT_VARIANTS[name]
     model = build_mamba_student(work / "gpt-neox-20b", **variant)
     if variant.get("init") == "teacher":
-        initialise_from_teacher(model, teacher)
+        counts = None
+        if variant["pooling"] == "weighted-mean" and data is not None:
+            counts = token_counts(data.ids, data.train, variant["config"]["vocab_size"])
+        initialise_from_teacher(model, teacher, counts)
     return model, "mamba", variant.get("learning_rate", settings.LEARNING_RATE)
 
 
