@@ -39,9 +39,10 @@ def cached(weight: Tensor, kind: str, make: Callable[[Tensor], Tensor]) -> Tenso
     if capturing:
         return result
 
-    def forget(dead: weakref.ref, key: tuple = key) -> None:
-        if _entries.get(key, (None,))[0] is dead:  # not a newer weight that got the same id
-            del _entries[key]
+    # ``entries`` bound now: at interpreter exit the module's globals may be gone before the last weights.
+    def forget(dead: weakref.ref, key: tuple = key, entries: dict = _entries) -> None:
+        if entries.get(key, (None,))[0] is dead:  # not a newer weight that got the same id
+            del entries[key]
 
     _entries[key] = (weakref.ref(owner, forget), state, result)
     return result
