@@ -211,7 +211,8 @@ class CapturedGraph:
                     backbone(self.input_ids, cu_seqlens=self.cu_seqlens)
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with _capturing(), torch.cuda.graph(self.graph, pool=pool):
+            # thread_local: other threads may go on with their own (eager) CUDA work during the capture.
+            with _capturing(), torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
                 self.output = backbone(self.input_ids, cu_seqlens=self.cu_seqlens)[0]  # (T_b, D)
         # The derived weights the graph reads stay alive (and unchanged) as long as the graph does.
         self.derived_weights = weight_cache.derived_from(p for p in backbone.parameters())

@@ -311,12 +311,6 @@ class MambaEncoder(InputModule):
             self._graphs.clear()
         return super().train(mode)
 
-    def _apply(self, fn, recurse: bool = True) -> MambaEncoder:
-        # ``.to()``, ``.half()``, ``.cuda()``: the graphs would read the old weights. ``CudaGraphs`` would see
-        # the change at the next call; dropping them here frees their memory now.
-        self._graphs.clear()
-        return super()._apply(fn, recurse)
-
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
         """Recompute each residual block's activations during the backward pass instead of storing them.
 

@@ -248,6 +248,8 @@ def test_capture_failure_warns_once_and_runs_eagerly(monkeypatch, backbone):
 def test_weight_changes_drop_the_graphs(fake_captures, backbone):
     graphs = CudaGraphs()
     run(graphs, backbone, [10])
+    backbone.to("cpu")  # what SentenceTransformer.encode does at every call: nothing changes
+    backbone.eval()
     run(graphs, backbone, [10])
     assert len(fake_captures) == 1
 
@@ -349,11 +351,15 @@ def test_cuda_graphs_setting_must_be_bool(mamba1_model, bad):
 def test_training_and_turning_off_drop_the_graphs(mamba1_model):
     encoder = mamba1_model[0]
     encoder.cuda_graphs = True
-    for drop in (lambda: mamba1_model.train(), lambda: setattr(encoder, "cuda_graphs", False),
-                 lambda: mamba1_model.to(torch.float64)):  # fmt: skip
+    for drop in (lambda: mamba1_model.train(), lambda: setattr(encoder, "cuda_graphs", False)):
         encoder._graphs._graphs[Bucket(16, 2)] = object()
         drop()
         assert len(encoder._graphs) == 0
+    # What SentenceTransformer.encode does at every call keeps them.
+    encoder._graphs._graphs[Bucket(16, 2)] = object()
+    mamba1_model.to("cpu")
+    mamba1_model.eval()
+    assert len(encoder._graphs) == 1
 
 
 def test_cpu_encode_is_unchanged_by_the_setting(mamba1_model):
@@ -453,6 +459,9 @@ def test_gpu_encode_with_graphs_equals_without(tiny_model):
     off = [tiny_model.encode(batch, convert_to_tensor=True, batch_size=32) for batch in batches]
     tiny_model[0].cuda_graphs = True
     on = [tiny_model.encode(batch, convert_to_tensor=True, batch_size=32) for batch in batches]
+    captured = len(tiny_model[0]._graphs)
+    on = [tiny_model.encode(batch, convert_to_tensor=True, batch_size=32) for batch in batches]  # replays only
+    assert len(tiny_model[0]._graphs) == captured
     for batch, a, b in zip(batches, on, off, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{len(batch)} texts: {m}")
     if tiny_model[0].config.version == 1:  # Mamba-2 does not pack in one pass: no graphs
