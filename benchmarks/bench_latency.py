@@ -335,8 +335,11 @@ def main() -> None:
     p.add_argument("--callers", default="1,8,64", help="concurrent callers, comma list (the first is the baseline)")
     p.add_argument("--queries-each", type=int, default=8, help="queries each concurrent caller awaits in turn")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for the whole run (default: PyTorch's)")
-    p.add_argument("--cuda-graphs", choices=["on", "off", "both"],
-                   help="st-mamba models' cuda_graphs setting; both: measure off, then on (default: as configured)")
+    p.add_argument(
+        "--cuda-graphs",
+        choices=["on", "off", "both"],
+        help="st-mamba models' cuda_graphs setting; both: measure off, then on (default: as configured)",
+    )
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench_out" / "latency")
     args = p.parse_args()
     if args.cuda_graphs and os.environ.get("ST_MAMBA_CUDA_GRAPHS", "").strip():

@@ -84,7 +84,10 @@ def _smallest_at_least(value: int, buckets: Sequence[int]) -> int | None:
 
 
 def choose_bucket(
-    n_tokens: int, n_texts: int, token_buckets: Sequence[int] = TOKEN_BUCKETS, text_buckets: Sequence[int] = TEXT_BUCKETS
+    n_tokens: int,
+    n_texts: int,
+    token_buckets: Sequence[int] = TOKEN_BUCKETS,
+    text_buckets: Sequence[int] = TEXT_BUCKETS,
 ) -> Bucket | None:
     """The smallest bucket that holds ``n_texts`` texts of ``n_tokens`` tokens in all plus the dummy texts
     its padding needs (each at least one token), or None when the largest bucket is too small.
@@ -320,7 +323,9 @@ class CudaGraphs:
         self._done.record(stream)
         return hidden
 
-    def _graph(self, backbone: nn.Module, bucket: Bucket, input_ids: Tensor, cu_seqlens: Tensor) -> CapturedGraph | None:
+    def _graph(
+        self, backbone: nn.Module, bucket: Bucket, input_ids: Tensor, cu_seqlens: Tensor
+    ) -> CapturedGraph | None:
         """The bucket's graph, captured now if needed; None where graphs cannot serve (run eagerly)."""
         weights = self._weights_now(backbone)
         if weights is None:

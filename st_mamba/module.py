@@ -261,7 +261,8 @@ class MambaEncoder(InputModule):
 
     def _forward_packed(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         """The same outputs from a packed batch (see ``_pack``): one pass over T tokens, no padding."""
-        input_ids, cu_seqlens, attention_mask = features["input_ids"], features["cu_seqlens"], features["attention_mask"]
+        input_ids, cu_seqlens = features["input_ids"], features["cu_seqlens"]
+        attention_mask = features["attention_mask"]
         if self._graphs_on() and graphs_apply(self.backbone, input_ids):
             hidden = self._graphs.forward(self.backbone, input_ids, cu_seqlens)  # (T, D)
         else:

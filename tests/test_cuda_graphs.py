@@ -21,10 +21,10 @@ from st_mamba.cuda_graphs import (
     Bucket,
     CudaGraphs,
     choose_bucket,
+    dummy_boundaries,
     graphs_enabled,
     pad_packed,
     write_padded,
-    dummy_boundaries,
 )
 from st_mamba.ops import use_backend, weight_cache
 from tests.conftest import random_texts, tiny_config
@@ -304,8 +304,15 @@ def test_weight_cache_stores_nothing_during_capture():
 
 
 @pytest.mark.parametrize(
-    "env,setting,expected", [(None, False, False), (None, True, True), ("", True, True), ("0", True, False),
-                             ("1", False, True), (" 0 ", True, False)],  # fmt: skip
+    "env,setting,expected",
+    [
+        (None, False, False),
+        (None, True, True),
+        ("", True, True),
+        ("0", True, False),
+        ("1", False, True),
+        (" 0 ", True, False),
+    ],
 )
 def test_env_overrides_the_setting(monkeypatch, env, setting, expected):
     if env is None:
@@ -397,7 +404,9 @@ def test_gpu_replays_equal_eager(dtype):
             ids, cu_seqlens = packed_batch(lengths, "cuda", seed=seed)
             replayed = graphs.forward(backbone, ids, cu_seqlens)  # (T, D)
             eager = backbone(ids, cu_seqlens=cu_seqlens)[0]
-            torch.testing.assert_close(replayed, eager, **TOLERANCE[dtype], msg=lambda m: f"{lengths}: {m}")
+            torch.testing.assert_close(
+                replayed, eager, **TOLERANCE[dtype], msg=lambda m, lengths=lengths: f"{lengths}: {m}"
+            )
             # The eager forward of the padded batch the graph reads runs the same kernels: the same numbers.
             bucket = graphs.bucket_for(ids.shape[1], len(lengths))
             padded_ids, padded_cu = pad_packed(ids, cu_seqlens, bucket, backbone.config.eos_token_id)
@@ -419,7 +428,9 @@ def test_gpu_replays_in_one_bucket_with_new_inputs():
         assert graphs.bucket_for(sum(lengths), len(lengths)) == Bucket(64, 8)
         ids, cu_seqlens = packed_batch(lengths, "cuda", seed=seed)
         with torch.no_grad() if seed % 2 else torch.inference_mode():  # the static tensors serve both modes
-            torch.testing.assert_close(graphs.forward(backbone, ids, cu_seqlens), backbone(ids, cu_seqlens=cu_seqlens)[0])
+            torch.testing.assert_close(
+                graphs.forward(backbone, ids, cu_seqlens), backbone(ids, cu_seqlens=cu_seqlens)[0]
+            )
     assert list(graphs._graphs) == [Bucket(64, 8)]
 
 
@@ -432,7 +443,9 @@ def test_gpu_weight_changes_are_seen():
 
     def check() -> None:
         with torch.inference_mode():
-            torch.testing.assert_close(graphs.forward(backbone, ids, cu_seqlens), backbone(ids, cu_seqlens=cu_seqlens)[0])
+            torch.testing.assert_close(
+                graphs.forward(backbone, ids, cu_seqlens), backbone(ids, cu_seqlens=cu_seqlens)[0]
+            )
 
     check()
     with torch.no_grad():
@@ -463,7 +476,7 @@ def test_gpu_encode_with_graphs_equals_without(tiny_model):
     on = [tiny_model.encode(batch, convert_to_tensor=True, batch_size=32) for batch in batches]  # replays only
     assert len(tiny_model[0]._graphs) == captured
     for batch, a, b in zip(batches, on, off, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{len(batch)} texts: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, batch=batch: f"{len(batch)} texts: {m}")
     if tiny_model[0].config.version == 1:  # Mamba-2 does not pack in one pass: no graphs
         assert len(tiny_model[0]._graphs) > 0
     tokens = tiny_model.encode(texts[:3], output_value="token_embeddings")
