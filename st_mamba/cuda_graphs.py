@@ -265,13 +265,14 @@ class CudaGraphs:
         # The backbone's modules, read again when another backbone comes or modules were registered anywhere.
         self._modules: tuple[nn.Module, ...] = ()
         self._modules_key: tuple[int, int] | None = None  # (id of the backbone, _module_generation)
+        self._warned = False  # about a failed capture: once
+        self._told_unversioned = False
         self._reset()
 
     def _reset(self) -> None:
         self._wait_idle()
         self._graphs: collections.OrderedDict[Bucket, CapturedGraph] = collections.OrderedDict()
         self._failed: set[Bucket] = set()
-        self._warned = False
         self._pool = None  # made with the first graph: a new pool per set of graphs frees the old one's memory
         self._weights: list[int] | None = None  # weights_state at capture
         self._done: torch.cuda.Event | None = None  # recorded after the last replay's output was copied out
@@ -365,7 +366,8 @@ class CudaGraphs:
         if key != self._modules_key:
             self._modules, self._modules_key = tuple(backbone.modules()), key
         state = weights_state(self._modules)
-        if state is None:
+        if state is None and not self._told_unversioned:
+            self._told_unversioned = True
             logger.info("st_mamba: weights made under torch.inference_mode keep no version; no CUDA graphs")
         return state
 
