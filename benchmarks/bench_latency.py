@@ -21,7 +21,9 @@ Models (``--models``, comma-separated):
 - ``bert-base``: BERT-base's shape (12 layers, 768 wide), random weights, MiniLM's tokenizer, mean pooling.
 
 st-mamba models load in bf16 on a GPU and in fp32 on a CPU (``--dtype`` overrides); the BERT-shaped
-ones likewise. Texts: SciFact from ``--data`` (default ``../shared/data/scifact``); where it is
+ones likewise. ``--cuda-graphs on|off|both`` sets the st-mamba models' ``cuda_graphs`` (``both``: each
+st-mamba model is measured with graphs off, then on, in the same process; default: as the model is
+configured); graphs only run on a CUDA GPU. Texts: SciFact from ``--data`` (default ``../shared/data/scifact``); where it is
 absent, synthetic texts of SciFact-like length are used and the table says so. Each number is one
 run of record on a machine that may be shared: the load average is printed with the table.
 
@@ -31,6 +33,7 @@ Run:
 
     python benchmarks/bench_latency.py --device cpu
     python benchmarks/bench_latency.py --device cuda --models st-mamba-130m,st-mamba-student,all-MiniLM-L6-v2,bert-base
+    python benchmarks/bench_latency.py --device cuda --models st-mamba-130m,st-mamba-student --cuda-graphs both
 """
 
 from __future__ import annotations
@@ -108,6 +111,15 @@ def build(name: str, device: str, dtype: torch.dtype, scratch: Path) -> Sentence
     else:
         raise SystemExit(f"unknown model {name!r}; choose from {', '.join(ALL_MODELS)}")
     return model.to(dtype).eval()
+
+
+def graph_settings(model: SentenceTransformer, choice: str | None) -> list[bool | None]:
+    """The ``cuda_graphs`` settings to measure ``model`` with (None: as it is; only st-mamba models have one)."""
+    from st_mamba import MambaEncoder
+
+    if choice is None or not isinstance(model[0], MambaEncoder):
+        return [None]
+    return {"off": [False], "on": [True], "both": [False, True]}[choice]
 
 
 def build_bert(folder: Path, device: str, shape: dict, max_seq_length: int) -> SentenceTransformer:
@@ -323,8 +335,15 @@ def main() -> None:
     p.add_argument("--callers", default="1,8,64", help="concurrent callers, comma list (the first is the baseline)")
     p.add_argument("--queries-each", type=int, default=8, help="queries each concurrent caller awaits in turn")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for the whole run (default: PyTorch's)")
+    p.add_argument(
+        "--cuda-graphs",
+        choices=["on", "off", "both"],
+        help="st-mamba models' cuda_graphs setting; both: measure off, then on (default: as configured)",
+    )
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench_out" / "latency")
     args = p.parse_args()
+    if args.cuda_graphs and os.environ.get("ST_MAMBA_CUDA_GRAPHS", "").strip():
+        raise SystemExit("ST_MAMBA_CUDA_GRAPHS overrides --cuda-graphs: unset one of them")
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
@@ -346,8 +365,13 @@ def main() -> None:
         for name in names:
             print(f"{name} ...", flush=True)
             model = build(name, args.device, dtype, Path(scratch))
-            results["models"][label(name)] = row = measure(model, args, docs, queries)
-            print(f"  {json.dumps({k: v for k, v in row.items() if k != 'concurrent'})}", flush=True)
+            for graphs in graph_settings(model, args.cuda_graphs):
+                row_name = label(name)
+                if graphs is not None:
+                    model[0].cuda_graphs = graphs
+                    row_name += f", CUDA graphs {'on' if graphs else 'off'}"
+                results["models"][row_name] = row = measure(model, args, docs, queries)
+                print(f"  {row_name}: {json.dumps({k: v for k, v in row.items() if k != 'concurrent'})}", flush=True)
             del model
             if cuda:
                 torch.cuda.empty_cache()

@@ -28,6 +28,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from st_mamba import ops
 from st_mamba.checkpoints import CheckpointError, load_backbone, resolve_folder, save_backbone
 from st_mamba.config import MambaConfig
+from st_mamba.cuda_graphs import CudaGraphs, graphs_apply, graphs_enabled
 from st_mamba.modeling import LayerState, MambaBackbone
 from st_mamba.staging import PinnedStaging
 
@@ -77,10 +78,13 @@ class MambaEncoder(InputModule):
         do_lower_case: lower-case every text (prompt included) before tokenising, as an uncased
             model does. GPT-NeoX's tokenizer is cased: without this, "PAIN" and "pain" are different
             tokens, and a model trained on lower-case text reads capitals as unseen tokens.
+        cuda_graphs: on a CUDA GPU, run packed inference batches of up to 16,384 tokens and 256 texts as
+            replays of CUDA graphs captured per size bucket (``st_mamba/cuda_graphs.py``), batches of one
+            text included (they are then packed too). ``ST_MAMBA_CUDA_GRAPHS=0`` (or ``1``) overrides it.
     """
 
     config_file_name = "st_mamba_config.json"
-    config_keys = ["max_seq_length", "chunk_size", "pooling", "do_lower_case"]
+    config_keys = ["max_seq_length", "chunk_size", "pooling", "do_lower_case", "cuda_graphs"]
     poolings = ("eos", "mean", "weighted-mean")
     weights_file_name = "token_weights.safetensors"
 
@@ -92,6 +96,7 @@ class MambaEncoder(InputModule):
         chunk_size: int | None = None,
         pooling: str = "eos",
         do_lower_case: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in self.poolings:
@@ -104,6 +109,8 @@ class MambaEncoder(InputModule):
         self.do_lower_case = do_lower_case
         self.eos_token_id = tokenizer.eos_token_id
         self._staging = PinnedStaging()
+        self._graphs = CudaGraphs()
+        self.cuda_graphs = cuda_graphs
         if pooling == "weighted-mean":
             table = backbone.embeddings.weight
             self.token_log_weights = nn.Parameter(torch.zeros(table.shape[0], device=table.device))  # (V,)
@@ -129,6 +136,22 @@ class MambaEncoder(InputModule):
         self._chunk_size = value
 
     @property
+    def cuda_graphs(self) -> bool:
+        return self._cuda_graphs
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"cuda_graphs must be True or False, got {value!r}")
+        self._cuda_graphs = value
+        if not value:
+            self._graphs.clear()  # frees their memory
+
+    def _graphs_on(self) -> bool:
+        """The ``cuda_graphs`` setting, unless ``ST_MAMBA_CUDA_GRAPHS`` overrides it."""
+        return graphs_enabled(self.cuda_graphs)
+
+    @property
     def config(self) -> MambaConfig:
         return self.backbone.config
 
@@ -143,7 +166,8 @@ class MambaEncoder(InputModule):
         Returns ``input_ids`` and ``attention_mask``, both (B, L_max) int64. Where the backbone reads
         packed batches in one pass (Mamba-1 on a CUDA GPU with Triton or on the compiled CPU kernels), no
         text is longer than ``chunk_size`` and the batch has padding, the texts are instead packed end to
-        end without padding at inference (eval mode, autograd off, as in ``encode``): see ``_pack``.
+        end without padding at inference (eval mode, autograd off, as in ``encode``): see ``_pack``. With
+        ``cuda_graphs`` on a GPU, batches without padding that fit a graph bucket are packed too.
         """
         if isinstance(inputs, str):
             raise TypeError("expected a list of strings, got a single str; wrap it in a list")
@@ -171,12 +195,18 @@ class MambaEncoder(InputModule):
             attention_mask[row, : len(tokens) + 1] = 1  # the tokens and their EOS
         device = self.backbone.embeddings.weight.device
         padded = len(ids) > 1 and min(len(row) for row in ids) + 1 < longest  # else packing removes nothing
+        # Packed batches that fit a bucket run as CUDA graph replays, one text or many of one length too.
+        graphed = (
+            device.type == "cuda"
+            and self._graphs_on()
+            and self._graphs.bucket_for(sum(len(row) + 1 for row in ids), len(ids)) is not None
+        )
         fits_one_pass = self.chunk_size is None or longest <= self.chunk_size  # else forward streams the batch
         # Inference only (eval mode, no autograd: ``encode`` runs under inference mode). Training collators
         # pin, split (cached losses) and move batches by row themselves, and may run before the model is
         # switched to training mode, but never without autograd.
         inference = not self.training and not torch.is_grad_enabled()
-        if padded and inference and fits_one_pass and ops.packs_in_one_pass(device, self.config.version):
+        if (padded or graphed) and inference and fits_one_pass and ops.packs_in_one_pass(device, self.config.version):
             return self._pack(input_ids, attention_mask, device)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
@@ -241,23 +271,24 @@ class MambaEncoder(InputModule):
 
     def _forward_packed(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         """The same outputs from a packed batch (see ``_pack``): one pass over T tokens, no padding."""
-        cu_seqlens, attention_mask = features["cu_seqlens"], features["attention_mask"]
-        hidden = self.backbone(features["input_ids"], cu_seqlens=cu_seqlens)[0]  # (T, D)
-        if self.pooling == "mean":
+        input_ids, cu_seqlens = features["input_ids"], features["cu_seqlens"]
+        attention_mask = features["attention_mask"]
+        if self._graphs_on() and graphs_apply(self.backbone, input_ids):
+            hidden = self._graphs.forward(self.backbone, input_ids, cu_seqlens)  # (T, D)
+        else:
+            hidden = self.backbone(input_ids, cu_seqlens=cu_seqlens)[0]  # (T, D)
+        if self.pooling != "eos":
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (B,)
             texts = torch.arange(len(lengths), device=hidden.device)
             owner = torch.repeat_interleave(texts, lengths, output_size=hidden.shape[0])  # (T,); no sync for the size
-            sums = hidden.new_zeros(len(lengths), hidden.shape[-1], dtype=torch.float32)
-            sums.index_add_(0, owner, hidden.float())
-            features["sentence_embedding"] = (sums / lengths.clamp(min=1).unsqueeze(1)).to(hidden.dtype)
-        elif self.pooling == "weighted-mean":
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (B,)
-            texts = torch.arange(len(lengths), device=hidden.device)
-            owner = torch.repeat_interleave(texts, lengths, output_size=hidden.shape[0])  # (T,)
-            weights = self._pooling_weights(features["input_ids"][0])  # (T,)
-            sums = hidden.new_zeros(len(lengths), hidden.shape[-1], dtype=torch.float32)
-            sums.index_add_(0, owner, hidden.float() * weights.unsqueeze(1))
-            totals = weights.new_zeros(len(lengths)).index_add_(0, owner, weights)  # (B,)
+            values = hidden.float()  # (T, D)
+            if self.pooling == "weighted-mean":
+                weights = self._pooling_weights(input_ids[0])  # (T,)
+                values = values * weights.unsqueeze(1)
+                totals = weights.new_zeros(len(lengths)).index_add_(0, owner, weights)  # (B,)
+            else:
+                totals = lengths.float()
+            sums = hidden.new_zeros(len(lengths), hidden.shape[-1], dtype=torch.float32).index_add_(0, owner, values)
             features["sentence_embedding"] = (sums / totals.clamp(min=_TINY).unsqueeze(1)).to(hidden.dtype)
         else:
             features["sentence_embedding"] = hidden[cu_seqlens[1:].long() - 1]  # each text's EOS is its last token
@@ -302,6 +333,12 @@ class MambaEncoder(InputModule):
         return weights
 
     # --- training -----------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> MambaEncoder:
+        """Training mode; drops the CUDA graphs first (training changes the weights they read)."""
+        if mode:
+            self._graphs.clear()
+        return super().train(mode)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
         """Recompute each residual block's activations during the backward pass instead of storing them.
