@@ -35,7 +35,9 @@ NAMES = ["x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state"]
 LIMIT = (0.0, 0.7)  # a limit that clamps some of the steps below (softplus of N(0, 1) + bias)
 
 
-def _ssd_inputs(batch, length, nheads, headdim, ngroups, d_state, dtype, seed, with_state, n_states=None, d_per_p=False):
+def _ssd_inputs(
+    batch, length, nheads, headdim, ngroups, d_state, dtype, seed, with_state, n_states=None, d_per_p=False
+):
     """x, dt, B, C in ``dtype``; A, D, dt_bias and the initial state in fp32 (as the mixer passes them)."""
     g = torch.Generator().manual_seed(seed)
 
