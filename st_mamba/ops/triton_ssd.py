@@ -566,8 +566,8 @@ def _check_inputs(x, dt, A, B, C, D, dt_bias, initial_state, cu_seqlens) -> None
             f"initial_state must have shape {(n_seq, nheads, headdim, B.shape[3])} (one state per sequence), "
             f"got {tuple(initial_state.shape)}"
         )
-    tensors = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "dt_bias": dt_bias, "initial_state": initial_state,
-               "cu_seqlens": cu_seqlens}  # fmt: skip
+    # cu_seqlens may lie elsewhere (it is moved, as the Mamba-1 kernels move it).
+    tensors = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "dt_bias": dt_bias, "initial_state": initial_state}
     for name, t in tensors.items():
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}: all inputs must be on one device")

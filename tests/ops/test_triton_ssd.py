@@ -270,13 +270,16 @@ def test_model_streamed_in_chunks_equals_one_pass(monkeypatch):
     assert_close("hidden", torch.cat(pieces, dim=1), whole, 1e-4, 1e-4)
 
 
-def test_model_gradients_through_triton_equal_chunked(monkeypatch):
-    """Training: every parameter's gradient of a tiny Mamba-2 backbone, Triton scan against PyTorch's chunked one."""
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
+def test_model_gradients_through_triton_equal_chunked(checkpointing, monkeypatch):
+    """Training: every parameter's gradient of a tiny Mamba-2 backbone, Triton scan (with or without gradient
+    checkpointing, which re-runs each layer's forward in the backward) against PyTorch's chunked one."""
     monkeypatch.setattr(triton_ssd, "SSD_CHUNK", 16)
     ids = torch.randint(1, 400, (2, 23), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     grads = {}
     for backend in ("triton", "chunked"):
         backbone = _tiny_mamba2()
+        backbone.gradient_checkpointing = checkpointing and backend == "triton"
         with ops.use_backend(backend):
             backbone(ids).float().pow(2).mean().backward()
         grads[backend] = {name: p.grad for name, p in backbone.named_parameters()}
