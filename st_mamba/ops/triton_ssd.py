@@ -478,6 +478,14 @@ def _ssd_backward(inp: _Inputs, dy: Tensor, dfinal: Tensor | None) -> tuple:
     """Gradients of x, dt, A, B, C, D, dt_bias and the initial state (None where there is no input)."""
     tokens = inp.x.shape[0]
     f32 = dict(device=inp.x.device, dtype=torch.float32)
+    if tokens == 0:  # the final state was the initial state: its gradient passes through, the rest are empty
+        dh0 = None if inp.h0 is None else (torch.zeros_like(inp.h0) if dfinal is None else dfinal.float().clone())
+        zeros = [torch.zeros(t.shape, device=t.device, dtype=t.dtype) for t in (inp.x, inp.dt, inp.B, inp.C)]
+        dD = None if inp.D is None else torch.zeros_like(inp.D)
+        dbias = None if inp.dt_bias is None else torch.zeros_like(inp.dt_bias)
+        shape = inp.shape
+        dB, dC = (t.view(*shape[:2], inp.ngroups, inp.d_state) for t in zeros[2:])
+        return zeros[0].view(shape), zeros[1].view(shape[:3]), torch.zeros_like(inp.A), dB, dC, dD, dbias, dh0
     dy = _unit_last(dy.reshape(tokens, inp.nheads, inp.headdim))
     # 1. The start state of every chunk, recomputed (the forward pass kept only its inputs).
     states, log_decay = inp.start_states()

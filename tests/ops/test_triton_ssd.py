@@ -178,6 +178,19 @@ def test_ssd_scan_final_state_gradient_alone(dtype, monkeypatch):
         assert_close(f"grad {name}", g_fast, g_ref, grtol, gatol)
 
 
+def test_ssd_scan_of_no_tokens_passes_the_state_through():
+    """Zero-length sequences launch nothing: the final state is the initial state, and so is its gradient."""
+    leaves = _leaves(*_ssd_inputs(2, 0, 4, 8, 2, 8, torch.float32, 5, with_state=True))
+    y, h = _scan_both(dict(dt_softplus=True))[0](leaves)
+    assert y.shape == (2, 0, 4, 8)
+    assert_close("final_state", h, leaves[-1], 0, 0)
+    dh = torch.randn(h.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    grads = torch.autograd.grad(h, leaves, dh)
+    assert_close("grad initial_state", grads[-1], dh, 0, 0)
+    for name, grad, leaf in zip(NAMES[:-1], grads[:-1], leaves[:-1], strict=True):
+        assert grad.shape == leaf.shape and not grad.any(), f"grad {name}: not zeros of the input's shape"
+
+
 def test_ssd_scan_inference_path_equals_the_autograd_one(monkeypatch):
     """Without a gradient to take the kernels run without the autograd node; same outputs, bit for bit."""
     monkeypatch.setattr(triton_ssd, "SSD_CHUNK", 16)
