@@ -12,10 +12,11 @@ in one visible ``if`` chain:
 Ahead of all of these on CUDA tensors comes ``triton``: the Triton kernels (``ops/triton.py``) for the
 Mamba-1 scan and the causal convolution, and (``ops/triton_ssd.py``) for the Mamba-2 scan, forward and
 backward, used whenever Triton is importable (PyTorch's CUDA wheels bring it): it needs no compiled
-extension and reads the channels-last layout as it is, where mamba-ssm wants (B, D, L) copies. The
-Mamba-2 kernels' design (chunk decomposition, what is recomputed, packing) is in docs/kernels.md. Its model forward measured 2.6-3.3x transformers + mamba-ssm on an
-H200 (docs/benchmarks.md); ``benchmarks/bench_encode.py`` also times the two backends op by op where
-mamba-ssm is installed (the Mamba-2 kernels are not timed yet). ``triton`` (all three operations) and
+extension and reads the channels-last layout as it is, where mamba-ssm wants (B, D, L) copies. With
+the Mamba-1 kernels the model forward measured 2.6-3.3x transformers + mamba-ssm on an H200
+(docs/benchmarks.md); ``benchmarks/bench_encode.py`` also times the two backends op by op where
+mamba-ssm is installed. The Mamba-2 kernels are not timed yet; their design (chunk decomposition, what
+the backward recomputes, packing) is in docs/kernels.md. ``triton`` (all three operations) and
 ``cpu`` read packed batches (``cu_seqlens``) in one pass (``cpu``: the convolution only without states
 in or out); every other backend runs a packed batch one sequence at a time. On CPU the Mamba-2 scan
 runs ``chunked`` unless a backend is forced (``ST_MAMBA_BACKEND=triton`` under ``TRITON_INTERPRET=1``
