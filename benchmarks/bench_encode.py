@@ -4,7 +4,7 @@ All in one process on one GPU, bf16, random weights (speed does not depend on tr
 tokens per batch (batch = 65,536 / L), median of several timed runs after warm-ups (CUDA events):
 
 1. tokens/s, docs/s and peak memory, forward only (inference mode) and forward + backward, for
-   st-mamba with the mamba-130m, mamba-370m and mamba2-130m shapes; transformers' MambaModel /
+   st-mamba with the mamba-130m, mamba-370m, mamba2-130m and mamba2-370m shapes; transformers' MambaModel /
    Mamba2Model with the mamba-ssm and causal-conv1d kernels (rows skipped when those are not
    importable); BERT-base/-large and Pythia-160m/-410m with SDPA; L = 512, 2048, 8192, 32768.
 2. the GEMM floor of the mamba-130m shape (its four projections alone) and the per-operation
@@ -53,6 +53,7 @@ MODELS = {
     "st-mamba-130m": ("st", dict(d_model=768, n_layer=24, vocab_size=50280, d_state=16)),
     "st-mamba-370m": ("st", dict(d_model=1024, n_layer=48, vocab_size=50280, d_state=16)),
     "st-mamba2-130m": ("st", dict(d_model=768, n_layer=24, vocab_size=50280, version=2, d_state=128, headdim=64)),
+    "st-mamba2-370m": ("st", dict(d_model=1024, n_layer=48, vocab_size=50280, version=2, d_state=128, headdim=64)),
     "hf-mamba-130m": ("hf", dict(hidden_size=768, num_hidden_layers=24, state_size=16)),
     "hf-mamba-370m": ("hf", dict(hidden_size=1024, num_hidden_layers=48, state_size=16)),
     "hf-mamba2-130m": ("hf2", dict(hidden_size=768, num_hidden_layers=24, state_size=128, head_dim=64, num_heads=24)),
@@ -124,7 +125,10 @@ def st_backends() -> str:
     """Which backends st-mamba's dispatcher takes on CUDA in this process."""
     from st_mamba import ops
 
-    ssd = "mamba-ssm SSD (Triton)" if ops._mamba_ssm_chunk_scan is not None else "PyTorch chunked SSD"
+    if ops._triton_ssd is not None:
+        ssd = "st-mamba SSD (Triton)"
+    else:
+        ssd = "mamba-ssm SSD (Triton)" if ops._mamba_ssm_chunk_scan is not None else "PyTorch chunked SSD"
     return f"scan/conv: {'triton' if ops._triton is not None else 'no triton'}; Mamba-2 scan: {ssd}"
 
 

@@ -10,13 +10,17 @@ in one visible ``if`` chain:
 3. ``chunked``: pure PyTorch (``ops/chunked.py``), any device, differentiable.
 
 Ahead of all of these on CUDA tensors comes ``triton``: the Triton kernels (``ops/triton.py``) for the
-Mamba-1 scan and the causal convolution, used whenever Triton is importable (PyTorch's CUDA wheels
-bring it): it needs no compiled extension and reads the channels-last layout as it is, where
-mamba-ssm wants (B, D, L) copies. Its model forward measured 2.6-3.3x transformers + mamba-ssm on an
-H200 (docs/benchmarks.md); ``benchmarks/bench_encode.py`` also times the two backends op by op where
-mamba-ssm is installed. ``triton`` and ``cpu`` read packed batches (``cu_seqlens``) in one pass
-(``cpu``: the convolution only without states in or out); every other backend runs a packed batch one
-sequence at a time.
+Mamba-1 scan and the causal convolution, and (``ops/triton_ssd.py``) for the Mamba-2 scan, forward and
+backward, used whenever Triton is importable (PyTorch's CUDA wheels bring it): it needs no compiled
+extension and reads the channels-last layout as it is, where mamba-ssm wants (B, D, L) copies. With
+the Mamba-1 kernels the model forward measured 2.6-3.3x transformers + mamba-ssm on an H200
+(docs/benchmarks.md); ``benchmarks/bench_encode.py`` also times the two backends op by op where
+mamba-ssm is installed. The Mamba-2 kernels are not timed yet; their design (chunk decomposition, what
+the backward recomputes, packing) is in docs/kernels.md. ``triton`` (all three operations) and
+``cpu`` read packed batches (``cu_seqlens``) in one pass (``cpu``: the convolution only without states
+in or out); every other backend runs a packed batch one sequence at a time. On CPU the Mamba-2 scan
+runs ``chunked`` unless a backend is forced (``ST_MAMBA_BACKEND=triton`` under ``TRITON_INTERPRET=1``
+is how the tests reach the Triton kernels without a GPU).
 ``linear`` (the mixers' projections) has two paths: oneDNN's matmul (``cpu``) for fp32 CPU tensors
 when no gradient is needed and no other backend is forced, else ``F.linear``.
 ``use_backend("reference")`` (or ``ST_MAMBA_BACKEND=reference``) forces one backend, for tests and
@@ -49,8 +53,9 @@ except ImportError:
     _causal_conv1d_cuda = None
 try:
     from st_mamba.ops import triton as _triton
+    from st_mamba.ops import triton_ssd as _triton_ssd
 except ImportError:  # no Triton (CPU-only installs): the CUDA paths below take over
-    _triton = None
+    _triton = _triton_ssd = None
 
 logger = logging.getLogger(__name__)
 
@@ -85,13 +90,11 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 
 
 def packs_in_one_pass(device: torch.device, version: int) -> bool:
-    """Whether a packed batch (``cu_seqlens``) runs in one pass here, at inference: Mamba-1 on the Triton
-    kernels (CUDA) or on the compiled CPU kernels."""
-    if version != 1:
-        return False
+    """Whether a packed batch (``cu_seqlens``) runs in one pass here, at inference: Mamba-1 and Mamba-2 on
+    the Triton kernels (CUDA), Mamba-1 also on the compiled CPU kernels."""
     if device.type == "cuda":
         return _triton is not None and _forced in (None, "triton")
-    return device.type == "cpu" and _forced in (None, "cpu") and _cpu.available()
+    return version == 1 and device.type == "cpu" and _forced in (None, "cpu") and _cpu.available()
 
 
 def _one_sequence_at_a_time(
@@ -178,17 +181,25 @@ def ssd_scan(
     return_final_state: bool = False,
     cu_seqlens: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Mamba-2 scan. Shapes: see ``reference.ssd_scan_reference``; ``cu_seqlens`` as in ``selective_scan``."""
-    if cu_seqlens is not None:
-        return _one_sequence_at_a_time(
-            lambda p, h: ssd_scan(p[0], p[1], A, p[2], p[3], D, dt_bias, dt_softplus, dt_limit, h, return_final_state),
-            cu_seqlens, [x, dt, B, C], initial_state, return_final_state,
-        )  # fmt: skip
+    """Mamba-2 scan. Shapes: see ``reference.ssd_scan_reference``; ``cu_seqlens`` as in ``selective_scan``
+    (x (1, T, H, P), dt (1, T, H), B and C (1, T, G, N), states (n, H, P, N))."""
     args = (x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, return_final_state)
     backend = _forced
-    if backend is None or backend in ("cpu", "triton"):  # neither has a Mamba-2 kernel of its own
+    if backend is None and x.is_cuda and _triton_ssd is not None:
+        backend = "triton"
+    if backend == "triton" and _triton_ssd is None:  # forced without Triton installed
+        backend = None
+    if backend is None or backend == "cpu":  # no compiled CPU kernel for Mamba-2
         backend = "mamba_ssm" if x.is_cuda and _mamba_ssm_chunk_scan is not None else "chunked"
     _announce("ssd_scan", backend, x.device)
+    if backend == "triton":
+        return _triton_ssd.ssd_scan_triton(*args, cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None:
+        with use_backend(backend):
+            return _one_sequence_at_a_time(
+                lambda p, h: ssd_scan(p[0], p[1], A, p[2], p[3], D, dt_bias, dt_softplus, dt_limit, h, return_final_state),
+                cu_seqlens, [x, dt, B, C], initial_state, return_final_state,
+            )  # fmt: skip
     if backend == "mamba_ssm":
         return _mamba_ssm_chunk_scan(
             x, dt, A, B, C, chunk_size=256, D=D, dt_bias=dt_bias, initial_states=initial_state,
