@@ -12,7 +12,8 @@ in one visible ``if`` chain:
 Ahead of all of these on CUDA tensors comes ``triton``: the Triton kernels (``ops/triton.py``) for the
 Mamba-1 scan and the causal convolution, and (``ops/triton_ssd.py``) for the Mamba-2 scan, forward and
 backward, used whenever Triton is importable (PyTorch's CUDA wheels bring it): it needs no compiled
-extension and reads the channels-last layout as it is, where mamba-ssm wants (B, D, L) copies. With
+extension and reads the channels-last layout as it is, where mamba-ssm wants (B, D, L) copies (the
+Mamba-2 kernels only when forced until they pass their tests on a GPU: ``SSD_TRITON_BY_DEFAULT``). With
 the Mamba-1 kernels the model forward measured 2.6-3.3x transformers + mamba-ssm on an H200
 (docs/benchmarks.md); ``benchmarks/bench_encode.py`` also times the two backends op by op where
 mamba-ssm is installed. The Mamba-2 kernels are not timed yet; their design (chunk decomposition, what
@@ -60,6 +61,9 @@ except ImportError:  # no Triton (CPU-only installs): the CUDA paths below take 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("triton", "mamba_ssm", "cpu", "chunked", "reference")
+# The Mamba-2 Triton kernels have been checked against the reference only under Triton's CPU interpreter:
+# until their tests pass on a GPU, CUDA keeps mamba_ssm / chunked for Mamba-2 unless ``triton`` is forced.
+SSD_TRITON_BY_DEFAULT = False
 _forced: str | None = os.environ.get("ST_MAMBA_BACKEND") or None
 _announced: set[tuple[str, str, str]] = set()
 
@@ -91,8 +95,11 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 
 def packs_in_one_pass(device: torch.device, version: int) -> bool:
     """Whether a packed batch (``cu_seqlens``) runs in one pass here, at inference: Mamba-1 and Mamba-2 on
-    the Triton kernels (CUDA), Mamba-1 also on the compiled CPU kernels."""
+    the Triton kernels (CUDA; Mamba-2 only where they are chosen, see ``SSD_TRITON_BY_DEFAULT``), Mamba-1
+    also on the compiled CPU kernels."""
     if device.type == "cuda":
+        if version == 2 and not SSD_TRITON_BY_DEFAULT:
+            return _triton is not None and _forced == "triton"
         return _triton is not None and _forced in (None, "triton")
     return version == 1 and device.type == "cpu" and _forced in (None, "cpu") and _cpu.available()
 
@@ -185,7 +192,7 @@ def ssd_scan(
     (x (1, T, H, P), dt (1, T, H), B and C (1, T, G, N), states (n, H, P, N))."""
     args = (x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, return_final_state)
     backend = _forced
-    if backend is None and x.is_cuda and _triton_ssd is not None:
+    if backend is None and x.is_cuda and _triton_ssd is not None and SSD_TRITON_BY_DEFAULT:
         backend = "triton"
     if backend == "triton" and _triton_ssd is None:  # forced without Triton installed
         backend = None

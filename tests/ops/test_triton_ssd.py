@@ -221,18 +221,26 @@ def test_ssd_scan_rejects_bad_inputs():
         triton_ssd.ssd_scan_triton(x, dt[:, :, :2], A, B, C)
 
 
-def test_dispatcher_picks_triton_for_mamba2_only_on_cuda_or_when_forced(caplog, monkeypatch):
-    """CPU keeps the chunked scan by default; forcing ``triton`` reaches these kernels; CUDA packs Mamba-2."""
+@pytest.mark.parametrize("by_default", [True, False])
+def test_dispatcher_picks_triton_for_mamba2_only_on_cuda_or_when_forced(caplog, monkeypatch, by_default):
+    """CPU keeps the chunked scan by default; forcing ``triton`` reaches these kernels; CUDA picks them and packs
+    Mamba-2 where ``SSD_TRITON_BY_DEFAULT`` says so."""
     monkeypatch.setattr(ops, "_announced", set())
     monkeypatch.setattr(ops, "_forced", None)
-    assert ops.packs_in_one_pass(torch.device("cuda"), 2)
+    monkeypatch.setattr(ops, "SSD_TRITON_BY_DEFAULT", by_default)
+    assert ops.packs_in_one_pass(torch.device("cuda"), 2) == by_default
     assert not ops.packs_in_one_pass(torch.device("cpu"), 2)
+    with ops.use_backend("triton"):
+        assert ops.packs_in_one_pass(torch.device("cuda"), 2)
     x, dt, A, B, C, D, dt_bias, _ = _ssd_inputs(1, 9, 2, 4, 1, 4, torch.float32, 2, False)
     with caplog.at_level("INFO", logger="st_mamba.ops"):
         default = ops.ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus=True)
         with ops.use_backend("triton"):
             forced = ops.ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus=True)
-    expected = "'triton'" if DEVICE == "cuda" else "'chunked'"
+    if DEVICE == "cuda" and by_default:
+        expected = "'triton'"
+    else:
+        expected = "'mamba_ssm'" if DEVICE == "cuda" and ops._mamba_ssm_chunk_scan is not None else "'chunked'"
     assert any(f"ssd_scan runs on the {expected} backend" in r.getMessage() for r in caplog.records)
     assert any("ssd_scan runs on the 'triton' backend" in r.getMessage() for r in caplog.records)
     assert_close("y", forced, default, 1e-5, 1e-5)
