@@ -101,14 +101,16 @@ def _scan_inputs(batch, length, d_inner, d_state, dtype, seed, with_state, n_sta
 SCAN_NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state"]
 
 
-def _check_scan(fast_fn, ref_fn, inputs, dtype, seed):
+def _check_scan(fast_fn, ref_fn, inputs, dtype, seed, names=SCAN_NAMES):
+    """Outputs, final state and the gradient of every present input (``names``, in order), against the reference
+    run on fresh fp32 leaves."""
     (rtol, atol), (grtol, gatol) = TOLERANCES[dtype]
     leaves_ref, leaves_fast = _leaves(*inputs, dtype=torch.float32), _leaves(*inputs)
     y_ref, h_ref = ref_fn(leaves_ref)
     y, h = fast_fn(leaves_fast)
     assert_close("y", y, y_ref, rtol, atol)
     assert_close("final_state", h, h_ref, rtol, atol)
-    present = [n for n, t in zip(SCAN_NAMES, leaves_ref, strict=True) if t is not None]
+    present = [n for n, t in zip(names, leaves_ref, strict=True) if t is not None]
     grads_fast = _grads([y, h], leaves_fast, seed)
     _check_dtypes([y, h], [dtype, torch.float32], grads_fast, leaves_fast)
     for name, g_fast, g_ref in zip(present, grads_fast, _grads([y_ref, h_ref], leaves_ref, seed), strict=True):

@@ -22,8 +22,7 @@ from tests.ops.test_triton import (  # noqa: E402  (skips this module too where 
     DTYPES,
     INTERPRETED,
     TOLERANCES,
-    _check_dtypes,
-    _grads,
+    _check_scan,
     _leaves,
     _packed,
     assert_close,
@@ -56,18 +55,7 @@ def _ssd_inputs(
 
 
 def _check(fast_fn, ref_fn, inputs, dtype, seed):
-    """Outputs, final state and every present input's gradient (fresh fp32 leaves for the reference)."""
-    (rtol, atol), (grtol, gatol) = TOLERANCES[dtype]
-    leaves_ref, leaves_fast = _leaves(*inputs, dtype=torch.float32), _leaves(*inputs)
-    y_ref, h_ref = ref_fn(leaves_ref)
-    y, h = fast_fn(leaves_fast)
-    assert_close("y", y, y_ref, rtol, atol)
-    assert_close("final_state", h, h_ref, rtol, atol)
-    grads_fast = _grads([y, h], leaves_fast, seed)
-    _check_dtypes([y, h], [dtype, torch.float32], grads_fast, leaves_fast)
-    present = [n for n, t in zip(NAMES, leaves_ref, strict=True) if t is not None]
-    for name, g_fast, g_ref in zip(present, grads_fast, _grads([y_ref, h_ref], leaves_ref, seed), strict=True):
-        assert_close(f"grad {name}", g_fast, g_ref, grtol, gatol)
+    _check_scan(fast_fn, ref_fn, inputs, dtype, seed, names=NAMES)
 
 
 def _scan_both(kw):

@@ -74,10 +74,7 @@ def make_batches(lengths: np.ndarray, indices: list[int], seed: int, epoch: int)
         longest = 0
         for index in pool:
             longest_if_added = max(longest, int(lengths[index]))
-            if batch and (
-                longest_if_added * (len(batch) + 1) > settings.MAX_BATCH_TOKENS
-                or len(batch) >= max_texts
-            ):
+            if batch and (longest_if_added * (len(batch) + 1) > settings.MAX_BATCH_TOKENS or len(batch) >= max_texts):
                 batches.append(batch)
                 batch, longest_if_added = [], int(lengths[index])
             batch.append(index)

@@ -38,8 +38,12 @@ STUDENT_VARIANTS = {
     "mamba1-mean-teacher-init": {"config": MAMBA1, "pooling": "mean", "init": "teacher", "do_lower_case": True},
     # The same with a learned weight for every vocabulary entry in the mean, starting at its SIF weight
     # a / (a + p(token)) (frequencies counted on the training texts): frequent tokens count less from the start.
-    "mamba1-wmean-teacher-init": {"config": MAMBA1, "pooling": "weighted-mean", "init": "teacher",
-                                  "do_lower_case": True},
+    "mamba1-wmean-teacher-init": {
+        "config": MAMBA1,
+        "pooling": "weighted-mean",
+        "init": "teacher",
+        "do_lower_case": True,
+    },
 }
 SIF_COEFFICIENT = 1e-4  # a in a / (a + p): Model2Vec's default (not tuned on any collection we score)
 STUDENT = "mamba1-mean-teacher-init"  # what `train` trains by default
