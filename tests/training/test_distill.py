@@ -410,3 +410,20 @@ def test_a_weighted_mean_student_exports_its_token_weights(tokenizer_dir, tmp_pa
     assert loaded[0].pooling == "weighted-mean"
     expected = model[0].token_log_weights.detach().half()
     assert torch.equal(loaded[0].token_log_weights.detach().half(), expected) and expected.std() > 0.5
+
+
+def test_init_saves_the_student_as_training_starts_it(work_folder, tmp_path, monkeypatch):
+    variants = {"tiny-wmean": {"config": TINY_MAMBA, "pooling": "weighted-mean", "init": "teacher",
+                               "do_lower_case": True}}  # fmt: skip
+    monkeypatch.setattr(settings, "STUDENT_VARIANTS", variants)
+    monkeypatch.setattr(settings, "HELD_OUT", 6)
+    model = run.untrained_student("tiny-wmean", work_folder, work_folder / "teacher")
+    records = data.read_jsonl_xz(work_folder / "corpus" / "corpus.jsonl.xz")
+    train_texts, _ = data.split_held_out(records, 6, settings.SEED)
+    ids = data.tokenize(model.tokenizer, [records[i]["text"] for i in train_texts], 8191, lower_case=True)
+    counts = data.token_counts(ids, list(range(len(ids))), TINY_MAMBA["vocab_size"])
+    torch.testing.assert_close(model[0].token_log_weights.detach(), students.sif_log_weights(counts))
+    assert all(not layer.mixer.out_proj.weight.any() for layer in model[0].backbone.layers)  # as initialised
+    model.save(str(tmp_path / "init"))
+    loaded = SentenceTransformer(str(tmp_path / "init"), trust_remote_code=True, device="cpu")
+    torch.testing.assert_close(loaded.encode(["a query"]), model.encode(["a query"]))

@@ -33,6 +33,8 @@ Subcommands:
 - ``score``: scores the runs in ``results.json.gz`` with st_mamba.evaluation (ir-measures), plus BM25.
 - ``baselines``: what needs no student, on any machine: BM25 and the teacher on QMSum.
 - ``speed``: encoding speed of a saved student and the teacher on this machine (e.g. on CPU).
+- ``init``: a Mamba student as training would start it, saved as a model folder, to score its starting
+  point (e.g. ``python -m st_mamba.evaluation beir --model FOLDER --data ...``).
 
 Modules, in the order of a run: ``settings`` (every constant of the recipe), ``data`` (corpus, held-out
 draw, ids, teacher targets, batches), ``students``, ``train``, ``checkpoints``, ``evaluate`` (runs,

@@ -27,7 +27,7 @@ from training.distill.evaluate import (
 )
 from training.distill.export import export, model_card
 from training.distill.prepare import default_teacher, prepare
-from training.distill.run import run_training, sweep
+from training.distill.run import run_training, sweep, untrained_student
 from training.distill.students import build_mamba_student
 
 logger = logging.getLogger("distill")
@@ -93,6 +93,11 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=repo / ".distill" / "data")
     p.add_argument("--teacher", type=Path, default=None)
     p.add_argument("--output", type=Path, required=True, help="JSON file for the scores")
+    p = sub.add_parser("init", help="save a Mamba student as training starts it (to score its starting point)")
+    p.add_argument("--student", default=settings.STUDENT, choices=sorted(settings.STUDENT_VARIANTS))
+    p.add_argument("--work", type=Path, default=repo / ".distill", help="what `prepare` wrote (corpus, tokenizer)")
+    p.add_argument("--teacher", type=Path, default=None, help="the teacher folder (default: WORK/teacher)")
+    p.add_argument("--output", type=Path, required=True, help="the model folder to write")
     p = sub.add_parser("speed", help="encoding speed of a saved student and of the teacher on this machine")
     p.add_argument("--model", type=Path, default=repo / "models" / "st-mamba-distilled")
     p.add_argument("--teacher", type=Path, default=None)
@@ -154,6 +159,8 @@ def main() -> None:
         args.output.write_text(json.dumps(scores, indent=2) + "\n")
         for name, values in sorted(scores.items()):
             print(f"{name:<48} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    elif args.command == "init":
+        untrained_student(args.student, args.work, args.teacher or args.work / "teacher").save(str(args.output))
     elif args.command == "speed":
         if args.untrained:  # the student's architecture with random weights: the speed is the same
             student = build_mamba_student(args.tokenizer).to(args.device).eval()

@@ -39,11 +39,14 @@ def teacher_targets(teacher: SentenceTransformer, texts: list[str], batch_size: 
     return F.normalize(sums, dim=-1).cpu()
 
 
-def tokenize(tokenizer, texts: list[str], limit: int, batch: int = 20000) -> list[np.ndarray]:
-    """GPT-NeoX ids of each text (no special tokens), cut to ``limit`` tokens."""
+def tokenize(tokenizer, texts: list[str], limit: int, lower_case: bool = False, batch: int = 20000) -> list[np.ndarray]:
+    """GPT-NeoX ids of each text (lower-cased first if ``lower_case``; no special tokens), cut to ``limit`` tokens."""
     ids: list[np.ndarray] = []
     for start in range(0, len(texts), batch):
-        encoded = tokenizer(texts[start : start + batch], add_special_tokens=False, return_attention_mask=False)
+        chunk = texts[start : start + batch]
+        if lower_case:
+            chunk = [text.lower() for text in chunk]
+        encoded = tokenizer(chunk, add_special_tokens=False, return_attention_mask=False)
         ids += [np.asarray(row[:limit], dtype=np.int32) for row in encoded["input_ids"]]
     return ids
 

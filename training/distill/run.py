@@ -17,9 +17,15 @@ from sentence_transformers import SentenceTransformer
 import st_mamba
 from training.distill import settings
 from training.distill.checkpoints import checkpoint_meta
-from training.distill.data import read_jsonl_xz, split_held_out, teacher_targets, tokenize
+from training.distill.data import read_jsonl_xz, split_held_out, teacher_targets, token_counts, tokenize
 from training.distill.evaluate import encoding_speed, evaluate_all, fixed_length_texts
-from training.distill.students import build_student, lower_cases, parameter_count
+from training.distill.students import (
+    build_mamba_student,
+    build_student,
+    initialise_from_teacher,
+    lower_cases,
+    parameter_count,
+)
 from training.distill.train import TrainData, held_out_cosine, train_student
 
 logger = logging.getLogger("distill")
@@ -79,7 +85,7 @@ def prepare_training(work: Path, output: Path, run_settings: dict, lower_case: b
     tokenizer = st_mamba.load_tokenizer(work / "gpt-neox-20b", settings.EOS_ID)
 
     def student_ids(strings: list[str], limit: int) -> list[np.ndarray]:
-        return tokenize(tokenizer, [text.lower() for text in strings] if lower_case else strings, limit)
+        return tokenize(tokenizer, strings, limit, lower_case)
 
     ids = student_ids(texts, settings.MAX_TRAIN_TOKENS - 1)
     pairs = list(zip(student_ids([row["query"] for row in pair_rows], settings.MNRL_MAX_TOKENS - 1),
@@ -99,6 +105,24 @@ def prepare_training(work: Path, output: Path, run_settings: dict, lower_case: b
     data = TrainData(ids, teacher_targets(teacher, texts), train, pairs, pad_id=tokenizer.eos_token_id)
     record.mark("teacher_targets")
     return Prepared(data, held_out, kinds, texts, teacher, device, record)
+
+
+def untrained_student(name: str, work: Path, teacher_dir: Path) -> SentenceTransformer:
+    """The Mamba student ``name`` as training would start it: teacher-initialised if its variant says so, a
+    weighted-mean student's weights from the training texts of ``work``'s corpus (the same held-out split)."""
+    variant = settings.STUDENT_VARIANTS[name]
+    model = build_mamba_student(work / "gpt-neox-20b", **variant)
+    if variant.get("init") == "teacher":
+        counts = None
+        if variant["pooling"] == "weighted-mean":
+            records = read_jsonl_xz(work / "corpus" / "corpus.jsonl.xz")
+            train, _ = split_held_out(records, settings.HELD_OUT, settings.SEED)
+            texts = [records[i]["text"] for i in train]
+            ids = tokenize(model.tokenizer, texts, settings.MAX_TRAIN_TOKENS - 1, variant.get("do_lower_case", False))
+            counts = token_counts(ids, list(range(len(ids))), variant["config"]["vocab_size"])
+        initialise_from_teacher(model, SentenceTransformer(str(teacher_dir), device="cpu").float(), counts)
+    model.max_seq_length = settings.SAVED_MAX_SEQ_LENGTH
+    return model
 
 
 def sweep(work: Path, output: Path, names: list[str], seconds: float, scratch: Path) -> dict:
