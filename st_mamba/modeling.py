@@ -149,10 +149,8 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
-        gated = y.float() * F.silu(z.float())
-        grouped = gated.unflatten(-1, (self.groups, -1))  # (..., G, Di / G)
-        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * grouped.flatten(-2).to(y.dtype)
+        """(..., Di) y and gate z (z may be a strided slice of in_proj's output) -> (..., Di)."""
+        return ops.gated_rms_norm(y, z, self.weight, self.groups, self.eps)
 
 
 class Linear(nn.Linear):
