@@ -37,7 +37,10 @@ from st_mamba.ops.triton import _needs_grad, _sigmoid
 # Elements of (row, channel) a program holds at once: rows a program = this / the padded group width,
 # so that a wide group (mamba2-130m's 1536 channels in one group) is one row a program and a narrow one many.
 NORM_BLOCK_ELEMENTS = 4096
-NORM_WARPS = 4
+# Warps a program: enough that each thread holds about this many values of each live (rows, group) tile (a
+# dozen such tiles are live in the backward), so that a wide group (Di = 5120 in one group, 8192 padded)
+# spreads over 16 warps instead of spilling; at most 16 warps (512 threads).
+NORM_VALUES_PER_THREAD = 16
 # The backward's row ranges: at most this many programs a group, each writing one (Di,) share of dweight.
 NORM_BWD_PROGRAMS = 256
 
@@ -115,10 +118,12 @@ def _rows(t: Tensor, width: int) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _blocks(group_size: int) -> tuple[int, int]:
-    """(BLOCK_ROWS, BLOCK_N): the group's width padded to a power of two, and rows a program."""
+def _blocks(group_size: int) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_N, warps): rows a program, the group's width padded to a power of two, and warps."""
     block_n = triton.next_power_of_2(group_size)
-    return max(1, NORM_BLOCK_ELEMENTS // block_n), block_n
+    block_rows = max(1, NORM_BLOCK_ELEMENTS // block_n)
+    warps = min(16, max(1, block_rows * block_n // (32 * NORM_VALUES_PER_THREAD)))
+    return block_rows, block_n, warps
 
 
 def _forward(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: float) -> Tensor:
@@ -128,10 +133,10 @@ def _forward(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: float) -> T
     n_rows, group_size = y_rows.shape[0], width // groups
     out = torch.empty(n_rows, width, device=y.device, dtype=torch.result_type(y, weight))  # (T, Di)
     if n_rows:
-        block_rows, block_n = _blocks(group_size)
+        block_rows, block_n, warps = _blocks(group_size)
         _gated_norm_fwd_kernel[(triton.cdiv(n_rows, block_rows), groups)](
             y_rows, z_rows, weight, out, n_rows, width, group_size, y_rows.stride(0), z_rows.stride(0), eps,
-            FAST=y.is_cuda, BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=NORM_WARPS,
+            FAST=y.is_cuda, BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=warps,
         )  # fmt: skip
     return out.view(*y.shape[:-1], width)
 
@@ -145,7 +150,7 @@ def _backward(y: Tensor, z: Tensor, weight: Tensor, dout: Tensor, groups: int, e
     dz = torch.empty(n_rows, width, device=y.device, dtype=z.dtype)
     if not n_rows:
         return dy.view(y.shape), dz.view(y.shape), torch.zeros_like(weight)
-    block_rows, block_n = _blocks(group_size)
+    block_rows, block_n, warps = _blocks(group_size)
     # Row ranges of whole row blocks, at most NORM_BWD_PROGRAMS of them.
     blocks_per_program = triton.cdiv(triton.cdiv(n_rows, block_rows), NORM_BWD_PROGRAMS)
     rows_per_program = blocks_per_program * block_rows
@@ -154,7 +159,7 @@ def _backward(y: Tensor, z: Tensor, weight: Tensor, dout: Tensor, groups: int, e
     _gated_norm_bwd_kernel[(n_programs, groups)](
         y_rows, z_rows, weight, dout_rows, dy, dz, dw_part,
         n_rows, rows_per_program, width, group_size, y_rows.stride(0), z_rows.stride(0), dout_rows.stride(0), eps,
-        FAST=y.is_cuda, BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=NORM_WARPS,
+        FAST=y.is_cuda, BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=warps,
     )  # fmt: skip
     return dy.view(y.shape), dz.view(y.shape), dw_part.sum(0).to(weight.dtype)
 
