@@ -10,6 +10,7 @@ Symbols (B, L, D, Di, N, K, R, H, P, G): see ``config.py``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from typing import NamedTuple
 
@@ -149,10 +150,8 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
-        gated = y.float() * F.silu(z.float())
-        grouped = gated.unflatten(-1, (self.groups, -1))  # (..., G, Di / G)
-        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * grouped.flatten(-2).to(y.dtype)
+        """(..., Di) y and gate z (z may be a strided slice of in_proj's output) -> (..., Di)."""
+        return ops.gated_rms_norm(y, z, self.weight, self.groups, self.eps)
 
 
 class Linear(nn.Linear):
@@ -163,26 +162,28 @@ class Linear(nn.Linear):
 
 
 class _ProjectAndSplit(torch.autograd.Function):
-    """``F.linear(hidden, weight, bias).split(width, -1)``, with a backward that keeps the parts apart.
+    """``F.linear(hidden, weight, bias).split(sizes, -1)``, with a backward that keeps the parts apart.
 
     Autograd's backward of ``split`` concatenates the parts' gradients into one tensor before the
     two matrix products; here each part enters the products on its own (d_hidden accumulates in
     place, d_weight is written by row blocks), which spares that copy: for Mamba-1's x and z, 4.9 ms
-    of a 244 ms mamba-130m training step on the H200 (benchmarks/kernel_dev/profile_gpu.py).
+    of a 244 ms mamba-130m training step on the H200 (benchmarks/kernel_dev/profile_gpu.py). Mamba-2
+    splits its projection in three unequal parts (z, xBC, dt), ``sizes`` a list as ``Tensor.split`` takes.
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, width: int) -> tuple[Tensor, ...]:
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, sizes: int | list[int]) -> tuple[Tensor, ...]:
         ctx.save_for_backward(hidden, weight)
-        ctx.width, ctx.has_bias = width, bias is not None
-        return F.linear(hidden, weight, bias).split(width, dim=-1)
+        parts = F.linear(hidden, weight, bias).split(sizes, dim=-1)
+        ctx.widths, ctx.has_bias = [part.shape[-1] for part in parts], bias is not None
+        return parts
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         hidden, weight = ctx.saved_tensors
-        width = ctx.width
+        starts = [0, *itertools.accumulate(ctx.widths)]
         rows = hidden.reshape(-1, hidden.shape[-1])
-        parts = [(g.reshape(-1, g.shape[-1]), slice(i * width, i * width + g.shape[-1]))
+        parts = [(g.reshape(-1, g.shape[-1]), slice(starts[i], starts[i + 1]))
                  for i, g in enumerate(grads) if g is not None]  # fmt: skip
         d_hidden = d_weight = d_bias = None
         if ctx.needs_input_grad[0] and parts:
@@ -309,8 +310,12 @@ class Mamba2Mixer(nn.Module):
     ) -> tuple[Tensor, LayerState | None]:
         """(B, L, D) -> (B, L, D): the mixer's output, plus ``residual`` (consumed: see ``ops.linear``) if given."""
         cfg = self.config
-        batch, length, _ = hidden.shape
-        z, xBC, dt = self.in_proj(hidden).split([cfg.d_inner, cfg.conv_dim, cfg.nheads], dim=-1)
+        sizes = [cfg.d_inner, cfg.conv_dim, cfg.nheads]
+        # z, xBC, dt: (B, L, Di), (B, L, conv_dim), (B, L, H), strided views of one (B, L, Di + conv_dim + H) tensor
+        if torch.is_grad_enabled() and not torch.is_autocast_enabled(hidden.device.type):
+            z, xBC, dt = _ProjectAndSplit.apply(hidden, self.in_proj.weight, self.in_proj.bias, sizes)
+        else:
+            z, xBC, dt = self.in_proj(hidden).split(sizes, dim=-1)
         conv_out = ops.causal_conv1d(
             xBC, _conv_weight(self.conv1d), self.conv1d.bias,
             initial_state=None if state is None else state.conv, activation="silu", return_final_state=return_state,
@@ -318,18 +323,32 @@ class Mamba2Mixer(nn.Module):
         )  # fmt: skip
         xBC, conv_state = conv_out if return_state else (conv_out, None)
         x, B, C = xBC.split([cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.ngroups * cfg.d_state], dim=-1)
+        A, D, dt_bias = self._scan_parameters()
+        # Splitting the last dim only: x, B and C stay views of the convolution's output, dt and z of in_proj's
+        # (the Triton kernels read them through their strides; the PyTorch paths make what copies they need).
         scan_out = ops.ssd_scan(
-            x.reshape(batch, length, cfg.nheads, cfg.headdim),  # (B, L, H, P)
+            x.unflatten(-1, (cfg.nheads, cfg.headdim)),  # (B, L, H, P)
             dt,  # (B, L, H)
-            -torch.exp(self.A_log.float()),  # (H,)
-            B.reshape(batch, length, cfg.ngroups, cfg.d_state),  # (B, L, G, N)
-            C.reshape(batch, length, cfg.ngroups, cfg.d_state),
-            self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True, dt_limit=cfg.dt_limit,
+            A,  # (H,)
+            B.unflatten(-1, (cfg.ngroups, cfg.d_state)),  # (B, L, G, N)
+            C.unflatten(-1, (cfg.ngroups, cfg.d_state)),
+            D, dt_bias=dt_bias, dt_softplus=True, dt_limit=cfg.dt_limit,
             initial_state=None if state is None else state.ssm, return_final_state=return_state, cu_seqlens=cu_seqlens,
         )  # fmt: skip
         y, ssm_state = scan_out if return_state else (scan_out, None)
-        out = self.out_proj(self.norm(y.reshape(batch, length, cfg.d_inner), z), residual)  # (B, L, D)
+        out = self.out_proj(self.norm(y.flatten(-2), z), residual)  # (B, L, H, P) -> (B, L, Di) -> (B, L, D)
         return out, (LayerState(conv_state, ssm_state) if return_state else None)
+
+    def _scan_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
+        """A (H,), negative so that the state decays, D and dt's bias (H,), all fp32; at inference made once
+        per weight (``ops.weight_cache``), not once per call."""
+        if torch.is_grad_enabled():
+            return -torch.exp(self.A_log.float()), self.D.float(), self.dt_bias.float()
+        return (
+            cached(self.A_log, "A", lambda a: -torch.exp(a.float())),
+            cached(self.D, "fp32", Tensor.float),
+            cached(self.dt_bias, "fp32", Tensor.float),
+        )
 
     def reset_parameters(self, generator: torch.Generator | None, n_layer: int) -> None:
         cfg = self.config

@@ -38,8 +38,37 @@ def test_project_and_split_gives_autograds_gradients(device, with_bias, used):
         torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
 
 
-def test_mamba1_backbone_gradients_are_the_same_with_the_plain_projection(monkeypatch):
-    config = MambaConfig(d_model=16, n_layer=2, vocab_size=40, d_state=4, dt_rank=3, bias=True)
+@pytest.mark.parametrize("used", [(0, 1, 2), (0, 2), (1,)], ids=["all", "outer", "middle"])
+def test_project_and_split_in_unequal_parts(used):
+    """Mamba-2's split of in_proj in three parts of different widths (z, xBC, dt), some of them unused."""
+    g = torch.Generator().manual_seed(5)
+    hidden, weight, bias = (
+        torch.randn(2, 6, 8, generator=g),
+        torch.randn(12, 8, generator=g),
+        torch.randn(12, generator=g),
+    )
+    upstream = [torch.randn(2, 6, width, generator=g) for width in (5, 4, 3)]
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        parts = fn(*leaves, [5, 4, 3])
+        outputs = [parts[i] for i in used]
+        return [p.detach() for p in parts], torch.autograd.grad(outputs, leaves, [upstream[i] for i in used])
+
+    (values, expected), (got_values, got) = grads(plain_project_and_split), grads(modeling._ProjectAndSplit.apply)
+    for want, have in zip([*values, *expected], [*got_values, *got], strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        MambaConfig(d_model=16, n_layer=2, vocab_size=40, d_state=4, dt_rank=3, bias=True),
+        MambaConfig(d_model=16, n_layer=2, vocab_size=40, version=2, d_state=4, headdim=8, bias=True, norm_groups=2),
+    ],
+    ids=["mamba1", "mamba2"],
+)
+def test_backbone_gradients_are_the_same_with_the_plain_projection(config, monkeypatch):
     ids = torch.randint(0, 40, (2, 11), generator=torch.Generator().manual_seed(4))
 
     def gradients():

@@ -22,6 +22,8 @@ the backward recomputes, packing) is in docs/kernels.md. ``triton`` (all three o
 in or out); every other backend runs a packed batch one sequence at a time. On CPU the Mamba-2 scan
 runs ``chunked`` unless a backend is forced (``ST_MAMBA_BACKEND=triton`` under ``TRITON_INTERPRET=1``
 is how the tests reach the Triton kernels without a GPU).
+``gated_rms_norm`` (Mamba-2's output norm) runs its fused Triton kernel (``ops/triton_norm.py``) wherever
+``ssd_scan`` runs the Triton kernels, and the PyTorch reference elsewhere.
 ``linear`` (the mixers' projections) has two paths: oneDNN's matmul (``cpu``) for fp32 CPU tensors
 when no gradient is needed and no other backend is forced, else ``F.linear``.
 ``use_backend("reference")`` (or ``ST_MAMBA_BACKEND=reference``) forces one backend, for tests and
@@ -41,7 +43,12 @@ from torch import Tensor
 
 from st_mamba.ops import cpu as _cpu
 from st_mamba.ops.chunked import causal_conv1d_torch, selective_scan_chunked, ssd_scan_chunked
-from st_mamba.ops.reference import causal_conv1d_reference, selective_scan_reference, ssd_scan_reference
+from st_mamba.ops.reference import (
+    causal_conv1d_reference,
+    gated_rms_norm_reference,
+    selective_scan_reference,
+    ssd_scan_reference,
+)
 
 try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_ssm_selective_scan
@@ -54,9 +61,10 @@ except ImportError:
     _causal_conv1d_cuda = None
 try:
     from st_mamba.ops import triton as _triton
+    from st_mamba.ops import triton_norm as _triton_norm
     from st_mamba.ops import triton_ssd as _triton_ssd
 except ImportError:  # no Triton (CPU-only installs): the CUDA paths below take over
-    _triton = _triton_ssd = None
+    _triton = _triton_ssd = _triton_norm = None
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +275,23 @@ def causal_conv1d(
     return causal_conv1d_torch(*args)
 
 
+def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, groups: int = 1, eps: float = 1e-5) -> Tensor:
+    """Mamba-2's output norm, ``rmsnorm(y * silu(z)) * weight`` over ``groups`` slices. Shapes: see
+    ``reference.gated_rms_norm_reference``.
+
+    ``triton`` (one fused kernel, ``ops/triton_norm.py``) wherever ``ssd_scan`` takes its Triton kernels: on
+    CUDA when ``SSD_TRITON_BY_DEFAULT`` says so or ``triton`` is forced (and on CPU tensors when forced, under
+    ``TRITON_INTERPRET=1``); the PyTorch reference everywhere else.
+    """
+    fused = _triton_norm is not None and (
+        _forced == "triton" or (_forced is None and y.is_cuda and SSD_TRITON_BY_DEFAULT)
+    )
+    _announce("gated_rms_norm", "triton" if fused else "torch", y.device)
+    if fused:
+        return _triton_norm.gated_rms_norm_triton(y, z, weight, groups, eps)
+    return gated_rms_norm_reference(y, z, weight, groups, eps)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
     """``F.linear``, or oneDNN's matmul (``cpu.linear_onednn``) for fp32 CPU inference; plus ``residual``.
 
@@ -295,4 +320,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
     return _cpu.linear_onednn(x, weight, bias) if onednn else F.linear(x, weight, bias)
 
 
-__all__ = ["BACKENDS", "causal_conv1d", "linear", "packs_in_one_pass", "selective_scan", "ssd_scan", "use_backend"]
+__all__ = [
+    "BACKENDS",
+    "causal_conv1d",
+    "gated_rms_norm",
+    "linear",
+    "packs_in_one_pass",
+    "selective_scan",
+    "ssd_scan",
+    "use_backend",
+]

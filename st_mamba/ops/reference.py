@@ -168,3 +168,23 @@ def causal_conv1d_reference(
     if return_final_state:
         return y, padded[:, padded.shape[1] - (width - 1) :].to(dtype)
     return y
+
+
+def gated_rms_norm_reference(y: Tensor, z: Tensor, weight: Tensor, groups: int = 1, eps: float = 1e-5) -> Tensor:
+    """Mamba-2's output norm, ``rmsnorm(y * silu(z)) * weight``, the mean square taken over each of ``groups``
+    equal slices of the last dim; in fp32.
+
+    Args:
+        y: (..., Di) the scan's output.
+        z: (..., Di) the gate.
+        weight: (Di,) scale.
+        groups: how many equal slices of Di are normalised apart (``norm_groups``).
+        eps: added to the mean square.
+
+    Returns:
+        (..., Di) in the dtype of ``weight * y``: y's when weight shares it.
+    """
+    gated = y.float() * F.silu(z.float())
+    grouped = gated.unflatten(-1, (groups, -1))  # (..., G, Di / G)
+    grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * grouped.flatten(-2).to(y.dtype)

@@ -279,18 +279,27 @@ def test_model_streamed_in_chunks_equals_one_pass(monkeypatch):
     assert_close("hidden", torch.cat(pieces, dim=1), whole, 1e-4, 1e-4)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
-def test_model_gradients_through_triton_equal_chunked(checkpointing, monkeypatch):
-    """Training: every parameter's gradient of a tiny Mamba-2 backbone, Triton scan (with or without gradient
-    checkpointing, which re-runs each layer's forward in the backward) against PyTorch's chunked one."""
+@pytest.mark.parametrize(
+    "checkpointing,norm_groups", [(False, 1), (True, 1), (False, 2)], ids=["stored", "checkpointed", "norm groups"]
+)
+def test_model_gradients_through_triton_equal_chunked(checkpointing, norm_groups, monkeypatch, caplog):
+    """Training: the output and every parameter's gradient of a tiny Mamba-2 backbone, Triton scan and gated
+    norm (with or without gradient checkpointing, which re-runs each layer's forward in the backward; the norm
+    over one group or two) against PyTorch's chunked scan and reference norm."""
     monkeypatch.setattr(triton_ssd, "SSD_CHUNK", 16)
+    monkeypatch.setattr(ops, "_announced", set())
     ids = torch.randint(1, 400, (2, 23), generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    grads = {}
+    grads, outputs = {}, {}
     for backend in ("triton", "chunked"):
-        backbone = _tiny_mamba2()
+        backbone = _tiny_mamba2(norm_groups=norm_groups)
         backbone.gradient_checkpointing = checkpointing and backend == "triton"
-        with ops.use_backend(backend):
-            backbone(ids).float().pow(2).mean().backward()
+        with ops.use_backend(backend), caplog.at_level("INFO", logger="st_mamba.ops"):
+            outputs[backend] = backbone(ids)
+            outputs[backend].float().pow(2).mean().backward()
         grads[backend] = {name: p.grad for name, p in backbone.named_parameters()}
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("gated_rms_norm runs on the 'triton' backend" in m for m in messages)
+    assert any("gated_rms_norm runs on the 'torch' backend" in m for m in messages)
+    assert_close("hidden", outputs["triton"], outputs["chunked"], 1e-4, 1e-4)
     for name, g_ref in grads["chunked"].items():
         assert_close(f"grad {name}", grads["triton"][name], g_ref, 1e-4, 1e-4)
