@@ -73,7 +73,7 @@ def sif_log_weights(counts: np.ndarray, coefficient: float | None = None) -> tor
 
 @torch.no_grad()
 def initialise_from_teacher(
-    model: SentenceTransformer, teacher: SentenceTransformer, token_counts: np.ndarray | None = None
+    model: SentenceTransformer, teacher: SentenceTransformer, counts: np.ndarray | None = None
 ) -> None:
     """Start a Mamba student as a static embedding model that training only has to give context.
 
@@ -81,14 +81,14 @@ def initialise_from_teacher(
     the teacher's space (scaled for the final RMSNorm, which gives every token vector an RMS of 1), its bias
     the teacher's mean; every mixer's ``out_proj`` starts at zero, so each residual block starts as the
     identity and the untrained student is the mean of its tokens' table rows, read by the head. With
-    ``weighted-mean`` pooling, each token's weight starts at its SIF weight (``sif_log_weights`` of
-    ``token_counts``, the training texts' token counts): the untrained student is a SIF-weighted static model.
+    ``weighted-mean`` pooling, each token's weight starts at its SIF weight (``sif_log_weights`` of ``counts``,
+    the training texts' token counts, ``data.token_counts``): the untrained student is a SIF-weighted static model.
     """
     encoder, dense = model[0], model[1]
     if encoder.pooling == "weighted-mean":
-        if token_counts is None:
-            raise ValueError("a weighted-mean student starts from SIF weights: pass the training texts' token_counts")
-        encoder.token_log_weights.copy_(sif_log_weights(token_counts))
+        if counts is None:
+            raise ValueError("a weighted-mean student starts from SIF weights: pass the training texts' token counts")
+        encoder.token_log_weights.copy_(sif_log_weights(counts))
     weight = encoder.backbone.embeddings.weight
     table, components, mean = teacher_token_table(teacher, encoder.tokenizer, weight.shape[0], weight.shape[1])
     weight.copy_(table)
