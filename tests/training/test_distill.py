@@ -231,6 +231,7 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
                                    "do_lower_case": True}}  # fmt: skip
     monkeypatch.setattr(settings, "STUDENT_VARIANTS", tiny_students)
     monkeypatch.setattr(settings, "TRANSFORMER", TINY_TRANSFORMER)
+    monkeypatch.setattr(settings, "TRANSFORMER_MAX_SHARE", 1e6)  # same steps checked, not the time cap: a loaded host
     monkeypatch.setattr(settings, "TRAIN_SECONDS", 2.0)
     monkeypatch.setattr(settings, "MAX_BATCH_TOKENS", 2048)
     monkeypatch.setattr(settings, "TOKENS_PER_TEXT", 4)
@@ -427,3 +428,14 @@ def test_init_saves_the_student_as_training_starts_it(work_folder, tmp_path, mon
     model.save(str(tmp_path / "init"))
     loaded = SentenceTransformer(str(tmp_path / "init"), trust_remote_code=True, device="cpu")
     torch.testing.assert_close(loaded.encode(["a query"]), model.encode(["a query"]))
+
+
+def test_a_slower_control_stops_at_its_share_of_the_time(tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(settings, "TRANSFORMER_MAX_SHARE", 1.0)
+    monkeypatch.setattr(settings, "MNRL_EVERY", 10**9)
+    model = students.build_transformer_student(tokenizer_dir, tmp_path / "tf", config=TINY_TRANSFORMER)
+    ids = [np.arange(1, 40, dtype=np.int32) for _ in range(64)]
+    targets = torch.nn.functional.normalize(torch.randn(len(ids), 384), dim=-1)
+    train_data = train.TrainData(ids, targets, list(range(len(ids))), [], pad_id=0)
+    result = train.train_student(model, "transformer", train_data, "cpu", 10**6, 0.5, [])
+    assert 1 <= result["steps"] < 10**6 and result["seconds"] < 30  # stopped by time, far short of its steps
