@@ -246,12 +246,35 @@ def documentation_files(source: str, root: Path = Path("/")) -> list[Path]:
     raise ValueError(f"unknown documentation source {source!r}")
 
 
+# What sphinx-gallery writes into every generated example page (scikit-learn's auto_examples) besides the
+# example: build notes, download links and anchors (lines), the ``only:: html`` download note, and the
+# ``pytb`` blocks where an example failed in Debian's offline build (blocks: the directive and its indented body).
+_GALLERY_LINE = re.compile(
+    r"^\s*(\.\. (GENERATED FROM PYTHON SOURCE LINES|DO NOT EDIT|THIS FILE WAS AUTOMATICALLY GENERATED|"
+    r"TO MAKE CHANGES|LINE NUMBERS ARE GIVEN|\"auto_examples/)|.*sphx[-_]glr)"
+)
+_GALLERY_BLOCK = re.compile(r"^\.\. (only:: html|code-block:: pytb)\s*$")
+
+
+def _without_gallery_lines(text: str) -> str:
+    kept, in_block = [], False
+    for line in text.splitlines():
+        if in_block and (not line.strip() or line[0].isspace()):
+            continue  # the block's indented body
+        in_block = bool(_GALLERY_BLOCK.match(line))
+        if not in_block and not _GALLERY_LINE.match(line):
+            kept.append(line)
+    return "\n".join(kept)
+
+
 def read_documentation(source: str, paths: Iterable[Path]) -> Iterator[Text]:
     for path in paths:
         if source == "man-pages":
             text = _render_man_page(path)
         elif path.name.endswith((".html", ".html.gz")):
             text = _html_text(path)
+        elif source == "sklearn-doc":
+            text = _tidy(_without_gallery_lines(_read_maybe_gz(path)))
         else:
             text = _tidy(_read_maybe_gz(path))
         if text:
