@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and run the whole test suite, offline. Extra arguments go to pytest.
-# Without a CUDA GPU the Triton kernels' tests (tests/ops/test_triton.py, test_triton_ssd.py) run on CPU through
-# Triton's interpreter (TRITON_INTERPRET=1; about 8 and 1 minutes on 2 cores), so that a broken kernel fails here too.
+# Without a CUDA GPU the Triton kernels' tests (tests/ops/test_triton*.py) run on CPU through Triton's
+# interpreter (TRITON_INTERPRET=1; about 9 minutes on 2 cores), so that a broken kernel fails here too.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/scripts/setup.sh"
