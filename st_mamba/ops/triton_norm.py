@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from st_mamba.ops.triton import _needs_grad, _sigmoid
+from st_mamba.ops.triton import _fast, _needs_grad, _sigmoid
+from st_mamba.ops.triton import _rows as _unit_stride
 
 # Elements of (row, channel) a program holds at once: rows a program = this / the padded group width,
 # so that a wide group (mamba2-130m's 1536 channels in one group) is one row a program and a narrow one many.
@@ -114,8 +115,7 @@ def _gated_norm_bwd_kernel(
 
 def _rows(t: Tensor, width: int) -> Tensor:
     """(..., Di) -> (T, Di) with a unit channel stride: a view for a slice of a wider contiguous tensor."""
-    t = t.reshape(-1, width)
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return _unit_stride(t.reshape(-1, width))
 
 
 def _blocks(group_size: int) -> tuple[int, int, int]:
@@ -136,7 +136,7 @@ def _forward(y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: float) -> T
         block_rows, block_n, warps = _blocks(group_size)
         _gated_norm_fwd_kernel[(triton.cdiv(n_rows, block_rows), groups)](
             y_rows, z_rows, weight, out, n_rows, width, group_size, y_rows.stride(0), z_rows.stride(0), eps,
-            FAST=y.is_cuda, BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=warps,
+            FAST=_fast(y), BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=warps,
         )  # fmt: skip
     return out.view(*y.shape[:-1], width)
 
@@ -159,7 +159,7 @@ def _backward(y: Tensor, z: Tensor, weight: Tensor, dout: Tensor, groups: int, e
     _gated_norm_bwd_kernel[(n_programs, groups)](
         y_rows, z_rows, weight, dout_rows, dy, dz, dw_part,
         n_rows, rows_per_program, width, group_size, y_rows.stride(0), z_rows.stride(0), dout_rows.stride(0), eps,
-        FAST=y.is_cuda, BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=warps,
+        FAST=_fast(y), BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=warps,
     )  # fmt: skip
     return dy.view(y.shape), dz.view(y.shape), dw_part.sum(0).to(weight.dtype)
 

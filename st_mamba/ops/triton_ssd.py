@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from st_mamba.ops.triton import _sigmoid, _softplus
+from st_mamba.ops.triton import _fast, _needs_grad, _rows, _sigmoid, _softplus
 
 # Tokens a chunk. Larger chunks mean fewer, larger chunk states (the transient buffers above) but
 # Q x Q score tiles in registers and Q multiply-adds per token and head in the intra-chunk products.
@@ -336,10 +336,6 @@ def _ssd_chunk_scan_bwd_kernel(
 # --- host side -----------------------------------------------------------------------------------
 
 
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 class _Chunks:
     """Where the sequences and their chunks lie in the (T, ...) token rows.
 
@@ -381,10 +377,10 @@ class _Inputs:
         self.nheads, self.headdim, self.ngroups, self.d_state = nheads, headdim, ngroups, d_state
         tokens = batch * length
         # (B, L, ...) -> (T, ...): a view for the strided slices of in_proj's output the mixer passes.
-        self.x = _unit_last(x.reshape(tokens, nheads, headdim))
+        self.x = _rows(x.reshape(tokens, nheads, headdim))
         self.dt = dt.reshape(tokens, nheads)
-        self.B = _unit_last(B.reshape(tokens, ngroups, d_state))
-        self.C = _unit_last(C.reshape(tokens, ngroups, d_state))
+        self.B = _rows(B.reshape(tokens, ngroups, d_state))
+        self.C = _rows(C.reshape(tokens, ngroups, d_state))
         self.A = A.float().contiguous()
         self.D = None if D is None else D.float().contiguous()
         self.dt_bias = None if dt_bias is None else dt_bias.float().contiguous()
@@ -397,7 +393,7 @@ class _Inputs:
         self.block_p = max(16, triton.next_power_of_2(headdim))  # tl.dot wants every side >= 16
         self.block_n = max(16, triton.next_power_of_2(d_state))
         self.common = dict(
-            HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=self.has_limit, FAST=x.is_cuda,
+            HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=self.has_limit, FAST=_fast(x),
             CHUNK=SSD_CHUNK, BLOCK_P=self.block_p, BLOCK_N=self.block_n, num_warps=SSD_WARPS,
         )  # fmt: skip
         # fp32 inputs get exact fp32 products; 16-bit ones TF32, finer than their own rounding.
@@ -449,11 +445,6 @@ def _or(t: Tensor | None, stand_in: Tensor) -> Tensor:
     return stand_in if t is None else t
 
 
-def _unit_last(t: Tensor) -> Tensor:
-    """The tensor with a unit stride along its last dim (a view when it already has one)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _ssd_forward(inp: _Inputs, return_final: bool) -> tuple[Tensor, Tensor | None]:
     """y (B, L, H, P) in x's dtype and, if asked, the final states (n, H, P, N) fp32."""
     final = None
@@ -486,7 +477,7 @@ def _ssd_backward(inp: _Inputs, dy: Tensor, dfinal: Tensor | None) -> tuple:
         shape = inp.shape
         dB, dC = (t.view(*shape[:2], inp.ngroups, inp.d_state) for t in zeros[2:])
         return zeros[0].view(shape), zeros[1].view(shape[:3]), torch.zeros_like(inp.A), dB, dC, dD, dbias, dh0
-    dy = _unit_last(dy.reshape(tokens, inp.nheads, inp.headdim))
+    dy = _rows(dy.reshape(tokens, inp.nheads, inp.headdim))
     # 1. The start state of every chunk, recomputed (the forward pass kept only its inputs).
     states, log_decay = inp.start_states()
     # 2. The same two kernels the other way: the gradient of every chunk's end state, and the initial state's.
