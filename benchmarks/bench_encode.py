@@ -125,7 +125,7 @@ def st_backends() -> str:
     """Which backends st-mamba's dispatcher takes on CUDA in this process."""
     from st_mamba import ops
 
-    if ops._triton_ssd is not None and (ops.SSD_TRITON_BY_DEFAULT or ops._forced == "triton"):
+    if ops._ssd_on_triton(torch.device("cuda")):
         ssd = "st-mamba SSD (Triton)"
     else:
         ssd = "mamba-ssm SSD (Triton)" if ops._mamba_ssm_chunk_scan is not None else "PyTorch chunked SSD"

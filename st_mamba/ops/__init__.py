@@ -101,14 +101,20 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _ssd_on_triton(device: torch.device) -> bool:
+    """Whether Mamba-2's scan and gated norm take their Triton kernels on ``device``: when ``triton`` is forced
+    (on CPU tensors too, under ``TRITON_INTERPRET=1``), or on CUDA where ``SSD_TRITON_BY_DEFAULT`` says so."""
+    return _triton_ssd is not None and (
+        _forced == "triton" or (_forced is None and device.type == "cuda" and SSD_TRITON_BY_DEFAULT)
+    )
+
+
 def packs_in_one_pass(device: torch.device, version: int) -> bool:
     """Whether a packed batch (``cu_seqlens``) runs in one pass here, at inference: Mamba-1 and Mamba-2 on
     the Triton kernels (CUDA; Mamba-2 only where they are chosen, see ``SSD_TRITON_BY_DEFAULT``), Mamba-1
     also on the compiled CPU kernels."""
     if device.type == "cuda":
-        if version == 2 and not SSD_TRITON_BY_DEFAULT:
-            return _triton is not None and _forced == "triton"
-        return _triton is not None and _forced in (None, "triton")
+        return _ssd_on_triton(device) if version == 2 else _triton is not None and _forced in (None, "triton")
     return version == 1 and device.type == "cpu" and _forced in (None, "cpu") and _cpu.available()
 
 
@@ -200,7 +206,7 @@ def ssd_scan(
     (x (1, T, H, P), dt (1, T, H), B and C (1, T, G, N), states (n, H, P, N))."""
     args = (x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, initial_state, return_final_state)
     backend = _forced
-    if backend is None and x.is_cuda and _triton_ssd is not None and SSD_TRITON_BY_DEFAULT:
+    if backend is None and _ssd_on_triton(x.device):
         backend = "triton"
     if backend == "triton" and _triton_ssd is None:  # forced without Triton installed
         backend = None
@@ -283,9 +289,7 @@ def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, groups: int = 1, eps: f
     CUDA when ``SSD_TRITON_BY_DEFAULT`` says so or ``triton`` is forced (and on CPU tensors when forced, under
     ``TRITON_INTERPRET=1``); the PyTorch reference everywhere else.
     """
-    fused = _triton_norm is not None and (
-        _forced == "triton" or (_forced is None and y.is_cuda and SSD_TRITON_BY_DEFAULT)
-    )
+    fused = _triton_norm is not None and _ssd_on_triton(y.device)
     _announce("gated_rms_norm", "triton" if fused else "torch", y.device)
     if fused:
         return _triton_norm.gated_rms_norm_triton(y, z, weight, groups, eps)
