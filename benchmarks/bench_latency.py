@@ -41,6 +41,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import gzip
+import itertools
 import json
 import os
 import platform
@@ -143,14 +145,24 @@ def build_bert(folder: Path, device: str, shape: dict, max_seq_length: int) -> S
 # 2. The texts ---------------------------------------------------------------------------------------
 
 
+def jsonl_file(data: Path, name: str) -> Path | None:
+    """``data/name.jsonl``, or its gzip-compressed ``.jsonl.gz``, whichever is there (None: neither)."""
+    return next((path for path in (data / f"{name}.jsonl", data / f"{name}.jsonl.gz") if path.is_file()), None)
+
+
+def read_jsonl(path: Path, count: int | None = None) -> list[dict]:
+    """The first ``count`` rows (all: None) of a JSON-lines file, plain or gzip-compressed."""
+    with gzip.open(path, "rt") if path.suffix == ".gz" else path.open() as lines:
+        return [json.loads(line) for line in itertools.islice(lines, count)]
+
+
 def load_corpus(data: Path, count: int) -> tuple[list[str], str]:
     """Up to ``count`` SciFact abstracts (title + text) and where they came from; synthetic ones without SciFact."""
-    path = data / "corpus.jsonl"
-    if path.is_file():
-        with path.open() as lines:
-            rows = [json.loads(line) for _, line in zip(range(count), lines, strict=False)]
+    path = jsonl_file(data, "corpus")
+    if path is not None:
+        rows = read_jsonl(path, count)
         return [f"{row.get('title', '')} {row['text']}".strip() for row in rows], f"SciFact ({path.parent.name})"
-    print(f"no {path}: synthetic texts of 150-350 words stand in for SciFact abstracts")
+    print(f"no {data / 'corpus.jsonl'} (or .jsonl.gz): synthetic texts of 150-350 words stand in for SciFact abstracts")
     words = QUERY.split() + "state space models read a sequence left to right and keep a fixed size state".split()
     rng = random.Random(0)
     texts = [" ".join(rng.choice(words) for _ in range(rng.randint(150, 350))) for _ in range(min(count, 5183))]
@@ -353,10 +365,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
 
     docs, source = load_corpus(args.data, max(args.corpus_docs, 32))
-    query_path = args.data / "queries.jsonl"
-    if query_path.is_file():
-        with query_path.open() as lines:
-            queries = [json.loads(line)["text"] for line in lines]
+    query_path = jsonl_file(args.data, "queries")
+    if query_path is not None:
+        queries = [row["text"] for row in read_jsonl(query_path)]
     else:
         queries = [" ".join(doc.split()[:8]) for doc in docs]
     results = {"device": args.device, "dtype": str(dtype).removeprefix("torch."), "texts": source, "models": {}}

@@ -9,9 +9,12 @@ bucket (T_b, n_b) with T_b >= T tokens and n_b >= n texts (``TOKEN_BUCKETS``, ``
 free room is filled with dummy texts *after* the real ones: packed texts never see each other (the
 convolution window and the scan state restart at every ``cu_seqlens`` boundary, every other layer
 works token by token), so the real texts' hidden states are those of the unpadded batch, and only
-their T rows are read back. Every dummy text has at least one token (no empty sequences reach the
-kernels): the first dummy text takes what the last ``n_b - n - 1`` dummies, one token each, leave
-(``write_padded``). The dummy boundaries, ``T_b - n_b + j`` for j > n, do not depend on the batch.
+their T rows are read back. The padding is spread evenly over the dummy texts (``write_padded``), and
+the bucket has enough of them that none is longer than the real texts' mean length (``choose_bucket``;
+or ``SHORT_DUMMY`` tokens):
+a kernel that walks each sequence in one program is as slow as its longest sequence, and one dummy text
+holding all the padding of a large bucket (thousands of tokens) made a batch of short texts several
+times slower. Every dummy text has at least one token (no empty sequences reach the kernels).
 
 Memory. Static inputs and the output (T_b x d_model) are kept per graph; the graphs' intermediate
 tensors come from one memory pool that all graphs share. Sharing is safe because replays never
@@ -53,6 +56,9 @@ ENV_VAR = "ST_MAMBA_CUDA_GRAPHS"
 TOKEN_BUCKETS = tuple(2**k for k in range(4, 15))  # 16, 32, ..., 16384 tokens
 TEXT_BUCKETS = tuple(2**k for k in range(9))  # 1, 2, ..., 256 texts
 MAX_GRAPHS = 64
+# Dummy texts may be as long as the real texts' mean, or this many tokens where that is fewer (so that
+# batches of very short texts do not need a text bucket past the largest): walking 16 tokens costs little.
+SHORT_DUMMY = 16
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (compiles the Triton kernels, fills caches)
 
 
@@ -90,56 +96,70 @@ def choose_bucket(
     text_buckets: Sequence[int] = TEXT_BUCKETS,
 ) -> Bucket | None:
     """The smallest bucket that holds ``n_texts`` texts of ``n_tokens`` tokens in all plus the dummy texts
-    its padding needs (each at least one token), or None when the largest bucket is too small.
+    its padding needs, or None when the largest bucket is too small.
 
-    Padding tokens need a dummy text to belong to, and each dummy text needs a token; an exact fit needs neither.
+    Padding tokens need dummy texts to belong to, none longer than ``longest_dummy(n_tokens, n_texts)``, and
+    each dummy text needs a token; an exact fit needs neither.
     """
     if n_texts < 1 or n_tokens < n_texts:
         raise ValueError(f"a packed batch needs n_texts >= 1 texts of >= 1 token each, got {n_texts=} {n_tokens=}")
+    longest = longest_dummy(n_tokens, n_texts)
     tokens = _smallest_at_least(n_tokens, token_buckets)
     texts = _smallest_at_least(n_texts, text_buckets)
-    if tokens is None or texts is None:
-        return None
-    if tokens > n_tokens and texts == n_texts:  # padding tokens but no room for a dummy text
-        texts = _smallest_at_least(n_texts + 1, text_buckets)
-        if texts is None:
-            return None
-    if texts > n_texts:  # every dummy text holds at least one token
-        tokens = _smallest_at_least(n_tokens + texts - n_texts, token_buckets)
-        if tokens is None:
-            return None
-    return Bucket(tokens, texts)
+    # Each step only grows the bucket, so this ends: at a bucket that holds the batch, or past the largest.
+    while tokens is not None and texts is not None:
+        padding, dummies = tokens - n_tokens, texts - n_texts
+        if dummies < -(-padding // longest):
+            texts = _smallest_at_least(n_texts - (-padding // longest), text_buckets)
+        elif padding < dummies:
+            tokens = _smallest_at_least(n_tokens + dummies, token_buckets)
+        else:
+            return Bucket(tokens, texts)
+    return None
 
 
-def dummy_boundaries(bucket: Bucket, device: torch.device | str = "cpu") -> Tensor:
-    """(n_b + 1,) int32 ``T_b - n_b + j``: entry j > n is ``cu_seqlens[j]`` of the padded batch whatever n is."""
-    return torch.arange(bucket.texts + 1, dtype=torch.int32, device=device) + (bucket.tokens - bucket.texts)
+def longest_dummy(n_tokens: int, n_texts: int) -> int:
+    """The most tokens a dummy text may have: the real texts' mean length (rounded up), or ``SHORT_DUMMY``."""
+    return max(-(-n_tokens // n_texts), SHORT_DUMMY)
+
+
+def dummy_steps(bucket: Bucket, device: torch.device | str = "cpu") -> Tensor:
+    """(n_b,) int32 1, 2, ..., n_b: ``write_padded`` makes the dummy texts' boundaries from it on the device."""
+    return torch.arange(1, bucket.texts + 1, dtype=torch.int32, device=device)
 
 
 def write_padded(
-    ids_out: Tensor, cu_out: Tensor, input_ids: Tensor, cu_seqlens: Tensor, boundaries: Tensor, fill_id: int
+    ids_out: Tensor, cu_out: Tensor, input_ids: Tensor, cu_seqlens: Tensor, steps: Tensor, fill_id: int
 ) -> None:
     """Write the packed batch, padded with dummy trailing texts, into the bucket-shaped ``ids_out`` (1, T_b)
-    and ``cu_out`` (n_b + 1,); ``boundaries`` is ``dummy_boundaries(bucket)``.
+    and ``cu_out`` (n_b + 1,); ``steps`` is ``dummy_steps(bucket)``.
 
     Dummy tokens are ``fill_id``. The real texts keep their tokens and boundaries: rows 0..T-1 of the
-    padded batch's output are the unpadded batch's.
+    padded batch's output are the unpadded batch's. The d = n_b - n dummy texts share the padding
+    P = T_b - T evenly: dummy j ends at T + floor(j P / d), so each has floor(P / d) or ceil(P / d) tokens.
+    The boundaries are computed on the device (T, n, P and d are shapes, known without a sync).
     """
     n_tokens, n_texts = input_ids.shape[1], cu_seqlens.numel() - 1
+    padding, dummies = ids_out.shape[1] - n_tokens, cu_out.numel() - 1 - n_texts
     ids_out[:, :n_tokens].copy_(input_ids)
     ids_out[:, n_tokens:].fill_(fill_id)
     cu_out[: n_texts + 1].copy_(cu_seqlens)
-    cu_out[n_texts + 1 :].copy_(boundaries[n_texts + 1 :])
+    if dummies:
+        torch.floor_divide(steps[:dummies] * padding, dummies, out=cu_out[n_texts + 1 :]).add_(n_tokens)
 
 
 def pad_packed(input_ids: Tensor, cu_seqlens: Tensor, bucket: Bucket, fill_id: int) -> tuple[Tensor, Tensor]:
     """The packed batch padded to ``bucket``: (1, T_b) ids and (n_b + 1,) int32 ``cu_seqlens`` (see ``write_padded``)."""
     _check_packed(input_ids, cu_seqlens)
-    if input_ids.shape[1] > bucket.tokens or cu_seqlens.numel() - 1 > bucket.texts:
-        raise ValueError(f"{input_ids.shape[1]} tokens in {cu_seqlens.numel() - 1} texts do not fit {bucket}")
+    padding, dummies = bucket.tokens - input_ids.shape[1], bucket.texts - (cu_seqlens.numel() - 1)
+    if padding < dummies or dummies < 0 or (padding and not dummies):
+        raise ValueError(
+            f"{input_ids.shape[1]} tokens in {cu_seqlens.numel() - 1} texts do not fit {bucket} "
+            "(its free tokens need dummy texts, each dummy text a token)"
+        )
     ids = input_ids.new_empty(1, bucket.tokens)
     cu = cu_seqlens.new_empty(bucket.texts + 1, dtype=torch.int32)
-    write_padded(ids, cu, input_ids, cu_seqlens, dummy_boundaries(bucket, cu_seqlens.device), fill_id)
+    write_padded(ids, cu, input_ids, cu_seqlens, dummy_steps(bucket, cu_seqlens.device), fill_id)
     return ids, cu
 
 
@@ -203,7 +223,7 @@ class CapturedGraph:
         self.bucket, self.fill_id = bucket, fill_id
         # Normal tensors (not inference tensors), so that calls both in and out of inference mode may write them.
         with torch.inference_mode(False), torch.no_grad():
-            self.boundaries = dummy_boundaries(bucket, device)
+            self.steps = dummy_steps(bucket, device)
             self.input_ids = torch.empty(1, bucket.tokens, dtype=input_ids.dtype, device=device)
             self.cu_seqlens = torch.empty(bucket.texts + 1, dtype=torch.int32, device=device)
             self.load(input_ids, cu_seqlens)
@@ -222,7 +242,7 @@ class CapturedGraph:
 
     def load(self, input_ids: Tensor, cu_seqlens: Tensor) -> None:
         """Copy a packed batch, padded, into the static inputs (on the current stream)."""
-        write_padded(self.input_ids, self.cu_seqlens, input_ids, cu_seqlens, self.boundaries, self.fill_id)
+        write_padded(self.input_ids, self.cu_seqlens, input_ids, cu_seqlens, self.steps, self.fill_id)
 
     def run(self, input_ids: Tensor, cu_seqlens: Tensor) -> Tensor:
         """(T, D) hidden states of the real tokens, a tensor of their own (the next replay overwrites ``output``)."""

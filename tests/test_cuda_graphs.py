@@ -21,8 +21,9 @@ from st_mamba.cuda_graphs import (
     Bucket,
     CudaGraphs,
     choose_bucket,
-    dummy_boundaries,
+    dummy_steps,
     graphs_enabled,
+    longest_dummy,
     pad_packed,
     write_padded,
 )
@@ -42,10 +43,14 @@ def packed_batch(lengths: list[int], device: str = "cpu", seed: int = 0, vocab_s
 
 
 def check_layout(bucket: Bucket, n_tokens: int, n_texts: int) -> None:
-    """The bucket holds the batch and its dummy texts: padding tokens iff dummy texts, each dummy >= 1 token."""
+    """The bucket holds the batch and its dummy texts: padding tokens iff dummy texts, each dummy >= 1 token
+    and no longer than the real texts' mean length (or 16 tokens)."""
     assert bucket.tokens >= n_tokens and bucket.texts >= n_texts
-    assert (bucket.tokens > n_tokens) == (bucket.texts > n_texts)
-    assert bucket.tokens - n_tokens >= bucket.texts - n_texts
+    padding, dummies = bucket.tokens - n_tokens, bucket.texts - n_texts
+    assert (padding > 0) == (dummies > 0)
+    assert padding >= dummies
+    if dummies:
+        assert -(-padding // dummies) <= longest_dummy(n_tokens, n_texts) == max(-(-n_tokens // n_texts), 16)
     assert bucket.tokens in TOKEN_BUCKETS and bucket.texts in TEXT_BUCKETS
 
 
@@ -58,10 +63,12 @@ def check_layout(bucket: Bucket, n_tokens: int, n_texts: int) -> None:
         (16, 1, Bucket(16, 1)),  # exactly a bucket: no padding
         (16, 2, Bucket(16, 2)),
         (10, 1, Bucket(16, 2)),  # one query: one dummy text takes the 6 free tokens
-        (1, 1, Bucket(16, 2)),
+        (1, 1, Bucket(16, 2)),  # dummies may always have 16 tokens
         (15, 2, Bucket(32, 4)),  # 16 tokens leave one free, but 2 dummy texts (to reach 4) need 2
         (10, 3, Bucket(16, 4)),
+        (4_000, 2, Bucket(4_096, 4)),  # 96 free tokens: one dummy would do, and the text bucket above 3 is 4
         (17, 1, Bucket(32, 2)),
+        (11_200, 32, Bucket(16_384, 64)),  # 5,184 free tokens in dummies of <= 350: 15 texts more
         (256, 256, Bucket(256, 256)),
         (16384, 1, Bucket(16384, 1)),
         (16384, 256, Bucket(16384, 256)),
@@ -74,8 +81,15 @@ def test_choose_bucket(n_tokens, n_texts, expected):
 
 @pytest.mark.parametrize(
     "n_tokens,n_texts",
-    [(16385, 1), (16383, 256), (16383, 200), (300, 257), (20000, 300)],
-    ids=["too many tokens", "no room for a dummy text", "no token for the dummy texts", "too many texts", "both"],
+    [(16385, 1), (16383, 256), (16383, 200), (10_000, 200), (300, 257), (20000, 300)],
+    ids=[
+        "too many tokens",
+        "no room for a dummy text",
+        "no token for the dummy texts",
+        "dummies no longer than the texts need more than 256 texts",
+        "too many texts",
+        "both",
+    ],  # fmt: skip
 )
 def test_beyond_the_largest_bucket_is_none(n_tokens, n_texts):
     assert choose_bucket(n_tokens, n_texts) is None
@@ -85,6 +99,16 @@ def test_every_small_batch_gets_a_valid_bucket():
     for n_texts in range(1, 40):
         for n_tokens in range(n_texts, 600, 7):
             check_layout(choose_bucket(n_tokens, n_texts), n_tokens, n_texts)
+
+
+def test_large_batches_get_a_valid_bucket_or_none():
+    for n_texts in (1, 2, 7, 32, 100, 128, 129, 200, 256):
+        for n_tokens in range(n_texts, 16_385, 499):
+            bucket = choose_bucket(n_tokens, n_texts)
+            if bucket is not None:
+                check_layout(bucket, n_tokens, n_texts)
+            else:  # up to 100 texts the dummies always fit (at most 156 more texts)
+                assert n_texts > 100
 
 
 @pytest.mark.parametrize("n_tokens,n_texts", [(5, 0), (3, 4), (0, 0)])
@@ -112,8 +136,8 @@ def test_padding_layout():
     padded_ids, padded_cu = pad_packed(ids, cu_seqlens, bucket, fill_id=0)
     assert padded_ids.shape == (1, 16) and padded_cu.dtype == torch.int32
     assert torch.equal(padded_ids[:, :8], ids) and (padded_ids[:, 8:] == 0).all()
-    # The real boundaries, then a dummy text of 7 tokens and one of 1.
-    assert padded_cu.tolist() == [0, 3, 8, 15, 16]
+    # The real boundaries, then two dummy texts of 4 tokens (no longer than the real texts' mean).
+    assert padded_cu.tolist() == [0, 3, 8, 12, 16]
 
 
 def test_exact_fit_is_not_padded():
@@ -127,14 +151,18 @@ def test_rewriting_the_same_buffers_leaves_nothing_of_a_larger_batch():
     bucket = Bucket(64, 8)
     ids_out = torch.empty(1, 64, dtype=torch.long)
     cu_out = torch.empty(9, dtype=torch.int32)
-    boundaries = dummy_boundaries(bucket)
+    steps = dummy_steps(bucket)
     for lengths in ([5, 9, 2, 11, 3, 7, 1], [40], [20, 20, 1]):
         ids, cu_seqlens = packed_batch(lengths, seed=len(lengths))
-        write_padded(ids_out, cu_out, ids, cu_seqlens, boundaries, fill_id=7)
+        write_padded(ids_out, cu_out, ids, cu_seqlens, steps, fill_id=7)
         expected_ids, expected_cu = pad_packed(ids, cu_seqlens, bucket, fill_id=7)
         assert torch.equal(ids_out, expected_ids) and torch.equal(cu_out, expected_cu)
-        steps = cu_out[1:] - cu_out[:-1]
-        assert (steps >= 1).all() and cu_out[0] == 0 and cu_out[-1] == 64
+        dummy_lengths = (cu_out[1:] - cu_out[:-1])[len(lengths) :]
+        padding = 64 - sum(lengths)
+        assert cu_out[0] == 0 and cu_out[-1] == 64 and dummy_lengths.sum() == padding
+        # The padding shared evenly: every dummy text floor or ceil of padding / dummies, at least one token.
+        assert dummy_lengths.min() >= max(1, padding // len(dummy_lengths))
+        assert dummy_lengths.max() <= -(-padding // len(dummy_lengths))
 
 
 def test_pad_packed_refuses_bad_input():

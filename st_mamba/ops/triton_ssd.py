@@ -52,6 +52,13 @@ from st_mamba.ops.triton import _fast, _needs_grad, _rows, _sigmoid, _softplus
 # Q x Q score tiles in registers and Q multiply-adds per token and head in the intra-chunk products.
 SSD_CHUNK = 64
 SSD_WARPS = 4
+# The backward's dB and dC take a kernel of their own, over blocks of SSD_BWD_BLOCK_N states: in the kernel
+# of the other gradients their (Q, N) sums over the group's heads took 262 KB of shared memory at d_state 128
+# (compiled for sm_90; a Hopper SM has 227 KB), and the launch failed. Both backward kernels keep two
+# pipeline stages: with Triton's default three the other gradients' kernel needs 296 KB in fp32 at d_state
+# 128; with two it needs 197 KB (fp32) and 123 KB (bf16), the dB/dC kernel 132 KB and 148 KB.
+SSD_BWD_BLOCK_N = 64
+SSD_BWD_STAGES = 2
 
 
 # --- device helpers ------------------------------------------------------------------------------
@@ -231,7 +238,7 @@ def _ssd_chunk_scan_fwd_kernel(
 def _ssd_chunk_scan_bwd_kernel(
     x_ptr, dt_ptr, a_ptr, bias_ptr, b_ptr, c_ptr, d_ptr, dy_ptr, states_ptr, dstates_ptr,
     chunk_start_ptr, chunk_len_ptr,
-    dx_ptr, ddt_ptr, db_ptr, dc_ptr, da_ptr, dd_ptr, dbias_ptr,
+    dx_ptr, ddt_ptr, da_ptr, dd_ptr, dbias_ptr,
     n_heads, n_groups, heads_per_group, headdim, d_state, dt_min, dt_max,
     stride_x_t, stride_x_h, stride_dt_t, stride_dt_h, stride_b_t, stride_b_g, stride_c_t, stride_c_g,
     stride_dy_t, stride_dy_h,
@@ -239,11 +246,12 @@ def _ssd_chunk_scan_bwd_kernel(
     HAS_LIMIT: tl.constexpr, FAST: tl.constexpr, DOT: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One (chunk, group): every gradient but the initial state's, for the group's heads one after another.
+    """One (chunk, group): the gradients of x and dt, and the chunk's shares of dA, dD and ddt_bias, for the
+    group's heads one after another (dB and dC: ``_ssd_chunk_scan_bwd_bc_kernel``).
 
     Reads each chunk's start state (``states``) and its end state's gradient (``dstates``). Writes dx and
-    ddt (in the dtypes of x and dt), dB and dC (fp32, summed over the group's heads here) and, per (chunk,
-    head), the shares of dA, dD (per channel) and ddt_bias that the host sums.
+    ddt (in the dtypes of x and dt) and, per (chunk, head), the shares of dA, dD (per channel) and ddt_bias
+    that the host sums.
     """
     chunk = tl.program_id(0)
     group = tl.program_id(1)
@@ -256,8 +264,6 @@ def _ssd_chunk_scan_bwd_kernel(
     Cm = _load_tile(c_ptr, rows, stride_c_t, group * stride_c_g, offs_n, d_state, valid)
     CB = tl.dot(Cm, tl.trans(Bm), input_precision=DOT)  # (CHUNK, CHUNK): [t, s], shared by the group's heads
     causal = offs_q[:, None] >= offs_q[None, :]
-    dB = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
-    dC = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
     for head_in_group in range(0, heads_per_group):
         head = group * heads_per_group + head_in_group
         A = tl.load(a_ptr + head)
@@ -284,9 +290,6 @@ def _ssd_chunk_scan_bwd_kernel(
         dx = du * delta[:, None]
         ddelta = tl.sum(du * x, axis=1)  # through u = delta x; through the decays below
         dscores = tl.dot(dy, tl.trans(u), input_precision=DOT)  # (CHUNK, CHUNK): dy_t . u_s
-        dCB = dscores * decay
-        dC += tl.dot(dCB, Bm, input_precision=DOT) + from_start[:, None] * tl.dot(dy, start, input_precision=DOT)
-        dB += tl.dot(tl.trans(dCB), Cm, input_precision=DOT) + to_end[:, None] * tl.dot(u, dend, input_precision=DOT)
 
         # The gradient of each cum_t. W[t, s] grows with cum_t and shrinks with cum_s; the start state's
         # share of y_t grows with cum_t; u_s's share of S_end shrinks with cum_s and, like S_start's
@@ -326,6 +329,54 @@ def _ssd_chunk_scan_bwd_kernel(
         # dx is contiguous (T, H, P), ddt (T, H).
         tl.store(dx_ptr + (rows[:, None] * n_heads + head) * headdim + offs_p[None, :], dx, mask=valid[:, None] & mask_p[None, :])  # fmt: skip
         tl.store(ddt_ptr + rows * n_heads + head, ddt, mask=valid)
+
+
+@triton.jit
+def _ssd_chunk_scan_bwd_bc_kernel(
+    x_ptr, dt_ptr, a_ptr, bias_ptr, b_ptr, c_ptr, dy_ptr, states_ptr, dstates_ptr,
+    chunk_start_ptr, chunk_len_ptr, db_ptr, dc_ptr,
+    n_heads, n_groups, heads_per_group, headdim, d_state, dt_min, dt_max,
+    stride_x_t, stride_x_h, stride_dt_t, stride_dt_h, stride_b_t, stride_b_g, stride_c_t, stride_c_g,
+    stride_dy_t, stride_dy_h,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, FAST: tl.constexpr, DOT: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One (chunk, group, block of BLOCK_N states): dB and dC (fp32), summed over the group's heads.
+
+    C_t reaches y_t through S_start (exp(cum_t) S_start^T) and through W[t, s] = C_t . B_s decay[t, s]; B_s
+    reaches y_t (t >= s) through W and S_end through exp(cum_last - cum_s) u_s B_s^T. Each of these is a
+    product over the state index alone, so the blocks of states are independent.
+    """
+    chunk = tl.program_id(0)
+    group = tl.program_id(1)
+    t0, offs_q, valid = _chunk_span(chunk_start_ptr, chunk_len_ptr, chunk, CHUNK)
+    rows = t0 + offs_q
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    Bm = _load_tile(b_ptr, rows, stride_b_t, group * stride_b_g, offs_n, d_state, valid)  # (CHUNK, BLOCK_N)
+    Cm = _load_tile(c_ptr, rows, stride_c_t, group * stride_c_g, offs_n, d_state, valid)
+    causal = offs_q[:, None] >= offs_q[None, :]
+    dB = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
+    dC = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
+    for head_in_group in range(0, heads_per_group):
+        head = group * heads_per_group + head_in_group
+        _, delta, cum = _chunk_decays(
+            dt_ptr, a_ptr, bias_ptr, head, rows, valid, stride_dt_t, stride_dt_h, dt_min, dt_max,
+            HAS_BIAS, SOFTPLUS, HAS_LIMIT, FAST,
+        )  # fmt: skip
+        cum_last = tl.sum(delta) * tl.load(a_ptr + head)
+        x = _load_tile(x_ptr, rows, stride_x_t, head * stride_x_h, offs_p, headdim, valid)  # (CHUNK, BLOCK_P)
+        dy = _load_tile(dy_ptr, rows, stride_dy_t, head * stride_dy_h, offs_p, headdim, valid)
+        start_ptrs, state_mask = _state_tile(states_ptr, chunk * n_heads + head, offs_p, offs_n, headdim, d_state)
+        start = tl.load(start_ptrs, mask=state_mask, other=0.0)  # (BLOCK_P, BLOCK_N) of S_start
+        dend_ptrs, _ = _state_tile(dstates_ptr, chunk * n_heads + head, offs_p, offs_n, headdim, d_state)
+        dend = tl.load(dend_ptrs, mask=state_mask, other=0.0)  # ... of the gradient of S_end
+        u = x * delta[:, None]
+        decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+        dCB = tl.dot(dy, tl.trans(u), input_precision=DOT) * decay  # (CHUNK, CHUNK): dW[t, s] decay[t, s]
+        dC += tl.dot(dCB, Bm, input_precision=DOT) + tl.exp(cum)[:, None] * tl.dot(dy, start, input_precision=DOT)
+        to_end = tl.exp(cum_last - cum)
+        dB += tl.dot(tl.trans(dCB), Cm, input_precision=DOT) + to_end[:, None] * tl.dot(u, dend, input_precision=DOT)
     # dB and dC are contiguous (T, G, N).
     bc_ptrs = (rows[:, None] * n_groups + group) * d_state + offs_n[None, :]
     bc_mask = valid[:, None] & (offs_n < d_state)[None, :]
@@ -497,10 +548,19 @@ def _ssd_backward(inp: _Inputs, dy: Tensor, dfinal: Tensor | None) -> tuple:
     dbias = torch.zeros(n_chunks, inp.nheads, **f32) if inp.dt_bias is not None else None
     _ssd_chunk_scan_bwd_kernel[(n_chunks, inp.ngroups)](
         *inp.param_args(), dy, states, dstates, inp.chunks.start, inp.chunks.length,
-        dx, ddt, dB, dC, dA, _or(dD, dA), _or(dbias, dA),
+        dx, ddt, dA, _or(dD, dA), _or(dbias, dA),
         inp.nheads, inp.ngroups, inp.nheads // inp.ngroups, inp.headdim, inp.d_state, inp.dt_min, inp.dt_max,
         *inp.stride_args(), dy.stride(0), dy.stride(1),
         HAS_D=inp.D is not None, D_PER_P=inp.D is not None and inp.D.dim() == 2, DOT=inp.dot, **inp.common,
+        num_stages=SSD_BWD_STAGES,
+    )  # fmt: skip
+    block_n = min(inp.block_n, SSD_BWD_BLOCK_N)
+    _ssd_chunk_scan_bwd_bc_kernel[(n_chunks, inp.ngroups, triton.cdiv(inp.d_state, block_n))](
+        inp.x, inp.dt, inp.A, _or(inp.dt_bias, inp.A), inp.B, inp.C, dy, states, dstates,
+        inp.chunks.start, inp.chunks.length, dB, dC,
+        inp.nheads, inp.ngroups, inp.nheads // inp.ngroups, inp.headdim, inp.d_state, inp.dt_min, inp.dt_max,
+        *inp.stride_args(), dy.stride(0), dy.stride(1),
+        DOT=inp.dot, **{**inp.common, "BLOCK_N": block_n}, num_stages=SSD_BWD_STAGES,
     )  # fmt: skip
     shape = inp.shape
     dD_sum = None
