@@ -15,7 +15,7 @@ tokens per batch (batch = 65,536 / L), median of several timed runs after warm-u
 4. one long document (SciFact abstracts end to end: 8K and 1M tokens) through ``model.encode``
    with ``chunk_size``: peak GPU memory of the streamed read against the one-pass read.
 
-It prints a table last and writes, into ``--out-dir``, results.json, the "## GPU (H200)" section
+It prints a table last and writes, into ``--out-dir``, results.json, the "## GPU" section
 of docs/benchmarks.md (gpu_section.md) and the plot of tokens/s against length (benchmarks_gpu.png).
 ``--update-docs`` splices that section into docs/benchmarks.md, leaving other sections alone, and
 keeps the results beside it (docs/benchmarks_gpu.json), so that a later run of some rows can
@@ -45,7 +45,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
-SECTION = "## GPU (H200)"
+SECTION = "## GPU"
 LINEAR_RATE = 790e12  # bf16 matmul FLOP/s measured on the H200 (../shared/anchors/README.md)
 
 # name -> (family, shape); shapes are those of the public checkpoints.
@@ -432,7 +432,7 @@ def throughput_table(rows: list[dict], mode: str) -> str:
 
 
 def render(results: dict) -> str:
-    """The "## GPU (H200)" section: each table from one run of record, named above it."""
+    """The "## GPU" section: each table from one run of record, named above it."""
     rows, meta = results["rows"], results["meta"]
     runs, part_runs = meta["runs"], results.get("part_runs", {})
     parts = [
@@ -442,7 +442,7 @@ def render(results: dict) -> str:
         f"(batch = {meta['tokens']:,} / L), median of timed runs after warm-ups (CUDA events). st-mamba backends: "
         f"{meta['st_backends']}. hf-* = transformers' MambaModel / Mamba2Model with the mamba-ssm and causal-conv1d "
         "kernels. BERT and Pythia use SDPA. MFU(lin) = 2 x non-embedding parameters x tokens/s (x3 with backward) / "
-        "790 TFLOP/s, the card's measured bf16 matmul rate.",
+        "790 TFLOP/s, the H200's measured bf16 matmul rate (the H100 SXM's data sheet gives the same peak as the H200's).",
         "",
     ]
     for index in sorted({r["run"] for r in rows}, reverse=True):  # the newest run first
@@ -553,20 +553,27 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    runs = results["meta"]["runs"]
+    gpus = sorted({run["gpu"].removeprefix("NVIDIA ").split()[0] for run in runs})
     for name in MODELS:
-        points = sorted((r["L"], r["tok_s"]) for r in results["rows"] if r["model"] == name and r["mode"] == "fwd")
-        if points:
+        rows = [r for r in results["rows"] if r["model"] == name and r["mode"] == "fwd"]
+        if rows:
+            points = sorted((r["L"], r["tok_s"]) for r in rows)
             style = "-" if name.startswith("st-") else ("--" if name.startswith("hf-") else ":")
-            ax.plot([p[0] for p in points], [p[1] / 1e6 for p in points], style, marker="o", label=name)
+            cards = sorted({runs[r["run"]]["gpu"].removeprefix("NVIDIA ").split()[0] for r in rows})
+            label = f"{name} ({', '.join(cards)})" if len(gpus) > 1 else name  # rows of several cards: say which
+            ax.plot([p[0] for p in points], [p[1] / 1e6 for p in points], style, marker="o", label=label)
     measured = {r["model"] for r in results["rows"] if r["mode"] == "fwd"}
     for name, values in ANCHORS.items():
         if name not in measured:
             style = "--" if name.startswith("hf-") else ":"
-            ax.plot(ANCHOR_LENGTHS, [v / 1e6 for v in values], style, marker=".", alpha=0.6, label=f"{name} (anchor)")
+            ax.plot(
+                ANCHOR_LENGTHS, [v / 1e6 for v in values], style, marker=".", alpha=0.6, label=f"{name} (anchor, H200)"
+            )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length L (tokens; 65,536 tokens per batch)")
     ax.set_ylabel("forward throughput (M tokens/s)")
-    ax.set_title("Encoding throughput on one H200, bf16")
+    ax.set_title(f"Encoding throughput on one GPU ({', '.join(gpus)}), bf16")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()

@@ -53,7 +53,9 @@ from st_mamba.ops import weight_cache
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "ST_MAMBA_CUDA_GRAPHS"
-TOKEN_BUCKETS = tuple(2**k for k in range(4, 15))  # 16, 32, ..., 16384 tokens
+# 16, 24, 32, 48, ..., 12288, 16384 tokens: powers of two and 1.5 times them, so that padding to a bucket adds
+# less than half of a batch's tokens, where powers of two alone added up to as many again (compute, for large batches)
+TOKEN_BUCKETS = tuple(sorted({2**k for k in range(4, 15)} | {3 * 2**k for k in range(3, 13)}))
 TEXT_BUCKETS = tuple(2**k for k in range(9))  # 1, 2, ..., 256 texts
 MAX_GRAPHS = 64
 # Dummy texts may be as long as the real texts' mean, or this many tokens where that is fewer (so that

@@ -80,7 +80,8 @@ class MambaEncoder(InputModule):
             tokens, and a model trained on lower-case text reads capitals as unseen tokens.
         cuda_graphs: on a CUDA GPU, run packed inference batches of up to 16,384 tokens and 256 texts as
             replays of CUDA graphs captured per size bucket (``st_mamba/cuda_graphs.py``), batches of one
-            text included (they are then packed too). ``ST_MAMBA_CUDA_GRAPHS=0`` (or ``1``) overrides it.
+            text included (they are then packed too). On by default; ``ST_MAMBA_CUDA_GRAPHS=0`` (or ``1``)
+            overrides the setting. No effect on CPU.
     """
 
     config_file_name = "st_mamba_config.json"
@@ -96,7 +97,7 @@ class MambaEncoder(InputModule):
         chunk_size: int | None = None,
         pooling: str = "eos",
         do_lower_case: bool = False,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool = True,
     ) -> None:
         super().__init__()
         if pooling not in self.poolings:

@@ -64,11 +64,11 @@ def check_layout(bucket: Bucket, n_tokens: int, n_texts: int) -> None:
         (16, 2, Bucket(16, 2)),
         (10, 1, Bucket(16, 2)),  # one query: one dummy text takes the 6 free tokens
         (1, 1, Bucket(16, 2)),  # dummies may always have 16 tokens
-        (15, 2, Bucket(32, 4)),  # 16 tokens leave one free, but 2 dummy texts (to reach 4) need 2
+        (15, 2, Bucket(24, 4)),  # 16 tokens leave one free, but 2 dummy texts (to reach 4) need 2
         (10, 3, Bucket(16, 4)),
         (4_000, 2, Bucket(4_096, 4)),  # 96 free tokens: one dummy would do, and the text bucket above 3 is 4
-        (17, 1, Bucket(32, 2)),
-        (11_200, 32, Bucket(16_384, 64)),  # 5,184 free tokens in dummies of <= 350: 15 texts more
+        (17, 1, Bucket(24, 2)),  # token buckets step by 1.5 and 4/3
+        (11_200, 32, Bucket(12_288, 64)),  # 1,088 free tokens in dummies of <= 350: 4 texts more
         (256, 256, Bucket(256, 256)),
         (16384, 1, Bucket(16384, 1)),
         (16384, 256, Bucket(16384, 256)),
@@ -81,7 +81,7 @@ def test_choose_bucket(n_tokens, n_texts, expected):
 
 @pytest.mark.parametrize(
     "n_tokens,n_texts",
-    [(16385, 1), (16383, 256), (16383, 200), (10_000, 200), (300, 257), (20000, 300)],
+    [(16385, 1), (16383, 256), (16383, 200), (8_200, 200), (300, 257), (20000, 300)],
     ids=[
         "too many tokens",
         "no room for a dummy text",
@@ -99,6 +99,12 @@ def test_every_small_batch_gets_a_valid_bucket():
     for n_texts in range(1, 40):
         for n_tokens in range(n_texts, 600, 7):
             check_layout(choose_bucket(n_tokens, n_texts), n_tokens, n_texts)
+
+
+def test_padding_adds_less_than_half_of_a_text():
+    for n_tokens in range(16, 16_385):
+        bucket = choose_bucket(n_tokens, 1)
+        assert bucket.tokens < 1.5 * n_tokens, n_tokens
 
 
 def test_large_batches_get_a_valid_bucket_or_none():
@@ -232,7 +238,7 @@ def run(graphs: CudaGraphs, backbone: MambaBackbone, lengths: list[int], seed: i
 
 def test_least_recently_used_graph_is_dropped(fake_captures, backbone):
     graphs = CudaGraphs(max_graphs=2)
-    a, b, c = [10], [20], [40]  # buckets (16, 2), (32, 2), (64, 2)
+    a, b, c = [10], [28], [60]  # buckets (16, 2), (32, 2), (64, 2)
     for lengths in (a, b, a, c):
         run(graphs, backbone, lengths)
     assert fake_captures == [Bucket(16, 2), Bucket(32, 2), Bucket(64, 2)]
@@ -269,7 +275,7 @@ def test_capture_failure_warns_once_and_runs_eagerly(monkeypatch, backbone):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning: not for the same bucket, nor for another
         run(graphs, backbone, [12])  # the same bucket: not tried again
-        run(graphs, backbone, [20])  # another bucket: tried, fails quietly (logged)
+        run(graphs, backbone, [28])  # another bucket: tried, fails quietly (logged)
     assert attempts == [Bucket(16, 2), Bucket(32, 2)] and len(graphs) == 0
 
 
@@ -365,16 +371,16 @@ def mamba1_model(tokenizer_dir):
 
 def test_config_round_trip(mamba1_model, tmp_path):
     encoder = mamba1_model[0]
-    assert encoder.cuda_graphs is False  # the default
-    encoder.cuda_graphs = True
+    assert encoder.cuda_graphs is True  # the default
+    encoder.cuda_graphs = False
     mamba1_model.save(str(tmp_path))
-    assert json.loads((tmp_path / "st_mamba_config.json").read_text())["cuda_graphs"] is True
-    assert SentenceTransformer(str(tmp_path), trust_remote_code=True, device="cpu")[0].cuda_graphs is True
-    # A model saved before the key existed loads with graphs off.
+    assert json.loads((tmp_path / "st_mamba_config.json").read_text())["cuda_graphs"] is False
+    assert SentenceTransformer(str(tmp_path), trust_remote_code=True, device="cpu")[0].cuda_graphs is False
+    # A model saved before the key existed loads with the default: graphs on.
     config = json.loads((tmp_path / "st_mamba_config.json").read_text())
     del config["cuda_graphs"]
     (tmp_path / "st_mamba_config.json").write_text(json.dumps(config))
-    assert SentenceTransformer(str(tmp_path), trust_remote_code=True, device="cpu")[0].cuda_graphs is False
+    assert SentenceTransformer(str(tmp_path), trust_remote_code=True, device="cpu")[0].cuda_graphs is True
 
 
 @pytest.mark.parametrize("bad", [1, "true", None])
@@ -399,6 +405,7 @@ def test_training_and_turning_off_drop_the_graphs(mamba1_model):
 
 def test_cpu_encode_is_unchanged_by_the_setting(mamba1_model):
     texts = random_texts(5, seed=3)
+    mamba1_model[0].cuda_graphs = False
     off = mamba1_model.encode(texts + texts[:1], convert_to_tensor=True)
     mamba1_model[0].cuda_graphs = True
     assert mamba1_model[0].preprocess(texts[:1]).keys() == {"input_ids", "attention_mask"}  # not packed on CPU
@@ -451,7 +458,7 @@ def test_gpu_replays_equal_eager(dtype):
 def test_gpu_replays_in_one_bucket_with_new_inputs():
     backbone = MambaBackbone(tiny_config(1)).reset_parameters(seed=0).to("cuda").eval()
     graphs = CudaGraphs()
-    batches = [[5, 9, 2, 11, 10], [20, 20, 1, 1, 1, 1], [30, 3, 3, 3, 3, 3, 3], [8, 8, 8, 8, 8], [5, 9, 2, 11, 10]]
+    batches = [[5, 9, 2, 11, 30], [20, 20, 1, 1, 1, 10], [30, 3, 3, 3, 3, 3, 8], [8, 8, 8, 8, 20], [5, 9, 2, 11, 30]]
     for seed, lengths in enumerate(batches):
         assert graphs.bucket_for(sum(lengths), len(lengths)) == Bucket(64, 8)
         ids, cu_seqlens = packed_batch(lengths, "cuda", seed=seed)
@@ -497,6 +504,7 @@ def test_gpu_encode_with_graphs_equals_without(tiny_model):
     texts = random_texts(40, seed=5, max_words=80)
     tiny_model.to("cuda")
     batches = [texts[:1], texts[1:2], texts[:3], texts[:32], texts]
+    tiny_model[0].cuda_graphs = False
     off = [tiny_model.encode(batch, convert_to_tensor=True, batch_size=32) for batch in batches]
     tiny_model[0].cuda_graphs = True
     on = [tiny_model.encode(batch, convert_to_tensor=True, batch_size=32) for batch in batches]
@@ -505,8 +513,7 @@ def test_gpu_encode_with_graphs_equals_without(tiny_model):
     assert len(tiny_model[0]._graphs) == captured
     for batch, a, b in zip(batches, on, off, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, batch=batch: f"{len(batch)} texts: {m}")
-    if tiny_model[0].config.version == 1:  # Mamba-2 does not pack in one pass: no graphs
-        assert len(tiny_model[0]._graphs) > 0
+    assert len(tiny_model[0]._graphs) > 0  # both versions pack in one pass on the GPU
     tokens = tiny_model.encode(texts[:3], output_value="token_embeddings")
     tiny_model[0].cuda_graphs = False
     for a, b in zip(tokens, tiny_model.encode(texts[:3], output_value="token_embeddings"), strict=True):
@@ -518,6 +525,7 @@ def test_gpu_encode_with_graphs_equals_without(tiny_model):
 def test_gpu_concurrent_callers_get_their_own_results(tiny_model):
     tiny_model.to("cuda")
     texts = random_texts(24, seed=6, max_words=30)
+    tiny_model[0].cuda_graphs = False
     expected = tiny_model.encode(texts, convert_to_tensor=True, batch_size=1)
     tiny_model[0].cuda_graphs = True
     results: dict[int, torch.Tensor] = {}

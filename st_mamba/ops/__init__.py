@@ -12,11 +12,11 @@ in one visible ``if`` chain:
 Ahead of all of these on CUDA tensors comes ``triton``: the Triton kernels (``ops/triton.py``) for the
 Mamba-1 scan and the causal convolution, and (``ops/triton_ssd.py``) for the Mamba-2 scan, forward and
 backward, used whenever Triton is importable (PyTorch's CUDA wheels bring it): it needs no compiled
-extension and reads the channels-last layout as it is, where mamba-ssm wants (B, D, L) copies (the
-Mamba-2 kernels only when forced until they pass their tests on a GPU: ``SSD_TRITON_BY_DEFAULT``). With
-the Mamba-1 kernels the model forward measured 2.6-3.3x transformers + mamba-ssm on an H200
-(docs/benchmarks.md); ``benchmarks/bench_encode.py`` also times the two backends op by op where
-mamba-ssm is installed. The Mamba-2 kernels are not timed yet; their design (chunk decomposition, what
+extension and reads the channels-last layout as it is, where mamba-ssm wants (B, D, L) copies
+(``SSD_TRITON_BY_DEFAULT = False`` sends Mamba-2 on CUDA back to mamba_ssm / chunked). With the Mamba-1
+kernels the model forward measured 2.6-3.3x transformers + mamba-ssm on an H200, with the Mamba-2 ones
+3.5x the PyTorch chunked scan (docs/benchmarks.md); ``benchmarks/bench_encode.py`` also times the two
+backends op by op where mamba-ssm is installed. The Mamba-2 kernels' design (chunk decomposition, what
 the backward recomputes, packing) is in docs/kernels.md. ``triton`` (all three operations) and
 ``cpu`` read packed batches (``cu_seqlens``) in one pass (``cpu``: the convolution only without states
 in or out); every other backend runs a packed batch one sequence at a time. On CPU the Mamba-2 scan
@@ -69,9 +69,9 @@ except ImportError:  # no Triton (CPU-only installs): the CUDA paths below take 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("triton", "mamba_ssm", "cpu", "chunked", "reference")
-# The Mamba-2 Triton kernels have been checked against the reference only under Triton's CPU interpreter:
-# until their tests pass on a GPU, CUDA keeps mamba_ssm / chunked for Mamba-2 unless ``triton`` is forced.
-SSD_TRITON_BY_DEFAULT = False
+# Mamba-2 on CUDA takes the Triton SSD kernels (tests/ops/test_triton_ssd.py passes on sm_90 and under the
+# interpreter); False keeps mamba_ssm / chunked for Mamba-2 on CUDA unless ``triton`` is forced.
+SSD_TRITON_BY_DEFAULT = True
 _forced: str | None = os.environ.get("ST_MAMBA_BACKEND") or None
 _announced: set[tuple[str, str, str]] = set()
 
@@ -103,7 +103,7 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 
 def _ssd_on_triton(device: torch.device) -> bool:
     """Whether Mamba-2's scan and gated norm take their Triton kernels on ``device``: when ``triton`` is forced
-    (on CPU tensors too, under ``TRITON_INTERPRET=1``), or on CUDA where ``SSD_TRITON_BY_DEFAULT`` says so."""
+    (on CPU tensors too, under ``TRITON_INTERPRET=1``), or on CUDA unless ``SSD_TRITON_BY_DEFAULT`` is off."""
     return _triton_ssd is not None and (
         _forced == "triton" or (_forced is None and device.type == "cuda" and SSD_TRITON_BY_DEFAULT)
     )
@@ -111,7 +111,7 @@ def _ssd_on_triton(device: torch.device) -> bool:
 
 def packs_in_one_pass(device: torch.device, version: int) -> bool:
     """Whether a packed batch (``cu_seqlens``) runs in one pass here, at inference: Mamba-1 and Mamba-2 on
-    the Triton kernels (CUDA; Mamba-2 only where they are chosen, see ``SSD_TRITON_BY_DEFAULT``), Mamba-1
+    the Triton kernels (CUDA; Mamba-2 unless ``SSD_TRITON_BY_DEFAULT`` is off), Mamba-1
     also on the compiled CPU kernels."""
     if device.type == "cuda":
         return _ssd_on_triton(device) if version == 2 else _triton is not None and _forced in (None, "triton")
@@ -286,7 +286,7 @@ def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, groups: int = 1, eps: f
     ``reference.gated_rms_norm_reference``.
 
     ``triton`` (one fused kernel, ``ops/triton_norm.py``) wherever ``ssd_scan`` takes its Triton kernels: on
-    CUDA when ``SSD_TRITON_BY_DEFAULT`` says so or ``triton`` is forced (and on CPU tensors when forced, under
+    CUDA unless ``SSD_TRITON_BY_DEFAULT`` is off or another backend is forced (and on CPU tensors when ``triton`` is forced, under
     ``TRITON_INTERPRET=1``); the PyTorch reference everywhere else.
     """
     fused = _triton_norm is not None and _ssd_on_triton(y.device)

@@ -124,7 +124,7 @@ def test_gated_rms_norm_rejects_bad_inputs():
 @pytest.mark.parametrize("by_default", [False, True], ids=["forced only", "by default"])
 def test_dispatch_follows_the_ssd_kernels(by_default, monkeypatch, caplog):
     """``GatedRMSNorm`` runs the Triton kernel where the Mamba-2 scan runs on Triton (forced, or on CUDA
-    when ``SSD_TRITON_BY_DEFAULT``), PyTorch elsewhere; both give one output."""
+    unless ``SSD_TRITON_BY_DEFAULT`` is off), PyTorch elsewhere; both give one output."""
     monkeypatch.setattr(ops, "_announced", set())
     monkeypatch.setattr(ops, "_forced", None)
     monkeypatch.setattr(ops, "SSD_TRITON_BY_DEFAULT", by_default)

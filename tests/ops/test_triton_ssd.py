@@ -212,7 +212,7 @@ def test_ssd_scan_rejects_bad_inputs():
 @pytest.mark.parametrize("by_default", [True, False])
 def test_dispatcher_picks_triton_for_mamba2_only_on_cuda_or_when_forced(caplog, monkeypatch, by_default):
     """CPU keeps the chunked scan by default; forcing ``triton`` reaches these kernels; CUDA picks them and packs
-    Mamba-2 where ``SSD_TRITON_BY_DEFAULT`` says so."""
+    Mamba-2 unless ``SSD_TRITON_BY_DEFAULT`` is off."""
     monkeypatch.setattr(ops, "_announced", set())
     monkeypatch.setattr(ops, "_forced", None)
     monkeypatch.setattr(ops, "SSD_TRITON_BY_DEFAULT", by_default)
