@@ -14,7 +14,8 @@
   page faults (a fifth of the mamba-130m forward on 2 cores).
 
 On first use, ``csrc/*.c`` is compiled with the system C compiler (``$CC``, else ``cc`` or
-``gcc``) for this machine (``-march=native``) into one library in a cache folder
+``gcc``) for this machine (``-march=native``; ``$ST_MAMBA_CPU_MARCH`` names another target, e.g.
+``x86-64-v3`` for any AVX2 machine) into one library in a cache folder
 (``$ST_MAMBA_CACHE``, else ``~/.cache/st_mamba``), under a name that hashes the sources, the
 flags, the compiler and the CPU it targets; later processes load the cached library. When there
 is no compiler or the build fails, ``available()`` is False, one warning says why, and the
@@ -44,8 +45,16 @@ from st_mamba.ops.weight_cache import cached
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
-# No -ffast-math: the kernel's exp rounds with an add-and-subtract trick that reassociation would remove.
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+MARCH_ENV = "ST_MAMBA_CPU_MARCH"  # the -march the kernels are built for; unset: native
+
+
+def build_flags() -> tuple[str, ...]:
+    """The compiler flags: ``-march`` from ``$ST_MAMBA_CPU_MARCH`` (default ``native``).
+
+    No -ffast-math: the kernel's exp rounds with an add-and-subtract trick that reassociation would remove.
+    """
+    march = os.environ.get(MARCH_ENV, "").strip() or "native"
+    return ("-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
 
 class _Seq(ctypes.Structure):
@@ -113,13 +122,14 @@ def _find_compiler() -> str | None:
 
 def _build(compiler: str) -> Path:
     """Compile the kernels into the cache (once per sources, flags, compiler and CPU); return the library's path."""
-    # The predefined macros name the compiler's version and every instruction set that -march=native
-    # enables on this CPU, so that a cache folder shared between machines never serves the wrong code.
+    # The predefined macros name the compiler's version and every instruction set that -march enables
+    # (on this CPU, for native), so that a cache folder shared between machines never serves the wrong code.
+    flags = build_flags()
     target = subprocess.run(
-        [compiler, *FLAGS, "-E", "-dM", "-x", "c", os.devnull], capture_output=True, text=True, timeout=60
+        [compiler, *flags, "-E", "-dM", "-x", "c", os.devnull], capture_output=True, text=True, timeout=60
     )
     sources = sorted(SOURCE_DIR.glob("*.c"))
-    digest = hashlib.sha256(target.stdout.encode() + " ".join(FLAGS).encode())
+    digest = hashlib.sha256(target.stdout.encode() + " ".join(flags).encode())
     for path in sorted(SOURCE_DIR.glob("*.[ch]")):
         digest.update(path.name.encode() + path.read_bytes())
     library = _cache_dir() / f"st_mamba_cpu-{digest.hexdigest()[:16]}.so"
@@ -132,10 +142,10 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, "-o", partial, *map(str, sources)], capture_output=True, text=True, timeout=300
+            [compiler, *flags, "-o", partial, *map(str, sources)], capture_output=True, text=True, timeout=300
         )
         if result.returncode != 0:
-            raise RuntimeError(f"`{compiler} {' '.join(FLAGS)}` failed:\n{result.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"`{compiler} {' '.join(flags)}` failed:\n{result.stderr.strip()[-2000:]}")
         os.replace(partial, library)
     finally:
         if os.path.exists(partial):

@@ -406,3 +406,36 @@ def test_dispatcher_uses_the_cpu_paths_only_without_gradients(monkeypatch):
         "causal_conv1d": "chunked",
         "linear": "torch",
     }
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return f" {flag} " in f" {open('/proc/cpuinfo').read().replace(chr(10), ' ')} "
+    except OSError:
+        return False
+
+
+# Built for narrower targets, the kernels use narrower vectors (vector_math.h: 8 lanes with AVX2, 4 with
+# SSE2): the results must not change. Each target builds its own library (about 15 s).
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 targets")
+@pytest.mark.parametrize("march,needs", [("x86-64-v3", "avx2"), ("x86-64", "sse2")])
+def test_kernels_built_for_narrower_vectors_match_the_reference(march, needs, monkeypatch, tmp_path):
+    if not _cpu_has(needs):
+        pytest.skip(f"this CPU has no {needs}")
+    monkeypatch.setenv(cpu.MARCH_ENV, march)
+    monkeypatch.setenv("ST_MAMBA_CACHE", str(tmp_path))
+    cpu._library.cache_clear()
+    try:
+        assert cpu.available()
+        assert f"-march={march}" in cpu.build_flags()
+        for shape in [(2, 37, 40, 16), (2, 19, 7, 3), (1, 64, 33, 5)]:  # full and partial vectors, N = 16 and not
+            _check(_inputs(*shape, seed=sum(shape)))
+            bf16 = {
+                k: v.bfloat16() if k in ("x", "dt", "z", "B", "C") else v for k, v in _inputs(*shape, seed=1).items()
+            }
+            _check(bf16)
+        g = torch.Generator().manual_seed(3)
+        x, weight, bias = (torch.randn(*shape, generator=g) for shape in [(2, 50, 21), (21, 4), (21,)])
+        assert_close("conv", cpu.causal_conv1d_cpu(x, weight, bias), causal_conv1d_reference(x, weight, bias))
+    finally:
+        cpu._library.cache_clear()

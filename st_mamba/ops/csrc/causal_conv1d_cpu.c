@@ -5,7 +5,7 @@
  *
  *     y_t = silu(bias + sum_k weight[k] * x_{t - K + 1 + k})      for k = 0 .. K - 1
  *
- * The loop walks time outside and channels inside, 16 channels to a vector, so that x is read in
+ * The loop walks time outside and channels inside, LANES channels to a vector, so that x is read in
  * the order it lies in memory (a little faster than walking each channel block down the sequence,
  * where every token is a new, far-away row). The K - 1 rows before x_t were just read and come
  * from cache. Threads take (batch row, span of tokens) items.

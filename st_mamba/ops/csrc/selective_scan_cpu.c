@@ -9,14 +9,14 @@
  *     h_t     = exp(delta_t * A) * h_{t-1} + delta_t * x_t * B_t
  *     y_t     = (<h_t, C_t> + D * x_t) * silu(z_t)
  *
- * Layout of the work: 16 neighbouring channels share one vector of 16 lanes. The N states of
- * those 16 channels are carried while the loop walks the whole sequence, so every input is read
- * once and the (B, L, Di, N) tensor of the textbook form never exists. Blocks of
- * (batch row, 16 channels) are independent and are shared out to OpenMP threads.
+ * Layout of the work: LANES neighbouring channels (16 with AVX-512, vector_math.h) share one
+ * vector. The N states of those channels are carried while the loop walks the whole sequence, so
+ * every input is read once and the (B, L, Di, N) tensor of the textbook form never exists. Blocks
+ * of (batch row, LANES channels) are independent and are shared out to OpenMP threads.
  *
  * A packed batch (`cu_seqlens` set, batch 1) holds n sequences end to end: sequence s is tokens
  * cu_seqlens[s] .. cu_seqlens[s + 1] - 1, starts from its own state (row s of initial_state) and
- * leaves its own final state; the blocks are then (sequence, 16 channels).
+ * leaves its own final state; the blocks are then (sequence, LANES channels).
  */
 
 #include "vector_math.h"

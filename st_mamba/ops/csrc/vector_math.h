@@ -1,11 +1,13 @@
 /*
- * What the CPU kernels share: a 16-lane float vector type, partial loads and stores (of fp32 and of
+ * What the CPU kernels share: a float vector type of one register's width, partial loads and stores (of fp32 and of
  * bf16, which is converted on the way in and out), exp, softplus and silu on whole vectors, the
  * strided (B, L, C) tensor they read, and the loop that shares (batch row, 16 channels) blocks out
  * to OpenMP threads.
  *
- * The vector type is GCC/Clang's vector extension: one AVX-512 register where the CPU has
- * AVX-512, split by the compiler into narrower registers elsewhere. exp, softplus and silu are
+ * The vector type is GCC/Clang's vector extension, LANES floats: 16 (one register) with AVX-512, 8
+ * with AVX/AVX2, 4 elsewhere (SSE, NEON). It must fit one register: the scan carries d_state
+ * vectors of state, and 16 lanes split into two AVX2 registers each spilled them and made the scan
+ * 5x and the convolution 7x slower than 8 lanes on an AVX2 build. exp, softplus and silu are
  * written here because the kernels need them on vectors, libm only has scalars, and libmvec
  * would tie the kernels to glibc. Build without -ffast-math: the rounding trick in exp2_vec must
  * not be reassociated away.
@@ -20,7 +22,13 @@
 #include <immintrin.h>
 #endif
 
+#if defined(__AVX512F__)
 #define LANES 16
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
 
 typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
