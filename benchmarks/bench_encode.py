@@ -554,13 +554,17 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     runs = results["meta"]["runs"]
-    gpus = sorted({run["gpu"].removeprefix("NVIDIA ").split()[0] for run in runs})
+
+    def card(run: dict) -> str:  # "NVIDIA H100 80GB HBM3" -> "H100"
+        return run["gpu"].removeprefix("NVIDIA ").split()[0]
+
+    gpus = sorted({card(run) for run in runs})
     for name in MODELS:
         rows = [r for r in results["rows"] if r["model"] == name and r["mode"] == "fwd"]
         if rows:
             points = sorted((r["L"], r["tok_s"]) for r in rows)
             style = "-" if name.startswith("st-") else ("--" if name.startswith("hf-") else ":")
-            cards = sorted({runs[r["run"]]["gpu"].removeprefix("NVIDIA ").split()[0] for r in rows})
+            cards = sorted({card(runs[r["run"]]) for r in rows})
             label = f"{name} ({', '.join(cards)})" if len(gpus) > 1 else name  # rows of several cards: say which
             ax.plot([p[0] for p in points], [p[1] / 1e6 for p in points], style, marker="o", label=label)
     measured = {r["model"] for r in results["rows"] if r["mode"] == "fwd"}

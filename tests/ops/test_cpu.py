@@ -37,6 +37,11 @@ def _inputs(batch: int, length: int, d_inner: int, d_state: int, seed: int, stri
     )  # fmt: skip
 
 
+def _sequences_in_bf16(inputs: dict) -> dict:
+    """The inputs with what runs along the sequence (x, dt, z, B, C) in bf16, as a bf16 model passes them."""
+    return {k: v.to(torch.bfloat16) if k in ("x", "dt", "z", "B", "C") else v for k, v in inputs.items()}
+
+
 def _check(inputs: dict, dt_softplus: bool = True) -> None:
     kw = dict(dt_softplus=dt_softplus, return_final_state=True)
     y, h = cpu.selective_scan_cpu(**inputs, **kw)
@@ -106,7 +111,7 @@ def test_wrong_shapes_are_refused_before_the_kernel_reads_them():
 
 def test_half_precision_inputs_are_computed_in_fp32():
     inputs = _inputs(2, 17, 24, 16, seed=15)
-    low = {k: v.to(torch.bfloat16) if k in ("x", "dt", "z", "B", "C") else v for k, v in inputs.items()}
+    low = _sequences_in_bf16(inputs)
     y = cpu.selective_scan_cpu(**low, dt_softplus=True)
     assert y.dtype == torch.bfloat16
     assert_close("y", y.float(), selective_scan_reference(**low, dt_softplus=True).float())
@@ -117,7 +122,7 @@ def test_half_precision_inputs_are_computed_in_fp32():
 def test_bf16_tensors_are_read_and_written_as_they_are(d_inner, d_state, strided):
     """bf16 in, bf16 out, with fp32 arithmetic: exactly the fp32 kernel on the widened inputs, rounded once."""
     inputs = _inputs(2, 29, d_inner, d_state, seed=19, strided=strided)
-    low = {k: v.to(torch.bfloat16) if k in ("x", "dt", "z", "B", "C") else v for k, v in inputs.items()}
+    low = _sequences_in_bf16(inputs)
     widened = {k: v.float() for k, v in low.items()}
     y, h = cpu.selective_scan_cpu(**low, dt_softplus=True, return_final_state=True)
     y32, h32 = cpu.selective_scan_cpu(**widened, dt_softplus=True, return_final_state=True)
@@ -430,10 +435,7 @@ def test_kernels_built_for_narrower_vectors_match_the_reference(march, needs, mo
         assert f"-march={march}" in cpu.build_flags()
         for shape in [(2, 37, 40, 16), (2, 19, 7, 3), (1, 64, 33, 5)]:  # full and partial vectors, N = 16 and not
             _check(_inputs(*shape, seed=sum(shape)))
-            bf16 = {
-                k: v.bfloat16() if k in ("x", "dt", "z", "B", "C") else v for k, v in _inputs(*shape, seed=1).items()
-            }
-            _check(bf16)
+            _check(_sequences_in_bf16(_inputs(*shape, seed=1)))
         g = torch.Generator().manual_seed(3)
         x, weight, bias = (torch.randn(*shape, generator=g) for shape in [(2, 50, 21), (21, 4), (21,)])
         assert_close("conv", cpu.causal_conv1d_cpu(x, weight, bias), causal_conv1d_reference(x, weight, bias))
