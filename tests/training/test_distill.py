@@ -247,7 +247,7 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
         mamba["steps"] == mamba["planned_steps"] >= 1 and mamba["seconds"] >= 2.0
     )  # timed: its 2 s, whatever the load
     assert results["train"]["transformer"]["steps"] == results["train"]["mamba"]["steps"]
-    assert set(results["held_out_cosine"]) == {"mamba@init", "mamba", "transformer"}
+    assert set(results["held_out_cosine"]) == {"mamba@init", "mamba", "transformer@init", "transformer"}
     sets = ("scifact", "scifact-upper", "scifact-lower", "scifact-title", "trec-dl-2019")
     expected_runs = {f"{d}/{m}" for d in sets for m in ("teacher", "mamba", "transformer")}
     expected_runs |= {f"qmsum-{s}/{r}" for s in ("summary", "specific")
@@ -278,6 +278,16 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     checkpoints.save_checkpoint(tensors, timed, tmp_path / "resume")
     resumed = train.train_student(model, "mamba", train_data, "cpu", None, 60.0, log, resume=tmp_path / "resume")
     assert meta["step"] < resumed["steps"] and resumed["seconds"] < 30  # the checkpoint's budget, not the 60 s
+    # extended: a finished timed run trains on until it has trained extend_to seconds in all
+    checkpoints.save_checkpoint(tensors, meta, tmp_path / "resume")
+    extended = train.train_student(model, "mamba", train_data, "cpu", None, 60.0, log, resume=tmp_path / "resume",
+                                   extend_to=meta["trained_seconds"] + 1.0)  # fmt: skip
+    assert meta["step"] < extended["steps"] and 1.0 <= extended["seconds"] < 30
+    with pytest.raises(ValueError, match="has trained"):
+        train.train_student(model, "mamba", train_data, "cpu", None, 1.0, log, resume=tmp_path / "resume",
+                            extend_to=meta["trained_seconds"] - 0.1)  # fmt: skip
+    with pytest.raises(ValueError, match="pass resume"):
+        train.train_student(model, "mamba", train_data, "cpu", None, 1.0, log, extend_to=5.0)
 
     # export: an ordinary st-mamba folder in fp16 that SentenceTransformer loads
     folder = tmp_path / "exported"
@@ -388,6 +398,40 @@ def test_a_student_initialised_from_the_teacher_starts_as_a_static_embedding_mod
         expected.append(student[1].linear((rows * weights[:, None]).sum(dim=0) / weights.sum()))
     expected = torch.nn.functional.normalize(torch.stack(expected), dim=-1)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "weighted-mean"])
+def test_the_control_initialised_from_the_teacher_starts_as_the_same_static_model(
+    tiny_teacher, tokenizer_dir, tmp_path, pooling
+):
+    shape = dict(TINY_TRANSFORMER, vocab_size=TINY_MAMBA["vocab_size"])
+    model = students.build_transformer_student(tokenizer_dir, tmp_path / "tf", config=shape, do_lower_case=True,
+                                               pooling=pooling)  # fmt: skip
+    counts = np.random.default_rng(1).integers(0, 1000, size=shape["vocab_size"])
+    if pooling == "weighted-mean":
+        with pytest.raises(ValueError, match="token counts"):
+            students.initialise_transformer_from_teacher(model, tiny_teacher)
+    students.initialise_transformer_from_teacher(model, tiny_teacher, counts)
+    bert = model[0].auto_model
+    table, _, _ = students.teacher_token_table(tiny_teacher, model.tokenizer, shape["vocab_size"], shape["hidden_size"])
+    torch.testing.assert_close(bert.embeddings.word_embeddings.weight.detach(), table)
+    texts = ["State space models READ long documents", "a linear pass"]
+    got = model.encode(texts, convert_to_tensor=True)
+    # by hand: every layer the identity, so the (SIF-weighted) mean of the LayerNorm'd table rows, through the head
+    share = (counts + 1) / (counts.sum() + len(counts))
+    sif = torch.tensor(settings.SIF_COEFFICIENT / (settings.SIF_COEFFICIENT + share), dtype=torch.float32)
+    expected = []
+    for text in texts:
+        ids = model.tokenizer(text.lower(), add_special_tokens=False)["input_ids"]
+        rows = bert.embeddings.LayerNorm(bert.embeddings.word_embeddings.weight[ids])
+        weights = sif[ids] if pooling == "weighted-mean" else torch.ones(len(ids))
+        expected.append(model[2].linear((rows * weights[:, None]).sum(dim=0) / weights.sum()))
+    expected = torch.nn.functional.normalize(torch.stack(expected), dim=-1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    # and the Mamba student started from the same teacher gives nearly the same vectors (RMSNorm, not LayerNorm)
+    mamba = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, pooling=pooling, do_lower_case=True)
+    students.initialise_from_teacher(mamba, tiny_teacher, counts)
+    assert (got * mamba.encode(texts, convert_to_tensor=True)).sum(-1).min() > 0.9
 
 
 def test_token_counts_count_the_chosen_texts_and_their_eos():

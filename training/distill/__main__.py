@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=repo / ".distill")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--resume", type=Path, default=None, help="folder of checkpoint shards to continue from")
+    p.add_argument("--extend-to", type=float, default=None, metavar="SECONDS",
+                   help="with --resume: train until the student has trained this many seconds in all (a longer schedule)")  # fmt: skip
     p.add_argument(
         "--student", default=settings.STUDENT, choices=sorted(settings.STUDENT_VARIANTS), help="which Mamba student"
     )
@@ -112,11 +114,13 @@ def main() -> None:
     if getattr(args, "batch_tokens", None) is not None:
         settings.MAX_BATCH_TOKENS = args.batch_tokens
 
+    if getattr(args, "extend_to", None) is not None and args.resume is None:
+        parser.error("--extend-to continues a checkpoint: it needs --resume")
     if args.command == "prepare":
         prepare(args.corpus, args.data, args.output, args.teacher or default_teacher(), args.tokenizer)
     elif args.command == "train":
         results = run_training(args.work, args.output, args.resume, args.student, seconds=args.seconds,
-                               control=not args.no_control, run_seconds=args.run_seconds)  # fmt: skip
+                               control=not args.no_control, run_seconds=args.run_seconds, extend_to=args.extend_to)  # fmt: skip
         print_table(results)
     elif args.command == "sweep":
         results = sweep(

@@ -170,16 +170,20 @@ def run_training(
     seconds: float | None = None,
     control: bool = True,
     run_seconds: float = settings.RUN_SECONDS,
+    extend_to: float | None = None,
 ) -> dict:
     """Steps 2-7 on the best device: targets, both students, evaluation, speed; writes results as it goes.
 
     ``seconds``: the Mamba student's training time (default ``TRAIN_SECONDS``). ``control=False`` trains
     no Transformer: a longer Mamba run in one call, compared with a control from another run.
     ``run_seconds``: the whole command's time, after which no evaluation or speed test starts.
+    ``extend_to``: with ``resume``, train the checkpoint's student until it has trained this many seconds in all.
     """
     variant = settings.STUDENT_VARIANTS[student]
     seconds = settings.TRAIN_SECONDS if seconds is None else seconds
     run_settings = {"student": student, "mamba": variant, "train_seconds": seconds, "control": control}
+    if resume is not None:
+        run_settings |= {"resumed_from": checkpoint_meta(resume), "extend_to": extend_to}
     lower_case = lower_cases([student])
     run = prepare_training(work, output, run_settings, lower_case)
     deadline = run.record.started + run_seconds
@@ -199,24 +203,22 @@ def run_training(
     meta = {"student": student, "config": variant["config"], "pooling": variant["pooling"], "do_lower_case": lower_case}
     results["train"] = {"mamba": train_student(mamba, "mamba", data, device, None, seconds, results["log"],
                                                checkpoint_dir=output, resume=resume, peak_learning_rate=peak,
-                                               checkpoint_meta=meta)}  # fmt: skip
+                                               checkpoint_meta=meta, extend_to=extend_to)}  # fmt: skip
     results["held_out_cosine"]["mamba"] = held_out_cosine(mamba, "mamba", data, held_out, kinds, device)
     run.record.mark("mamba_trained")
 
     # 5. The Transformer control: same batches, same number of steps
     models = {"mamba": mamba, "teacher": teacher}  # in the order they are evaluated
     if control:
-        transformer, _, _ = build_student(
-            "transformer",
-            work,
-            Path(tempfile.mkdtemp(prefix="distill-transformer-")) if not smoke else output / "tf",
-            teacher,
-            lower_case,
-        )
+        scratch = Path(tempfile.mkdtemp(prefix="distill-transformer-")) if not smoke else output / "tf"
+        transformer, _, _ = build_student("transformer", work, scratch, teacher, lower_case, data, like=student)
         results["parameters"]["transformer"] = parameter_count(transformer)
-        steps = results["train"]["mamba"]["steps"]
-        results["train"]["transformer"] = train_student(
-            transformer, "transformer", data, device, steps, seconds, results["log"]
+        results["held_out_cosine"]["transformer@init"] = held_out_cosine(
+            transformer.to(device), "transformer", data, held_out, kinds, device
+        )
+        steps, mamba_seconds = results["train"]["mamba"]["steps"], results["train"]["mamba"]["trained_seconds"]
+        results["train"]["transformer"] = train_student(  # a resumed Mamba run's steps and time count in full
+            transformer, "transformer", data, device, steps, mamba_seconds, results["log"]
         )
         results["held_out_cosine"]["transformer"] = held_out_cosine(
             transformer, "transformer", data, held_out, kinds, device

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.base.modules import Dense, Normalize
+from sentence_transformers.base.modules import Dense, Module, Normalize
 
 import st_mamba
 from training.distill import settings
@@ -71,16 +71,25 @@ def sif_log_weights(counts: np.ndarray, coefficient: float | None = None) -> tor
     return torch.from_numpy(np.log(a / (a + share))).float()
 
 
+def _start_from_teacher(table: torch.Tensor, dense: Dense, teacher: SentenceTransformer, tokenizer) -> None:
+    """The token table becomes ``teacher_token_table``'s; the Dense head maps its principal directions back to
+    the teacher's space, scaled for a per-token norm (RMSNorm or LayerNorm: an RMS of 1), bias the teacher's mean."""
+    rows, components, mean = teacher_token_table(teacher, tokenizer, table.shape[0], table.shape[1])
+    table.copy_(rows)
+    scale = rows.norm(dim=1).mean() / table.shape[1] ** 0.5
+    dense.linear.weight.copy_(components.T * scale)
+    dense.linear.bias.copy_(mean)
+
+
 @torch.no_grad()
 def initialise_from_teacher(
     model: SentenceTransformer, teacher: SentenceTransformer, counts: np.ndarray | None = None
 ) -> None:
     """Start a Mamba student as a static embedding model that training only has to give context.
 
-    The token table becomes ``teacher_token_table``'s; the Dense head maps the principal directions back to
-    the teacher's space (scaled for the final RMSNorm, which gives every token vector an RMS of 1), its bias
-    the teacher's mean; every mixer's ``out_proj`` starts at zero, so each residual block starts as the
-    identity and the untrained student is the mean of its tokens' table rows, read by the head. With
+    The token table and the Dense head come from the teacher (``_start_from_teacher``); every mixer's
+    ``out_proj`` starts at zero, so each residual block starts as the identity and the untrained student is
+    the mean of its tokens' table rows (each set to an RMS of 1 by the final RMSNorm), read by the head. With
     ``weighted-mean`` pooling, each token's weight starts at its SIF weight (``sif_log_weights`` of ``counts``,
     the training texts' token counts, ``data.token_counts``): the untrained student is a SIF-weighted static model.
     """
@@ -89,14 +98,61 @@ def initialise_from_teacher(
         if counts is None:
             raise ValueError("a weighted-mean student starts from SIF weights: pass the training texts' token counts")
         encoder.token_log_weights.copy_(sif_log_weights(counts))
-    weight = encoder.backbone.embeddings.weight
-    table, components, mean = teacher_token_table(teacher, encoder.tokenizer, weight.shape[0], weight.shape[1])
-    weight.copy_(table)
-    scale = table.norm(dim=1).mean() / weight.shape[1] ** 0.5
-    dense.linear.weight.copy_(components.T * scale)
-    dense.linear.bias.copy_(mean)
+    _start_from_teacher(encoder.backbone.embeddings.weight, dense, teacher, encoder.tokenizer)
     for layer in encoder.backbone.layers:
         layer.mixer.out_proj.weight.zero_()
+
+
+class TokenWeightedMean(Module):
+    """The Transformer control's ``weighted-mean`` pooling: the mean of the token embeddings, token ``i``
+    weighing ``exp(token_log_weights[i])`` (learned), as ``MambaEncoder(pooling="weighted-mean")`` pools."""
+
+    config_keys = ["vocab_size", "dimension"]
+
+    def __init__(self, vocab_size: int, dimension: int) -> None:
+        super().__init__()
+        self.vocab_size, self.dimension = vocab_size, dimension
+        self.token_log_weights = torch.nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, features: dict) -> dict:
+        tokens = features["token_embeddings"]
+        weights = features["attention_mask"].float() * self.token_log_weights.float()[features["input_ids"]].exp()
+        pooled = (tokens.float() * weights.unsqueeze(-1)).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-12)
+        features["sentence_embedding"] = pooled.to(tokens.dtype)
+        return features
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return self.dimension
+
+    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
+        self.save_config(output_path)
+        self.save_torch_weights(output_path, safe_serialization=safe_serialization)
+
+
+@torch.no_grad()
+def initialise_transformer_from_teacher(
+    model: SentenceTransformer, teacher: SentenceTransformer, counts: np.ndarray | None = None
+) -> None:
+    """The Transformer control started as ``initialise_from_teacher`` starts the Mamba student.
+
+    The word embeddings and the Dense head come from the teacher; the position and token-type embeddings
+    start at zero, and so do the output projections of every attention and feed-forward block, so each
+    post-LayerNorm layer starts as the identity: the untrained control is the (weighted) mean of its tokens'
+    table rows, each normalised by the embeddings' LayerNorm, read by the head.
+    """
+    encoder, pooling, dense = model[0], model[1], model[2]
+    bert = encoder.auto_model
+    if isinstance(pooling, TokenWeightedMean):
+        if counts is None:
+            raise ValueError("a weighted-mean student starts from SIF weights: pass the training texts' token counts")
+        pooling.token_log_weights.copy_(sif_log_weights(counts))
+    _start_from_teacher(bert.embeddings.word_embeddings.weight, dense, teacher, encoder.tokenizer)
+    bert.embeddings.position_embeddings.weight.zero_()
+    bert.embeddings.token_type_embeddings.weight.zero_()
+    for layer in bert.encoder.layer:
+        for projection in (layer.attention.output.dense, layer.output.dense):
+            projection.weight.zero_()
+            projection.bias.zero_()
 
 
 def build_transformer_student(
@@ -105,8 +161,9 @@ def build_transformer_student(
     seed: int = settings.SEED,
     config: dict | None = None,
     do_lower_case: bool = False,
+    pooling: str = "mean",
 ) -> SentenceTransformer:
-    """BERT-shaped encoder, random init, GPT-NeoX tokenizer -> mean pooling -> Dense -> Normalize."""
+    """BERT-shaped encoder, random init, GPT-NeoX tokenizer -> mean or weighted-mean pooling -> Dense -> Normalize."""
     from sentence_transformers.base.modules import Transformer
     from sentence_transformers.sentence_transformer.modules import Pooling
     from transformers import BertConfig, BertModel
@@ -126,8 +183,11 @@ def build_transformer_student(
         do_lower_case=do_lower_case,
     )
     encoder.tokenizer.eos_token = encoder.tokenizer.pad_token = tokenizer.eos_token
-    pooling = Pooling(shape["hidden_size"], pooling_mode="mean")
-    return SentenceTransformer(modules=[encoder, pooling, Dense(shape["hidden_size"], settings.TEACHER_DIM, activation_function=None),
+    if pooling == "weighted-mean":
+        pool: Module = TokenWeightedMean(shape["vocab_size"], shape["hidden_size"])
+    else:
+        pool = Pooling(shape["hidden_size"], pooling_mode=pooling)
+    return SentenceTransformer(modules=[encoder, pool, Dense(shape["hidden_size"], settings.TEACHER_DIM, activation_function=None),
                                         Normalize()], similarity_fn_name="cosine", device="cpu")  # fmt: skip
 
 
@@ -150,22 +210,28 @@ def build_student(
     teacher: SentenceTransformer,
     lower_case: bool = False,
     data: TrainData | None = None,
+    like: str | None = None,
 ) -> tuple[SentenceTransformer, str, float]:
     """A ``STUDENT_VARIANTS`` entry or ``"transformer"``: the model, its collate kind, its peak learning rate.
 
-    The Transformer control lower-cases its input when the run's ids are lower-cased (``lower_case``);
-    ``data``: the run's texts, whose token counts (as the students read them) start a weighted-mean student's
-    weights.
+    The Transformer control lower-cases its input when the run's ids are lower-cased (``lower_case``) and
+    starts as the Mamba student ``like`` starts: from the teacher where that one does, with its pooling where
+    a Transformer has it (mean for an EOS-pooled student). ``data``: the run's texts, whose token counts (as
+    the students read them) start a weighted-mean student's weights.
     """
+    source = like if name == "transformer" else name
+    variant = settings.STUDENT_VARIANTS[source] if source else {}
+    counts = None
+    if variant.get("init") == "teacher" and variant["pooling"] == "weighted-mean" and data is not None:
+        counts = token_counts(data.ids, data.train, variant["config"]["vocab_size"])
     if name == "transformer":
-        model = build_transformer_student(work / "gpt-neox-20b", scratch, do_lower_case=lower_case)
+        pooling = "weighted-mean" if variant.get("pooling") == "weighted-mean" else "mean"
+        model = build_transformer_student(work / "gpt-neox-20b", scratch, do_lower_case=lower_case, pooling=pooling)
+        if variant.get("init") == "teacher":
+            initialise_transformer_from_teacher(model, teacher, counts)
         return model, "transformer", settings.LEARNING_RATE
-    variant = settings.STUDENT_VARIANTS[name]
     model = build_mamba_student(work / "gpt-neox-20b", **variant)
     if variant.get("init") == "teacher":
-        counts = None
-        if variant["pooling"] == "weighted-mean" and data is not None:
-            counts = token_counts(data.ids, data.train, variant["config"]["vocab_size"])
         initialise_from_teacher(model, teacher, counts)
     return model, "mamba", variant.get("learning_rate", settings.LEARNING_RATE)
 

@@ -80,12 +80,16 @@ def train_student(
     resume: Path | None = None,
     peak_learning_rate: float = settings.LEARNING_RATE,
     checkpoint_meta: dict | None = None,
+    extend_to: float | None = None,
 ) -> dict:
     """Train for ``total_steps``, or with ``total_steps=None`` for ``seconds`` of wall time.
 
     The learning rate follows the share of training done: of the steps, or of the seconds, so that
     a stall (Triton compiling a kernel the first time it meets a shape) costs steps, not the schedule.
     ``checkpoint_meta`` (the student's config and pooling) goes into the checkpoints with the progress.
+    A resumed run keeps its checkpoint's plan; ``extend_to`` stretches a timed one to that many seconds of
+    training in all, finished or not: the learning rate goes back up to the schedule's value at the share
+    already trained and decays to 0 over the rest.
     """
     model.to(device).train()
     # Training reads every text in one pass. The saved Mamba student streams texts past its chunk_size
@@ -101,10 +105,17 @@ def train_student(
                                   lr=peak_learning_rate, betas=(0.9, 0.98), eps=1e-6)  # fmt: skip
     mse, mnrl = MSELoss(model), MultipleNegativesRankingLoss(model)
     first_step, seconds_before = 0, 0.0
+    if extend_to is not None and resume is None:
+        raise ValueError("extend_to continues a checkpoint: pass resume too")
     if resume is not None:
         tensors, meta = load_checkpoint(resume)
         first_step, total_steps = meta["step"], meta["total_steps"]
         seconds, seconds_before = meta.get("seconds", seconds), meta.get("trained_seconds", 0.0)
+        if extend_to is not None:
+            if total_steps is not None or extend_to <= seconds_before:
+                raise ValueError(f"cannot extend {resume} to {extend_to:g} s: it is planned in steps "
+                                 f"({total_steps}) or has trained {seconds_before:g} s already")  # fmt: skip
+            seconds = extend_to
         restore(model, optimizer, tensors, first_step)
     lengths = np.array(
         [min(len(row) + 1, settings.MAX_TRAIN_TOKENS) for row in data.ids]
@@ -174,7 +185,8 @@ def train_student(
         model[0].chunk_size = saved_chunk_size
     model.eval()
     return {"steps": step, "planned_steps": total_steps or step, "seconds": round(elapsed, 1), "tokens": tokens,
-            "tokens_per_second": round(tokens / max(elapsed, 1e-9))}  # fmt: skip
+            "tokens_per_second": round(tokens / max(elapsed, 1e-9)),
+            "trained_seconds": round(seconds_before + elapsed, 1)}  # fmt: skip
 
 
 @torch.inference_mode()
