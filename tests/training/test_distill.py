@@ -288,6 +288,11 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
                             extend_to=meta["trained_seconds"] - 0.1)  # fmt: skip
     with pytest.raises(ValueError, match="pass resume"):
         train.train_student(model, "mamba", train_data, "cpu", None, 1.0, log, extend_to=5.0)
+    assert meta["max_batch_tokens"] == 2048  # the batches it skips on resume must be the ones it saw
+    monkeypatch.setattr(settings, "MAX_BATCH_TOKENS", 4096)
+    with pytest.raises(ValueError, match="--batch-tokens 2048"):
+        train.train_student(model, "mamba", train_data, "cpu", None, 1.0, log, resume=tmp_path / "resume")
+    monkeypatch.setattr(settings, "MAX_BATCH_TOKENS", 2048)
 
     # export: an ordinary st-mamba folder in fp16 that SentenceTransformer loads
     folder = tmp_path / "exported"

@@ -109,6 +109,9 @@ def train_student(
         raise ValueError("extend_to continues a checkpoint: pass resume too")
     if resume is not None:
         tensors, meta = load_checkpoint(resume)
+        if meta.get("max_batch_tokens", settings.MAX_BATCH_TOKENS) != settings.MAX_BATCH_TOKENS:
+            raise ValueError(f"{resume} was trained on batches of {meta['max_batch_tokens']:,} tokens, not "
+                             f"{settings.MAX_BATCH_TOKENS:,}: resume it with --batch-tokens {meta['max_batch_tokens']}")  # fmt: skip
         first_step, total_steps = meta["step"], meta["total_steps"]
         seconds, seconds_before = meta.get("seconds", seconds), meta.get("trained_seconds", 0.0)
         if extend_to is not None:
@@ -138,7 +141,7 @@ def train_student(
         return step / total_steps
 
     def save() -> None:
-        meta = {"step": step, "total_steps": total_steps, "seconds": seconds,
+        meta = {"step": step, "total_steps": total_steps, "seconds": seconds, "max_batch_tokens": settings.MAX_BATCH_TOKENS,
                 "trained_seconds": round(seconds_before + time.perf_counter() - start, 2), **(checkpoint_meta or {})}  # fmt: skip
         save_checkpoint(checkpoint_tensors(model, optimizer), meta, checkpoint_dir)
 
