@@ -377,66 +377,78 @@ def test_the_teacher_token_table_is_a_principal_component_projection(tiny_teache
     assert narrow.var(dim=0)[0] >= narrow.var(dim=0)[-1]
 
 
+STATIC_TEXTS = ["State space models READ long documents", "a linear pass"]
+
+
+def static_by_hand(tokenizer, rows_of, head, counts: np.ndarray | None, eos: list[int]) -> torch.Tensor:
+    """A static model's embeddings of ``STATIC_TEXTS``, by hand: the mean (SIF-weighted if ``counts``) of
+    ``rows_of(ids)`` over each lower-cased text and its ``eos``, through the ``head`` Linear, normalised."""
+    sif = None
+    if counts is not None:
+        share = (counts + 1) / (counts.sum() + len(counts))
+        sif = torch.tensor(settings.SIF_COEFFICIENT / (settings.SIF_COEFFICIENT + share), dtype=torch.float32)
+    expected = []
+    for text in STATIC_TEXTS:
+        ids = tokenizer(text.lower(), add_special_tokens=False)["input_ids"] + eos
+        weights = sif[ids] if sif is not None else torch.ones(len(ids))
+        expected.append(head((rows_of(ids) * weights[:, None]).sum(dim=0) / weights.sum()))
+    return torch.nn.functional.normalize(torch.stack(expected), dim=-1)
+
+
+def teacher_started(architecture: str, pooling: str, tiny_teacher, tokenizer_dir, scratch, counts=None):
+    """A tiny Mamba student or Transformer control (the same vocabulary) started from the teacher."""
+    if architecture == "mamba":
+        model = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, pooling=pooling, do_lower_case=True)
+        students.initialise_from_teacher(model, tiny_teacher, counts)
+    else:
+        shape = dict(TINY_TRANSFORMER, vocab_size=TINY_MAMBA["vocab_size"])
+        model = students.build_transformer_student(tokenizer_dir, scratch, config=shape, do_lower_case=True,
+                                                   pooling=pooling)  # fmt: skip
+        students.initialise_transformer_from_teacher(model, tiny_teacher, counts)
+    return model
+
+
 @pytest.mark.parametrize("pooling", ["mean", "weighted-mean"])
+@pytest.mark.parametrize("architecture", ["mamba", "transformer"])
 def test_a_student_initialised_from_the_teacher_starts_as_a_static_embedding_model(
-    tiny_teacher, tokenizer_dir, pooling
+    tiny_teacher, tokenizer_dir, tmp_path, architecture, pooling
 ):
-    student = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, pooling=pooling, do_lower_case=True)
     counts = np.random.default_rng(0).integers(0, 1000, size=TINY_MAMBA["vocab_size"])
     if pooling == "weighted-mean":
         with pytest.raises(ValueError, match="token counts"):
-            students.initialise_from_teacher(student, tiny_teacher)
-    students.initialise_from_teacher(student, tiny_teacher, counts)
-    backbone = student[0].backbone
-    assert all(not layer.mixer.out_proj.weight.any() for layer in backbone.layers)
-    texts = ["State space models READ long documents", "a linear pass"]
-    got = student.encode(texts, convert_to_tensor=True)
-    # by hand: the (SIF-weighted) mean of the RMS-normalised table rows of the lower-cased text and its EOS,
-    # through the head
-    share = (counts + 1) / (counts.sum() + len(counts))
-    sif = torch.tensor(settings.SIF_COEFFICIENT / (settings.SIF_COEFFICIENT + share), dtype=torch.float32)
-    expected = []
-    for text in texts:
-        ids = student.tokenizer(text.lower(), add_special_tokens=False)["input_ids"] + [0]
-        rows = backbone.norm_f(backbone.embeddings.weight[ids])
-        weights = sif[ids] if pooling == "weighted-mean" else torch.ones(len(ids))
-        expected.append(student[1].linear((rows * weights[:, None]).sum(dim=0) / weights.sum()))
-    expected = torch.nn.functional.normalize(torch.stack(expected), dim=-1)
+            teacher_started(architecture, pooling, tiny_teacher, tokenizer_dir, tmp_path / "tf")
+    model = teacher_started(architecture, pooling, tiny_teacher, tokenizer_dir, tmp_path / "tf", counts)
+    if architecture == "mamba":  # each residual block the identity; the final RMSNorm on each token
+        backbone = model[0].backbone
+        assert all(not layer.mixer.out_proj.weight.any() for layer in backbone.layers)
+        table, head, eos = backbone.embeddings.weight, model[1].linear, [0]
+
+        def rows_of(ids: list[int]) -> torch.Tensor:
+            return backbone.norm_f(table[ids])
+    else:  # each post-LayerNorm layer the identity; the embeddings' LayerNorm on each token
+        embeddings = model[0].auto_model.embeddings
+        table, head, eos = embeddings.word_embeddings.weight, model[2].linear, []
+
+        def rows_of(ids: list[int]) -> torch.Tensor:
+            return embeddings.LayerNorm(table[ids])
+
+    expected_table, _, _ = students.teacher_token_table(tiny_teacher, model.tokenizer, *table.shape)
+    torch.testing.assert_close(table.detach(), expected_table)
+    got = model.encode(STATIC_TEXTS, convert_to_tensor=True)
+    expected = static_by_hand(model.tokenizer, rows_of, head, counts if pooling == "weighted-mean" else None, eos)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "weighted-mean"])
-def test_the_control_initialised_from_the_teacher_starts_as_the_same_static_model(
-    tiny_teacher, tokenizer_dir, tmp_path, pooling
-):
-    shape = dict(TINY_TRANSFORMER, vocab_size=TINY_MAMBA["vocab_size"])
-    model = students.build_transformer_student(tokenizer_dir, tmp_path / "tf", config=shape, do_lower_case=True,
-                                               pooling=pooling)  # fmt: skip
-    counts = np.random.default_rng(1).integers(0, 1000, size=shape["vocab_size"])
-    if pooling == "weighted-mean":
-        with pytest.raises(ValueError, match="token counts"):
-            students.initialise_transformer_from_teacher(model, tiny_teacher)
-    students.initialise_transformer_from_teacher(model, tiny_teacher, counts)
-    bert = model[0].auto_model
-    table, _, _ = students.teacher_token_table(tiny_teacher, model.tokenizer, shape["vocab_size"], shape["hidden_size"])
-    torch.testing.assert_close(bert.embeddings.word_embeddings.weight.detach(), table)
-    texts = ["State space models READ long documents", "a linear pass"]
-    got = model.encode(texts, convert_to_tensor=True)
-    # by hand: every layer the identity, so the (SIF-weighted) mean of the LayerNorm'd table rows, through the head
-    share = (counts + 1) / (counts.sum() + len(counts))
-    sif = torch.tensor(settings.SIF_COEFFICIENT / (settings.SIF_COEFFICIENT + share), dtype=torch.float32)
-    expected = []
-    for text in texts:
-        ids = model.tokenizer(text.lower(), add_special_tokens=False)["input_ids"]
-        rows = bert.embeddings.LayerNorm(bert.embeddings.word_embeddings.weight[ids])
-        weights = sif[ids] if pooling == "weighted-mean" else torch.ones(len(ids))
-        expected.append(model[2].linear((rows * weights[:, None]).sum(dim=0) / weights.sum()))
-    expected = torch.nn.functional.normalize(torch.stack(expected), dim=-1)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-    # and the Mamba student started from the same teacher gives nearly the same vectors (RMSNorm, not LayerNorm)
-    mamba = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, pooling=pooling, do_lower_case=True)
-    students.initialise_from_teacher(mamba, tiny_teacher, counts)
-    assert (got * mamba.encode(texts, convert_to_tensor=True)).sum(-1).min() > 0.9
+def test_the_control_starts_where_the_mamba_student_starts(tiny_teacher, tokenizer_dir, tmp_path, pooling):
+    """Started from the same teacher, the two give nearly the same vectors (RMSNorm against LayerNorm, EOS)."""
+    counts = np.random.default_rng(1).integers(0, 1000, size=TINY_MAMBA["vocab_size"])
+    mamba, control = (teacher_started(a, pooling, tiny_teacher, tokenizer_dir, tmp_path / "tf", counts)
+                      for a in ("mamba", "transformer"))  # fmt: skip
+    cosines = (
+        mamba.encode(STATIC_TEXTS, convert_to_tensor=True) * control.encode(STATIC_TEXTS, convert_to_tensor=True)
+    ).sum(-1)
+    assert cosines.min() > 0.9
 
 
 def test_token_counts_count_the_chosen_texts_and_their_eos():
