@@ -17,18 +17,21 @@ Sources (the data set's README in ../shared/data, and each Debian package's
 - ``gcide``, ``foldoc``, ``jargon`` (dict-gcide, dict-foldoc, dict-jargon): dictionary entries (the
   Collaborative International Dictionary of English, the Free On-line Dictionary of Computing, the
   Jargon File), each entry a text;
+- ``fortunes`` (fortunes): the sayings of the ``fortune`` databases (quotations, jokes, proverbs), each
+  a short text of its own;
 - documentation that Debian packages install: the Python 3.11 manual's reST sources (python3-doc),
   the Linux kernel's Documentation/ (linux-doc), Perl's pod manual (perl-doc), man pages rendered
   with groff (manpages, manpages-dev and every other installed package's pages), scikit-learn's
   user guide and examples (python-sklearn-doc, reST sources), SciPy's reference and tutorials
   (python-scipy-doc, HTML), the R manuals (r-doc-html, HTML) and The Debian Administrator's
-  Handbook in English (debian-handbook, HTML).
+  Handbook in English (debian-handbook, HTML), LibreOffice's help in English (libreoffice-help-en-us,
+  HTML) and GNOME's user help (gnome-user-docs, Mallard pages).
 
 Install the packages once::
 
     apt-get update && apt-get install -y --no-install-recommends python3-doc linux-doc perl-doc groff \\
         wordnet-base dict-gcide dict-foldoc dict-jargon python-sklearn-doc python-scipy-doc r-doc-html \\
-        debian-handbook
+        debian-handbook fortunes libreoffice-help-en-us gnome-user-docs
 
 Long texts (documentation, long dictionary entries) are cut, at GPT-NeoX token boundaries, into
 *passages* of ``SHORT_TOKENS`` and *segments* of ``LONG_TOKENS`` tokens (lengths drawn
@@ -74,7 +77,8 @@ MIN_PIECE_TOKENS = 16  # a tail shorter than this is dropped
 # GPT-NeoX tokens taken from each documentation and dictionary source (read in a seeded random order).
 DOC_TOKEN_BUDGET = {"python3-doc": 3_000_000, "linux-doc": 2_500_000, "perl-doc": 1_200_000, "man-pages": 1_300_000,
                     "gcide": 7_000_000, "foldoc": 1_500_000, "jargon": 600_000, "sklearn-doc": 2_500_000,
-                    "scipy-doc": 3_000_000, "r-manuals": 1_000_000, "debian-handbook": 1_500_000}  # fmt: skip
+                    "scipy-doc": 3_000_000, "r-manuals": 1_000_000, "debian-handbook": 1_500_000,
+                    "libreoffice-help": 1_500_000, "gnome-help": 300_000}  # fmt: skip
 # Sentences: from each passage or segment of documentation and dictionaries, with this probability, a run of
 # 1-3 consecutive sentences becomes a text of its own (kind "sentence") if it holds SENTENCE_TOKENS tokens:
 # claim- and question-sized inputs, which the cut pieces alone rarely are.
@@ -93,12 +97,16 @@ DOC_PACKAGES = {
     "foldoc": "dict-foldoc",
     "jargon": "dict-jargon",
     "wordnet": "wordnet-base",
+    "fortunes": "fortunes",
+    "libreoffice-help": "libreoffice-help-en-us",
+    "gnome-help": "gnome-user-docs",
 }
 DICTIONARIES = ("gcide", "foldoc", "jargon")  # dictd databases under /usr/share/dictd
 WORDNET_PARTS = ("noun", "verb", "adj", "adv")
 # Collections whose scores are reported (docs/evaluation.md, the model card): none of their texts is read.
 EVALUATION_COLLECTIONS = ("scifact", "trec-dl-2019", "qmsum")
 MAN_SECTIONS = ("1", "2", "3", "4", "5", "7", "8")
+FORTUNE_PICTURES = ("art", "ascii-art")  # fortune files of ASCII drawings, not text
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -171,9 +179,13 @@ def _render_man_page(path: Path) -> str:
     return _tidy("\n".join(re.sub(r" {2,}", " ", line.strip()) for line in text.splitlines()))
 
 
+# Attributes that mark a page's main content: Sphinx's role="main", LibreOffice help's DisplayArea.
+_MAIN_MARKERS = (("role", "main"), ("id", "DisplayArea"))
+
+
 class _HtmlText(html.parser.HTMLParser):
-    """The text of an HTML page's main content: Sphinx's ``role="main"`` element where there is one, else
-    the body; scripts, styles and navigation left out; a line break after each block element."""
+    """The text of an HTML page's main content: the element that ``_MAIN_MARKERS`` mark where there is
+    one, else the body; scripts, styles and navigation left out; a line break after each block element."""
 
     BLOCKS = {"p", "div", "li", "dt", "dd", "pre", "tr", "br", "h1", "h2", "h3", "h4", "h5", "h6", "table", "section"}
     SKIPPED = {"script", "style", "head", "nav", "footer", "header"}
@@ -188,7 +200,7 @@ class _HtmlText(html.parser.HTMLParser):
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if self.depth is not None and self.reading and tag not in ("br", "img", "hr", "meta", "link", "input"):
             self.depth += 1
-        if not self.reading and ("role", "main") in attrs:
+        if not self.reading and any(marker in attrs for marker in _MAIN_MARKERS):
             self.reading, self.depth = True, 1
         if tag in self.SKIPPED:
             self.skipping += 1
@@ -213,10 +225,39 @@ class _HtmlText(html.parser.HTMLParser):
 def _html_text(path: Path) -> str:
     """Plain text of an HTML page's main content, spaces folded and blank lines kept single."""
     page = _read_maybe_gz(path)
-    reader = _HtmlText(has_main='role="main"' in page)
+    marked = any(re.search(rf"""\b{name}=["']{value}["']""", page) for name, value in _MAIN_MARKERS)
+    reader = _HtmlText(has_main=marked)
     reader.feed(page)
     lines = (re.sub(r"[ \t\u00a0]+", " ", line).strip() for line in "".join(reader.parts).splitlines())
     return _tidy("\n".join(lines).replace("\u00b6", ""))  # Sphinx's pilcrow permalinks
+
+
+_MALLARD_PROSE = {"title", "desc", "p", "item", "td"}  # Mallard elements whose own text is prose
+
+
+def _mallard_text(path: Path) -> str:
+    """The prose of a Mallard help page (GNOME's ``.page``): titles, paragraphs, list items and table cells,
+    one a line; the ``info`` block (credits, licence, links) and code and screens left out."""
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        page = ElementTree.parse(path).getroot()
+    except ElementTree.ParseError:
+        return ""
+    lines: list[str] = []
+
+    def walk(element: ElementTree.Element) -> None:
+        tag = element.tag.rsplit("}", 1)[-1]
+        if tag in ("info", "code", "screen", "media", "comment"):
+            return
+        if tag in _MALLARD_PROSE and not any(child.tag.rsplit("}", 1)[-1] in _MALLARD_PROSE for child in element):
+            lines.append(" ".join("".join(element.itertext()).split()))
+            return
+        for child in element:
+            walk(child)
+
+    walk(page)
+    return _tidy("\n".join(line for line in lines if line))
 
 
 def documentation_files(source: str, root: Path = Path("/")) -> list[Path]:
@@ -234,6 +275,10 @@ def documentation_files(source: str, root: Path = Path("/")) -> list[Path]:
         return sorted((root / "usr/share/R/doc/manual").glob("R-*.html"))
     if source == "debian-handbook":
         return sorted((root / "usr/share/doc/debian-handbook/html/en-US").glob("*.html"))
+    if source == "libreoffice-help":
+        return sorted((root / "usr/share/libreoffice/help/en-US/text").rglob("*.html"))
+    if source == "gnome-help":
+        return sorted((root / "usr/share/help/C").glob("*/*.page"))
     if source == "linux-doc":
         return sorted((root / "usr/share/doc/linux-doc-6.1/Documentation").rglob("*.rst.gz"))
     if source == "perl-doc":
@@ -271,6 +316,8 @@ def read_documentation(source: str, paths: Iterable[Path]) -> Iterator[Text]:
     for path in paths:
         if source == "man-pages":
             text = _render_man_page(path)
+        elif path.suffix == ".page":
+            text = _mallard_text(path)
         elif path.name.endswith((".html", ".html.gz")):
             text = _html_text(path)
         elif source == "sklearn-doc":
@@ -348,6 +395,20 @@ def read_wordnet(root: Path = Path("/")) -> tuple[list[Text], list[dict]]:
             pairs.append({"query": lemmas, "document": gloss, "document_id": f"wordnet-{part}-{fields[0]}",
                           "source": "wordnet"})  # fmt: skip
     return texts, pairs
+
+
+def read_fortunes(root: Path = Path("/")) -> list[Text]:
+    """The sayings of the ``fortune`` databases (``/usr/share/games/fortunes/NAME``, one saying between lines
+    holding ``%``), one short text each, runs of spaces and tabs folded; the files of ASCII drawings left out."""
+    texts = []
+    for path in sorted((root / "usr/share/games/fortunes").glob("*")):
+        if not path.is_file() or path.suffix in (".dat", ".u8") or path.name in FORTUNE_PICTURES:
+            continue
+        for saying in re.split(r"^%$", path.read_text(encoding="utf-8", errors="replace"), flags=re.MULTILINE):
+            text = _tidy("\n".join(re.sub(r"[ \t]+", " ", line).strip() for line in saying.splitlines()))
+            if text:
+                texts.append(Text(text, "fortunes", "passage"))
+    return texts
 
 
 def licence_of(source: str, root: Path = Path("/")) -> str:
@@ -436,7 +497,8 @@ def sentence_run(text: str, rng: random.Random) -> str | None:
 
 
 # 6. Assembling ---------------------------------------------------------------------------------------------
-SOURCES = ("wordnet", *DOC_TOKEN_BUDGET)  # besides the MS MARCO queries, which are read whenever data holds them
+# Besides the MS MARCO queries, which are read whenever data holds them:
+SOURCES = ("wordnet", "fortunes", *DOC_TOKEN_BUDGET)
 
 
 def build(
@@ -465,6 +527,12 @@ def build(
             licences["wordnet"] = {"package": DOC_PACKAGES["wordnet"], "licence": licence_of("wordnet", doc_root)}
         else:
             logger.warning("no WordNet: is %s installed?", DOC_PACKAGES["wordnet"])
+    if "fortunes" in sources:
+        if texts := read_fortunes(doc_root):
+            short += texts
+            licences["fortunes"] = {"package": DOC_PACKAGES["fortunes"], "licence": licence_of("fortunes", doc_root)}
+        else:
+            logger.warning("no fortunes: is %s installed?", DOC_PACKAGES["fortunes"])
 
     records: list[dict] = []
     tokens_by: Counter = Counter()
@@ -494,7 +562,7 @@ def build(
         keep(item, len(ids))
 
     for source in sources:
-        if source == "wordnet":
+        if source in ("wordnet", "fortunes"):
             continue
         if source in DICTIONARIES:
             documents = read_dictionary(source, doc_root)

@@ -318,3 +318,46 @@ def test_sphinx_gallery_boilerplate_is_left_out(tmp_path):
         "    TimeoutError: no network\n\nThe end.\n",
     )
     assert text == "A demo\n======\n\nIt fits a model.\n\n.. code-block:: default\n\n    model.fit(X)\n\nThe end."
+
+
+def test_libreoffice_help_pages_give_their_display_area(tmp_path):
+    text = _read_one_page(
+        tmp_path,
+        "libreoffice-help",
+        "usr/share/libreoffice/help/en-US/text/scalc/guide/demo.html",
+        "<html><body><div id='Contents'>Contents</div><div id='Index'><div>Index</div></div>"
+        "<div id='DisplayArea' itemprop='softwareHelp'><h1>Defining Print Ranges</h1>"
+        "<p>Select the cells.</p><div class='note'><p>A note.</p></div></div>"
+        "<footer><p>This page is: demo.xhp</p></footer></body></html>",
+    )
+    assert text == "Defining Print Ranges\n\nSelect the cells.\n\nA note."
+
+
+def test_gnome_help_pages_give_their_prose(tmp_path):
+    text = _read_one_page(
+        tmp_path,
+        "gnome-help",
+        "usr/share/help/C/gnome-help/demo.page",
+        "<page xmlns='http://projectmallard.org/1.0/' id='demo'><info><credit><name>An Author</name></credit>"
+        "<desc>Metadata, not prose.</desc></info><title>Change the   wallpaper</title>"
+        "<p>Open the <gui>Settings</gui>.</p><steps><item><p>Click <gui>Background</gui>.</p></item>"
+        "<item><p>Pick one.</p></item></steps><code>gsettings set x y</code><note><p>Done.</p></note></page>",
+    )
+    assert text == "Change the wallpaper\nOpen the Settings.\nClick Background.\nPick one.\nDone."
+    broken = tmp_path / "usr/share/help/C/gnome-help/broken.page"
+    broken.write_text("<page><p>unclosed</page>")
+    assert builder._mallard_text(broken) == ""
+
+
+def test_fortunes_give_one_short_text_a_saying(tmp_path):
+    folder = tmp_path / "usr/share/games/fortunes"
+    folder.mkdir(parents=True)
+    (folder / "science").write_text("1 + 1 = 3, for large values of 1.\n%\nA  long\tsaying\n\t\t-- Someone\n%\n")
+    (folder / "science.dat").write_bytes(b"\x00\x02binary")
+    (folder / "art").write_text(" /\\_/\\\n( o.o )\n%\n")
+    texts = builder.read_fortunes(tmp_path)
+    assert [(t.text, t.source, t.kind) for t in texts] == [
+        ("1 + 1 = 3, for large values of 1.", "fortunes", "passage"),
+        ("A long saying\n-- Someone", "fortunes", "passage"),
+    ]
+    assert builder.read_fortunes(tmp_path / "elsewhere") == []

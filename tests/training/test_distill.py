@@ -500,3 +500,15 @@ def test_a_slower_control_stops_at_its_share_of_the_time(tokenizer_dir, tmp_path
     train_data = train.TrainData(ids, targets, list(range(len(ids))), [], pad_id=0)
     result = train.train_student(model, "transformer", train_data, "cpu", 10**6, 0.5, [])
     assert 1 <= result["steps"] < 10**6 and result["seconds"] < 30  # stopped by time, far short of its steps
+
+
+def test_a_timed_control_ends_on_time_not_at_the_share(tokenizer_dir, tmp_path, monkeypatch):
+    """The time cap is for a control planned in steps; a timed one (``sweep``) trains its seconds."""
+    monkeypatch.setattr(settings, "TRANSFORMER_MAX_SHARE", 0.0)  # any step is past the share
+    monkeypatch.setattr(settings, "MNRL_EVERY", 10**9)
+    model = students.build_transformer_student(tokenizer_dir, tmp_path / "tf", config=TINY_TRANSFORMER)
+    ids = [np.arange(1, 40, dtype=np.int32) for _ in range(64)]
+    targets = torch.nn.functional.normalize(torch.randn(len(ids), 384), dim=-1)
+    train_data = train.TrainData(ids, targets, list(range(len(ids))), [], pad_id=0)
+    result = train.train_student(model, "transformer", train_data, "cpu", None, 0.5, [])
+    assert result["seconds"] >= 0.5 and result["steps"] >= 1

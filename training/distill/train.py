@@ -174,7 +174,8 @@ def train_student(
             log.append(entry)
             logger.info("%s", entry)
         elapsed = time.perf_counter() - start
-        if kind == "transformer" and elapsed > settings.TRANSFORMER_MAX_SHARE * seconds:
+        if kind == "transformer" and total_steps is not None and elapsed > settings.TRANSFORMER_MAX_SHARE * seconds:
+            # the control planned in the Mamba student's steps stops at its share of the time (a timed run ends on time)
             logger.warning("transformer: stopped at step %d of %d (%.0f s)", step, total_steps, elapsed)
             break
         if checkpoint_dir is not None and time.perf_counter() - last_checkpoint > settings.CHECKPOINT_EVERY_SECONDS:
