@@ -61,6 +61,7 @@ import math
 import random
 import re
 import subprocess
+import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -238,8 +239,6 @@ _MALLARD_PROSE = {"title", "desc", "p", "item", "td"}  # Mallard elements whose 
 def _mallard_text(path: Path) -> str:
     """The prose of a Mallard help page (GNOME's ``.page``): titles, paragraphs, list items and table cells,
     one a line; the ``info`` block (credits, licence, links) and code and screens left out."""
-    import xml.etree.ElementTree as ElementTree
-
     try:
         page = ElementTree.parse(path).getroot()
     except ElementTree.ParseError:

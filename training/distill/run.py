@@ -182,8 +182,11 @@ def run_training(
     variant = settings.STUDENT_VARIANTS[student]
     seconds = settings.TRAIN_SECONDS if seconds is None else seconds
     run_settings = {"student": student, "mamba": variant, "train_seconds": seconds, "control": control}
-    if resume is not None:
-        run_settings |= {"resumed_from": checkpoint_meta(resume), "extend_to": extend_to}
+    if resume is not None:  # checked before the data and the teacher's targets are made
+        resumed = checkpoint_meta(resume)
+        if resumed.get("student", student) != student:
+            raise SystemExit(f"{resume} holds a checkpoint of student {resumed['student']!r}, not {student!r}")
+        run_settings |= {"resumed_from": resumed, "extend_to": extend_to}
     lower_case = lower_cases([student])
     run = prepare_training(work, output, run_settings, lower_case)
     deadline = run.record.started + run_seconds
@@ -192,10 +195,6 @@ def run_training(
 
     # 4. The Mamba student
     mamba, _, peak = build_student(student, work, output, teacher, lower_case, data)
-    if resume is not None:
-        meta = checkpoint_meta(resume)
-        if meta.get("student", student) != student:
-            raise SystemExit(f"{resume} holds a checkpoint of student {meta['student']!r}, not {student!r}")
     results["parameters"] = {"mamba": parameter_count(mamba)}
     results["held_out_cosine"] = {
         "mamba@init": held_out_cosine(mamba.to(device), "mamba", data, held_out, kinds, device)

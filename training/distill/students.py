@@ -71,9 +71,17 @@ def sif_log_weights(counts: np.ndarray, coefficient: float | None = None) -> tor
     return torch.from_numpy(np.log(a / (a + share))).float()
 
 
-def _start_from_teacher(table: torch.Tensor, dense: Dense, teacher: SentenceTransformer, tokenizer) -> None:
+def _start_from_teacher(
+    table: torch.Tensor, dense: Dense, teacher: SentenceTransformer, tokenizer,
+    token_log_weights: torch.Tensor | None, counts: np.ndarray | None,
+) -> None:  # fmt: skip
     """The token table becomes ``teacher_token_table``'s; the Dense head maps its principal directions back to
-    the teacher's space, scaled for a per-token norm (RMSNorm or LayerNorm: an RMS of 1), bias the teacher's mean."""
+    the teacher's space, scaled for a per-token norm (RMSNorm or LayerNorm: an RMS of 1), bias the teacher's mean.
+    A weighted mean's ``token_log_weights`` (None for a plain mean) start at the SIF weights of ``counts``."""
+    if token_log_weights is not None:
+        if counts is None:
+            raise ValueError("a weighted-mean student starts from SIF weights: pass the training texts' token counts")
+        token_log_weights.copy_(sif_log_weights(counts))
     rows, components, mean = teacher_token_table(teacher, tokenizer, table.shape[0], table.shape[1])
     table.copy_(rows)
     scale = rows.norm(dim=1).mean() / table.shape[1] ** 0.5
@@ -94,11 +102,8 @@ def initialise_from_teacher(
     the training texts' token counts, ``data.token_counts``): the untrained student is a SIF-weighted static model.
     """
     encoder, dense = model[0], model[1]
-    if encoder.pooling == "weighted-mean":
-        if counts is None:
-            raise ValueError("a weighted-mean student starts from SIF weights: pass the training texts' token counts")
-        encoder.token_log_weights.copy_(sif_log_weights(counts))
-    _start_from_teacher(encoder.backbone.embeddings.weight, dense, teacher, encoder.tokenizer)
+    weights = encoder.token_log_weights if encoder.pooling == "weighted-mean" else None
+    _start_from_teacher(encoder.backbone.embeddings.weight, dense, teacher, encoder.tokenizer, weights, counts)
     for layer in encoder.backbone.layers:
         layer.mixer.out_proj.weight.zero_()
 
@@ -142,11 +147,8 @@ def initialise_transformer_from_teacher(
     """
     encoder, pooling, dense = model[0], model[1], model[2]
     bert = encoder.auto_model
-    if isinstance(pooling, TokenWeightedMean):
-        if counts is None:
-            raise ValueError("a weighted-mean student starts from SIF weights: pass the training texts' token counts")
-        pooling.token_log_weights.copy_(sif_log_weights(counts))
-    _start_from_teacher(bert.embeddings.word_embeddings.weight, dense, teacher, encoder.tokenizer)
+    weights = pooling.token_log_weights if isinstance(pooling, TokenWeightedMean) else None
+    _start_from_teacher(bert.embeddings.word_embeddings.weight, dense, teacher, encoder.tokenizer, weights, counts)
     bert.embeddings.position_embeddings.weight.zero_()
     bert.embeddings.token_type_embeddings.weight.zero_()
     for layer in bert.encoder.layer:
