@@ -328,7 +328,7 @@ def plot(results: dict, path: Path) -> None:
         )  # table says the rest
         ax.set_title(title, fontsize=10)
     fig.suptitle(
-        f"model.encode, ST defaults: {results['machine'].split(',')[0]} ({results['device']}, {results['date']})"
+        f"model.encode, ST defaults: {results['machine'].split(',')[0]} ({results['device']}, {results['dtype']}, {results['date']})"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -58,6 +58,10 @@ SSD_WARPS = 4
 # pipeline stages: with Triton's default three the other gradients' kernel needs 296 KB in fp32 at d_state
 # 128; with two it needs 197 KB (fp32) and 123 KB (bf16), the dB/dC kernel 132 KB and 148 KB.
 SSD_BWD_BLOCK_N = 64
+# The pass over chunk states is a walk along each sequence: its parallelism is (sequences x heads x
+# blocks of SSD_PASS_BLOCK_P state rows), each program carrying a (SSD_PASS_BLOCK_P, N) running state.
+# At 64 a program of a 64-wide head walks its whole state; benchmarks/kernel_dev/tune_ssd.py times 16.
+SSD_PASS_BLOCK_P = 64
 SSD_BWD_STAGES = 2
 
 
@@ -154,7 +158,7 @@ def _ssd_state_passing_kernel(
     REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, head): walk the sequence's chunks, replacing each chunk's row of ``states`` by the
+    """One (sequence, head, block of BLOCK_P state rows): walk the sequence's chunks, replacing each chunk's row of ``states`` by the
     running state at that chunk, then folding the row in: s <- exp(cum_last) s + row.
 
     Forward: first to last from the initial state; rows in are end states from a zero start, rows out the
@@ -166,7 +170,7 @@ def _ssd_state_passing_kernel(
     head = tl.program_id(1)
     first = tl.load(chunk_off_ptr + seq)
     count = tl.load(chunk_off_ptr + seq + 1) - first
-    offs_p = tl.arange(0, BLOCK_P)
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     seq_ptrs, mask = _state_tile(init_ptr, seq * n_heads + head, offs_p, offs_n, headdim, d_state)
     if HAS_INIT:
@@ -466,11 +470,12 @@ class _Inputs:
     def pass_states(self, states: Tensor, log_decay: Tensor, init: Tensor | None, last: Tensor | None, reverse: bool):
         """``_ssd_state_passing_kernel`` over every (sequence, head)."""
         dummy = states.new_empty(0)
-        _ssd_state_passing_kernel[(self.chunks.n_seq, self.nheads)](
+        block_p = min(self.block_p, SSD_PASS_BLOCK_P)
+        _ssd_state_passing_kernel[(self.chunks.n_seq, self.nheads, triton.cdiv(self.headdim, block_p))](
             states, log_decay, self.chunks.offsets, _or(init, dummy), _or(last, dummy),
             self.nheads, self.headdim, self.d_state,
             REVERSE=reverse, HAS_INIT=init is not None, STORE_LAST=last is not None,
-            BLOCK_P=self.block_p, BLOCK_N=self.block_n, num_warps=SSD_WARPS,
+            BLOCK_P=block_p, BLOCK_N=self.block_n, num_warps=SSD_WARPS,
         )  # fmt: skip
 
     def start_states(self, final: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -72,15 +72,18 @@ def _scan_both(kw):
 
 @pytest.fixture(params=["chunk 16", "default chunk"])
 def chunk(request, monkeypatch):
-    """Chunks of 16 tokens (many chunk boundaries inside each sequence), or SSD_CHUNK as shipped."""
+    """Chunks of 16 tokens (many chunk boundaries inside each sequence) and the pass over states 8 rows a
+    program (a state's rows split over several programs), or the settings as shipped."""
     if request.param == "chunk 16":
         monkeypatch.setattr(triton_ssd, "SSD_CHUNK", 16)
+        monkeypatch.setattr(triton_ssd, "SSD_PASS_BLOCK_P", 8)
     return triton_ssd.SSD_CHUNK
 
 
 # (batch, length, nheads, headdim, ngroups, d_state): one token; lengths not a multiple of the chunk;
-# exactly one and two chunks of 16; two groups of two heads; headdim and d_state not powers of two.
-SSD_SHAPES = [(1, 1, 2, 4, 1, 4), (2, 37, 4, 8, 2, 8), (1, 32, 2, 16, 1, 16), (2, 21, 3, 5, 1, 6)]
+# exactly one and two chunks of 16; two groups of two heads; headdim and d_state not powers of two;
+# headdim over the pass's 8 rows a program and not a multiple of them.
+SSD_SHAPES = [(1, 1, 2, 4, 1, 4), (2, 37, 4, 8, 2, 8), (1, 32, 2, 16, 1, 16), (2, 21, 3, 5, 1, 6), (2, 40, 2, 40, 1, 8)]
 if not INTERPRETED:
     SSD_SHAPES += [(4, 300, 8, 64, 2, 64), (2, 1000, 24, 64, 1, 128)]
 

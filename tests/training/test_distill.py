@@ -6,6 +6,8 @@ import gzip
 import json
 import lzma
 import math
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from sentence_transformers import SentenceTransformer
 
 import st_mamba
 from tests.conftest import CORPUS, random_texts
+from training.distill import __main__ as cli
 from training.distill import checkpoints, data, evaluate, export, run, settings, students, train
 
 TINY_MAMBA = dict(d_model=32, n_layer=2, version=2, d_state=8, headdim=16, expand=2, vocab_size=400, eos_token_id=0)
@@ -512,3 +515,45 @@ def test_a_timed_control_ends_on_time_not_at_the_share(tokenizer_dir, tmp_path, 
     train_data = train.TrainData(ids, targets, list(range(len(ids))), [], pad_id=0)
     result = train.train_student(model, "transformer", train_data, "cpu", None, 0.5, [])
     assert result["seconds"] >= 0.5 and result["steps"] >= 1
+
+
+@pytest.mark.parametrize("kind", ["mamba", "transformer"])
+def test_training_stops_when_the_runs_time_is_up(kind, tokenizer_dir, tmp_path, monkeypatch):
+    """``stop_at`` ends a run planned in steps or seconds, so that the run still has time to evaluate it."""
+    monkeypatch.setattr(settings, "MNRL_EVERY", 10**9)
+    if kind == "mamba":
+        model = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+    else:
+        model = students.build_transformer_student(tokenizer_dir, tmp_path / "tf", config=TINY_TRANSFORMER)
+    ids = [np.arange(1, 40, dtype=np.int32) for _ in range(64)]
+    targets = torch.nn.functional.normalize(torch.randn(len(ids), 384), dim=-1)
+    train_data = train.TrainData(ids, targets, list(range(len(ids))), [], pad_id=0)
+    late = time.time() + 0.5
+    planned = train.train_student(model, kind, train_data, "cpu", 10**6, 10**6, [], stop_at=late)
+    assert 1 <= planned["steps"] < 10**6 and planned["stopped_early"] and time.time() - late < 30
+    timed = train.train_student(model, kind, train_data, "cpu", None, 10**6, [], stop_at=time.time() - 1)
+    assert timed["steps"] == 1 and timed["stopped_early"]  # a step is taken before the clock is read
+    on_time = train.train_student(model, kind, train_data, "cpu", 2, 10**6, [], stop_at=time.time() + 10**6)
+    assert on_time["steps"] == 2 and not on_time["stopped_early"]
+
+
+def test_train_resumes_with_the_checkpoints_student_and_batches(tmp_path, monkeypatch):
+    """``train --resume`` takes the student and batch size from the checkpoint unless they are given."""
+    tensors = {"w": torch.zeros(2)}
+    checkpoints.save_checkpoint(tensors, {"student": "mamba1-wmean-teacher-init", "max_batch_tokens": 32768}, tmp_path)
+    calls = []
+    monkeypatch.setattr(cli, "run_training", lambda *args, **kw: calls.append((args, settings.MAX_BATCH_TOKENS)) or {})
+    monkeypatch.setattr(cli, "print_table", lambda results: None)
+    default_batch = settings.MAX_BATCH_TOKENS
+    monkeypatch.setattr(settings, "MAX_BATCH_TOKENS", default_batch)  # the command sets it: undone after the test
+    argv = ["distill", "train", "--output", str(tmp_path / "out"), "--resume", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    cli.main()
+    assert calls[-1][0][3] == "mamba1-wmean-teacher-init" and calls[-1][1] == 32768
+    monkeypatch.setattr(sys, "argv", [*argv, "--student", "mamba1-mean-teacher-init", "--batch-tokens", "4096"])
+    cli.main()  # what is given wins (train_student then refuses a batch size that differs)
+    assert calls[-1][0][3] == "mamba1-mean-teacher-init" and calls[-1][1] == 4096
+    settings.MAX_BATCH_TOKENS = default_batch
+    monkeypatch.setattr(sys, "argv", argv[:4])
+    cli.main()  # no checkpoint: the default student and batch size
+    assert calls[-1][0][3] == settings.STUDENT and calls[-1][1] == default_batch

@@ -15,6 +15,7 @@ from sentence_transformers import SentenceTransformer
 
 import training.distill
 from training.distill import settings
+from training.distill.checkpoints import checkpoint_meta
 from training.distill.data import read_jsonl_xz
 from training.distill.evaluate import (
     bm25_run_scores,
@@ -52,9 +53,8 @@ def main() -> None:
     p.add_argument("--resume", type=Path, default=None, help="folder of checkpoint shards to continue from")
     p.add_argument("--extend-to", type=float, default=None, metavar="SECONDS",
                    help="with --resume: train until the student has trained this many seconds in all (a longer schedule)")  # fmt: skip
-    p.add_argument(
-        "--student", default=settings.STUDENT, choices=sorted(settings.STUDENT_VARIANTS), help="which Mamba student"
-    )
+    p.add_argument("--student", default=None, choices=sorted(settings.STUDENT_VARIANTS),
+                   help=f"which Mamba student (default: the checkpoint's with --resume, else {settings.STUDENT})")  # fmt: skip
     p.add_argument(
         "--seconds",
         type=float,
@@ -66,7 +66,7 @@ def main() -> None:
     )
     p.add_argument("--run-seconds", type=float, default=settings.RUN_SECONDS,
                    help=f"the command's whole time: no evaluation starts past it (default {settings.RUN_SECONDS} s)")  # fmt: skip
-    p.add_argument("--batch-tokens", type=int, default=None, help=batch_help)
+    p.add_argument("--batch-tokens", type=int, default=None, help=batch_help + "; with --resume, the checkpoint's")
     p = sub.add_parser("sweep", help="train each student for the same time; held-out cosines (GPU)")
     p.add_argument("--work", type=Path, default=repo / ".distill")
     p.add_argument("--output", type=Path, required=True)
@@ -111,6 +111,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    if args.command == "train":  # a resumed run goes on as it was planned unless told otherwise
+        resumed = checkpoint_meta(args.resume) if args.resume is not None else {}
+        args.student = args.student or resumed.get("student", settings.STUDENT)
+        if args.batch_tokens is None:
+            args.batch_tokens = resumed.get("max_batch_tokens")
     if getattr(args, "batch_tokens", None) is not None:
         settings.MAX_BATCH_TOKENS = args.batch_tokens
 

@@ -190,6 +190,7 @@ def run_training(
     lower_case = lower_cases([student])
     run = prepare_training(work, output, run_settings, lower_case)
     deadline = run.record.started + run_seconds
+    stop_training = deadline - settings.EVALUATION_RESERVE_SECONDS  # what was trained is always evaluated
     results, teacher = run.record.results, run.teacher
     data, held_out, kinds, device = run.data, run.held_out, run.kinds, run.device
 
@@ -202,7 +203,7 @@ def run_training(
     meta = {"student": student, "config": variant["config"], "pooling": variant["pooling"], "do_lower_case": lower_case}
     results["train"] = {"mamba": train_student(mamba, "mamba", data, device, None, seconds, results["log"],
                                                checkpoint_dir=output, resume=resume, peak_learning_rate=peak,
-                                               checkpoint_meta=meta, extend_to=extend_to)}  # fmt: skip
+                                               checkpoint_meta=meta, extend_to=extend_to, stop_at=stop_training)}  # fmt: skip
     results["held_out_cosine"]["mamba"] = held_out_cosine(mamba, "mamba", data, held_out, kinds, device)
     run.record.mark("mamba_trained")
 
@@ -217,7 +218,7 @@ def run_training(
         )
         steps, mamba_seconds = results["train"]["mamba"]["steps"], results["train"]["mamba"]["trained_seconds"]
         results["train"]["transformer"] = train_student(  # a resumed Mamba run's steps and time count in full
-            transformer, "transformer", data, device, steps, mamba_seconds, results["log"]
+            transformer, "transformer", data, device, steps, mamba_seconds, results["log"], stop_at=stop_training
         )
         results["held_out_cosine"]["transformer"] = held_out_cosine(
             transformer, "transformer", data, held_out, kinds, device

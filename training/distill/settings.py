@@ -69,6 +69,7 @@ SHARD_BYTES = 16 * 2**20  # most bytes in one checkpoint file...
 HEADER_BYTES = 64 * 2**10  # ...of which this much is kept for the safetensors header (names, shapes, metadata)
 CHECKPOINT_EVERY_SECONDS = 45
 RUN_SECONDS = 520  # no evaluation run starts later than 25 s, and no speed test later than 20 s, before this
+EVALUATION_RESERVE_SECONDS = 120  # training, Mamba or control, stops this long before RUN_SECONDS run out
 TOKEN_TABLE_BATCH = 1024  # vocabulary entries the teacher embeds at a time (``teacher_token_table``)
 EVAL_BATCH = {"teacher": 256, "mamba": 64, "transformer": 64}
 RECASED = ("upper", "lower", "title")  # SciFact's test queries are also run re-typed so (beir.QUERY_CASES)

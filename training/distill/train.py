@@ -81,6 +81,7 @@ def train_student(
     peak_learning_rate: float = settings.LEARNING_RATE,
     checkpoint_meta: dict | None = None,
     extend_to: float | None = None,
+    stop_at: float | None = None,
 ) -> dict:
     """Train for ``total_steps``, or with ``total_steps=None`` for ``seconds`` of wall time.
 
@@ -89,7 +90,8 @@ def train_student(
     ``checkpoint_meta`` (the student's config and pooling) goes into the checkpoints with the progress.
     A resumed run keeps its checkpoint's plan; ``extend_to`` stretches a timed one to that many seconds of
     training in all, finished or not: the learning rate goes back up to the schedule's value at the share
-    already trained and decays to 0 over the rest.
+    already trained and decays to 0 over the rest. ``stop_at`` (a ``time.time()``) ends training early, so
+    that what was trained is still evaluated: the result's ``stopped_early`` says so.
     """
     model.to(device).train()
     # Training reads every text in one pass. The saved Mamba student streams texts past its chunk_size
@@ -129,6 +131,7 @@ def train_student(
     last_checkpoint = start
     tokens = 0
     step = first_step
+    stopped_early = False
     for _ in range(first_step):  # resume: skip the batches already seen, and the MNRL draws
         next(stream)
     for done in range(first_step):
@@ -177,6 +180,12 @@ def train_student(
         if kind == "transformer" and total_steps is not None and elapsed > settings.TRANSFORMER_MAX_SHARE * seconds:
             # the control planned in the Mamba student's steps stops at its share of the time (a timed run ends on time)
             logger.warning("transformer: stopped at step %d of %d (%.0f s)", step, total_steps, elapsed)
+            stopped_early = True
+            break
+        if stop_at is not None and time.time() > stop_at:
+            logger.warning("%s: the run's time is up, stopped at step %d (%.0f s of %s)", kind, step,
+                           elapsed, f"{total_steps} steps" if total_steps else f"{seconds:g} s")  # fmt: skip
+            stopped_early = True
             break
         if checkpoint_dir is not None and time.perf_counter() - last_checkpoint > settings.CHECKPOINT_EVERY_SECONDS:
             save()
@@ -190,7 +199,7 @@ def train_student(
     model.eval()
     return {"steps": step, "planned_steps": total_steps or step, "seconds": round(elapsed, 1), "tokens": tokens,
             "tokens_per_second": round(tokens / max(elapsed, 1e-9)),
-            "trained_seconds": round(seconds_before + elapsed, 1)}  # fmt: skip
+            "trained_seconds": round(seconds_before + elapsed, 1), "stopped_early": stopped_early}  # fmt: skip
 
 
 @torch.inference_mode()

@@ -1,0 +1,82 @@
+"""Whole Mamba-2 model time under the SSD kernels' settings (one CUDA GPU).
+
+A mamba2-130m-shaped backbone (random weights, bf16, 65,536 tokens a batch) runs its forward (and,
+with ``--backward``, forward + backward) under each setting of the ``st_mamba.ops.triton_ssd``
+constants below, the settings alternating round by round (``ab_kernels.best_of_two``); "default" is
+the library's. Each setting's output is also compared with the default's (max abs difference of the
+final hidden states), so a setting that breaks the scan shows.
+
+    python benchmarks/kernel_dev/tune_ssd.py [--lengths 512,2048,8192] [--backward]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from ab_kernels import TOKENS, best_of_two  # this script's folder, first on sys.path
+
+from st_mamba import MambaBackbone, MambaConfig
+from st_mamba.ops import triton_ssd as kernels
+
+FORWARD_SETTINGS = {
+    "default": {},
+    "whole state a pass program": {"SSD_PASS_BLOCK_P": 64},
+    "chunk 128": {"SSD_CHUNK": 128},
+    "chunk 256": {"SSD_CHUNK": 256},
+}
+BACKWARD_SETTINGS = {"default": {}, "whole state a pass program": {"SSD_PASS_BLOCK_P": 64}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lengths", default="512,2048,8192")
+    p.add_argument("--backward", action="store_true", help="also time forward + backward (pass settings only)")
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("tune_ssd.py needs a CUDA GPU")
+    names = {name for s in (*FORWARD_SETTINGS.values(), *BACKWARD_SETTINGS.values()) for name in s}
+    library = {name: getattr(kernels, name) for name in names}
+
+    def apply(setting: dict) -> None:
+        for name, value in {**library, **setting}.items():
+            setattr(kernels, name, value)
+
+    config = MambaConfig(d_model=768, n_layer=24, vocab_size=50280, version=2, d_state=128, headdim=64)
+    model = MambaBackbone(config).reset_parameters(seed=0).cuda().to(torch.bfloat16)
+    print(f"{torch.cuda.get_device_name()}: mamba2-130m shape, ms per {TOKENS:,} tokens (K tok/s)", flush=True)
+    for length in map(int, a.lengths.split(",")):
+        ids = torch.randint(0, 50000, (TOKENS // length, length), device="cuda")
+
+        def forward(setting: dict, ids=ids):
+            def step():
+                apply(setting)
+                with torch.inference_mode():
+                    return model(ids)
+
+            return step
+
+        reference = forward({})().float()
+        errors = {name: (forward(s)().float() - reference).abs().max().item() for name, s in FORWARD_SETTINGS.items()}
+        times = best_of_two(FORWARD_SETTINGS, forward, 7)
+        cells = ", ".join(f"{n} {ms:.2f} ({TOKENS / ms:,.0f}K, max diff {errors[n]:.2g})" for n, ms in times.items())
+        print(f"forward L={length}: {cells}", flush=True)
+        if a.backward:
+
+            def train_step(setting: dict, ids=ids):
+                def step():
+                    apply(setting)
+                    model(ids).float().square().mean().backward()
+
+                return step
+
+            times = best_of_two(BACKWARD_SETTINGS, train_step, 3)
+            cells = ", ".join(f"{n} {ms:.2f} ({TOKENS / ms:,.0f}K)" for n, ms in times.items())
+            print(f"forward+backward L={length}: {cells}", flush=True)
+            model.zero_grad(set_to_none=True)
+    apply({})
+
+
+if __name__ == "__main__":
+    main()
