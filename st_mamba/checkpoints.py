@@ -28,7 +28,12 @@ from st_mamba.modeling import MambaBackbone
 GPT_NEOX_TOKENIZER = "EleutherAI/gpt-neox-20b"
 """The tokenizer of every state-spaces Mamba checkpoint; mamba_ssm-format folders do not carry it."""
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 class CheckpointError(ValueError):
@@ -142,9 +147,24 @@ def _config_from_mamba_ssm(raw: dict[str, Any]) -> MambaConfig:
             version=2, headdim=ssm_cfg.pop("headdim", 64), ngroups=ngroups, norm_groups=ngroups,
             dt_limit=tuple(_json_float(v) for v in ssm_cfg.pop("dt_limit", (0.0, math.inf))), **common,
         )  # fmt: skip
-        if ssm_cfg.pop("norm_before_gate", False) or not ssm_cfg.pop("rmsnorm", True) or ssm_cfg.pop("D_has_hdim", False):
-            raise CheckpointError("Mamba-2 variants with norm_before_gate, D_has_hdim or without rmsnorm are not supported")
-    ignored = set(ssm_cfg) - {"dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "A_init_range", "chunk_size", "use_fast_path"}
+        if (
+            ssm_cfg.pop("norm_before_gate", False)
+            or not ssm_cfg.pop("rmsnorm", True)
+            or ssm_cfg.pop("D_has_hdim", False)
+        ):
+            raise CheckpointError(
+                "Mamba-2 variants with norm_before_gate, D_has_hdim or without rmsnorm are not supported"
+            )
+    ignored = set(ssm_cfg) - {
+        "dt_min",
+        "dt_max",
+        "dt_init",
+        "dt_scale",
+        "dt_init_floor",
+        "A_init_range",
+        "chunk_size",
+        "use_fast_path",
+    }
     if ignored:
         raise CheckpointError(f"unsupported ssm_cfg options: {sorted(ignored)}")
     return config
@@ -241,7 +261,9 @@ def check_state_dict(backbone: MambaBackbone, state: dict[str, torch.Tensor], so
         if tuple(state[k].shape) != expected[k]
     ]
     if missing or unexpected or mismatched:
-        lines = [f"checkpoint {source} does not match a {backbone.config.n_layer}-layer Mamba-{backbone.config.version} backbone:"]
+        lines = [
+            f"checkpoint {source} does not match a {backbone.config.n_layer}-layer Mamba-{backbone.config.version} backbone:"
+        ]
         if missing:
             lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
         if unexpected:

@@ -158,8 +158,9 @@ def _ssd_state_passing_kernel(
     REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_LAST: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, head, block of BLOCK_P state rows): walk the sequence's chunks, replacing each chunk's row of ``states`` by the
-    running state at that chunk, then folding the row in: s <- exp(cum_last) s + row.
+    """One (sequence, head, block of BLOCK_P state rows): walk the sequence's chunks, replacing each
+    chunk's row of ``states`` by the running state at that chunk, then folding the row in:
+    s <- exp(cum_last) s + row.
 
     Forward: first to last from the initial state; rows in are end states from a zero start, rows out the
     chunks' start states, and the last running state is the final state. REVERSE: last to first from the
@@ -468,7 +469,7 @@ class _Inputs:
         )  # fmt: skip
 
     def pass_states(self, states: Tensor, log_decay: Tensor, init: Tensor | None, last: Tensor | None, reverse: bool):
-        """``_ssd_state_passing_kernel`` over every (sequence, head)."""
+        """``_ssd_state_passing_kernel`` over every (sequence, head, block of state rows)."""
         dummy = states.new_empty(0)
         block_p = min(self.block_p, SSD_PASS_BLOCK_P)
         _ssd_state_passing_kernel[(self.chunks.n_seq, self.nheads, triton.cdiv(self.headdim, block_p))](
