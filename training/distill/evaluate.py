@@ -14,6 +14,7 @@ from st_mamba.evaluation.beir import BeirDataset, load_beir
 from st_mamba.evaluation.encoding import DocumentEncoding, encode_documents
 from st_mamba.evaluation.retrieval import dense_search
 from training.distill import settings
+from training.distill.data import teacher_targets
 from training.distill.train import _synchronize
 
 logger = logging.getLogger("distill")
@@ -196,8 +197,6 @@ def teacher_agreement(
     Set beside the held-out cosine on training texts, it tells how far the distillation carries to text
     the student never read: a gap is a matter of the training texts, no gap one of the student.
     """
-    from training.distill.data import teacher_targets
-
     out: dict[str, dict[str, float]] = {}
     for name in ("scifact", "trec-dl-2019"):
         dataset = load_beir(data_dir / name, "test")
