@@ -19,6 +19,12 @@ Sources (the data set's README in ../shared/data, and each Debian package's
   Jargon File), each entry a text;
 - ``fortunes`` (fortunes): the sayings of the ``fortune`` databases (quotations, jokes, proverbs), each
   a short text of its own;
+- ``gene-ontology`` (r-bioc-go.db): every Gene Ontology term's definition as a passage, its name as a
+  query, and (name, definition) as a pair: biology written as definitions;
+- ``debian-descriptions``: the descriptions of the Debian archive's packages (the ``Translation-en``
+  index that ``apt-get -o Acquire::Languages=en update`` fetches): each long description as a passage
+  (paragraphs seen in an earlier description left out), its one-line synopsis as a query, and
+  (synopsis, description) as a pair: software of every field, Debian Med's and Debian Science's included;
 - documentation that Debian packages install: the Python 3.11 manual's reST sources (python3-doc),
   the Linux kernel's Documentation/ (linux-doc), Perl's pod manual (perl-doc), man pages rendered
   with groff (manpages, manpages-dev and every other installed package's pages), scikit-learn's
@@ -29,9 +35,9 @@ Sources (the data set's README in ../shared/data, and each Debian package's
 
 Install the packages once::
 
-    apt-get update && apt-get install -y --no-install-recommends python3-doc linux-doc perl-doc groff \\
-        wordnet-base dict-gcide dict-foldoc dict-jargon python-sklearn-doc python-scipy-doc r-doc-html \\
-        debian-handbook fortunes libreoffice-help-en-us gnome-user-docs
+    apt-get -o Acquire::Languages=en update && apt-get install -y --no-install-recommends python3-doc \\
+        linux-doc perl-doc groff wordnet-base dict-gcide dict-foldoc dict-jargon python-sklearn-doc \\
+        python-scipy-doc r-doc-html debian-handbook fortunes libreoffice-help-en-us gnome-user-docs r-bioc-go.db
 
 Long texts (documentation, long dictionary entries) are cut, at GPT-NeoX token boundaries, into
 *passages* of ``SHORT_TOKENS`` and *segments* of ``LONG_TOKENS`` tokens (lengths drawn
@@ -101,7 +107,15 @@ DOC_PACKAGES = {
     "fortunes": "fortunes",
     "libreoffice-help": "libreoffice-help-en-us",
     "gnome-help": "gnome-user-docs",
+    "gene-ontology": "r-bioc-go.db",
 }
+GENE_ONTOLOGY_DB = "usr/lib/R/site-library/GO.db/extdata/GO.sqlite"
+GENE_ONTOLOGY_LICENCE = "the Gene Ontology's terms and definitions: CC BY 4.0 (geneontology.org)"
+APT_LISTS = "var/lib/apt/lists"
+DEBIAN_DESCRIPTIONS_LICENCE = (
+    "each description is part of its package's debian/control and under that package's licence (Debian main: DFSG-free)"
+)
+DESCRIPTION_MIN_WORDS = 12  # a description left with fewer new words than this is not kept
 DICTIONARIES = ("gcide", "foldoc", "jargon")  # dictd databases under /usr/share/dictd
 WORDNET_PARTS = ("noun", "verb", "adj", "adv")
 # Collections whose scores are reported (docs/evaluation.md, the model card): none of their texts is read.
@@ -410,13 +424,107 @@ def read_fortunes(root: Path = Path("/")) -> list[Text]:
     return texts
 
 
+def read_gene_ontology(root: Path = Path("/")) -> tuple[list[Text], list[dict]]:
+    """Gene Ontology terms from r-bioc-go.db's SQLite file: definitions as passages, names as queries, and
+    (name, definition) pairs. Empty if the package is not installed."""
+    path = root / GENE_ONTOLOGY_DB
+    if not path.is_file():
+        return [], []
+    import sqlite3
+
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
+        rows = connection.execute("SELECT go_id, term, definition FROM go_term ORDER BY go_id").fetchall()
+    texts: list[Text] = []
+    pairs: list[dict] = []
+    for go_id, term, definition in rows:
+        term, definition = " ".join((term or "").split()), " ".join((definition or "").split())
+        if not term or not definition or go_id == "all":
+            continue
+        texts += [Text(definition, "gene-ontology", "passage"), Text(term, "gene-ontology", "query")]
+        pairs.append({"query": term, "document": definition, "document_id": go_id, "source": "gene-ontology"})
+    return texts, pairs
+
+
+def _apt_index_text(path: Path) -> str:
+    """An apt index file as text, whatever apt compressed it with (apt-helper reads lz4 and zstd)."""
+    if path.suffix == ".gz":
+        return gzip.open(path).read().decode("utf-8", errors="replace")
+    if path.suffix == ".xz":
+        return lzma.open(path).read().decode("utf-8", errors="replace")
+    if path.suffix in (".lz4", ".zst", ".bz2"):
+        result = subprocess.run(["/usr/lib/apt/apt-helper", "cat-file", str(path)], capture_output=True, check=True)
+        return result.stdout.decode("utf-8", errors="replace")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _description_stanzas(text: str) -> Iterator[tuple[str, list[str]]]:
+    """(synopsis, paragraphs) of each ``Description-en`` of a Translation index (Debian policy 5.6.13:
+    continuation lines start with a space, `` .`` is a blank line, lines starting with two spaces are
+    shown verbatim: kept as lines of their own)."""
+    for stanza in text.split("\n\n"):
+        lines = stanza.splitlines()
+        start = next((i for i, line in enumerate(lines) if line.startswith("Description-en:")), None)
+        if start is None:
+            continue
+        synopsis = lines[start].split(":", 1)[1].strip()
+        paragraphs: list[list[str]] = [[]]
+        for line in lines[start + 1 :]:
+            if not line.startswith(" "):
+                break
+            if line.strip() == ".":
+                paragraphs.append([])
+            elif line.startswith("  "):
+                paragraphs[-1].append("\n" + line.strip())
+            else:
+                paragraphs[-1].append(line.strip())
+        joined = [" ".join(words).replace(" \n", "\n").strip() for words in paragraphs]
+        yield synopsis, [paragraph for paragraph in joined if paragraph]
+
+
+def read_debian_descriptions(root: Path = Path("/")) -> tuple[list[Text], list[dict]]:
+    """Package descriptions from the apt lists' ``*_i18n_Translation-en*`` files: each long description as a
+    passage, its synopsis as a query, and (synopsis, description) pairs.
+
+    Many packages of one source share paragraphs (a library, its -dev and -doc packages): a paragraph is
+    kept only the first time it is read, and a description left with fewer than ``DESCRIPTION_MIN_WORDS``
+    words is dropped, as are transitional and dummy packages. Empty without the index (apt's default in
+    containers is ``Acquire::Languages "none"``).
+    """
+    texts: list[Text] = []
+    pairs: list[dict] = []
+    seen_paragraphs: set[str] = set()
+    seen_synopses: set[str] = set()
+    for path in sorted((root / APT_LISTS).glob("*_i18n_Translation-en*")):
+        if not path.is_file():  # apt's folders of index diffs
+            continue
+        for synopsis, paragraphs in _description_stanzas(_apt_index_text(path)):
+            if re.search(r"\b(transitional|dummy)\b", synopsis, re.IGNORECASE) or normalise(synopsis) in seen_synopses:
+                continue
+            new = [paragraph for paragraph in paragraphs if normalise(paragraph) not in seen_paragraphs]
+            seen_paragraphs.update(normalise(paragraph) for paragraph in paragraphs)
+            description = "\n\n".join(new)
+            if len(description.split()) < DESCRIPTION_MIN_WORDS:
+                continue
+            seen_synopses.add(normalise(synopsis))
+            texts += [
+                Text(description, "debian-descriptions", "passage"),
+                Text(synopsis, "debian-descriptions", "query"),
+            ]
+            pairs.append({"query": synopsis, "document": description, "document_id": f"debian-{len(pairs)}",
+                          "source": "debian-descriptions"})  # fmt: skip
+    return texts, pairs
+
+
 def licence_of(source: str, root: Path = Path("/")) -> str:
     """First lines of the package's copyright file, for the manifest."""
+    if source == "debian-descriptions":
+        return DEBIAN_DESCRIPTIONS_LICENCE
     path = root / "usr/share/doc" / DOC_PACKAGES[source] / "copyright"
     if not path.is_file():
         return "unknown (copyright file not found)"
     head = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()][:6]
-    return f"see {path}: " + " | ".join(head)
+    licence = f"see {path}: " + " | ".join(head)
+    return f"{licence}; {GENE_ONTOLOGY_LICENCE}" if source == "gene-ontology" else licence
 
 
 # 4. Cutting long texts -------------------------------------------------------------------------------------
@@ -497,7 +605,9 @@ def sentence_run(text: str, rng: random.Random) -> str | None:
 
 # 6. Assembling ---------------------------------------------------------------------------------------------
 # Besides the MS MARCO queries, which are read whenever data holds them:
-SOURCES = ("wordnet", "fortunes", *DOC_TOKEN_BUDGET)
+SOURCES = ("wordnet", "fortunes", "gene-ontology", "debian-descriptions", *DOC_TOKEN_BUDGET)
+PAIRED_SOURCES = {"wordnet": read_wordnet, "gene-ontology": read_gene_ontology,
+                  "debian-descriptions": read_debian_descriptions}  # fmt: skip
 
 
 def build(
@@ -519,13 +629,19 @@ def build(
     pairs: list[dict] = []
     if (data / "msmarco-queries").is_dir():
         short += read_msmarco_queries(data)
-    if "wordnet" in sources:
-        texts, pairs = read_wordnet(doc_root)
+    for source, reader in PAIRED_SOURCES.items():
+        if source not in sources:
+            continue
+        texts, source_pairs = reader(doc_root)
         if texts:
             short += texts
-            licences["wordnet"] = {"package": DOC_PACKAGES["wordnet"], "licence": licence_of("wordnet", doc_root)}
+            pairs += source_pairs
+            licences[source] = {
+                "package": DOC_PACKAGES.get(source, "apt lists"),
+                "licence": licence_of(source, doc_root),
+            }
         else:
-            logger.warning("no WordNet: is %s installed?", DOC_PACKAGES["wordnet"])
+            logger.warning("nothing read for %s: is %s installed?", source, DOC_PACKAGES.get(source, "Translation-en"))
     if "fortunes" in sources:
         if texts := read_fortunes(doc_root):
             short += texts
@@ -561,7 +677,7 @@ def build(
         keep(item, len(ids))
 
     for source in sources:
-        if source in ("wordnet", "fortunes"):
+        if source in ("fortunes", *PAIRED_SOURCES):
             continue
         if source in DICTIONARIES:
             documents = read_dictionary(source, doc_root)

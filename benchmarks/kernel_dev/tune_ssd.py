@@ -20,13 +20,14 @@ from ab_kernels import TOKENS, best_of_two  # this script's folder, first on sys
 from st_mamba import MambaBackbone, MambaConfig
 from st_mamba.ops import triton_ssd as kernels
 
+PASS_SETTINGS = {"default": {}, "pass rows 32": {"SSD_PASS_BLOCK_P": 32}, "pass rows 16": {"SSD_PASS_BLOCK_P": 16}}
 FORWARD_SETTINGS = {
-    "default": {},
-    "whole state a pass program": {"SSD_PASS_BLOCK_P": 64},
+    **PASS_SETTINGS,
     "chunk 128": {"SSD_CHUNK": 128},
+    "chunk 128, pass rows 16": {"SSD_CHUNK": 128, "SSD_PASS_BLOCK_P": 16},
     "chunk 256": {"SSD_CHUNK": 256},
 }
-BACKWARD_SETTINGS = {"default": {}, "whole state a pass program": {"SSD_PASS_BLOCK_P": 64}}
+BACKWARD_SETTINGS = PASS_SETTINGS
 
 
 def main() -> None:

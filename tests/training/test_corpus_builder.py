@@ -361,3 +361,66 @@ def test_fortunes_give_one_short_text_a_saying(tmp_path):
         ("A long saying\n-- Someone", "fortunes", "passage"),
     ]
     assert builder.read_fortunes(tmp_path / "elsewhere") == []
+
+
+def test_gene_ontology_terms_give_definitions_names_and_pairs(tmp_path):
+    import sqlite3
+
+    path = tmp_path / builder.GENE_ONTOLOGY_DB
+    path.parent.mkdir(parents=True)
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE go_term (_id INTEGER, go_id TEXT, term TEXT, ontology TEXT, definition TEXT)")
+        connection.executemany("INSERT INTO go_term VALUES (?, ?, ?, ?, ?)", [
+            (2, "GO:0000003", "reproduction", "BP", "The production of new  individuals."),
+            (1, "all", "all", "universal", "The root of every ontology."),
+            (3, "GO:0000001", "mitochondrion inheritance", "BP", "The distribution of mitochondria\ninto cells."),
+            (4, "GO:0000005", "an obsolete term", "MF", None),
+        ])  # fmt: skip
+    texts, pairs = builder.read_gene_ontology(tmp_path)
+    assert [(t.text, t.source, t.kind) for t in texts] == [
+        ("The distribution of mitochondria into cells.", "gene-ontology", "passage"),
+        ("mitochondrion inheritance", "gene-ontology", "query"),
+        ("The production of new individuals.", "gene-ontology", "passage"),
+        ("reproduction", "gene-ontology", "query"),
+    ]
+    assert pairs[1] == {"query": "reproduction", "document": "The production of new individuals.",
+                        "document_id": "GO:0000003", "source": "gene-ontology"}  # fmt: skip
+    assert builder.read_gene_ontology(tmp_path / "elsewhere") == ([], [])
+
+
+def _stanza(package: str, synopsis: str, *lines: str) -> str:
+    return f"Package: {package}\nDescription-md5: 0\nDescription-en: {synopsis}\n" + "".join(
+        f" {line}\n" for line in lines
+    )
+
+
+def test_debian_descriptions_give_new_paragraphs_synopses_and_pairs(tmp_path):
+    shared = "Foo is a library that aligns protein sequences quickly with a banded dynamic programme."
+    index = "\n".join([
+        _stanza("libfoo1", "protein sequence aligner (library)", shared, "."),
+        _stanza("libfoo-dev", "protein sequence aligner (development files)", shared, ".",
+                "This package holds the headers and the static library that programs built against foo need."),
+        _stanza("libfoo-doc", "protein sequence aligner (documentation)", shared, ".", "This package has the manual."),
+        _stanza("oldfoo", "transitional package for libfoo1", "It can safely be removed once nothing depends on it any more."),
+        _stanza("bar", "draws plots of measured data", "Bar reads columns of numbers and draws them as lines or", "points:",
+                ".", "  bar -x 1 data.txt", "  bar --log data.txt", ".", "Output goes to PNG, SVG or PDF files."),
+    ])  # fmt: skip
+    folder = tmp_path / builder.APT_LISTS
+    folder.mkdir(parents=True)
+    (folder / "deb.debian.org_debian_dists_bookworm_main_i18n_Translation-en").write_text(index)
+    diffs = folder / "deb.debian.org_debian_dists_bookworm_main_i18n_Translation-en.diff"
+    diffs.mkdir()  # apt's folder of index diffs
+    gzip_copy = folder / "deb.debian.org_debian_dists_bookworm-updates_main_i18n_Translation-en.gz"
+    gzip_copy.write_bytes(gzip.compress(index.encode()))  # the same index again: nothing new
+    texts, pairs = builder.read_debian_descriptions(tmp_path)
+    assert [(pair["query"], pair["document"]) for pair in pairs] == [
+        ("protein sequence aligner (library)", shared),
+        ("protein sequence aligner (development files)",
+         "This package holds the headers and the static library that programs built against foo need."),
+        ("draws plots of measured data", "Bar reads columns of numbers and draws them as lines or points:\n\n"
+         "bar -x 1 data.txt\nbar --log data.txt\n\nOutput goes to PNG, SVG or PDF files."),
+    ]  # fmt: skip
+    assert {(t.source, t.kind) for t in texts} == {("debian-descriptions", "passage"), ("debian-descriptions", "query")}
+    assert len(texts) == 2 * len(pairs)
+    assert builder.read_debian_descriptions(tmp_path / "elsewhere") == ([], [])
+    assert builder.licence_of("debian-descriptions") == builder.DEBIAN_DESCRIPTIONS_LICENCE
