@@ -641,7 +641,8 @@ def build(
                 "licence": licence_of(source, doc_root),
             }
         else:
-            logger.warning("nothing read for %s: is %s installed?", source, DOC_PACKAGES.get(source, "Translation-en"))
+            needs = DOC_PACKAGES.get(source, "the Translation-en index (apt-get -o Acquire::Languages=en update)")
+            logger.warning("nothing read for %s; it needs %s", source, needs)
     if "fortunes" in sources:
         if texts := read_fortunes(doc_root):
             short += texts
@@ -713,6 +714,7 @@ def build(
     manifest = {
         "records": len(records),
         "pairs": len(kept_pairs),
+        "pairs_by_source": dict(Counter(pair["source"] for pair in kept_pairs)),
         "gpt_neox_tokens": sum(tokens_by.values()),
         "tokens": {f"{source}/{kind}": count for (source, kind), count in sorted(tokens_by.items())},
         "records_by_kind": dict(Counter(record["kind"] for record in records)),

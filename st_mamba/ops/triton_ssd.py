@@ -60,7 +60,7 @@ SSD_WARPS = 4
 SSD_BWD_BLOCK_N = 64
 # The pass over chunk states is a walk along each sequence: its parallelism is (sequences x heads x
 # blocks of SSD_PASS_BLOCK_P state rows), each program carrying a (SSD_PASS_BLOCK_P, N) running state.
-# At 64 a program of a 64-wide head walks its whole state; benchmarks/kernel_dev/tune_ssd.py times 32 and 16.
+# At 64 a program of a 64-wide head walks its whole state; 32 and 16 were slower (docs/kernels.md).
 SSD_PASS_BLOCK_P = 64
 SSD_BWD_STAGES = 2
 

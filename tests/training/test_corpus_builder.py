@@ -146,6 +146,7 @@ def test_no_text_of_an_evaluation_collection_reaches_the_corpus(data_dir, tokeni
     assert pairs == [{"query": "selective scan", "document": "a scan whose parameters depend on the input",
                       "document_id": "wordnet-noun-00000000", "source": "wordnet"}]  # fmt: skip
     assert manifest["dropped"]["pair holding a text of an evaluation collection"] == 2
+    assert manifest["pairs_by_source"] == {"wordnet": 1}
     assert manifest["gpt_neox_tokens"] == sum(manifest["tokens"].values()) > 0
 
 

@@ -313,8 +313,10 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     scores = evaluate.score(results, work_folder / "data")
     assert set(scores) == expected_runs
     assert all(0.0 <= value <= 1.0 for measures in scores.values() for value in measures.values())
-    card = export.model_card(results, scores, {"gpt_neox_tokens": 123, "records": 4})
+    manifest = {"gpt_neox_tokens": 123, "records": 4, "pairs_by_source": {"wordnet": 1200, "gene-ontology": 3}}
+    card = export.model_card(results, scores, manifest)
     assert "# st-mamba-distilled" in card and f"{scores['scifact/mamba']['nDCG@10']:.3f}" in card
+    assert "real pairs (1,200 WordNet (lemmas, gloss), 3 Gene Ontology (term, definition))" in card
 
 
 @pytest.mark.slow

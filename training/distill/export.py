@@ -36,6 +36,11 @@ POOLING_WORDS = {
 }
 
 
+# What the corpus builder's pairs are, by source (build_distillation_corpus.PAIRED_SOURCES).
+PAIR_KINDS = {"wordnet": "WordNet (lemmas, gloss)", "gene-ontology": "Gene Ontology (term, definition)",
+              "debian-descriptions": "Debian package (synopsis, description)"}  # fmt: skip
+
+
 def model_card(
     results: dict,
     scores: dict[str, dict],
@@ -105,7 +110,11 @@ def model_card(
         if student.get("init") == "teacher"
         else ""
     )
-    pair_words = "real (lemmas, gloss) pairs of WordNet" if "wordnet" in sources else "real pairs"
+    if by_source := manifest.get("pairs_by_source"):
+        kinds = ", ".join(f"{count:,} {PAIR_KINDS.get(source, source)}" for source, count in by_source.items())
+        pair_words = f"real pairs ({kinds})"
+    else:
+        pair_words = "real (lemmas, gloss) pairs of WordNet" if "wordnet" in sources else "real pairs"
     speed = [
         f"| {results['device'] if row['device'] == 'cuda' else row['device']} | {row['tokens']:,} | {row['model']} "
         f"| {row['texts_per_second']:.1f} | {row['tokens_per_second']:,} |"
