@@ -569,3 +569,15 @@ def test_agreement_measures_how_close_a_student_comes_to_the_teacher(work_folder
     student = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
     random_student = evaluate.teacher_agreement(student, tiny_teacher, work_folder / "data", documents=5)
     assert all(values["queries"] < 0.9 for values in random_student.values())
+
+
+def test_the_score_plot_draws_the_control_only_where_the_run_trained_one(tmp_path):
+    pytest.importorskip("matplotlib")
+    scores = {"scifact/mamba": {"nDCG@10": 0.5}, "scifact/teacher": {"nDCG@10": 0.64}, "scifact/bm25": {"nDCG@10": 0.68},
+              "qmsum-summary/mamba:one-pass": {"nDCG@10": 0.48}}  # fmt: skip
+    drawn = evaluate.plot_scores(scores, tmp_path / "without.png")
+    assert drawn == ["st-mamba student", "teacher all-MiniLM-L6-v2", "BM25"]
+    scores["qmsum-summary/transformer:model"] = {"nDCG@10": 0.52}
+    drawn = evaluate.plot_scores(scores, tmp_path / "with.png")
+    assert drawn == ["st-mamba student", "Transformer student (control)", "teacher all-MiniLM-L6-v2", "BM25"]
+    assert (tmp_path / "with.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

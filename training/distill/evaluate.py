@@ -114,16 +114,20 @@ def score(results: dict, data_dir: Path) -> dict[str, dict]:
     return scores
 
 
-# (label, run of the collection, reading of the Mamba student, reading of the teacher) for ``plot_scores``
-PLOTTED = [("SciFact", "scifact", "mamba", "teacher", "bm25"),
-           ("SciFact, queries\nin capitals", "scifact-upper", "mamba", "teacher", None),
-           ("TREC DL 2019", "trec-dl-2019", "mamba", "teacher", "bm25-run"),
-           ("QMSum\nsummary -> meeting", "qmsum-summary", "mamba:one-pass", "teacher:chunk:254:mean", None),
-           ("QMSum\nquestion -> meeting", "qmsum-specific", "mamba:one-pass", "teacher:chunk:254:mean", None)]  # fmt: skip
+# (label, run of the collection, reading of the Mamba student, of the teacher, of BM25, of the Transformer
+# control) for ``plot_scores``
+PLOTTED = [("SciFact", "scifact", "mamba", "teacher", "bm25", "transformer"),
+           ("SciFact, queries\nin capitals", "scifact-upper", "mamba", "teacher", None, "transformer"),
+           ("TREC DL 2019", "trec-dl-2019", "mamba", "teacher", "bm25-run", "transformer"),
+           ("QMSum\nsummary -> meeting", "qmsum-summary", "mamba:one-pass", "teacher:chunk:254:mean", None,
+            "transformer:model"),
+           ("QMSum\nquestion -> meeting", "qmsum-specific", "mamba:one-pass", "teacher:chunk:254:mean", None,
+            "transformer:model")]  # fmt: skip
 
 
-def plot_scores(scores: dict[str, dict], path: Path) -> None:
-    """Bars of nDCG@10 per collection: the Mamba student, the teacher (QMSum: mean over its windows), BM25."""
+def plot_scores(scores: dict[str, dict], path: Path) -> list[str]:
+    """Bars of nDCG@10 per collection: the Mamba student, the Transformer control where the run trained one,
+    the teacher (QMSum: mean over its windows), BM25. Returns the names of the series drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,13 +137,15 @@ def plot_scores(scores: dict[str, dict], path: Path) -> None:
         return scores.get(name, {}).get("nDCG@10", float("nan")) if name else float("nan")
 
     labels = [label for label, *_ in PLOTTED]
-    bars = {"st-mamba student": [value(f"{run}/{mamba}") for _, run, mamba, _, _ in PLOTTED],
-            "teacher all-MiniLM-L6-v2": [value(f"{run}/{teacher}") for _, run, _, teacher, _ in PLOTTED],
-            "BM25": [value(bm25 and f"{run}/{bm25}") for _, run, _, _, bm25 in PLOTTED]}  # fmt: skip
+    bars = {"st-mamba student": [value(f"{run}/{mamba}") for _, run, mamba, *_ in PLOTTED],
+            "Transformer student (control)": [value(f"{run}/{control}") for _, run, *_, control in PLOTTED],
+            "teacher all-MiniLM-L6-v2": [value(f"{run}/{teacher}") for _, run, _, teacher, *_ in PLOTTED],
+            "BM25": [value(bm25 and f"{run}/{bm25}") for _, run, _, _, bm25, _ in PLOTTED]}  # fmt: skip
+    bars = {name: heights for name, heights in bars.items() if any(h == h for h in heights)}  # NaN != NaN
     figure, axes = plt.subplots(figsize=(9, 4))
-    width = 0.27
+    width = 0.8 / len(bars)
     for offset, (name, heights) in enumerate(bars.items()):
-        positions = [index + (offset - 1) * width for index in range(len(labels))]
+        positions = [index + (offset - (len(bars) - 1) / 2) * width for index in range(len(labels))]
         drawn = axes.bar(positions, heights, width, label=name)
         axes.bar_label(drawn, fmt="%.3f", fontsize=7)
     axes.set_xticks(range(len(labels)), labels, fontsize=8)
@@ -149,6 +155,7 @@ def plot_scores(scores: dict[str, dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+    return list(bars)
 
 
 def bm25_run_scores(data_dir: Path, run_file: Path) -> dict[str, dict]:
