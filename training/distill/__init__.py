@@ -12,7 +12,8 @@ with mean pooling, its token table initialised from the teacher, lower-cased inp
 BERT-shaped Transformer (mean pooling), each followed by a Dense layer to the teacher's 384
 dimensions and Normalize. Loss: ST's ``MSELoss`` to the targets (times ``MSE_WEIGHT``) plus, every
 ``MNRL_EVERY`` steps, ST's ``MultipleNegativesRankingLoss`` on the corpus's real pairs (WordNet's
-lemmas and glosses, Gene Ontology terms and definitions, package synopses and descriptions). The corpus holds no text of the collections scored here (zero-shot: see
+lemmas and glosses, Gene Ontology terms and definitions, package synopses and descriptions). The
+corpus holds no text of the collections scored here (zero-shot: see
 training/build_distillation_corpus.py). Training length is set by time: the Mamba student trains
 ``TRAIN_SECONDS`` (or ``--seconds``) of wall time, its learning rate following the share of that
 time spent; the Transformer then takes the same steps (stopped at ``TRANSFORMER_MAX_SHARE`` times
