@@ -441,3 +441,44 @@ def test_kernels_built_for_narrower_vectors_match_the_reference(march, needs, mo
         assert_close("conv", cpu.causal_conv1d_cpu(x, weight, bias), causal_conv1d_reference(x, weight, bias))
     finally:
         cpu._library.cache_clear()
+
+
+def test_release_threads_ends_the_calling_threads_openmp_workers(monkeypatch):
+    """After a parallel region a thread keeps torch.get_num_threads() - 1 workers; releasing ends them."""
+    import functools
+    import os
+    import threading
+    import time
+
+    if torch.get_num_threads() < 2 or not os.path.isdir("/proc/self/task") or not cpu.available():
+        pytest.skip("needs Linux, the compiled kernels and at least two PyTorch threads")
+
+    def thread_count(expected: int | None = None) -> int:
+        for _ in range(200):  # released workers leave asynchronously
+            count = len(os.listdir("/proc/self/task"))
+            if expected is None or count == expected:
+                break
+            time.sleep(0.005)
+        return count
+
+    seen = {}
+    a = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+
+    def work() -> None:
+        seen["before"] = thread_count()
+        torch.mm(a, a)  # the first parallel region of this thread starts its workers
+        seen["working"] = thread_count()
+        seen["released"] = cpu.release_threads()
+        seen["after"] = thread_count(seen["before"])
+        seen["product"] = torch.mm(a, a)  # new workers, same result
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert seen["working"] == seen["before"] + torch.get_num_threads() - 1
+    assert seen["released"] is True
+    assert seen["after"] == seen["before"]
+    assert_close("product", seen["product"], a.double().mm(a.double()).float())
+    # a process that never loaded the kernels does not build them to release threads
+    monkeypatch.setattr(cpu, "_library", functools.cache(lambda: pytest.fail("the kernels were built")))
+    assert cpu.release_threads() is False
