@@ -166,8 +166,6 @@ def _library() -> ctypes.CDLL | None:
             library.selective_scan_fwd.restype = library.causal_conv1d_fwd.restype = None
             library.st_mamba_set_thread_count.argtypes = [ctypes.c_int]
             library.st_mamba_set_thread_count.restype = ctypes.c_int
-            library.st_mamba_release_threads.argtypes = []
-            library.st_mamba_release_threads.restype = ctypes.c_int
             return library
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             reason = f"building or loading {SOURCE_DIR} failed: {error}"
@@ -347,24 +345,36 @@ def one_thread() -> Iterator[None]:
         library.st_mamba_set_thread_count(previous)
 
 
+@functools.cache
+def _omp_pause():
+    """OpenMP 5.0's ``omp_pause_resource_all`` of the libgomp this process has loaded (PyTorch's, the one the
+    kernels link), or None: no libgomp loaded, or one older than OpenMP 5.0. Nothing is loaded for this."""
+    no_load = getattr(os, "RTLD_NOLOAD", None)
+    if no_load is None:
+        return None
+    try:
+        pause = ctypes.CDLL("libgomp.so.1", mode=no_load | os.RTLD_NOW).omp_pause_resource_all
+    except (OSError, AttributeError):
+        return None
+    pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+    return pause
+
+
 def release_threads() -> bool:
     """End the OpenMP worker threads that the calling thread's parallel regions left behind.
 
     libgomp keeps a pool of worker threads for every thread that has run a parallel region (PyTorch's
     CPU ops, oneDNN, these kernels). Once all the pools together hold more threads than the machine has
     cores, it stops letting idle workers spin and puts them to sleep, so every parallel region of every
-    thread pays for waking them: on the 2-core benchmark machine the shipped model's forward of 64
-    queries took 42 ms on one thread, and 86 ms on that thread once a second thread had run the model
-    too (docs/benchmarks.md, "Latency of one encode call"). A thread that is done with PyTorch (the
-    thread that loaded and warmed up a model, before a worker thread serves it) calls this to give its
-    workers back; its next parallel region starts new ones. True where it did; False without the
-    compiled library (it is not built for this: a process that never ran the CPU kernels gets False) or
-    where the OpenMP runtime refused.
+    thread pays for waking them: on a 2-core benchmark machine the shipped model's forward of 64 queries
+    took 42 ms on one thread, and 86 ms on that thread once a second thread had run the model too
+    (docs/benchmarks.md, "Latency of one encode call"). A thread that is done with PyTorch (the thread
+    that loaded and warmed up a model, before a worker thread serves it) calls this to give its workers
+    back (OpenMP's soft pause); its next parallel region starts new ones. True where it did; False where
+    the process has no libgomp with OpenMP 5.0 loaded.
     """
-    if not _library.cache_info().currsize:
-        return False
-    library = _library()
-    return library is not None and library.st_mamba_release_threads() == 0
+    pause = _omp_pause()
+    return pause is not None and pause(1) == 0  # 1: omp_pause_soft
 
 
 @functools.cache
