@@ -498,14 +498,15 @@ def read_debian_descriptions(root: Path = Path("/")) -> tuple[list[Text], list[d
         if not path.is_file():  # apt's folders of index diffs
             continue
         for synopsis, paragraphs in _description_stanzas(_apt_index_text(path)):
-            if re.search(r"\b(transitional|dummy)\b", synopsis, re.IGNORECASE) or normalise(synopsis) in seen_synopses:
+            synopsis_key, keys = normalise(synopsis), [normalise(paragraph) for paragraph in paragraphs]
+            if re.search(r"\b(transitional|dummy)\b", synopsis, re.IGNORECASE) or synopsis_key in seen_synopses:
                 continue
-            new = [paragraph for paragraph in paragraphs if normalise(paragraph) not in seen_paragraphs]
-            seen_paragraphs.update(normalise(paragraph) for paragraph in paragraphs)
+            new = [paragraph for paragraph, key in zip(paragraphs, keys, strict=True) if key not in seen_paragraphs]
+            seen_paragraphs.update(keys)
             description = "\n\n".join(new)
             if len(description.split()) < DESCRIPTION_MIN_WORDS:
                 continue
-            seen_synopses.add(normalise(synopsis))
+            seen_synopses.add(synopsis_key)
             texts += [
                 Text(description, "debian-descriptions", "passage"),
                 Text(synopsis, "debian-descriptions", "query"),
