@@ -6,7 +6,7 @@
    random weights (bf16, 65,536 tokens a batch, 128 x 512 by default; each of ``--lengths`` in turn):
    GPU time by kernel, largest first.
 
-    python benchmarks/kernel_dev/profile_gpu.py [--model 130m|370m] [--lengths 512,2048] [--forward-only]
+    python benchmarks/kernel_dev/profile_gpu.py [--model 130m|370m|mamba2-130m|mamba2-370m] [--lengths 512,2048] [--forward-only]
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def kernel_times(model: torch.nn.Module, ids: torch.Tensor, backward: bool, top:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="130m", choices=["130m", "370m"])
+    p.add_argument("--model", default="130m", choices=["130m", "370m", "mamba2-130m", "mamba2-370m"])
     p.add_argument("--lengths", default="512", help="tokens a sequence, comma-separated")
     p.add_argument("--forward-only", action="store_true", help="leave out the forward + backward profiles")
     a = p.parse_args()
@@ -83,11 +83,12 @@ def main() -> None:
         sys.exit("profile_gpu.py needs a CUDA GPU")
     print(torch.cuda.get_device_name(), flush=True)
     unit_rates()
-    config = MambaConfig(**MODELS[f"st-mamba-{a.model}"][1])
+    shape = a.model if a.model.startswith("mamba2") else f"mamba-{a.model}"
+    config = MambaConfig(**MODELS[f"st-{shape}"][1])
     model = MambaBackbone(config).reset_parameters(seed=0).cuda().to(torch.bfloat16)
     for length in map(int, a.lengths.split(",")):
         ids = torch.randint(0, 50000, (TOKENS // length, length), device="cuda")
-        print(f"\nmamba-{a.model} shape, bf16, {TOKENS // length} x {length} tokens")
+        print(f"\n{shape} shape, bf16, {TOKENS // length} x {length} tokens")
         for backward in (False,) if a.forward_only else (False, True):
             kernel_times(model, ids, backward)
 

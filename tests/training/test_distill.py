@@ -64,6 +64,54 @@ def test_teacher_target_is_the_renormalised_mean_over_windows(tiny_teacher):
     torch.testing.assert_close(targets[1], torch.nn.functional.normalize(mean, dim=0), atol=1e-5, rtol=1e-5)
 
 
+def test_teacher_targets_put_a_wordpiece_teachers_special_tokens_around_every_window(tmp_path, monkeypatch):
+    """all-MiniLM-L6-v2's case: [CLS] and [SEP] around each window of 254 word pieces, cut from one tokenisation."""
+    import re
+
+    from sentence_transformers.base.modules import Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    text = " ".join(CORPUS).lower()
+    words = sorted(set(re.findall(r"\w+|[^\w\s]", text)))
+    chars = sorted(set(text) - set(" \t\n") - set(words))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *chars, *("##" + c for c in sorted(set(text)))]
+    tokenizer = BertTokenizer(vocab={piece: i for i, piece in enumerate(vocab)})
+    torch.manual_seed(1)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=384, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=512), add_pooling_layer=False).save_pretrained(tmp_path)  # fmt: skip
+    tokenizer.save_pretrained(tmp_path)
+    teacher = SentenceTransformer(modules=[Transformer(str(tmp_path), max_seq_length=settings.TEACHER_WINDOW),
+                                           Pooling(384, pooling_mode="mean"), Normalize()], device="cpu")  # fmt: skip
+    assert data._special_tokens(teacher.tokenizer) == ([2], [3])
+    long_text = " ".join(CORPUS[:4] * 20)  # word-level pieces: a window's text re-tokenises to its own ids
+    texts = ["", "state space models", long_text]
+    targets = data.teacher_targets(teacher, texts, batch_size=2)
+    alone = teacher.encode(texts[:2], convert_to_tensor=True, normalize_embeddings=True)
+    torch.testing.assert_close(targets[:2], alone, atol=1e-5, rtol=1e-5)
+    spans = teacher.tokenizer(long_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    windows = [spans[i : i + 254] for i in range(0, len(spans), 254)]
+    assert len(windows) >= 3 and len(spans) % 254  # full windows and a short last one
+    pieces = [long_text[w[0][0] : w[-1][1]] for w in windows]
+    mean = teacher.encode(pieces, convert_to_tensor=True, normalize_embeddings=True).mean(0)
+    torch.testing.assert_close(targets[2], torch.nn.functional.normalize(mean, dim=0), atol=1e-5, rtol=1e-5)
+    # each window weighted by its word pieces: the short tail counts for what it holds
+    monkeypatch.setattr(settings, "TARGET_WINDOW_WEIGHTS", "tokens")
+    weighted = data.teacher_targets(teacher, texts, batch_size=2)
+    torch.testing.assert_close(weighted[:2], alone, atol=1e-5, rtol=1e-5)
+    sizes = torch.tensor([len(w) for w in windows], dtype=torch.float32)
+    by_size = (teacher.encode(pieces, convert_to_tensor=True, normalize_embeddings=True) * sizes[:, None]).sum(0)
+    torch.testing.assert_close(weighted[2], torch.nn.functional.normalize(by_size, dim=0), atol=1e-5, rtol=1e-5)
+    assert (weighted[2] - targets[2]).abs().max() > 1e-4  # the random teacher gives similar windows; 1e-5 above
+    monkeypatch.setattr(settings, "TARGET_WINDOW_WEIGHTS", "by length")
+    with pytest.raises(ValueError, match="TARGET_WINDOW_WEIGHTS must be"):
+        data.teacher_targets(teacher, texts)
+    monkeypatch.setattr(settings, "TARGET_WINDOW_WEIGHTS", "equal")
+    teacher.max_seq_length = 200
+    with pytest.raises(ValueError, match="longer than the teacher's max_seq_length"):
+        data.teacher_targets(teacher, texts)
+
+
 @pytest.mark.parametrize("kind", ["mamba", "transformer"])
 def test_collate_matches_the_students_own_preprocess(kind, tokenizer_dir, tmp_path):
     if kind == "mamba":
@@ -326,8 +374,11 @@ def test_a_run_without_the_control_trains_and_evaluates_the_mamba_student_only(w
     monkeypatch.setattr(settings, "TOKENS_PER_TEXT", 4)
     monkeypatch.setattr(settings, "HELD_OUT", 6)
     monkeypatch.setattr(settings, "TEACHER_DIM", 384)
+    monkeypatch.setattr(settings, "TARGET_WINDOW_WEIGHTS", "tokens")
     results = run.run_training(work_folder, tmp_path / "out", None, "tiny-mean", smoke=True, seconds=1.0, control=False)  # fmt: skip
     assert set(results["train"]) == {"mamba"} and results["train"]["mamba"]["seconds"] >= 1.0
+    assert results["settings"]["target_window_weights"] == "tokens"
+    assert checkpoints.checkpoint_meta(tmp_path / "out")["target_window_weights"] == "tokens"  # what --resume reads
     assert results["settings"]["train_seconds"] == 1.0 and results["settings"]["control"] is False
     assert not any("transformer" in name for name in results["runs"])
     assert {row["model"] for row in results["speed"]} == {"mamba", "teacher"}
@@ -335,6 +386,7 @@ def test_a_run_without_the_control_trains_and_evaluates_the_mamba_student_only(w
     scores = evaluate.score(results, work_folder / "data")
     card = export.model_card(results, scores, {})
     assert "Transformer student" not in card and "no Transformer control" in card
+    assert "256-token windows, each weighted by its word pieces" in card
     # with the scores of a run that did train the control: its two students get rows of their own
     control = ({"train": {"mamba": {"steps": 7}, "transformer": {"steps": 7}}, "settings": {"train_seconds": 150.0}},
                {"scifact/mamba": {"nDCG@10": 0.25}, "scifact/transformer": {"nDCG@10": 0.375}})  # fmt: skip

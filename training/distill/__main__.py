@@ -42,6 +42,8 @@ def main() -> None:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     batch_help = f"padded tokens a batch holds (default {settings.MAX_BATCH_TOKENS:,})"
+    weights_help = (f"a long text's target is its windows' mean, each window counting once (equal) or by its word pieces "
+                    f"(tokens); default {settings.TARGET_WINDOW_WEIGHTS}")  # fmt: skip
     p = sub.add_parser("prepare", help="gather corpus, teacher, tokenizer and evaluation data into one folder")
     p.add_argument("--corpus", type=Path, default=repo / ".distill" / "corpus")
     p.add_argument("--data", type=Path, default=repo.parent / "shared" / "data")
@@ -68,6 +70,12 @@ def main() -> None:
     p.add_argument("--run-seconds", type=float, default=settings.RUN_SECONDS,
                    help=f"the command's whole time: no evaluation starts past it (default {settings.RUN_SECONDS} s)")  # fmt: skip
     p.add_argument("--batch-tokens", type=int, default=None, help=batch_help + "; with --resume, the checkpoint's")
+    p.add_argument(
+        "--window-weights",
+        choices=["equal", "tokens"],
+        default=None,
+        help=weights_help + "; with --resume, the checkpoint's",
+    )
     p = sub.add_parser("sweep", help="train each student for the same time; held-out cosines (GPU)")
     p.add_argument("--work", type=Path, default=repo / ".distill")
     p.add_argument("--output", type=Path, required=True)
@@ -102,6 +110,9 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=repo / ".distill" / "data")
     p.add_argument("--documents", type=int, default=1000, help="documents drawn from each corpus")
     p.add_argument("--output", type=Path, required=True, help="JSON file for the cosines")
+    p.add_argument(
+        "--window-weights", choices=["equal", "tokens"], default=None, help=weights_help + " (as in training)"
+    )
     p = sub.add_parser("init", help="save a Mamba student as training starts it (to score its starting point)")
     p.add_argument("--student", default=settings.STUDENT, choices=sorted(settings.STUDENT_VARIANTS))
     p.add_argument("--work", type=Path, default=repo / ".distill", help="what `prepare` wrote (corpus, tokenizer)")
@@ -123,8 +134,12 @@ def main() -> None:
         args.student = args.student or resumed.get("student", settings.STUDENT)
         if args.batch_tokens is None:
             args.batch_tokens = resumed.get("max_batch_tokens")
+        if args.window_weights is None:
+            args.window_weights = resumed.get("target_window_weights", "equal")
     if getattr(args, "batch_tokens", None) is not None:
         settings.MAX_BATCH_TOKENS = args.batch_tokens
+    if getattr(args, "window_weights", None) is not None:
+        settings.TARGET_WINDOW_WEIGHTS = args.window_weights
 
     if getattr(args, "extend_to", None) is not None and args.resume is None:
         parser.error("--extend-to continues a checkpoint: it needs --resume")

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 
-from st_mamba.evaluation.encoding import split_into_chunks
 from training.distill import settings
 
 
@@ -30,13 +29,61 @@ def split_held_out(records: list[dict], count: int, seed: int) -> tuple[list[int
 
 
 def teacher_targets(teacher: SentenceTransformer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """(N, 384) float32: each text's mean teacher embedding over consecutive 256-token windows, renormalised."""
-    pieces, offsets = split_into_chunks(teacher, texts, settings.TEACHER_WINDOW - 2)
-    vectors = teacher.encode(pieces, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
-                             show_progress_bar=False).float()  # fmt: skip
-    owner = torch.repeat_interleave(torch.arange(len(texts)), torch.from_numpy(np.diff(offsets))).to(vectors.device)
-    sums = torch.zeros(len(texts), vectors.shape[1], device=vectors.device).index_add_(0, owner, vectors)
+    """(N, 384) float32: each text's mean teacher embedding over windows of its word pieces, renormalised.
+
+    Each text is tokenised once and cut into consecutive windows of ``TEACHER_WINDOW - 2`` word pieces;
+    a window's ids, between the tokenizer's special tokens, go to the teacher as they are (no decoding and
+    re-encoding of pieces: that second tokenisation was most of the time). An empty text is one empty window.
+    The windows' unit vectors are averaged with weights ``TARGET_WINDOW_WEIGHTS``: 1 each, or their word pieces.
+    """
+    tokenizer = teacher.tokenizer
+    prefix, suffix = _special_tokens(tokenizer)
+    size = settings.TEACHER_WINDOW - 2
+    if teacher.max_seq_length is not None and size + len(prefix) + len(suffix) > teacher.max_seq_length:
+        raise ValueError(f"a window of {size} word pieces and {len(prefix) + len(suffix)} special tokens is longer "
+                         f"than the teacher's max_seq_length ({teacher.max_seq_length})")  # fmt: skip
+    windows: list[list[int]] = []
+    owner: list[int] = []
+    for index, row in enumerate(tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                                          return_token_type_ids=False, verbose=False)["input_ids"]):  # fmt: skip
+        for start in range(0, max(len(row), 1), size):
+            windows.append(prefix + row[start : start + size] + suffix)
+            owner.append(index)
+    lengths = np.array([len(window) for window in windows], dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")  # longest first: little padding, and memory peaks at once
+    extra = {key: value for key, value in teacher.preprocess([""]).items() if not isinstance(value, torch.Tensor)}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    vectors = torch.empty(len(windows), settings.TEACHER_DIM, device=teacher.device)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = int(lengths[rows[0]])
+            columns = np.arange(width)
+            input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+            input_ids[columns < lengths[rows, None]] = np.concatenate([windows[i] for i in rows])
+            features = {"input_ids": torch.from_numpy(input_ids),
+                        "attention_mask": torch.from_numpy((columns < lengths[rows, None]).astype(np.int64))}  # fmt: skip
+            features = {key: value.to(teacher.device) for key, value in features.items()} | extra
+            embedded = teacher(features)["sentence_embedding"]
+            vectors[torch.from_numpy(rows).to(teacher.device)] = F.normalize(embedded.float(), dim=-1)
+    if settings.TARGET_WINDOW_WEIGHTS == "tokens":
+        pieces = torch.from_numpy(lengths - len(prefix) - len(suffix)).clamp_(min=1)
+        vectors *= pieces.to(vectors.device, torch.float32)[:, None]
+    elif settings.TARGET_WINDOW_WEIGHTS != "equal":
+        raise ValueError(f"TARGET_WINDOW_WEIGHTS must be 'equal' or 'tokens', not {settings.TARGET_WINDOW_WEIGHTS!r}")
+    owner_t = torch.tensor(owner, device=vectors.device)
+    sums = torch.zeros(len(texts), vectors.shape[1], device=vectors.device).index_add_(0, owner_t, vectors)
     return F.normalize(sums, dim=-1).cpu()
+
+
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text's own (BERT: [CLS] and [SEP]; none for GPT-NeoX)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    raise ValueError(f"cannot find the text's ids {plain} among {full}: unknown special-token layout")
 
 
 def tokenize(tokenizer, texts: list[str], limit: int, lower_case: bool = False, batch: int = 20000) -> list[np.ndarray]:

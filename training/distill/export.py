@@ -121,6 +121,9 @@ def model_card(
         for row in [*results.get("speed", []), *more_speed]
     ]
     newline = "\n"
+    window_words = (
+        ", each weighted by its word pieces" if results["settings"].get("target_window_weights") == "tokens" else ""
+    )
     return f"""---
 library_name: sentence-transformers
 pipeline_tag: sentence-similarity
@@ -142,7 +145,7 @@ model = SentenceTransformer("models/st-mamba-distilled", trust_remote_code=True)
 ## Training
 Corpus: {manifest.get("gpt_neox_tokens", 0):,} GPT-NeoX tokens of offline text ({manifest.get("records", 0):,} texts from
 {sources}). {init}Target: the teacher's embedding, or for long texts the mean of
-its embeddings over consecutive 256-token windows. Loss: MSELoss x {settings.MSE_WEIGHT:g}, plus
+its embeddings over consecutive 256-token windows{window_words}. Loss: MSELoss x {settings.MSE_WEIGHT:g}, plus
 MultipleNegativesRankingLoss x {settings.MNRL_WEIGHT} every {settings.MNRL_EVERY} steps on {results["corpus"]["pairs"]:,} {pair_words}.
 {train["steps"]:,} steps, {train["tokens"]:,} tokens, {train["seconds"]} s on {results["device"]}.
 

@@ -74,6 +74,7 @@ def prepare_training(work: Path, output: Path, run_settings: dict, lower_case: b
     output.mkdir(parents=True, exist_ok=True)
     results: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                      "settings": {**run_settings, "transformer": settings.TRANSFORMER, "max_batch_tokens": settings.MAX_BATCH_TOKENS,
+                                  "target_window_weights": settings.TARGET_WINDOW_WEIGHTS,
                                   "mse_weight": settings.MSE_WEIGHT, "mnrl": [settings.MNRL_EVERY, settings.MNRL_BATCH, settings.MNRL_WEIGHT]},
                      "log": [], "timings": {}}  # fmt: skip
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 SEED = 0
 TEACHER_WINDOW = 256  # the teacher's max_seq_length: 254 word pieces + [CLS] + [SEP]
 TEACHER_DIM = 384
+# A long text's target is the mean of its windows' embeddings, each window counting once ("equal") or by its
+# word pieces ("tokens": a 2-piece tail window then counts 2/256 of a 256-piece text, not half of it).
+TARGET_WINDOW_WEIGHTS = "equal"
 MAMBA2 = dict(d_model=256, n_layer=12, version=2, d_state=64, headdim=64, expand=2, vocab_size=50280, eos_token_id=0)
 MAMBA1 = dict(d_model=256, n_layer=12, version=1, d_state=16, expand=2, vocab_size=50280, eos_token_id=0)
 TRANSFORMER = dict(hidden_size=256, num_hidden_layers=5, num_attention_heads=4, intermediate_size=1024,

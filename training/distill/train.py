@@ -145,6 +145,7 @@ def train_student(
 
     def save() -> None:
         meta = {"step": step, "total_steps": total_steps, "seconds": seconds, "max_batch_tokens": settings.MAX_BATCH_TOKENS,
+                "target_window_weights": settings.TARGET_WINDOW_WEIGHTS,
                 "trained_seconds": round(seconds_before + time.perf_counter() - start, 2), **(checkpoint_meta or {})}  # fmt: skip
         save_checkpoint(checkpoint_tensors(model, optimizer), meta, checkpoint_dir)
 
