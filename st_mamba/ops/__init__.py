@@ -297,7 +297,7 @@ def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, groups: int = 1, eps: f
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
-    """``F.linear``, or oneDNN's matmul (``cpu.linear_onednn``) for fp32 CPU inference; plus ``residual``.
+    """``F.linear``, or oneDNN's matmul (``cpu.linear_onednn``) for fp32 and bf16 CPU inference; plus ``residual``.
 
     On CUDA, ``residual + x @ weight.T`` is one GEMM that adds the residual (cuBLAS with beta = 1;
     fp32 accumulate, one rounding) instead of a second kernel that reads both tensors again.
@@ -316,8 +316,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
     onednn = (
         _forced in (None, "cpu")
         and x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and _cpu.onednn_available()
+        and x.dtype == weight.dtype
+        and _cpu.onednn_supports(x.dtype)
         and not _needs_grad(x, weight, bias)
     )
     _announce("linear", "cpu" if onednn else "torch", x.device)

@@ -51,11 +51,14 @@ def _check(inputs: dict, dt_softplus: bool = True) -> None:
 
 
 # N = 16 takes the kernel's unrolled path, other N the generic one; d_inner 40 and 7 leave a partial
-# block of channels; lengths 1, odd and 257 are multiples of nothing in particular.
+# block of channels; lengths 1, odd and 257 are multiples of nothing in particular. The scan walks
+# tiles of 64 tokens in groups of 8 blocks of channels: lengths 64, 130 and 200 end on and across
+# tiles, d_inner 150 and 300 make more than one group (the last one partial, with a partial block).
 @pytest.mark.parametrize(
     "batch,length,d_inner,d_state",
-    [(1, 1, 16, 16), (2, 37, 40, 16), (2, 130, 48, 16), (2, 19, 7, 3), (1, 64, 33, 5), (2, 23, 20, 64)],
-)
+    [(1, 1, 16, 16), (2, 37, 40, 16), (2, 130, 48, 16), (2, 19, 7, 3), (1, 64, 33, 5), (2, 23, 20, 64),
+     (2, 200, 150, 16), (1, 130, 300, 5)],
+)  # fmt: skip
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 def test_matches_reference(batch, length, d_inner, d_state, strided):
     _check(_inputs(batch, length, d_inner, d_state, seed=batch * 1000 + length, strided=strided))
@@ -222,8 +225,9 @@ def _packed(lengths: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("d_state", [16, 5])
 def test_packed_scan_equals_each_sequence_alone(lengths, d_state):
     """A packed batch: every sequence starts from its own state and leaves its own; none sees another."""
-    inputs = _inputs(1, sum(lengths), 40, d_state, seed=len(lengths) + d_state, strided=True)
-    inputs["initial_state"] = torch.randn(len(lengths), 40, d_state, generator=torch.Generator().manual_seed(1))
+    d_inner = 140  # two groups of blocks, the second with a partial block
+    inputs = _inputs(1, sum(lengths), d_inner, d_state, seed=len(lengths) + d_state, strided=True)
+    inputs["initial_state"] = torch.randn(len(lengths), d_inner, d_state, generator=torch.Generator().manual_seed(1))
     cu_seqlens = _packed(lengths)
     y, h = cpu.selective_scan_cpu(**inputs, dt_softplus=True, return_final_state=True, cu_seqlens=cu_seqlens)
     bounds = cu_seqlens.tolist()
@@ -337,14 +341,34 @@ def test_weights_changed_in_place_are_seen_at_the_next_forward():
     assert_close("hidden", hidden, expected)
 
 
-@pytest.mark.skipif(not cpu.onednn_available(), reason="this PyTorch build has no oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_onednn_matches_f_linear(with_bias):
+def test_linear_onednn_matches_f_linear(with_bias, dtype):
+    if not cpu.onednn_supports(dtype):
+        pytest.skip(f"oneDNN does not run {dtype} on this CPU (or this PyTorch build has no oneDNN)")
     g = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 37, 80, generator=g)[..., :48]  # strided, like dt of the x_proj split
-    weight = torch.randn(96, 48, generator=g)
-    bias = torch.randn(96, generator=g) if with_bias else None
-    assert_close("y", cpu.linear_onednn(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+    x = torch.randn(2, 37, 80, generator=g)[..., :48].to(dtype)  # strided, like dt of the x_proj split
+    weight = torch.randn(96, 48, generator=g).to(dtype)
+    bias = torch.randn(96, generator=g).to(dtype) if with_bias else None
+    y = cpu.linear_onednn(x, weight, bias)
+    assert y.dtype == dtype
+    assert_close("y", y, torch.nn.functional.linear(x, weight, bias))
+
+
+def test_bf16_projections_use_onednn_only_where_the_cpu_runs_bf16(monkeypatch):
+    """oneDNN refuses bf16 without AVX-512 BW/VL/DQ or AVX-NE-CONVERT: there the projection stays F.linear."""
+    monkeypatch.setattr(ops, "_forced", None)
+    g = torch.Generator().manual_seed(8)
+    x, weight = torch.randn(3, 48, generator=g).bfloat16(), torch.randn(96, 48, generator=g).bfloat16()
+    expected = torch.nn.functional.linear(x, weight)
+    for supported in (False, True):
+        if supported and not cpu.onednn_supports(torch.bfloat16):
+            continue
+        monkeypatch.setattr(ops, "_announced", set())
+        monkeypatch.setattr(cpu, "onednn_supports", lambda dtype, supported=supported: supported)
+        with torch.no_grad():
+            assert_close("y", ops.linear(x, weight), expected)
+        assert {op: backend for op, backend, _ in ops._announced} == {"linear": "cpu" if supported else "torch"}
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
