@@ -82,6 +82,9 @@ static inline __attribute__((always_inline)) void scan_tile(const ScanArgs *a, i
     for (int64_t n = 0; n < d_state; n++) h_io[n] = h[n];
 }
 
+/* Channels in the block that starts at channel d0: LANES, or fewer in the last block. */
+static inline int block_width(const ScanArgs *a, int64_t d0) { return a->d_inner - d0 < LANES ? (int)(a->d_inner - d0) : LANES; }
+
 /* Prefetches elements [c0, c1) of row (b, t) into the cache, one request per cache line. */
 static inline void prefetch_row(Seq s, int64_t b, int64_t t, int64_t c0, int64_t c1, const int bf16) {
     const char *row = (const char *)s.data + (seq_offset(s, b, t)) * (bf16 ? 2 : 4);
@@ -89,9 +92,9 @@ static inline void prefetch_row(Seq s, int64_t b, int64_t t, int64_t c0, int64_t
 }
 
 /*
- * Sequence `item` for blocks [first, first + count) of LANES channels (count <= GROUP_BLOCKS): each block's
- * A and state sit in `state` while the group walks the sequence one tile at a time, every block of the
- * group in turn.
+ * Sequence `item` for blocks [first, first + count) of LANES channels (count <= GROUP_BLOCKS): block j's
+ * A (times log2 e) and state sit in A_log2[j] and h[j] while the group walks the sequence one tile at a
+ * time, every block of the group in turn.
  */
 static inline __attribute__((always_inline)) void scan_group(const ScanArgs *a, int64_t item, int64_t first,
                                                              int64_t count, const int64_t d_state, const int bf16) {
@@ -106,7 +109,7 @@ static inline __attribute__((always_inline)) void scan_group(const ScanArgs *a, 
     float B_wide[bf16 ? TILE_TOKENS * d_state : 1], C_wide[bf16 ? TILE_TOKENS * d_state : 1];
     for (int64_t j = 0; j < count; j++) {
         int64_t d0 = (first + j) * LANES;
-        int width = a->d_inner - d0 < LANES ? (int)(a->d_inner - d0) : LANES;
+        int width = block_width(a, d0);
         for (int64_t n = 0; n < d_state; n++) {
             h[j][n] = broadcast(0.0f);
             A_log2[j][n] = broadcast(0.0f);
@@ -146,7 +149,7 @@ static inline __attribute__((always_inline)) void scan_group(const ScanArgs *a, 
         }
         for (int64_t j = 0; j < count; j++) {
             int64_t d0 = (first + j) * LANES;
-            int width = a->d_inner - d0 < LANES ? (int)(a->d_inner - d0) : LANES;
+            int width = block_width(a, d0);
             if (width == LANES) scan_tile(a, b, d0, LANES, t0, t1, h[j], A_log2[j], B, C, b_stride, c_stride, d_state, bf16);
             else scan_tile(a, b, d0, width, t0, t1, h[j], A_log2[j], B, C, b_stride, c_stride, d_state, bf16);
         }
@@ -154,7 +157,7 @@ static inline __attribute__((always_inline)) void scan_group(const ScanArgs *a, 
     if (a->final_state) {
         for (int64_t j = 0; j < count; j++) {
             int64_t d0 = (first + j) * LANES;
-            int width = a->d_inner - d0 < LANES ? (int)(a->d_inner - d0) : LANES;
+            int width = block_width(a, d0);
             for (int64_t n = 0; n < d_state; n++)
                 for (int lane = 0; lane < width; lane++)
                     a->final_state[(item * a->d_inner + d0 + lane) * d_state + n] = h[j][n][lane];
