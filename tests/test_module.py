@@ -12,7 +12,7 @@ from sentence_transformers import SentenceTransformer
 import st_mamba
 from st_mamba import MambaEncoder, TokenizerNotFoundError
 from st_mamba.checkpoints import CheckpointError
-from tests.conftest import GPT_NEOX_DIR, random_texts, tiny_config
+from tests.conftest import CORPUS, GPT_NEOX_DIR, random_texts, tiny_config
 
 
 def encoder_of(model: SentenceTransformer) -> MambaEncoder:
@@ -69,6 +69,26 @@ def test_streaming_equals_one_pass(tiny_model, chunk_size):
     encoder_of(tiny_model).chunk_size = chunk_size
     streamed = tiny_model.encode(texts, convert_to_tensor=True)
     assert (one_pass - streamed).abs().max().item() <= 1e-4
+
+
+def test_streaming_reads_only_the_texts_still_going(tiny_model, monkeypatch):
+    """Once a text's EOS is behind, later chunks leave it out; none reads past the longest text left."""
+    enc = encoder_of(tiny_model)
+    texts = ["short one", " ".join(CORPUS), " ".join(CORPUS * 2)]
+    lengths = enc.preprocess(texts)["attention_mask"].sum(1).tolist()  # with EOS, cut at max_seq_length
+    expected = tiny_model.encode(texts, convert_to_tensor=True, batch_size=3)
+    enc.chunk_size = 8
+    shapes = []
+    forward = enc.backbone.forward
+    monkeypatch.setattr(
+        enc.backbone, "forward", lambda ids, *a, **k: shapes.append(tuple(ids.shape)) or forward(ids, *a, **k)
+    )
+    streamed = tiny_model.encode(texts, convert_to_tensor=True, batch_size=3)
+    assert (expected - streamed).abs().max().item() <= 1e-4
+    going = [sum(length > start for length in lengths) for start in range(0, max(lengths), 8)]
+    assert [rows for rows, _ in shapes] == going and going[-1] == 1 and going[0] == 3
+    assert sum(rows * width for rows, width in shapes) < 3 * max(lengths)
+    assert shapes[-1][1] == (max(lengths) - 1) % 8 + 1
 
 
 def test_streaming_returns_no_token_embeddings(tiny_model):
