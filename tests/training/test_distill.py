@@ -25,18 +25,14 @@ TINY_TRANSFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads
                         max_position_embeddings=512, vocab_size=400)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher(tokenizer_dir, tmp_path_factory) -> SentenceTransformer:
+def _bert_teacher(folder: Path, tokenizer, vocab_size: int, seed: int) -> SentenceTransformer:
     """A random BERT with a 256-token window and mean pooling, shaped like all-MiniLM-L6-v2 but tiny (dim 384)."""
     from sentence_transformers.base.modules import Normalize, Transformer
     from sentence_transformers.sentence_transformer.modules import Pooling
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import BertConfig, BertModel
 
-    folder = tmp_path_factory.mktemp("teacher")
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    tokenizer.pad_token = tokenizer.eos_token
-    BertModel(BertConfig(vocab_size=400, hidden_size=384, num_hidden_layers=1, num_attention_heads=4,
+    torch.manual_seed(seed)
+    BertModel(BertConfig(vocab_size=vocab_size, hidden_size=384, num_hidden_layers=1, num_attention_heads=4,
                          intermediate_size=64, max_position_embeddings=512), add_pooling_layer=False).save_pretrained(folder)  # fmt: skip
     tokenizer.save_pretrained(folder)
     modules = [
@@ -45,6 +41,24 @@ def tiny_teacher(tokenizer_dir, tmp_path_factory) -> SentenceTransformer:
         Normalize(),
     ]
     return SentenceTransformer(modules=modules, device="cpu")
+
+
+def _window_pieces(teacher: SentenceTransformer, text: str) -> tuple[list[str], torch.Tensor]:
+    """The text's consecutive windows of 254 of the teacher's tokens, as substrings cut at token boundaries,
+    and each window's number of tokens."""
+    spans = teacher.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    windows = [spans[i : i + 254] for i in range(0, len(spans), 254)]
+    return [text[w[0][0] : w[-1][1]] for w in windows], torch.tensor([len(w) for w in windows], dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tokenizer_dir, tmp_path_factory) -> SentenceTransformer:
+    """The tiny BERT teacher reading GPT-NeoX tokens (no special tokens)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.pad_token = tokenizer.eos_token
+    return _bert_teacher(tmp_path_factory.mktemp("teacher"), tokenizer, vocab_size=400, seed=0)
 
 
 def test_teacher_target_is_the_renormalised_mean_over_windows(tiny_teacher):
@@ -56,10 +70,8 @@ def test_teacher_target_is_the_renormalised_mean_over_windows(tiny_teacher):
     short = tiny_teacher.encode(["a short query"], convert_to_tensor=True, normalize_embeddings=True)[0]
     torch.testing.assert_close(targets[0], short, atol=1e-5, rtol=1e-5)
     # the long text: windows of 254 tokens, cut at token boundaries
-    spans = tiny_teacher.tokenizer(long_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    windows = [spans[i : i + 254] for i in range(0, len(spans), 254)]
-    assert len(windows) > 2
-    pieces = [long_text[w[0][0] : w[-1][1]] for w in windows]
+    pieces, _ = _window_pieces(tiny_teacher, long_text)
+    assert len(pieces) > 2
     mean = tiny_teacher.encode(pieces, convert_to_tensor=True, normalize_embeddings=True).mean(0)
     torch.testing.assert_close(targets[1], torch.nn.functional.normalize(mean, dim=0), atol=1e-5, rtol=1e-5)
 
@@ -68,38 +80,28 @@ def test_teacher_targets_put_a_wordpiece_teachers_special_tokens_around_every_wi
     """all-MiniLM-L6-v2's case: [CLS] and [SEP] around each window of 254 word pieces, cut from one tokenisation."""
     import re
 
-    from sentence_transformers.base.modules import Normalize, Transformer
-    from sentence_transformers.sentence_transformer.modules import Pooling
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from transformers import BertTokenizer
 
     text = " ".join(CORPUS).lower()
     words = sorted(set(re.findall(r"\w+|[^\w\s]", text)))
     chars = sorted(set(text) - set(" \t\n") - set(words))
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *chars, *("##" + c for c in sorted(set(text)))]
     tokenizer = BertTokenizer(vocab={piece: i for i, piece in enumerate(vocab)})
-    torch.manual_seed(1)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=384, num_hidden_layers=1, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=512), add_pooling_layer=False).save_pretrained(tmp_path)  # fmt: skip
-    tokenizer.save_pretrained(tmp_path)
-    teacher = SentenceTransformer(modules=[Transformer(str(tmp_path), max_seq_length=settings.TEACHER_WINDOW),
-                                           Pooling(384, pooling_mode="mean"), Normalize()], device="cpu")  # fmt: skip
+    teacher = _bert_teacher(tmp_path, tokenizer, vocab_size=len(vocab), seed=1)
     assert data._special_tokens(teacher.tokenizer) == ([2], [3])
     long_text = " ".join(CORPUS[:4] * 20)  # word-level pieces: a window's text re-tokenises to its own ids
     texts = ["", "state space models", long_text]
     targets = data.teacher_targets(teacher, texts, batch_size=2)
     alone = teacher.encode(texts[:2], convert_to_tensor=True, normalize_embeddings=True)
     torch.testing.assert_close(targets[:2], alone, atol=1e-5, rtol=1e-5)
-    spans = teacher.tokenizer(long_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    windows = [spans[i : i + 254] for i in range(0, len(spans), 254)]
-    assert len(windows) >= 3 and len(spans) % 254  # full windows and a short last one
-    pieces = [long_text[w[0][0] : w[-1][1]] for w in windows]
+    pieces, sizes = _window_pieces(teacher, long_text)
+    assert len(pieces) >= 3 and sizes[-1] < 254  # full windows and a short last one
     mean = teacher.encode(pieces, convert_to_tensor=True, normalize_embeddings=True).mean(0)
     torch.testing.assert_close(targets[2], torch.nn.functional.normalize(mean, dim=0), atol=1e-5, rtol=1e-5)
     # each window weighted by its word pieces: the short tail counts for what it holds
     monkeypatch.setattr(settings, "TARGET_WINDOW_WEIGHTS", "tokens")
     weighted = data.teacher_targets(teacher, texts, batch_size=2)
     torch.testing.assert_close(weighted[:2], alone, atol=1e-5, rtol=1e-5)
-    sizes = torch.tensor([len(w) for w in windows], dtype=torch.float32)
     by_size = (teacher.encode(pieces, convert_to_tensor=True, normalize_embeddings=True) * sizes[:, None]).sum(0)
     torch.testing.assert_close(weighted[2], torch.nn.functional.normalize(by_size, dim=0), atol=1e-5, rtol=1e-5)
     assert (weighted[2] - targets[2]).abs().max() > 1e-4  # the random teacher gives similar windows; 1e-5 above
