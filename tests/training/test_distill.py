@@ -233,7 +233,8 @@ def test_checkpoint_shards_round_trip_and_resume_state(tokenizer_dir, tmp_path):
 
 @pytest.mark.parametrize("student", sorted(settings.STUDENT_VARIANTS))
 def test_checkpoint_of_every_real_student_fits_the_limits(student):
-    """The real sizes' checkpoints: shards <= 16 MiB, at most 64 MiB in all (counted, not written)."""
+    """The real sizes' checkpoints come back from the GPU machine in at most two calls (8 files, 64 MiB a
+    call): shards <= 16 MiB, at most 8 of them (counted, not written)."""
     from st_mamba import MambaBackbone, MambaConfig
 
     backbone = MambaBackbone(MambaConfig(**settings.STUDENT_VARIANTS[student]["config"]))
@@ -242,8 +243,7 @@ def test_checkpoint_of_every_real_student_fits_the_limits(student):
         count += backbone.embeddings.weight.shape[0]  # one weight a vocabulary entry
     embedding = backbone.embeddings.weight.numel()
     total = 2 * count + 2 * 2 * (count - embedding) + 4 * backbone.embeddings.weight.shape[0]
-    assert total <= 64 * 2**20
-    assert math.ceil(total / settings.SHARD_BYTES) <= 6
+    assert math.ceil(total / settings.SHARD_BYTES) <= 8
     assert 2 * count <= 48 * 10**6  # the fp16 model folder (+ a 2 MB tokenizer) stays under 50 MB
 
 

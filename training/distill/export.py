@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sentence_transformers import SentenceTransformer
 
+from st_mamba import MambaConfig
 from training.distill import settings
 from training.distill.checkpoints import load_checkpoint, restore
 from training.distill.students import build_mamba_student
@@ -131,7 +132,7 @@ tags: [sentence-transformers, st-mamba, mamba{student["config"]["version"]}, dis
 ---
 # st-mamba-distilled
 
-A Mamba-{student["config"]["version"]} retriever ({student["config"]["n_layer"]} layers, d_model {student["config"]["d_model"]}; EOS appended; {POOLING_WORDS[student["pooling"]]};
+A Mamba-{student["config"]["version"]} retriever ({student["config"]["n_layer"]} layers, d_model {student["config"]["d_model"]}, d_inner {MambaConfig(**student["config"]).d_inner}; EOS appended; {POOLING_WORDS[student["pooling"]]};
 Dense to 384, L2 normalised, cosine) distilled from all-MiniLM-L6-v2 by `python -m training.distill` (docs/distillation.md).
 {results["parameters"]["mamba"]["total"]:,} parameters ({results["parameters"]["mamba"]["token_embedding"]:,} of them the
 GPT-NeoX-20B token embedding), fp16. Reads any length in one pass (long texts stream in chunks of

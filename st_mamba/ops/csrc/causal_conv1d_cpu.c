@@ -15,23 +15,10 @@
  * the items are (sequence, span of its tokens).
  */
 
-#include "vector_math.h"
+#include "kernels.h"
 
 /* Tokens per work item: enough items to keep every thread busy, few enough to cost nothing to hand out. */
 #define SPAN 32
-
-typedef struct {
-    int64_t batch, length, channels, width; /* width: K, the kernel size */
-    Seq x;                                  /* (B, L, C) */
-    const float *weight;                    /* (K, C) contiguous: the transpose of the module's (C, K) */
-    const float *bias;                      /* (C,) or NULL */
-    int silu;
-    int bf16;                               /* x, the carried state and y hold bf16 (else fp32) */
-    const void *initial_state;              /* (B, K - 1, C) contiguous: the inputs before x; NULL for zeros */
-    void *y;                                /* (B, L, C) contiguous */
-    const int32_t *cu_seqlens;              /* (n + 1,) sequence bounds of a packed batch (B = 1), or NULL */
-    int64_t n_seqs;                         /* n (unused when cu_seqlens is NULL) */
-} ConvArgs;
 
 /* Element offset of input row t of batch row b in x, or (t < start, the first token of the sequence)
    in the carried state; -1 where it is zero. Packed sequences carry no state. */

@@ -21,22 +21,7 @@
  * leaves its own final state; the groups are then (sequence, blocks).
  */
 
-#include "vector_math.h"
-
-typedef struct {
-    int64_t batch, length, d_inner, d_state;
-    Seq x, dt, z, B, C;      /* z.data may be NULL: no gate */
-    const float *A;          /* (Di, N) contiguous */
-    const float *D;          /* (Di,) or NULL */
-    const float *dt_bias;    /* (Di,) or NULL */
-    int dt_softplus;
-    int bf16;                /* x, dt, z, B, C and y hold bf16 (else fp32) */
-    const float *initial_state; /* (B, Di, N) contiguous, or NULL for zeros; (n, Di, N) when packed */
-    void *y;                 /* (B, L, Di) contiguous */
-    float *final_state;      /* (B, Di, N) contiguous, or NULL; (n, Di, N) when packed */
-    const int32_t *cu_seqlens; /* (n + 1,) sequence bounds of a packed batch (B = 1), or NULL */
-    int64_t n_seqs;          /* n: the number of packed sequences (unused when cu_seqlens is NULL) */
-} ScanArgs;
+#include "kernels.h"
 
 /* Tokens a block walks before the next block of its group takes over: the group's rows of x, dt, z, B and C
    for one tile (64 tokens x 128 channels: 16 KB an input in bf16) are read from memory once and then
