@@ -15,9 +15,9 @@ pytestmark = pytest.mark.skipif(
     not cpu.available(), reason="the compiled CPU kernels did not build here (no C compiler?)"
 )
 
-# d_model 24: 48 inner channels, one full panel of 32 outputs and a partial one (16 lanes), 40: 80 channels;
-# d_state 16 takes the scan's unrolled path, 5 the generic one; dt_rank 5 is an odd depth for the bf16 pairs;
-# with bias: in_proj and out_proj have biases, the convolution none.
+# d_model 24 (48 inner channels) and 40 (80): x_proj, dt_proj and out_proj end on a partial panel of outputs
+# (32 a panel with AVX-512); d_state 16 takes the scan's unrolled path, 5 the generic one; dt_rank 5 is an odd depth for
+# the bf16 pairs; with bias: in_proj and out_proj have biases, the convolution none.
 CONFIGS = {
     "base": dict(d_model=24, n_layer=2, vocab_size=50, dt_rank=4),
     "odd sizes": dict(d_model=40, n_layer=3, vocab_size=50, d_state=5, dt_rank=5, bias=True, conv_bias=False),
@@ -68,7 +68,7 @@ def test_fp32_matches_the_layer_by_layer_forward(config, shape, spy):
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_bf16_is_as_close_to_fp32_as_the_layer_by_layer_forward(config, spy):
     """In bf16 the one call keeps fp32 between its ops where the layer-by-layer forward rounds each result to
-    bf16: its error against the same weights in fp32 must be no larger."""
+    bf16: its error against the same weights in fp32 must be no larger (within a quarter)."""
     model = _model(config, torch.bfloat16, seed=3)
     exact = _model(config)
     exact.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
