@@ -83,7 +83,7 @@ class MambaBackbone(nn.Module):
             input_ids.numel() * self.config.d_inner <= ONE_CALL_MAX_WORK
             and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")
-            and ops.cpu_forward_in_one_call(input_ids.device, self.config.version)
+            and ops.on_cpu_kernels(input_ids.device, self.config.version)
         )
 
     def _forward(

@@ -115,12 +115,13 @@ def packs_in_one_pass(device: torch.device, version: int) -> bool:
     also on the compiled CPU kernels."""
     if device.type == "cuda":
         return _ssd_on_triton(device) if version == 2 else _triton is not None and _forced in (None, "triton")
-    return version == 1 and device.type == "cpu" and _forced in (None, "cpu") and _cpu.available()
+    return on_cpu_kernels(device, version)
 
 
-def cpu_forward_in_one_call(device: torch.device, version: int) -> bool:
-    """Whether a small Mamba-1 inference batch on ``device`` may run its whole backbone in one call of the
-    compiled CPU library (``cpu.mamba1_forward_small``): CPU tensors, no other backend forced, the library built."""
+def on_cpu_kernels(device: torch.device, version: int) -> bool:
+    """Whether inference of a Mamba-``version`` model on ``device`` runs on the compiled CPU library: Mamba-1, CPU
+    tensors, no other backend forced, the library built. Then packed batches run in one pass, and a small
+    batch runs its whole backbone in one call (``cpu.mamba1_forward_small``)."""
     return version == 1 and device.type == "cpu" and _forced in (None, "cpu") and _cpu.available()
 
 

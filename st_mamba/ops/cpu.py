@@ -325,6 +325,11 @@ def selective_scan_cpu(
     return (y, final_state) if return_final_state else y
 
 
+def _taps(weight: Tensor) -> Tensor:
+    """The convolution's (C, K) weight as the kernels read it: (K, C) fp32, a row of channels a tap."""
+    return weight.float().t().contiguous()
+
+
 def causal_conv1d_cpu(
     x: Tensor,
     weight: Tensor,
@@ -353,7 +358,7 @@ def causal_conv1d_cpu(
     )  # fmt: skip
     bf16 = _all_bf16(x, initial_state)
     xs = _kernel_rows(x, bf16)
-    weight_by_tap = cached(weight, "conv taps", lambda w: w.float().t().contiguous())  # (K, C): a row of channels a tap
+    weight_by_tap = cached(weight, "conv taps", _taps)
     bias = None if bias is None else bias.float().contiguous()
     carried = None if initial_state is None else _kernel_rows(initial_state, bf16).contiguous()
     y = torch.empty(batch, length, channels, dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -515,11 +520,11 @@ class _SmallForwardPlan:
             self.layers = (_LayerWeights * cfg.n_layer)()
             for i, layer in enumerate(backbone.layers):
                 m = layer.mixer
+                A, D, dt_bias = m._scan_parameters()  # -exp(A_log), D and dt's bias in fp32, as the mixer makes them
                 self.layers[i] = _LayerWeights(*map(self._pointer, (
                     self._fp32(layer.norm.weight), self._panels(m.in_proj.weight), self._fp32(m.in_proj.bias),
-                    m.conv1d.weight[:, 0, :].float().t().contiguous(), self._fp32(m.conv1d.bias),
-                    self._panels(m.x_proj.weight), self._panels(m.dt_proj.weight), self._fp32(m.dt_proj.bias),
-                    -torch.exp(m.A_log.float()).contiguous(), self._fp32(m.D), self._panels(m.out_proj.weight),
+                    _taps(m.conv1d.weight[:, 0, :]), self._fp32(m.conv1d.bias), self._panels(m.x_proj.weight),
+                    self._panels(m.dt_proj.weight), dt_bias, A, D, self._panels(m.out_proj.weight),
                     self._fp32(m.out_proj.bias),
                 )))  # fmt: skip
             self.norm_f = self._pointer(self._fp32(backbone.norm_f.weight))
@@ -538,12 +543,12 @@ class _SmallForwardPlan:
     def _pointer(self, t: Tensor | None) -> int | None:
         if t is None:
             return None
-        self._keep.append(t)
-        return t.data_ptr()
+        self._keep.append(t.contiguous())
+        return self._keep[-1].data_ptr()
 
     @staticmethod
     def _fp32(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.detach().float().contiguous()
+        return None if t is None else t.detach().float()
 
     @staticmethod
     def _panels(weight: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 /*
  * A whole Mamba-1 backbone (after the embedding lookup) for a small batch, in one call: the query path on
  * CPUs. For a query of a dozen tokens every op of the layer-by-layer forward is small, and the time goes
- * to what surrounds them: some thirty PyTorch ops and kernel calls a layer, each with its dispatch,
+ * to what surrounds them: some 25 PyTorch ops and two ctypes calls a layer, each with its dispatch,
  * allocation and checks. Here every layer is
  *
  *     h     = residual                                          (B, L, D)
