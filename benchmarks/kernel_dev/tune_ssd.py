@@ -6,7 +6,7 @@ constants below, the settings alternating round by round (``ab_kernels.best_of_t
 the library's. Each setting's output is also compared with the default's (max abs difference of the
 final hidden states), so a setting that breaks the scan shows.
 
-    python benchmarks/kernel_dev/tune_ssd.py [--lengths 512,2048,8192] [--backward]
+    python benchmarks/kernel_dev/tune_ssd.py [--lengths 512,2048,8192] [--backward [--bwd-lengths 512]]
 """
 
 from __future__ import annotations
@@ -20,12 +20,20 @@ from ab_kernels import TOKENS, best_of_two  # this script's folder, first on sys
 from st_mamba import MambaBackbone, MambaConfig
 from st_mamba.ops import triton_ssd as kernels
 
-PASS_SETTINGS = {"default": {}, "pass rows 32": {"SSD_PASS_BLOCK_P": 32}, "pass rows 16": {"SSD_PASS_BLOCK_P": 16}}
+PASS_SETTINGS = {
+    "default": {},
+    "walk 8 warps -> 4": {"SSD_WALK_WARPS": 4},
+    "walk rows 32": {"SSD_PASS_BLOCK_P": 32},
+    "walk rows 16": {"SSD_PASS_BLOCK_P": 16},
+}
 FORWARD_SETTINGS = {
-    **PASS_SETTINGS,
-    "chunk 128": {"SSD_CHUNK": 128},
-    "chunk 128, pass rows 16": {"SSD_CHUNK": 128, "SSD_PASS_BLOCK_P": 16},
-    "chunk 256": {"SSD_CHUNK": 256},
+    "default": {},
+    "three kernels": {"SSD_FUSED": False},
+    "fused, whole sequences": {"SSD_FUSED_MIN_WALKS_PER_SM": 0},
+    "fused, 2 walks a SM": {"SSD_FUSED_MIN_WALKS_PER_SM": 2.0},
+    "fused, 2 stages": {"SSD_FUSED_STAGES": 2},
+    "fused, chunk 16": {"SSD_FUSED_CHUNK": 16},
+    "fused, chunk 64": {"SSD_FUSED_CHUNK": 64},
 }
 BACKWARD_SETTINGS = PASS_SETTINGS
 
@@ -33,10 +41,17 @@ BACKWARD_SETTINGS = PASS_SETTINGS
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", default="512,2048,8192")
-    p.add_argument("--backward", action="store_true", help="also time forward + backward (pass settings only)")
+    p.add_argument("--backward", action="store_true", help="also time forward + backward (walk settings only)")
+    p.add_argument("--bwd-lengths", default=None, help="lengths timed with --backward (default: --lengths)")
+    p.add_argument(
+        "--settings", default=None, help="names of FORWARD_SETTINGS to time, separated by ';' (default: all)"
+    )
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_ssd.py needs a CUDA GPU")
+    forward_settings = FORWARD_SETTINGS
+    if a.settings:
+        forward_settings = {"default": {}, **{n: FORWARD_SETTINGS[n] for n in a.settings.split(";")}}
     names = {name for s in (*FORWARD_SETTINGS.values(), *BACKWARD_SETTINGS.values()) for name in s}
     library = {name: getattr(kernels, name) for name in names}
 
@@ -59,11 +74,11 @@ def main() -> None:
             return step
 
         reference = forward({})().float()
-        errors = {name: (forward(s)().float() - reference).abs().max().item() for name, s in FORWARD_SETTINGS.items()}
-        times = best_of_two(FORWARD_SETTINGS, forward, 7)
+        errors = {name: (forward(s)().float() - reference).abs().max().item() for name, s in forward_settings.items()}
+        times = best_of_two(forward_settings, forward, 7)
         cells = ", ".join(f"{n} {ms:.2f} ({TOKENS / ms:,.0f}K, max diff {errors[n]:.2g})" for n, ms in times.items())
         print(f"forward L={length}: {cells}", flush=True)
-        if a.backward:
+        if a.backward and (a.bwd_lengths is None or str(length) in a.bwd_lengths.split(",")):
 
             def train_step(setting: dict, ids=ids):
                 def step():

@@ -8,25 +8,27 @@ cum_t = sum_{s <= t} delta_s A over the chunk and u_s = delta_s x_s:
     y_t     = sum_{s <= t} (C_t . B_s) exp(cum_t - cum_s) u_s  +  exp(cum_t) S_start C_t  +  D x_t
     S_end   = exp(cum_last) S_start + sum_s exp(cum_last - cum_s) u_s B_s^T
 
-Forward, three kernels:
+Forward of 16-bit inputs, fused: ``_ssd_fused_fwd_kernel``, one program per (sequence, head, block of state
+rows), walks the sequence chunk by chunk with the running state in registers: a chunk's output from its
+inputs and the running state (the intra-chunk C . B^T masked by the decays, times u; plus C times the decayed
+start state; plus D x), then the chunk's tokens folded into the state. No state goes through memory. Too few
+sequences to fill the GPU (a few long ones) are cut into segments: a first pass of the same kernel gives each
+segment's end state from a zero start, ``_ssd_state_passing_kernel`` turns those into each segment's start
+state (and the final state), and a second pass gives the outputs from them.
 
-1. ``_ssd_chunk_state_kernel``: per (chunk, head), the chunk's end state from a zero start (one
-   (P, Q) x (Q, N) product) and its summed log decay cum_last.
-2. ``_ssd_state_passing_kernel``: per (sequence, head), a walk over the sequence's chunks that turns
-   those end states, in place, into each chunk's start state; it starts from the initial state and
-   leaves the final state.
-3. ``_ssd_chunk_scan_fwd_kernel``: per (chunk, head), the output: the intra-chunk C . B^T masked by
-   the decays, times u, plus C times the decayed start state, plus D x.
+Forward of fp32 inputs (or with SSD_FUSED off), three kernels' worth in two: ``_ssd_state_walk_kernel``, per
+(sequence, head, block of state rows), walks the chunks summing each one's tokens into the running state and
+storing every chunk's start state; ``_ssd_chunk_scan_fwd_kernel``, per (chunk, head), the chunk's output from
+its start state, in parallel.
 
-Backward. The forward pass keeps only its inputs; the backward re-runs kernels 1 and 2 for the start
-states, then runs the same two kernels the other way: kernel 1 with (dy, C) in place of (x, B) gives
-what each chunk's outputs send back to its start state, sum_t exp(cum_t) dy_t C_t^T, and kernel 2
-walking from the last chunk to the first (from the final state's gradient) gives the gradient of each
-chunk's end state, and the initial state's. ``_ssd_chunk_scan_bwd_kernel`` then takes, per (chunk,
-group), every other gradient: dx, ddt (through the limit clamp, the softplus and dt_bias), and this
-chunk's shares of dA, dD and ddt_bias; dB and dC summed over the group's heads in registers, so that
-they are written once, without atomics. Nothing (P, N)-sized per token is ever stored: two transient
-(chunks, H, P, N) fp32 buffers per call, (H P N 4 / SSD_CHUNK) bytes a token each.
+Backward. The forward pass keeps only its inputs; the backward re-runs the walk for the chunks' start states,
+then walks the other way, from the last chunk to the first and the final state's gradient, summing (dy, C) in
+place of (x, B): each chunk's outputs send sum_t exp(cum_t) dy_t C_t^T back to its start state, so the walk
+leaves the gradient of each chunk's end state, and the initial state's. ``_ssd_chunk_scan_bwd_kernel`` then
+takes, per (chunk, group), every other gradient: dx, ddt (through the limit clamp, the softplus and
+dt_bias), and this chunk's shares of dA, dD and ddt_bias; dB and dC summed over the group's heads in
+registers, so that they are written once, without atomics. Nothing (P, N)-sized per token is ever stored:
+two transient (chunks, H, P, N) fp32 buffers per call, (H P N 4 / SSD_CHUNK) bytes a token each.
 
 Packed batches (``cu_seqlens``): each sequence is cut into its own chunks, the first starting at the
 sequence's first token, so that no chunk ever holds two sequences and no decay needs resetting inside
@@ -39,6 +41,7 @@ past the real count have no tokens.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -58,11 +61,27 @@ SSD_WARPS = 4
 # pipeline stages: with Triton's default three the other gradients' kernel needs 296 KB in fp32 at d_state
 # 128; with two it needs 197 KB (fp32) and 123 KB (bf16), the dB/dC kernel 132 KB and 148 KB.
 SSD_BWD_BLOCK_N = 64
-# The pass over chunk states is a walk along each sequence: its parallelism is (sequences x heads x
-# blocks of SSD_PASS_BLOCK_P state rows), each program carrying a (SSD_PASS_BLOCK_P, N) running state.
-# At 64 a program of a 64-wide head walks its whole state; 32 and 16 were slower (docs/kernels.md).
+# The walk over chunks and the pass over segments go along each sequence: their parallelism is (sequences x
+# heads x blocks of SSD_PASS_BLOCK_P state rows), each program carrying a (SSD_PASS_BLOCK_P, N) running state.
+# At 64 a program of a 64-wide head walks its whole state.
 SSD_PASS_BLOCK_P = 64
 SSD_BWD_STAGES = 2
+# The chunks' start states (the three-kernel forward, and the backward's recomputation) and the gradients of
+# their end states (the backward): one walk a (sequence, head, block of SSD_PASS_BLOCK_P rows) that sums each
+# chunk's tokens on the way (``_ssd_state_walk_kernel``), SSD_WALK_WARPS warps a program.
+SSD_WALK_WARPS = 8
+# The forward of 16-bit inputs (unless SSD_FUSED is off: then the three kernels) as one walk a (sequence, head,
+# block of SSD_FUSED_BLOCK_P state rows), chunks of SSD_FUSED_CHUNK tokens, the running state in registers
+# (``_ssd_fused_fwd_kernel``). With fewer than SSD_FUSED_MIN_WALKS_PER_SM walks for each multiprocessor of the
+# GPU (a few long sequences leave most of it idle), sequences are cut into segments of at least
+# SSD_FUSED_MIN_SEGMENT tokens, walked in parallel and joined by the pass over their end states.
+SSD_FUSED = True
+SSD_FUSED_CHUNK = 32
+SSD_FUSED_BLOCK_P = 64
+SSD_FUSED_WARPS = 4
+SSD_FUSED_STAGES = 1
+SSD_FUSED_MIN_WALKS_PER_SM = 1.0
+SSD_FUSED_MIN_SEGMENT = 512
 
 
 # --- device helpers ------------------------------------------------------------------------------
@@ -105,6 +124,22 @@ def _load_tile(ptr, rows, stride_t, col_offset, offs, width, valid):
 
 
 @triton.jit
+def _operand16(t, like_ptr, EMULATE: tl.constexpr):
+    """A product's operand in ``like_ptr``'s 16-bit dtype. EMULATE: rounded to that dtype and back in fp32; bf16
+    to nearest even by hand, since the interpreter's cast truncates (a GPU's rounds)."""
+    if EMULATE:
+        if like_ptr.dtype.element_ty == tl.bfloat16:
+            bits = t.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            t = bits.to(tl.float32, bitcast=True)
+        else:
+            t = t.to(like_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        t = t.to(like_ptr.dtype.element_ty)
+    return t
+
+
+@triton.jit
 def _state_tile(ptr, index, offs_p, offs_n, headdim, d_state):
     """Pointers and mask of the (BLOCK_P, BLOCK_N) state number ``index`` of a contiguous (..., P, N) tensor."""
     ptrs = ptr + index.to(tl.int64) * headdim * d_state + offs_p[:, None] * d_state + offs_n[None, :]
@@ -115,57 +150,53 @@ def _state_tile(ptr, index, offs_p, offs_n, headdim, d_state):
 
 
 @triton.jit
-def _ssd_chunk_state_kernel(
-    v_ptr, k_ptr, dt_ptr, a_ptr, bias_ptr, chunk_start_ptr, chunk_len_ptr, out_ptr, log_decay_ptr,
-    n_heads, heads_per_group, headdim, d_state, dt_min, dt_max,
-    stride_v_t, stride_v_h, stride_k_t, stride_k_g, stride_dt_t, stride_dt_h,
-    REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-    FAST: tl.constexpr, DOT: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+def _ssd_state_passing_kernel(
+    states_ptr, log_decay_ptr, span_off_ptr, init_ptr, last_ptr, n_heads, headdim, d_state,
+    HAS_INIT: tl.constexpr, STORE_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One (chunk, head): sum over the chunk's tokens of w_t v_t k_t^T, a (P, N) state, fp32.
-
-    Forward (v = x, k = B): w_t = exp(cum_last - cum_t) delta_t, the chunk's end state from a zero start;
-    also stores cum_last, the chunk's summed log decay. REVERSE (v = dy, k = C): w_t = exp(cum_t), what the
-    chunk's outputs send back to its start state.
-    """
-    chunk = tl.program_id(0)
+    """One (sequence, head, block of BLOCK_P state rows): walk the sequence's segments (the fused forward's),
+    from the initial state, replacing each segment's row of ``states``, its end state from a zero start, by the
+    running state, its start state, then folding the row in: s <- exp(log decay) s + row. The last running
+    state is the sequence's final state."""
+    seq = tl.program_id(0)
     head = tl.program_id(1)
-    t0, offs_q, valid = _chunk_span(chunk_start_ptr, chunk_len_ptr, chunk, CHUNK)
-    rows = t0 + offs_q  # (CHUNK,) int64
-    offs_p = tl.arange(0, BLOCK_P)
+    first = tl.load(span_off_ptr + seq)
+    count = tl.load(span_off_ptr + seq + 1) - first
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
-    _, delta, cum = _chunk_decays(
-        dt_ptr, a_ptr, bias_ptr, head, rows, valid, stride_dt_t, stride_dt_h, dt_min, dt_max,
-        HAS_BIAS, SOFTPLUS, HAS_LIMIT, FAST,
-    )  # fmt: skip
-    cum_last = tl.sum(delta) * tl.load(a_ptr + head)
-    if REVERSE:
-        weight = tl.exp(cum)
+    seq_ptrs, mask = _state_tile(init_ptr, seq * n_heads + head, offs_p, offs_n, headdim, d_state)
+    if HAS_INIT:
+        running = tl.load(seq_ptrs, mask=mask, other=0.0)
     else:
-        weight = tl.exp(cum_last - cum) * delta
-    v = _load_tile(v_ptr, rows, stride_v_t, head * stride_v_h, offs_p, headdim, valid)  # (CHUNK, BLOCK_P)
-    k = _load_tile(k_ptr, rows, stride_k_t, (head // heads_per_group) * stride_k_g, offs_n, d_state, valid)
-    state = tl.dot(tl.trans(v * weight[:, None]), k, input_precision=DOT)  # (BLOCK_P, BLOCK_N)
-    ptrs, mask = _state_tile(out_ptr, chunk * n_heads + head, offs_p, offs_n, headdim, d_state)
-    tl.store(ptrs, state, mask=mask)
-    if not REVERSE:
-        tl.store(log_decay_ptr + chunk * n_heads + head, cum_last)
+        running = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for span in range(first, first + count):
+        row_ptrs, _ = _state_tile(states_ptr, span * n_heads + head, offs_p, offs_n, headdim, d_state)
+        row = tl.load(row_ptrs, mask=mask, other=0.0)
+        tl.store(row_ptrs, running, mask=mask)
+        running = tl.exp(tl.load(log_decay_ptr + span * n_heads + head)) * running + row
+    if STORE_LAST:
+        last_ptrs, _ = _state_tile(last_ptr, seq * n_heads + head, offs_p, offs_n, headdim, d_state)
+        tl.store(last_ptrs, running, mask=mask)
 
 
 @triton.jit
-def _ssd_state_passing_kernel(
-    states_ptr, log_decay_ptr, chunk_off_ptr, init_ptr, last_ptr, n_heads, headdim, d_state,
-    REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_LAST: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+def _ssd_state_walk_kernel(
+    v_ptr, k_ptr, dt_ptr, a_ptr, bias_ptr, chunk_start_ptr, chunk_len_ptr, chunk_off_ptr, init_ptr, states_ptr,
+    last_ptr, n_seq, n_table, n_heads, heads_per_group, headdim, d_state, dt_min, dt_max,
+    stride_v_t, stride_v_h, stride_k_t, stride_k_g, stride_dt_t, stride_dt_h,
+    REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_LAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, FAST: tl.constexpr, DOT: tl.constexpr, LOW: tl.constexpr,
+    EMULATE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One (sequence, head, block of BLOCK_P state rows): walk the sequence's chunks, replacing each
-    chunk's row of ``states`` by the running state at that chunk, then folding the row in:
-    s <- exp(cum_last) s + row.
+    """One (sequence, head, block of BLOCK_P state rows): a walk over the sequence's chunks with the running
+    state in registers: each chunk's row of ``states`` gets the running state, then the chunk's own sum
+    sum_t w_t v_t k_t^T (one (P, Q) x (Q, N) product) folds in, s <- exp(cum_last) s + sum.
 
-    Forward: first to last from the initial state; rows in are end states from a zero start, rows out the
-    chunks' start states, and the last running state is the final state. REVERSE: last to first from the
-    final state's gradient; rows in are what each chunk sends back to its start, rows out the gradients
-    of the chunks' end states, and the last running state is the initial state's gradient.
+    Forward (v = x, k = B, w_t = exp(cum_last - cum_t) delta_t), first chunk to last from the initial state:
+    rows are the chunks' start states, the last running state the final state. REVERSE (v = dy, k = C,
+    w_t = exp(cum_t)), last to first from the final state's gradient: rows are the gradients of the chunks'
+    end states, the last running state the initial state's gradient. LOW: 16-bit operands (v as it is, w k
+    rounded to v's dtype) with fp32 sums, EMULATE as in ``_operand16``; otherwise fp32 operands (``DOT``).
     """
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -173,6 +204,8 @@ def _ssd_state_passing_kernel(
     count = tl.load(chunk_off_ptr + seq + 1) - first
     offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
+    A = tl.load(a_ptr + head)
+    k_col = (head // heads_per_group) * stride_k_g
     seq_ptrs, mask = _state_tile(init_ptr, seq * n_heads + head, offs_p, offs_n, headdim, d_state)
     if HAS_INIT:
         running = tl.load(seq_ptrs, mask=mask, other=0.0)
@@ -183,13 +216,43 @@ def _ssd_state_passing_kernel(
             chunk = first + count - 1 - i
         else:
             chunk = first + i
+        t0, offs_q, valid = _chunk_span(chunk_start_ptr, chunk_len_ptr, chunk, CHUNK)
+        rows = t0 + offs_q
+        _, delta, cum = _chunk_decays(
+            dt_ptr, a_ptr, bias_ptr, head, rows, valid, stride_dt_t, stride_dt_h, dt_min, dt_max,
+            HAS_BIAS, SOFTPLUS, HAS_LIMIT, FAST,
+        )  # fmt: skip
+        cum_last = tl.sum(delta) * A
+        if REVERSE:
+            weight = tl.where(valid, tl.exp(cum), 0.0)
+        else:
+            weight = tl.exp(cum_last - cum) * delta
+        v = tl.load(
+            v_ptr + rows[:, None] * stride_v_t + head * stride_v_h + offs_p[None, :],
+            mask=valid[:, None] & (offs_p < headdim)[None, :], other=0.0,
+        )  # fmt: skip
+        k = tl.load(
+            k_ptr + rows[:, None] * stride_k_t + k_col + offs_n[None, :],
+            mask=valid[:, None] & (offs_n < d_state)[None, :], other=0.0,
+        ).to(tl.float32)  # fmt: skip
+        k = k * weight[:, None]
+        if LOW:
+            v = _operand16(v, v_ptr, EMULATE)
+            k = _operand16(k, v_ptr, EMULATE)
+        else:
+            v = v.to(tl.float32)
         row_ptrs, _ = _state_tile(states_ptr, chunk * n_heads + head, offs_p, offs_n, headdim, d_state)
-        row = tl.load(row_ptrs, mask=mask, other=0.0)
         tl.store(row_ptrs, running, mask=mask)
-        running = tl.exp(tl.load(log_decay_ptr + chunk * n_heads + head)) * running + row
+        running = tl.exp(cum_last) * running + tl.dot(tl.trans(v), k, input_precision=DOT)
     if STORE_LAST:
         last_ptrs, _ = _state_tile(last_ptr, seq * n_heads + head, offs_p, offs_n, headdim, d_state)
         tl.store(last_ptrs, running, mask=mask)
+    # A packed batch's table ends in empty rows (its length is a bound). The chunk kernels mask everything a
+    # chunk without tokens gives, but they do load its rows: zeros rather than whatever memory held.
+    if seq == n_seq - 1:
+        for chunk in range(tl.load(chunk_off_ptr + n_seq), n_table):
+            row_ptrs, _ = _state_tile(states_ptr, chunk * n_heads + head, offs_p, offs_n, headdim, d_state)
+            tl.store(row_ptrs, tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32), mask=mask)
 
 
 @triton.jit
@@ -234,6 +297,100 @@ def _ssd_chunk_scan_fwd_kernel(
     # y is contiguous (T, H, P).
     y_ptrs = y_ptr + (rows[:, None] * n_heads + head) * headdim + offs_p[None, :]
     tl.store(y_ptrs, y, mask=valid[:, None] & (offs_p < headdim)[None, :])
+
+
+@triton.jit
+def _ssd_fused_fwd_kernel(
+    x_ptr, dt_ptr, a_ptr, bias_ptr, b_ptr, c_ptr, d_ptr, span_start_ptr, span_len_ptr, init_ptr, y_ptr,
+    last_ptr, log_decay_ptr, seq_len, n_heads, heads_per_group, headdim, d_state, dt_min, dt_max,
+    stride_x_t, stride_x_h, stride_dt_t, stride_dt_h, stride_b_t, stride_b_g, stride_c_t, stride_c_g,
+    TABLE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_Y: tl.constexpr, STORE_LAST: tl.constexpr,
+    STORE_DECAY: tl.constexpr, HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, FAST: tl.constexpr, EMULATE: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One (span of tokens, head, block of BLOCK_P state rows): the forward of 16-bit inputs over the span,
+    chunk after chunk. A span is a sequence, or a segment of one (TABLE: the spans' first tokens and lengths;
+    else span i is tokens [i seq_len, (i + 1) seq_len)).
+
+    The running state stays in registers: each chunk's output takes it as its start state, then the chunk
+    folds its own tokens in, S <- exp(cum_last) S + sum_s exp(cum_last - cum_s) u_s B_s^T. No state goes
+    through memory but the span's start state (HAS_INIT), its end state (STORE_LAST) and summed log decay
+    (STORE_DECAY); without STORE_Y only the state is walked. The products take 16-bit operands in x's dtype (x
+    and C as they are; the scores, delta B and the start state rounded, once each) and sum in fp32. EMULATE
+    (Triton's interpreter, whose 16-bit products are wrong): the operands rounded, then multiplied in fp32.
+    """
+    span = tl.program_id(0)
+    head = tl.program_id(1)
+    if TABLE:
+        first = tl.load(span_start_ptr + span)
+        end = first + tl.load(span_len_ptr + span)
+    else:
+        first = span.to(tl.int64) * seq_len
+        end = first + seq_len
+    offs_q = tl.arange(0, CHUNK)
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < headdim
+    mask_n = offs_n < d_state
+    b_col = (head // heads_per_group) * stride_b_g
+    c_col = (head // heads_per_group) * stride_c_g
+    A = tl.load(a_ptr + head)
+    state_ptrs, state_mask = _state_tile(init_ptr, span * n_heads + head, offs_p, offs_n, headdim, d_state)
+    if HAS_INIT:
+        running = tl.load(state_ptrs, mask=state_mask, other=0.0)
+    else:
+        running = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    if HAS_D:
+        if D_PER_P:
+            D = tl.load(d_ptr + head * headdim + offs_p, mask=mask_p, other=0.0)[None, :]
+        else:
+            D = tl.load(d_ptr + head)
+    causal = offs_q[:, None] >= offs_q[None, :]
+    total_log_decay = 0.0
+    for i in range(0, tl.cdiv(end - first, CHUNK)):
+        rows = first + i * CHUNK + offs_q  # (CHUNK,) int64
+        valid = rows < end
+        _, delta, cum = _chunk_decays(
+            dt_ptr, a_ptr, bias_ptr, head, rows, valid, stride_dt_t, stride_dt_h, dt_min, dt_max,
+            HAS_BIAS, SOFTPLUS, HAS_LIMIT, FAST,
+        )  # fmt: skip
+        tile_mask_p = valid[:, None] & mask_p[None, :]
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_x_t + head * stride_x_h + offs_p[None, :], mask=tile_mask_p, other=0.0
+        )
+        tile_mask_n = valid[:, None] & mask_n[None, :]
+        Bm = tl.load(b_ptr + rows[:, None] * stride_b_t + b_col + offs_n[None, :], mask=tile_mask_n, other=0.0)
+        Bm = Bm.to(tl.float32)
+        xo = _operand16(x, x_ptr, EMULATE)  # x's own values: rounding is the identity
+        if STORE_Y:
+            Cm = tl.load(c_ptr + rows[:, None] * stride_c_t + c_col + offs_n[None, :], mask=tile_mask_n, other=0.0)
+            Cm = _operand16(Cm, x_ptr, EMULATE)
+            # Inside the chunk: (C B^T masked by exp(cum_t - cum_s), s <= t) delta_s x_s; the mask goes in
+            # before the exponential, whose argument above the diagonal can be large and positive. delta joins
+            # the scores, so that x enters the product as it is and only the scores are rounded.
+            decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+            CB = tl.dot(Cm, tl.trans(_operand16(Bm, x_ptr, EMULATE)), input_precision="ieee")  # (CHUNK, CHUNK)
+            scores = _operand16(CB * decay * delta[None, :], x_ptr, EMULATE)
+            y = tl.dot(scores, xo, input_precision="ieee")
+            # From the start state, and the skip.
+            start = _operand16(running, x_ptr, EMULATE)
+            y += tl.exp(cum)[:, None] * tl.dot(Cm, tl.trans(start), input_precision="ieee")
+            if HAS_D:
+                y += x.to(tl.float32) * D
+            tl.store(y_ptr + (rows[:, None] * n_heads + head) * headdim + offs_p[None, :], y, mask=tile_mask_p)
+
+        # The chunk's tokens into the state, the weights on B's side.
+        cum_last = tl.sum(delta) * A
+        weighted_b = _operand16(Bm * (tl.exp(cum_last - cum) * delta)[:, None], x_ptr, EMULATE)  # 0 past the span
+        running = tl.exp(cum_last) * running + tl.dot(tl.trans(xo), weighted_b, input_precision="ieee")
+        total_log_decay += cum_last
+    if STORE_LAST:
+        last_ptrs, _ = _state_tile(last_ptr, span * n_heads + head, offs_p, offs_n, headdim, d_state)
+        tl.store(last_ptrs, running, mask=state_mask)
+    if STORE_DECAY:
+        if tl.program_id(2) == 0:
+            tl.store(log_decay_ptr + span * n_heads + head, total_log_decay)
 
 
 # --- backward ------------------------------------------------------------------------------------
@@ -445,7 +602,10 @@ class _Inputs:
         low, high = (float(v) for v in dt_limit)
         self.has_limit = (low, high) != (0.0, math.inf)
         self.dt_min, self.dt_max = low, min(high, 3.0e38)  # a finite bound: the kernels take fp32 scalars
-        self.chunks = _Chunks(batch, length, cu_seqlens, SSD_CHUNK, x.device)
+        self.batch, self.length = batch, length
+        self.cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(device=x.device, dtype=torch.int64)
+        self.n_seq = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+        self._chunks = None
         self.block_p = max(16, triton.next_power_of_2(headdim))  # tl.dot wants every side >= 16
         self.block_n = max(16, triton.next_power_of_2(d_state))
         self.common = dict(
@@ -455,37 +615,52 @@ class _Inputs:
         # fp32 inputs get exact fp32 products; 16-bit ones TF32, finer than their own rounding.
         self.dot = "ieee" if x.dtype == torch.float32 else "tf32"
 
+    @property
+    def chunks(self) -> _Chunks:
+        """The chunk table of the three-kernel forward and of the backward (the fused forward needs none)."""
+        if self._chunks is None:
+            self._chunks = _Chunks(self.batch, self.length, self.cu_seqlens, SSD_CHUNK, self.x.device)
+        return self._chunks
+
     def new_states(self) -> Tensor:
         """A (chunks, H, P, N) fp32 buffer, one state per chunk and head."""
         return self.x.new_empty(self.chunks.n_chunks, self.nheads, self.headdim, self.d_state, dtype=torch.float32)
 
-    def chunk_sums(self, v: Tensor, k: Tensor, out: Tensor, log_decay: Tensor, reverse: bool) -> None:
-        """``_ssd_chunk_state_kernel``: forward, end states from zero (x, B); reverse, (dy, C)."""
-        _ssd_chunk_state_kernel[(self.chunks.n_chunks, self.nheads)](
-            v, k, self.dt, self.A, _or(self.dt_bias, self.A), self.chunks.start, self.chunks.length, out, log_decay,
-            self.nheads, self.nheads // self.ngroups, self.headdim, self.d_state, self.dt_min, self.dt_max,
-            v.stride(0), v.stride(1), k.stride(0), k.stride(1), self.dt.stride(0), self.dt.stride(1),
-            REVERSE=reverse, DOT=self.dot, **self.common,
-        )  # fmt: skip
-
-    def pass_states(self, states: Tensor, log_decay: Tensor, init: Tensor | None, last: Tensor | None, reverse: bool):
-        """``_ssd_state_passing_kernel`` over every (sequence, head, block of state rows)."""
-        dummy = states.new_empty(0)
+    def pass_states(self, states: Tensor, log_decay: Tensor, table: _Chunks, last: Tensor | None) -> None:
+        """``_ssd_state_passing_kernel`` over every (sequence, head, block of state rows): ``states`` and
+        ``log_decay`` hold a row for each row of ``table``, the fused forward's segments."""
         block_p = min(self.block_p, SSD_PASS_BLOCK_P)
-        _ssd_state_passing_kernel[(self.chunks.n_seq, self.nheads, triton.cdiv(self.headdim, block_p))](
-            states, log_decay, self.chunks.offsets, _or(init, dummy), _or(last, dummy),
-            self.nheads, self.headdim, self.d_state,
-            REVERSE=reverse, HAS_INIT=init is not None, STORE_LAST=last is not None,
+        _ssd_state_passing_kernel[(table.n_seq, self.nheads, triton.cdiv(self.headdim, block_p))](
+            states, log_decay, table.offsets, _or(self.h0, states), _or(last, states), self.nheads, self.headdim,
+            self.d_state, HAS_INIT=self.h0 is not None, STORE_LAST=last is not None,
             BLOCK_P=block_p, BLOCK_N=self.block_n, num_warps=SSD_WARPS,
         )  # fmt: skip
 
-    def start_states(self, final: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Each chunk's start state (chunks, H, P, N) and summed log decay (chunks, H); the final states into ``final``."""
+    def walk(self, v: Tensor, k: Tensor, init: Tensor | None, last: Tensor | None, reverse: bool) -> Tensor:
+        """``_ssd_state_walk_kernel``: forward (x, B), each chunk's start state; reverse (dy, C), the gradient of
+        each chunk's end state; (chunks, H, P, N) fp32. The last running state goes into ``last``."""
         states = self.new_states()
-        log_decay = self.x.new_empty(self.chunks.n_chunks, self.nheads, dtype=torch.float32)
-        self.chunk_sums(self.x, self.B, states, log_decay, reverse=False)
-        self.pass_states(states, log_decay, self.h0, final, reverse=False)
-        return states, log_decay
+        block_p = min(self.block_p, SSD_PASS_BLOCK_P)
+        low = v.dtype in (torch.float16, torch.bfloat16)
+        _ssd_state_walk_kernel[(self.n_seq, self.nheads, triton.cdiv(self.headdim, block_p))](
+            v, k, self.dt, self.A, _or(self.dt_bias, self.A), self.chunks.start, self.chunks.length,
+            self.chunks.offsets, _or(init, self.A), states, _or(last, self.A), self.n_seq, self.chunks.n_chunks,
+            self.nheads, self.nheads // self.ngroups, self.headdim, self.d_state, self.dt_min, self.dt_max,
+            v.stride(0), v.stride(1), k.stride(0), k.stride(1), self.dt.stride(0), self.dt.stride(1),
+            REVERSE=reverse, HAS_INIT=init is not None, STORE_LAST=last is not None,
+            DOT="ieee" if low and not self.common["FAST"] else self.dot, LOW=low, EMULATE=not self.common["FAST"],
+            **{**self.common, "BLOCK_P": block_p, "num_warps": SSD_WALK_WARPS},
+        )  # fmt: skip
+        return states
+
+    def start_states(self, final: Tensor | None = None) -> Tensor:
+        """Each chunk's start state (chunks, H, P, N); the final states into ``final``."""
+        return self.walk(self.x, self.B, self.h0, final, reverse=False)
+
+    def end_state_gradients(self, dy: Tensor, dfinal: Tensor | None, dh0: Tensor | None) -> Tensor:
+        """The gradient of each chunk's end state (chunks, H, P, N), from dy and the final state's gradient
+        ``dfinal``; the initial state's gradient into ``dh0``."""
+        return self.walk(dy, self.C, dfinal, dh0, reverse=True)
 
     def param_args(self) -> tuple:
         return (self.x, self.dt, self.A, _or(self.dt_bias, self.A), self.B, self.C, _or(self.D, self.A))
@@ -502,17 +677,86 @@ def _or(t: Tensor | None, stand_in: Tensor) -> Tensor:
     return stand_in if t is None else t
 
 
+def _fused_forward(inp: _Inputs) -> bool:
+    """Whether the forward runs fused (``_ssd_fused_fwd_kernel``): for 16-bit inputs, unless SSD_FUSED is off.
+    In fp32, products without tensor cores need more registers than a program has."""
+    return SSD_FUSED and inp.dtypes[0] in (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    """The GPU's streaming multiprocessors; 1 for CPU tensors (Triton's interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _segment_tokens(inp: _Inputs, block_p: int) -> int | None:
+    """Tokens a segment when the fused forward cuts sequences into segments, or None when it walks them whole:
+    the longest segments, a multiple of SSD_FUSED_CHUNK and at least SSD_FUSED_MIN_SEGMENT, that give
+    SSD_FUSED_MIN_WALKS_PER_SM walks a multiprocessor; None when whole sequences already do, or when the
+    segments would be no shorter than the sequences. Host arithmetic only: no device sync."""
+    rows = inp.nheads * triton.cdiv(inp.headdim, block_p)  # walks a span
+    wanted = SSD_FUSED_MIN_WALKS_PER_SM * _multiprocessors(inp.x.device)
+    if inp.n_seq * rows >= wanted:
+        return None
+    longest = inp.length  # padded: every sequence; packed: the whole pack, a bound
+    segment = int(inp.batch * inp.length * rows / wanted) // SSD_FUSED_CHUNK * SSD_FUSED_CHUNK
+    segment = max(segment, SSD_FUSED_MIN_SEGMENT)
+    return None if segment >= longest else segment
+
+
+def _ssd_fused_forward(inp: _Inputs, y: Tensor, final: Tensor | None) -> None:
+    """y (T, H, P) and the final states, if asked, through ``_ssd_fused_fwd_kernel``. Whole sequences: one
+    launch. Segments (``_segment_tokens``): each segment's end state from a zero start and its summed log decay
+    (a walk without outputs), the pass over them per sequence for each segment's start state
+    (``_ssd_state_passing_kernel``, which leaves the final states), then the outputs of every segment from
+    its start state."""
+    block_p = min(inp.block_p, SSD_FUSED_BLOCK_P)
+    segment = _segment_tokens(inp, block_p)
+    launch = functools.partial(_launch_fused, inp, y, block_p)
+    if segment is None:
+        if inp.cu_seqlens is None:
+            launch(inp.n_seq, None, None, inp.h0, final, None, store_y=True)
+        else:
+            starts, ends = inp.cu_seqlens[:-1], inp.cu_seqlens[1:]
+            launch(inp.n_seq, starts, ends - starts, inp.h0, final, None, store_y=True)
+        return
+    table = _Chunks(inp.batch, inp.length, inp.cu_seqlens, segment, inp.x.device)
+    states = inp.x.new_empty(table.n_chunks, inp.nheads, inp.headdim, inp.d_state, dtype=torch.float32)
+    log_decay = inp.x.new_empty(table.n_chunks, inp.nheads, dtype=torch.float32)
+    launch(table.n_chunks, table.start, table.length, None, states, log_decay, store_y=False)
+    inp.pass_states(states, log_decay, table, final)
+    launch(table.n_chunks, table.start, table.length, states, None, None, store_y=True)
+
+
+def _launch_fused(inp, y, block_p, n_spans, starts, lengths, init, last, log_decay, store_y) -> None:
+    """One ``_ssd_fused_fwd_kernel`` launch over ``n_spans`` spans (a table of ``starts`` and ``lengths``, or
+    padded sequences of ``inp.length`` tokens)."""
+    _ssd_fused_fwd_kernel[(n_spans, inp.nheads, triton.cdiv(inp.headdim, block_p))](
+        *inp.param_args(), _or(starts, inp.A), _or(lengths, inp.A), _or(init, inp.A), y, _or(last, inp.A),
+        _or(log_decay, inp.A), inp.length, inp.nheads, inp.nheads // inp.ngroups, inp.headdim, inp.d_state,
+        inp.dt_min, inp.dt_max, *inp.stride_args(),
+        TABLE=starts is not None, HAS_INIT=init is not None, STORE_Y=store_y, STORE_LAST=last is not None,
+        STORE_DECAY=log_decay is not None, HAS_D=inp.D is not None, D_PER_P=inp.D is not None and inp.D.dim() == 2,
+        EMULATE=not inp.common["FAST"],
+        **{**inp.common, "CHUNK": SSD_FUSED_CHUNK, "BLOCK_P": block_p, "num_warps": SSD_FUSED_WARPS},
+        num_stages=SSD_FUSED_STAGES,
+    )  # fmt: skip
+
+
 def _ssd_forward(inp: _Inputs, return_final: bool) -> tuple[Tensor, Tensor | None]:
     """y (B, L, H, P) in x's dtype and, if asked, the final states (n, H, P, N) fp32."""
     final = None
     if return_final:
-        final = inp.x.new_empty(inp.chunks.n_seq, inp.nheads, inp.headdim, inp.d_state, dtype=torch.float32)
+        final = inp.x.new_empty(inp.n_seq, inp.nheads, inp.headdim, inp.d_state, dtype=torch.float32)
     y = inp.x.new_empty(inp.x.shape)  # (T, H, P), contiguous
     if inp.x.shape[0] == 0:  # no tokens: the state passes through unchanged
         if final is not None:
             final.copy_(inp.h0) if inp.h0 is not None else final.zero_()
         return y.view(inp.shape), final
-    states, _ = inp.start_states(final)
+    if _fused_forward(inp):
+        _ssd_fused_forward(inp, y, final)
+        return y.view(inp.shape), final
+    states = inp.start_states(final)
     _ssd_chunk_scan_fwd_kernel[(inp.chunks.n_chunks, inp.nheads)](
         *inp.param_args(), states, inp.chunks.start, inp.chunks.length, y,
         inp.nheads, inp.nheads // inp.ngroups, inp.headdim, inp.d_state, inp.dt_min, inp.dt_max,
@@ -536,12 +780,10 @@ def _ssd_backward(inp: _Inputs, dy: Tensor, dfinal: Tensor | None) -> tuple:
         return zeros[0].view(shape), zeros[1].view(shape[:3]), torch.zeros_like(inp.A), dB, dC, dD, dbias, dh0
     dy = _rows(dy.reshape(tokens, inp.nheads, inp.headdim))
     # 1. The start state of every chunk, recomputed (the forward pass kept only its inputs).
-    states, log_decay = inp.start_states()
-    # 2. The same two kernels the other way: the gradient of every chunk's end state, and the initial state's.
-    dstates = inp.new_states()
-    inp.chunk_sums(dy, inp.C, dstates, log_decay, reverse=True)
+    states = inp.start_states()
+    # 2. The same walk the other way: the gradient of every chunk's end state, and the initial state's.
     dh0 = None if inp.h0 is None else torch.empty_like(inp.h0)
-    inp.pass_states(dstates, log_decay, None if dfinal is None else dfinal.float().contiguous(), dh0, reverse=True)
+    dstates = inp.end_state_gradients(dy, None if dfinal is None else dfinal.float().contiguous(), dh0)
     # 3. Everything else, chunk by chunk. Shares of dA, dD, ddt_bias per (chunk, head): zeros, since the
     # empty rows of a packed batch's chunk table write nothing.
     n_chunks = inp.chunks.n_chunks

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import torch
 
@@ -90,6 +91,13 @@ def main() -> None:
                 model(ids.reshape(1, -1), cu_seqlens=lengths).float().sum().backward()  # packed
                 with torch.no_grad():
                     model(ids)  # inference (no autograd node: its own launches)
+                    # Mamba-2's fused forward on segments (few sequences for the GPU), and the three-kernel
+                    # forward that 16-bit inputs take when the fused one is off.
+                    bound, triton_ssd.SSD_FUSED_MIN_WALKS_PER_SM = triton_ssd.SSD_FUSED_MIN_WALKS_PER_SM, math.inf
+                    model(ids)
+                    triton_ssd.SSD_FUSED_MIN_WALKS_PER_SM, triton_ssd.SSD_FUSED = bound, False
+                    model(ids)
+                    triton_ssd.SSD_FUSED = True
             for entry in compiled[before:]:
                 print(json.dumps({**entry, "model": name, "dtype": str(dtype).removeprefix("torch.")}))
 

@@ -43,11 +43,12 @@ def test_every_kernel_of_both_blocks_compiled(compiled):
         for kernel in ("_scan_fwd_kernel", "_scan_bwd_kernel", "_conv_fwd_kernel", "_conv_bwd_input_kernel"):
             assert ("mamba-130m", dtype, kernel) in names
         for kernel in (
-            "_ssd_chunk_state_kernel", "_ssd_state_passing_kernel", "_ssd_chunk_scan_fwd_kernel",
-            "_ssd_chunk_scan_bwd_kernel", "_ssd_chunk_scan_bwd_bc_kernel", "_gated_norm_fwd_kernel",
-            "_gated_norm_bwd_kernel",
+            "_ssd_state_walk_kernel", "_ssd_chunk_scan_fwd_kernel", "_ssd_chunk_scan_bwd_kernel",
+            "_ssd_chunk_scan_bwd_bc_kernel", "_gated_norm_fwd_kernel", "_gated_norm_bwd_kernel",
         ):  # fmt: skip
             assert ("mamba2-130m", dtype, kernel) in names
+    for kernel in ("_ssd_fused_fwd_kernel", "_ssd_state_passing_kernel"):  # 16-bit inputs only
+        assert ("mamba2-130m", "bfloat16", kernel) in names
 
 
 def test_every_kernel_fits_the_shared_memory_of_sm90(compiled):

@@ -8,6 +8,8 @@ tensors with small shapes; skipped without Triton.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -70,14 +72,39 @@ def _scan_both(kw):
     return fast, ref
 
 
+def _small_chunks(monkeypatch) -> None:
+    """Chunks of 16 tokens in both forwards and the backward: chunk boundaries inside short sequences."""
+    monkeypatch.setattr(triton_ssd, "SSD_CHUNK", 16)
+    monkeypatch.setattr(triton_ssd, "SSD_FUSED_CHUNK", 16)
+
+
 @pytest.fixture(params=["chunk 16", "default chunk"])
 def chunk(request, monkeypatch):
-    """Chunks of 16 tokens (many chunk boundaries inside each sequence) and the pass over states 8 rows a
-    program (a state's rows split over several programs), or the settings as shipped."""
+    """Chunks of 16 tokens (many chunk boundaries inside each sequence) and the pass over states and the fused
+    forward 8 rows a program (a state's rows split over several programs), or the settings as shipped."""
     if request.param == "chunk 16":
-        monkeypatch.setattr(triton_ssd, "SSD_CHUNK", 16)
+        _small_chunks(monkeypatch)
         monkeypatch.setattr(triton_ssd, "SSD_PASS_BLOCK_P", 8)
+        monkeypatch.setattr(triton_ssd, "SSD_FUSED_BLOCK_P", 8)
     return triton_ssd.SSD_CHUNK
+
+
+def _use_forward(monkeypatch, forward: str) -> None:
+    """16-bit inputs' forward: fused, whole sequences ("fused"); fused, sequences cut into segments of at least
+    two fused chunks wherever they are longer ("segmented"); or the three kernels ("three kernels")."""
+    monkeypatch.setattr(triton_ssd, "SSD_FUSED", forward != "three kernels")
+    monkeypatch.setattr(triton_ssd, "SSD_FUSED_MIN_WALKS_PER_SM", math.inf if forward == "segmented" else 0)
+    monkeypatch.setattr(triton_ssd, "SSD_FUSED_MIN_SEGMENT", 2 * triton_ssd.SSD_FUSED_CHUNK)
+
+
+# The fused forward runs 16-bit inputs only: fp32 is checked on the three kernels, 16-bit dtypes on all three.
+DTYPE_FORWARDS = [(dtype, "three kernels") for dtype in DTYPES] + [
+    (dtype, forward) for dtype in DTYPES if dtype != torch.float32 for forward in ("fused", "segmented")
+]
+
+
+def _dtype_forward_id(value) -> str:
+    return str(value) if isinstance(value, torch.dtype) else value.replace(" ", "_")
 
 
 # (batch, length, nheads, headdim, ngroups, d_state): one token; lengths not a multiple of the chunk;
@@ -88,10 +115,11 @@ if not INTERPRETED:
     SSD_SHAPES += [(4, 300, 8, 64, 2, 64), (2, 1000, 24, 64, 1, 128)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,forward", DTYPE_FORWARDS, ids=_dtype_forward_id)
 @pytest.mark.parametrize("shape", SSD_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
-def test_ssd_scan_matches_reference(shape, dtype, with_state, chunk):
+def test_ssd_scan_matches_reference(shape, dtype, forward, with_state, chunk, monkeypatch):
+    _use_forward(monkeypatch, forward)
     inputs = _ssd_inputs(*shape, dtype, seed=sum(shape), with_state=with_state)
     _check(*_scan_both(dict(dt_softplus=True, dt_limit=LIMIT)), inputs, dtype, seed=shape[1])
 
@@ -103,7 +131,7 @@ def test_ssd_scan_matches_reference(shape, dtype, with_state, chunk):
     ids=["bare", "D per channel", "limit both sides"],
 )  # fmt: skip
 def test_ssd_scan_optional_inputs(softplus, limit, with_d, d_per_p, with_bias, monkeypatch):
-    monkeypatch.setattr(triton_ssd, "SSD_CHUNK", 16)
+    _small_chunks(monkeypatch)
     x, dt, A, B, C, D, dt_bias, h0 = _ssd_inputs(2, 27, 4, 8, 2, 8, torch.float32, 7, True, d_per_p=d_per_p)
     if not softplus:
         dt = dt.abs() * 0.2  # without softplus dt must already be a positive step
@@ -134,11 +162,16 @@ def _per_sequence_reference(pieces, kw):
     return ref
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,forward", DTYPE_FORWARDS, ids=_dtype_forward_id)
 @pytest.mark.parametrize("lengths", PACKED_LENGTHS, ids=lambda v: "-".join(map(str, v)))
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
-def test_ssd_scan_packed_matches_per_sequence_reference(lengths, dtype, with_state, monkeypatch):
-    monkeypatch.setattr(triton_ssd, "SSD_CHUNK", 16)
+def test_ssd_scan_packed_matches_per_sequence_reference(lengths, dtype, forward, with_state, monkeypatch):
+    _small_chunks(monkeypatch)
+    _use_forward(monkeypatch, forward)
+    # The state buffers start as NaN: a row that some kernel uses before any kernel wrote it turns outputs or
+    # gradients into NaN, where uninitialised memory could hide it.
+    new_states = triton_ssd._Inputs.new_states
+    monkeypatch.setattr(triton_ssd._Inputs, "new_states", lambda self: new_states(self).fill_(float("nan")))
     n = len(lengths)
     inputs = _ssd_inputs(1, sum(lengths), 4, 8, 2, 8, dtype, sum(lengths) + n, with_state, n_states=n)
     cu_seqlens, pieces = _packed(lengths)
@@ -155,7 +188,7 @@ def test_ssd_scan_packed_matches_per_sequence_reference(lengths, dtype, with_sta
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_ssd_scan_final_state_gradient_alone(dtype, monkeypatch):
     """A loss on the final state only: the backward starts from its gradient; C and D then get zeros."""
-    monkeypatch.setattr(triton_ssd, "SSD_CHUNK", 16)
+    _small_chunks(monkeypatch)
     (rtol, atol), (grtol, gatol) = TOLERANCES[dtype]
     inputs = _ssd_inputs(2, 41, 4, 8, 2, 8, dtype, 41, with_state=True)
     leaves_ref, leaves_fast = _leaves(*inputs, dtype=torch.float32), _leaves(*inputs)
@@ -184,7 +217,7 @@ def test_ssd_scan_of_no_tokens_passes_the_state_through():
 
 def test_ssd_scan_inference_path_equals_the_autograd_one(monkeypatch):
     """Without a gradient to take the kernels run without the autograd node; same outputs, bit for bit."""
-    monkeypatch.setattr(triton_ssd, "SSD_CHUNK", 16)
+    _small_chunks(monkeypatch)
     lengths = [5, 30, 16]
     inputs = _ssd_inputs(1, sum(lengths), 4, 8, 2, 8, torch.float32, 11, True, n_states=len(lengths))
     cu_seqlens, _ = _packed(lengths)
@@ -196,6 +229,36 @@ def test_ssd_scan_inference_path_equals_the_autograd_one(monkeypatch):
         y_inf, h_inf = triton_ssd.ssd_scan_triton(x, dt, A, B, C, D, dt_bias, initial_state=h0, **kw)
     assert torch.equal(y_inf, y.detach()), "y differs between the inference and autograd paths"
     assert torch.equal(h_inf, h.detach()), "final state differs between the inference and autograd paths"
+
+
+def test_fused_forward_takes_16_bit_inputs_and_cuts_too_few_walks_into_segments(monkeypatch):
+    """16-bit inputs take the fused forward, fp32 the three kernels. Fewer (sequences x heads x row blocks)
+    walks than the bound a multiprocessor (here 10 of them) cut the sequences into segments: as long as gives
+    the bound, a whole number of fused chunks, at least the minimum, and shorter than the sequences. Every
+    forward gives the same y and final state."""
+    monkeypatch.setattr(triton_ssd, "_multiprocessors", lambda device: 10)
+    monkeypatch.setattr(triton_ssd, "SSD_FUSED_CHUNK", 4)
+    x, dt, A, B, C, D, dt_bias, h0 = _ssd_inputs(2, 21, 4, 16, 2, 8, torch.bfloat16, 9, True)
+    limit = (0.0, float("inf"))
+    inp = triton_ssd._Inputs(x, dt, A, B, C, D, dt_bias, True, limit, h0, None)
+    assert triton_ssd._fused_forward(inp)
+    assert not triton_ssd._fused_forward(triton_ssd._Inputs(x.float(), dt, A, B, C, D, dt_bias, True, limit, h0, None))
+    # Walks: 2 sequences x 4 heads x 2 blocks of 8 of the 16 state rows = 16, enough for 1.6 a multiprocessor.
+    # For 4 (40 walks) segments of 2 x 21 x 8 / 40 = 8.4 tokens, rounded down to chunks of 4: 8; for 8, 4.2 -> 4,
+    # or the minimum; none as long as a sequence.
+    for per_sm, min_segment, expected in [(1.6, 4, None), (4, 4, 8), (8, 4, 4), (8, 6, 6), (4, 21, None)]:
+        monkeypatch.setattr(triton_ssd, "SSD_FUSED_MIN_WALKS_PER_SM", per_sm)
+        monkeypatch.setattr(triton_ssd, "SSD_FUSED_MIN_SEGMENT", min_segment)
+        assert triton_ssd._segment_tokens(inp, block_p=8) == expected, (per_sm, min_segment)
+    kw = dict(dt_bias=dt_bias, dt_softplus=True, initial_state=h0, return_final_state=True)
+    outputs = {}
+    for forward in ("fused", "segmented", "three kernels"):
+        _use_forward(monkeypatch, forward)
+        outputs[forward] = triton_ssd.ssd_scan_triton(x, dt, A, B, C, D, **kw)
+    (rtol, atol), _ = TOLERANCES[torch.bfloat16]
+    for forward in ("fused", "segmented"):
+        assert_close(f"{forward} y", outputs[forward][0], outputs["three kernels"][0], rtol, atol)
+        assert_close(f"{forward} final_state", outputs[forward][1], outputs["three kernels"][1], rtol, atol)
 
 
 def test_ssd_scan_rejects_bad_inputs():
@@ -249,7 +312,7 @@ def _tiny_mamba2(**overrides) -> MambaBackbone:
 def test_model_packed_through_triton_equals_padded_reference(monkeypatch):
     """A tiny Mamba-2 backbone: a packed batch on the Triton kernels (one pass, per-text final states)
     gives every token's hidden state, and every text's state, that the padded batch gives on the reference."""
-    monkeypatch.setattr(triton_ssd, "SSD_CHUNK", 16)
+    _small_chunks(monkeypatch)
     backbone = _tiny_mamba2()
     lengths = [7, 1, 30, 16]
     g = torch.Generator().manual_seed(1)
@@ -270,7 +333,7 @@ def test_model_packed_through_triton_equals_padded_reference(monkeypatch):
 
 def test_model_streamed_in_chunks_equals_one_pass(monkeypatch):
     """A long text fed in three pieces, the state carried between them, equals one pass (both on Triton)."""
-    monkeypatch.setattr(triton_ssd, "SSD_CHUNK", 16)
+    _small_chunks(monkeypatch)
     backbone = _tiny_mamba2()
     ids = torch.randint(1, 400, (2, 45), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     with torch.no_grad(), ops.use_backend("triton"):
@@ -282,6 +345,33 @@ def test_model_streamed_in_chunks_equals_one_pass(monkeypatch):
     assert_close("hidden", torch.cat(pieces, dim=1), whole, 1e-4, 1e-4)
 
 
+def test_model_in_bf16_on_the_fused_forward_packed_and_streamed(monkeypatch):
+    """A tiny Mamba-2 backbone in bf16 on the fused forward, whole and segmented: a packed batch equals the padded
+    one on the three kernels, and a text streamed in three pieces (state carried) equals one pass, within bf16's
+    tolerance."""
+    _small_chunks(monkeypatch)
+    backbone = _tiny_mamba2().to(torch.bfloat16)
+    lengths = [7, 1, 30, 16]
+    g = torch.Generator().manual_seed(5)
+    padded = torch.randint(1, 400, (len(lengths), max(lengths)), generator=g).to(DEVICE)
+    keep = torch.arange(max(lengths), device=DEVICE)[None, :] < torch.tensor(lengths, device=DEVICE)[:, None]
+    cu_seqlens, _ = _packed(lengths)
+    (rtol, atol), _ = TOLERANCES[torch.bfloat16]
+    with torch.no_grad(), ops.use_backend("triton"):
+        _use_forward(monkeypatch, "three kernels")
+        expected = backbone(padded)
+        for forward in ("fused", "segmented"):
+            _use_forward(monkeypatch, forward)
+            packed = backbone(padded[keep][None], cu_seqlens=cu_seqlens)
+            whole = backbone(padded)
+            state, pieces = None, []
+            for part in padded.split([13, 10, 7], dim=1):
+                out, state = backbone(part, state=state, return_state=True)
+                pieces.append(out)
+            assert_close(f"{forward}: packed hidden", packed[0], expected[keep], rtol, atol)
+            assert_close(f"{forward}: streamed hidden", torch.cat(pieces, dim=1), whole, rtol, atol)
+
+
 @pytest.mark.parametrize(
     "checkpointing,norm_groups", [(False, 1), (True, 1), (False, 2)], ids=["stored", "checkpointed", "norm groups"]
 )
@@ -289,7 +379,7 @@ def test_model_gradients_through_triton_equal_chunked(checkpointing, norm_groups
     """Training: the output and every parameter's gradient of a tiny Mamba-2 backbone, Triton scan and gated
     norm (with or without gradient checkpointing, which re-runs each layer's forward in the backward; the norm
     over one group or two) against PyTorch's chunked scan and reference norm."""
-    monkeypatch.setattr(triton_ssd, "SSD_CHUNK", 16)
+    _small_chunks(monkeypatch)
     monkeypatch.setattr(ops, "_announced", set())
     ids = torch.randint(1, 400, (2, 23), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     grads, outputs = {}, {}
