@@ -28,7 +28,7 @@ PASS_SETTINGS = {
 }
 FORWARD_SETTINGS = {
     "default": {},
-    "three kernels": {"SSD_FUSED": False},
+    "walk and outputs": {"SSD_FUSED": False},
     "fused, whole sequences": {"SSD_FUSED_MIN_WALKS_PER_SM": 0},
     "fused, 2 walks a SM": {"SSD_FUSED_MIN_WALKS_PER_SM": 2.0},
     "fused, 2 stages": {"SSD_FUSED_STAGES": 2},

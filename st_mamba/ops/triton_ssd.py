@@ -16,7 +16,7 @@ sequences to fill the GPU (a few long ones) are cut into segments: a first pass 
 segment's end state from a zero start, ``_ssd_state_passing_kernel`` turns those into each segment's start
 state (and the final state), and a second pass gives the outputs from them.
 
-Forward of fp32 inputs (or with SSD_FUSED off), three kernels' worth in two: ``_ssd_state_walk_kernel``, per
+Forward of fp32 inputs (or with SSD_FUSED off), a walk and the outputs: ``_ssd_state_walk_kernel``, per
 (sequence, head, block of state rows), walks the chunks summing each one's tokens into the running state and
 storing every chunk's start state; ``_ssd_chunk_scan_fwd_kernel``, per (chunk, head), the chunk's output from
 its start state, in parallel.
@@ -66,11 +66,11 @@ SSD_BWD_BLOCK_N = 64
 # At 64 a program of a 64-wide head walks its whole state.
 SSD_PASS_BLOCK_P = 64
 SSD_BWD_STAGES = 2
-# The chunks' start states (the three-kernel forward, and the backward's recomputation) and the gradients of
+# The chunks' start states (the walk-and-outputs forward, and the backward's recomputation) and the gradients of
 # their end states (the backward): one walk a (sequence, head, block of SSD_PASS_BLOCK_P rows) that sums each
 # chunk's tokens on the way (``_ssd_state_walk_kernel``), SSD_WALK_WARPS warps a program.
 SSD_WALK_WARPS = 8
-# The forward of 16-bit inputs (unless SSD_FUSED is off: then the three kernels) as one walk a (sequence, head,
+# The forward of 16-bit inputs (unless SSD_FUSED is off: then the walk and the outputs) as one walk a (sequence, head,
 # block of SSD_FUSED_BLOCK_P state rows), chunks of SSD_FUSED_CHUNK tokens, the running state in registers
 # (``_ssd_fused_fwd_kernel``). With fewer than SSD_FUSED_MIN_WALKS_PER_SM walks for each multiprocessor of the
 # GPU (a few long sequences leave most of it idle), sequences are cut into segments of at least
@@ -617,7 +617,7 @@ class _Inputs:
 
     @property
     def chunks(self) -> _Chunks:
-        """The chunk table of the three-kernel forward and of the backward (the fused forward needs none)."""
+        """The chunk table of the walk-and-outputs forward and of the backward (the fused forward needs none)."""
         if self._chunks is None:
             self._chunks = _Chunks(self.batch, self.length, self.cu_seqlens, SSD_CHUNK, self.x.device)
         return self._chunks

@@ -91,7 +91,7 @@ def main() -> None:
                 model(ids.reshape(1, -1), cu_seqlens=lengths).float().sum().backward()  # packed
                 with torch.no_grad():
                     model(ids)  # inference (no autograd node: its own launches)
-                    # Mamba-2's fused forward on segments (few sequences for the GPU), and the three-kernel
+                    # Mamba-2's fused forward on segments (few sequences for the GPU), and the walk-and-outputs
                     # forward that 16-bit inputs take when the fused one is off.
                     bound, triton_ssd.SSD_FUSED_MIN_WALKS_PER_SM = triton_ssd.SSD_FUSED_MIN_WALKS_PER_SM, math.inf
                     model(ids)

@@ -91,14 +91,14 @@ def chunk(request, monkeypatch):
 
 def _use_forward(monkeypatch, forward: str) -> None:
     """16-bit inputs' forward: fused, whole sequences ("fused"); fused, sequences cut into segments of at least
-    two fused chunks wherever they are longer ("segmented"); or the three kernels ("three kernels")."""
-    monkeypatch.setattr(triton_ssd, "SSD_FUSED", forward != "three kernels")
+    two fused chunks wherever they are longer ("segmented"); or the walk, then the outputs in parallel ("walk and outputs")."""
+    monkeypatch.setattr(triton_ssd, "SSD_FUSED", forward != "walk and outputs")
     monkeypatch.setattr(triton_ssd, "SSD_FUSED_MIN_WALKS_PER_SM", math.inf if forward == "segmented" else 0)
     monkeypatch.setattr(triton_ssd, "SSD_FUSED_MIN_SEGMENT", 2 * triton_ssd.SSD_FUSED_CHUNK)
 
 
-# The fused forward runs 16-bit inputs only: fp32 is checked on the three kernels, 16-bit dtypes on all three.
-DTYPE_FORWARDS = [(dtype, "three kernels") for dtype in DTYPES] + [
+# The fused forward runs 16-bit inputs only: fp32 is checked on the walk and outputs, 16-bit dtypes on all three.
+DTYPE_FORWARDS = [(dtype, "walk and outputs") for dtype in DTYPES] + [
     (dtype, forward) for dtype in DTYPES if dtype != torch.float32 for forward in ("fused", "segmented")
 ]
 
@@ -232,7 +232,7 @@ def test_ssd_scan_inference_path_equals_the_autograd_one(monkeypatch):
 
 
 def test_fused_forward_takes_16_bit_inputs_and_cuts_too_few_walks_into_segments(monkeypatch):
-    """16-bit inputs take the fused forward, fp32 the three kernels. Fewer (sequences x heads x row blocks)
+    """16-bit inputs take the fused forward, fp32 the walk and outputs. Fewer (sequences x heads x row blocks)
     walks than the bound a multiprocessor (here 10 of them) cut the sequences into segments: as long as gives
     the bound, a whole number of fused chunks, at least the minimum, and shorter than the sequences. Every
     forward gives the same y and final state."""
@@ -252,13 +252,13 @@ def test_fused_forward_takes_16_bit_inputs_and_cuts_too_few_walks_into_segments(
         assert triton_ssd._segment_tokens(inp, block_p=8) == expected, (per_sm, min_segment)
     kw = dict(dt_bias=dt_bias, dt_softplus=True, initial_state=h0, return_final_state=True)
     outputs = {}
-    for forward in ("fused", "segmented", "three kernels"):
+    for forward in ("fused", "segmented", "walk and outputs"):
         _use_forward(monkeypatch, forward)
         outputs[forward] = triton_ssd.ssd_scan_triton(x, dt, A, B, C, D, **kw)
     (rtol, atol), _ = TOLERANCES[torch.bfloat16]
     for forward in ("fused", "segmented"):
-        assert_close(f"{forward} y", outputs[forward][0], outputs["three kernels"][0], rtol, atol)
-        assert_close(f"{forward} final_state", outputs[forward][1], outputs["three kernels"][1], rtol, atol)
+        assert_close(f"{forward} y", outputs[forward][0], outputs["walk and outputs"][0], rtol, atol)
+        assert_close(f"{forward} final_state", outputs[forward][1], outputs["walk and outputs"][1], rtol, atol)
 
 
 def test_ssd_scan_rejects_bad_inputs():
@@ -347,7 +347,7 @@ def test_model_streamed_in_chunks_equals_one_pass(monkeypatch):
 
 def test_model_in_bf16_on_the_fused_forward_packed_and_streamed(monkeypatch):
     """A tiny Mamba-2 backbone in bf16 on the fused forward, whole and segmented: a packed batch equals the padded
-    one on the three kernels, and a text streamed in three pieces (state carried) equals one pass, within bf16's
+    one on the walk and outputs, and a text streamed in three pieces (state carried) equals one pass, within bf16's
     tolerance."""
     _small_chunks(monkeypatch)
     backbone = _tiny_mamba2().to(torch.bfloat16)
@@ -358,7 +358,7 @@ def test_model_in_bf16_on_the_fused_forward_packed_and_streamed(monkeypatch):
     cu_seqlens, _ = _packed(lengths)
     (rtol, atol), _ = TOLERANCES[torch.bfloat16]
     with torch.no_grad(), ops.use_backend("triton"):
-        _use_forward(monkeypatch, "three kernels")
+        _use_forward(monkeypatch, "walk and outputs")
         expected = backbone(padded)
         for forward in ("fused", "segmented"):
             _use_forward(monkeypatch, forward)
