@@ -11,9 +11,11 @@ Triton: with one-warp programs they bound how many programs an SM holds (65,536 
 loop of the scan kernels, by kind: what one token costs a warp, for the forward scan without its
 FAST math, owned-channel layout and aligned rows, then with each added in turn, at 64 and at 128
 channels a program; for a chunked forward's phase 1 (a chunk's end state); and for the backward.
-Written for Triton 3.6 (``triton.compiler.ASTSource``).
+``--ssd`` instead reports the registers, spills and shared memory of the Mamba-2 SSD kernels under a few
+settings, compiled through the launches a small mamba2-130m-shaped model makes on CPU tensors. Written for
+Triton 3.6 (``triton.compiler.ASTSource``).
 
-    python benchmarks/kernel_dev/ptx_loads.py [--loops]
+    python benchmarks/kernel_dev/ptx_loads.py [--loops | --ssd]
 """
 
 from __future__ import annotations
@@ -145,11 +147,69 @@ def loop_table() -> None:
         print(f"| {name} | {cells} | {registers(report)} |", flush=True)
 
 
+# Mamba-2 settings whose registers docs/kernels.md compares (the library's first).
+SSD_SETTINGS = {
+    "library": {},
+    "fused, 8 warps, 2 stages": {"SSD_FUSED_WARPS": 8, "SSD_FUSED_STAGES": 2},
+    "fused, Q = 64": {"SSD_FUSED_CHUNK": 64},
+    "fused, Q = 64, 8 warps": {"SSD_FUSED_CHUNK": 64, "SSD_FUSED_WARPS": 8},
+}
+
+
+def ssd_table() -> None:
+    """Registers, spills and shared memory of every Mamba-2 SSD kernel a two-layer mamba2-130m-shaped backbone
+    launches (forward and backward, padded, packed, and the fused forward on segments), in bf16 and fp32, under
+    each of SSD_SETTINGS. The launches only compile (``tests/ops/compile_for_gpu.py``'s driver), on CPU tensors."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.ops.compile_for_gpu import _install_compile_only_driver
+
+    compiled = _install_compile_only_driver(90)
+    from st_mamba import MambaBackbone, MambaConfig, ops
+    from st_mamba.ops import triton as triton_ops
+    from st_mamba.ops import triton_norm, triton_ssd
+
+    triton_ops._fast = triton_norm._fast = triton_ssd._fast = lambda x: True  # a GPU's fast math
+    library = {name: getattr(triton_ssd, name) for setting in SSD_SETTINGS.values() for name in setting}
+    config = MambaConfig(d_model=768, n_layer=2, vocab_size=1024, version=2, d_state=128, headdim=64)
+    ids = torch.randint(0, 1024, (2, 1000), generator=torch.Generator().manual_seed(0))
+    print("| settings | dtype | kernel | per thread | shared KB |")
+    print("|---|---|---|---|---|")
+    for (label, setting), dtype in itertools.product(SSD_SETTINGS.items(), (torch.bfloat16, torch.float32)):
+        for name, value in {**library, **setting}.items():
+            setattr(triton_ssd, name, value)
+        model = MambaBackbone(config).to(dtype)
+        before = len(compiled)
+        with ops.use_backend("triton"):
+            model(ids).float().sum().backward()
+            with torch.no_grad():
+                bound, triton_ssd.SSD_FUSED_MIN_WALKS_PER_SM = triton_ssd.SSD_FUSED_MIN_WALKS_PER_SM, float("inf")
+                model(ids)  # the fused forward on segments (16-bit inputs)
+                triton_ssd.SSD_FUSED_MIN_WALKS_PER_SM = bound
+        rows = {}  # a kernel's variants (forward / reverse walk, fused with or without outputs) that differ
+        for entry in compiled[before:]:
+            if entry["kernel"].startswith("_ssd"):
+                report, _ = assemble(entry["ptx"])
+                rows.setdefault(f"`{entry['kernel']}` | {registers(report)} | {entry['shared'] / 1024:.0f}", None)
+        for row in rows:
+            print(f"| {label} | {str(dtype).removeprefix('torch.')} | {row} |", flush=True)
+    for name, value in library.items():
+        setattr(triton_ssd, name, value)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--loops", action="store_true", help="the scan loops' instructions instead of the memory table")
-    if p.parse_args().loops:
+    p.add_argument("--ssd", action="store_true", help="registers and spills of the Mamba-2 SSD kernels instead")
+    a = p.parse_args()
+    if a.loops:
         loop_table()
+        return
+    if a.ssd:
+        ssd_table()
         return
     scan = dict(HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True, BLOCK_D=kernels.SCAN_FWD_BLOCK_D, BLOCK_N=16,
                 D_PER_THREAD=kernels._channels_per_thread(kernels.SCAN_FWD_BLOCK_D, kernels.SCAN_FWD_WARPS),

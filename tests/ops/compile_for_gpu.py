@@ -21,7 +21,8 @@ import torch
 
 
 def _install_compile_only_driver(arch: int) -> list[dict]:
-    """Make every Triton launch compile for ``sm_{arch}`` and return; the list fills with what compiled."""
+    """Make every Triton launch compile for ``sm_{arch}`` and return; the list fills with what compiled: the
+    kernel's name, its shared memory (bytes) and its PTX."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
@@ -44,7 +45,7 @@ def _install_compile_only_driver(arch: int) -> list[dict]:
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
-        compiled.append({"kernel": self.__name__, "shared": int(kernel.metadata.shared)})
+        compiled.append({"kernel": self.__name__, "shared": int(kernel.metadata.shared), "ptx": kernel.asm["ptx"]})
         return kernel
 
     JITFunction.run = compile_only
@@ -99,7 +100,8 @@ def main() -> None:
                     model(ids)
                     triton_ssd.SSD_FUSED = True
             for entry in compiled[before:]:
-                print(json.dumps({**entry, "model": name, "dtype": str(dtype).removeprefix("torch.")}))
+                print(json.dumps({"kernel": entry["kernel"], "shared": entry["shared"], "model": name,
+                                  "dtype": str(dtype).removeprefix("torch.")}))  # fmt: skip
 
 
 if __name__ == "__main__":
