@@ -227,20 +227,11 @@ def _ssd_state_walk_kernel(
             weight = tl.where(valid, tl.exp(cum), 0.0)
         else:
             weight = tl.exp(cum_last - cum) * delta
-        v = tl.load(
-            v_ptr + rows[:, None] * stride_v_t + head * stride_v_h + offs_p[None, :],
-            mask=valid[:, None] & (offs_p < headdim)[None, :], other=0.0,
-        )  # fmt: skip
-        k = tl.load(
-            k_ptr + rows[:, None] * stride_k_t + k_col + offs_n[None, :],
-            mask=valid[:, None] & (offs_n < d_state)[None, :], other=0.0,
-        ).to(tl.float32)  # fmt: skip
-        k = k * weight[:, None]
-        if LOW:
+        v = _load_tile(v_ptr, rows, stride_v_t, head * stride_v_h, offs_p, headdim, valid)  # (CHUNK, BLOCK_P)
+        k = _load_tile(k_ptr, rows, stride_k_t, k_col, offs_n, d_state, valid) * weight[:, None]
+        if LOW:  # v's own values back in its dtype: only w k is rounded
             v = _operand16(v, v_ptr, EMULATE)
             k = _operand16(k, v_ptr, EMULATE)
-        else:
-            v = v.to(tl.float32)
         row_ptrs, _ = _state_tile(states_ptr, chunk * n_heads + head, offs_p, offs_n, headdim, d_state)
         tl.store(row_ptrs, running, mask=mask)
         running = tl.exp(cum_last) * running + tl.dot(tl.trans(v), k, input_precision=DOT)
@@ -332,7 +323,6 @@ def _ssd_fused_fwd_kernel(
     offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     mask_p = offs_p < headdim
-    mask_n = offs_n < d_state
     b_col = (head // heads_per_group) * stride_b_g
     c_col = (head // heads_per_group) * stride_c_g
     A = tl.load(a_ptr + head)
@@ -355,17 +345,11 @@ def _ssd_fused_fwd_kernel(
             dt_ptr, a_ptr, bias_ptr, head, rows, valid, stride_dt_t, stride_dt_h, dt_min, dt_max,
             HAS_BIAS, SOFTPLUS, HAS_LIMIT, FAST,
         )  # fmt: skip
-        tile_mask_p = valid[:, None] & mask_p[None, :]
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_x_t + head * stride_x_h + offs_p[None, :], mask=tile_mask_p, other=0.0
-        )
-        tile_mask_n = valid[:, None] & mask_n[None, :]
-        Bm = tl.load(b_ptr + rows[:, None] * stride_b_t + b_col + offs_n[None, :], mask=tile_mask_n, other=0.0)
-        Bm = Bm.to(tl.float32)
+        x = _load_tile(x_ptr, rows, stride_x_t, head * stride_x_h, offs_p, headdim, valid)  # (CHUNK, BLOCK_P)
+        Bm = _load_tile(b_ptr, rows, stride_b_t, b_col, offs_n, d_state, valid)  # (CHUNK, BLOCK_N)
         xo = _operand16(x, x_ptr, EMULATE)  # x's own values: rounding is the identity
         if STORE_Y:
-            Cm = tl.load(c_ptr + rows[:, None] * stride_c_t + c_col + offs_n[None, :], mask=tile_mask_n, other=0.0)
-            Cm = _operand16(Cm, x_ptr, EMULATE)
+            Cm = _operand16(_load_tile(c_ptr, rows, stride_c_t, c_col, offs_n, d_state, valid), x_ptr, EMULATE)
             # Inside the chunk: (C B^T masked by exp(cum_t - cum_s), s <= t) delta_s x_s; the mask goes in
             # before the exponential, whose argument above the diagonal can be large and positive. delta joins
             # the scores, so that x enters the product as it is and only the scores are rounded.
@@ -377,8 +361,9 @@ def _ssd_fused_fwd_kernel(
             start = _operand16(running, x_ptr, EMULATE)
             y += tl.exp(cum)[:, None] * tl.dot(Cm, tl.trans(start), input_precision="ieee")
             if HAS_D:
-                y += x.to(tl.float32) * D
-            tl.store(y_ptr + (rows[:, None] * n_heads + head) * headdim + offs_p[None, :], y, mask=tile_mask_p)
+                y += x * D
+            y_mask = valid[:, None] & mask_p[None, :]
+            tl.store(y_ptr + (rows[:, None] * n_heads + head) * headdim + offs_p[None, :], y, mask=y_mask)
 
         # The chunk's tokens into the state, the weights on B's side.
         cum_last = tl.sum(delta) * A
