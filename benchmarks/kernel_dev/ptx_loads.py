@@ -165,23 +165,21 @@ def ssd_table() -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.ops.compile_for_gpu import _install_compile_only_driver
+    from tests.ops.compile_for_gpu import _gpu_fast_math, _install_compile_only_driver, _models
 
     compiled = _install_compile_only_driver(90)
-    from st_mamba import MambaBackbone, MambaConfig, ops
-    from st_mamba.ops import triton as triton_ops
-    from st_mamba.ops import triton_norm, triton_ssd
+    _gpu_fast_math()
+    from st_mamba import ops
+    from st_mamba.ops import triton_ssd
 
-    triton_ops._fast = triton_norm._fast = triton_ssd._fast = lambda x: True  # a GPU's fast math
     library = {name: getattr(triton_ssd, name) for setting in SSD_SETTINGS.values() for name in setting}
-    config = MambaConfig(d_model=768, n_layer=2, vocab_size=1024, version=2, d_state=128, headdim=64)
     ids = torch.randint(0, 1024, (2, 1000), generator=torch.Generator().manual_seed(0))
     print("| settings | dtype | kernel | per thread | shared KB |")
     print("|---|---|---|---|---|")
     for (label, setting), dtype in itertools.product(SSD_SETTINGS.items(), (torch.bfloat16, torch.float32)):
         for name, value in {**library, **setting}.items():
             setattr(triton_ssd, name, value)
-        model = MambaBackbone(config).to(dtype)
+        model = _models()["mamba2-130m"].to(dtype)
         before = len(compiled)
         with ops.use_backend("triton"):
             model(ids).float().sum().backward()

@@ -65,21 +65,23 @@ def _models() -> dict:
     }
 
 
+def _gpu_fast_math() -> None:
+    """The kernels' fast math, what a GPU runs; on CPU tensors it is off (the interpreter's choice)."""
+    from st_mamba.ops import triton as triton_ops
+    from st_mamba.ops import triton_norm, triton_ssd
+
+    triton_ops._fast = triton_norm._fast = triton_ssd._fast = lambda x: True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     args = parser.parse_args()
     compiled = _install_compile_only_driver(args.arch)
+    _gpu_fast_math()
 
     from st_mamba import ops
-    from st_mamba.ops import triton as triton_ops
-
-    # The kernels' fast math is what a GPU runs; on CPU tensors it is off (the interpreter's choice).
-    triton_ops._fast = lambda x: True
-    import st_mamba.ops.triton_norm as triton_norm
-    import st_mamba.ops.triton_ssd as triton_ssd
-
-    triton_ssd._fast = triton_norm._fast = triton_ops._fast
+    from st_mamba.ops import triton_ssd
 
     ids = torch.randint(0, 1024, (2, 1000), generator=torch.Generator().manual_seed(0))
     lengths = torch.tensor([0, 700, 1300, 2000], dtype=torch.int32)
