@@ -57,6 +57,7 @@ MODELS = {
     "hf-mamba-130m": ("hf", dict(hidden_size=768, num_hidden_layers=24, state_size=16)),
     "hf-mamba-370m": ("hf", dict(hidden_size=1024, num_hidden_layers=48, state_size=16)),
     "hf-mamba2-130m": ("hf2", dict(hidden_size=768, num_hidden_layers=24, state_size=128, head_dim=64, num_heads=24)),
+    "hf-mamba2-370m": ("hf2", dict(hidden_size=1024, num_hidden_layers=48, state_size=128, head_dim=64, num_heads=32)),
     "bert-base": ("bert", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)),
     "bert-large": (
         "bert",

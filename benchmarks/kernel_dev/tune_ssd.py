@@ -4,9 +4,11 @@ A mamba2-130m-shaped backbone (random weights, bf16, 65,536 tokens a batch) runs
 with ``--backward``, forward + backward) under each setting of the ``st_mamba.ops.triton_ssd``
 constants below, the settings alternating round by round (``ab_kernels.best_of_two``); "default" is
 the library's. Each setting's output is also compared with the default's (max abs difference of the
-final hidden states), so a setting that breaks the scan shows.
+final hidden states; with ``--backward``, of the parameters' gradients too), so a setting that breaks the scan
+shows.
 
-    python benchmarks/kernel_dev/tune_ssd.py [--lengths 512,2048,8192] [--backward [--bwd-lengths 512]]
+    python benchmarks/kernel_dev/tune_ssd.py [--lengths 512,2048,8192] [--settings 'a;b']
+        [--backward [--bwd-lengths 512] [--bwd-settings 'a;b']]
 """
 
 from __future__ import annotations
@@ -35,16 +37,29 @@ FORWARD_SETTINGS = {
     "fused, chunk 16": {"SSD_FUSED_CHUNK": 16},
     "fused, chunk 64": {"SSD_FUSED_CHUNK": 64},
 }
-BACKWARD_SETTINGS = PASS_SETTINGS
+BACKWARD_SETTINGS = {
+    **PASS_SETTINGS,
+    "bwd whole groups": {"SSD_BWD_HEADS": 1 << 30},
+    "bwd 4 heads": {"SSD_BWD_HEADS": 4},
+    "bwd dB/dC 4 heads": {"SSD_BWD_BC_HEADS": 4},
+    "bwd dB/dC 8 heads": {"SSD_BWD_BC_HEADS": 8},
+    "bwd 16-bit products": {"SSD_BWD_LOW": True},
+    "bwd whole groups, 16-bit products": {"SSD_BWD_HEADS": 1 << 30, "SSD_BWD_LOW": True},
+    "bwd 8 warps": {"SSD_BWD_WARPS": 8},
+    "bwd 8 warps, 16-bit products": {"SSD_BWD_WARPS": 8, "SSD_BWD_LOW": True},
+}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", default="512,2048,8192")
-    p.add_argument("--backward", action="store_true", help="also time forward + backward (walk settings only)")
+    p.add_argument("--backward", action="store_true", help="also time forward + backward")
     p.add_argument("--bwd-lengths", default=None, help="lengths timed with --backward (default: --lengths)")
     p.add_argument(
         "--settings", default=None, help="names of FORWARD_SETTINGS to time, separated by ';' (default: all)"
+    )
+    p.add_argument(
+        "--bwd-settings", default=None, help="names of BACKWARD_SETTINGS to time, separated by ';' (default: all)"
     )
     a = p.parse_args()
     if not torch.cuda.is_available():
@@ -52,6 +67,9 @@ def main() -> None:
     forward_settings = FORWARD_SETTINGS
     if a.settings:
         forward_settings = {"default": {}, **{n: FORWARD_SETTINGS[n] for n in a.settings.split(";")}}
+    backward_settings = BACKWARD_SETTINGS
+    if a.bwd_settings:
+        backward_settings = {"default": {}, **{n: BACKWARD_SETTINGS[n] for n in a.bwd_settings.split(";")}}
     names = {name for s in (*FORWARD_SETTINGS.values(), *BACKWARD_SETTINGS.values()) for name in s}
     library = {name: getattr(kernels, name) for name in names}
 
@@ -87,8 +105,18 @@ def main() -> None:
 
                 return step
 
-            times = best_of_two(BACKWARD_SETTINGS, train_step, 3)
-            cells = ", ".join(f"{n} {ms:.2f} ({TOKENS / ms:,.0f}K)" for n, ms in times.items())
+            def gradients(setting: dict) -> torch.Tensor:
+                model.zero_grad(set_to_none=True)
+                train_step(setting)()
+                return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+
+            reference = gradients({})
+            errors = {name: (gradients(s) - reference).abs().max().item() for name, s in backward_settings.items()}
+            del reference
+            times = best_of_two(backward_settings, train_step, 3)
+            cells = ", ".join(
+                f"{n} {ms:.2f} ({TOKENS / ms:,.0f}K, max grad diff {errors[n]:.2g})" for n, ms in times.items()
+            )
             print(f"forward+backward L={length}: {cells}", flush=True)
             model.zero_grad(set_to_none=True)
     apply({})

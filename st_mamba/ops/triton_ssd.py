@@ -25,10 +25,11 @@ Backward. The forward pass keeps only its inputs; the backward re-runs the walk 
 then walks the other way, from the last chunk to the first and the final state's gradient, summing (dy, C) in
 place of (x, B): each chunk's outputs send sum_t exp(cum_t) dy_t C_t^T back to its start state, so the walk
 leaves the gradient of each chunk's end state, and the initial state's. ``_ssd_chunk_scan_bwd_kernel`` then
-takes, per (chunk, group), every other gradient: dx, ddt (through the limit clamp, the softplus and
-dt_bias), and this chunk's shares of dA, dD and ddt_bias; dB and dC summed over the group's heads in
-registers, so that they are written once, without atomics. Nothing (P, N)-sized per token is ever stored:
-two transient (chunks, H, P, N) fp32 buffers per call, (H P N 4 / SSD_CHUNK) bytes a token each.
+takes, per (chunk, block of heads of one group), every other gradient: dx, ddt (through the limit clamp, the
+softplus and dt_bias), and this chunk's shares of dA, dD and ddt_bias; ``_ssd_chunk_scan_bwd_bc_kernel`` dB and
+dC, summed over a block of the group's heads in registers, each block's share written once, without atomics.
+Nothing (P, N)-sized per token is ever stored: two transient (chunks, H, P, N) fp32 buffers per call,
+(H P N 4 / SSD_CHUNK) bytes a token each.
 
 Packed batches (``cu_seqlens``): each sequence is cut into its own chunks, the first starting at the
 sequence's first token, so that no chunk ever holds two sequences and no decay needs resetting inside
@@ -61,6 +62,19 @@ SSD_WARPS = 4
 # pipeline stages: with Triton's default three the other gradients' kernel needs 296 KB in fp32 at d_state
 # 128; with two it needs 197 KB (fp32) and 123 KB (bf16), the dB/dC kernel 132 KB and 148 KB.
 SSD_BWD_BLOCK_N = 64
+# Heads a program of the backward's kernels (at most: the largest divisor of the heads a group that is not more).
+# A program computes its chunk's C . B^T once for its heads, and the dB/dC kernel sums its heads' shares in
+# registers; with k blocks of heads a group, the dB/dC kernel writes k (T, G, N) fp32 shares that the host sums.
+# Whole mamba2-130m forward + backward on an H100 (docs/kernels.md): one head a program 4% faster than the whole
+# group of 24; dB/dC in blocks of 4 or 8 heads slower than whole groups.
+SSD_BWD_HEADS = 1
+SSD_BWD_BC_HEADS = 1 << 30
+# The backward's products of 16-bit inputs: 16-bit operands (the states, scores and weighted inputs rounded to the
+# inputs' dtype, as the fused forward does) with fp32 sums; off, fp32 operands in TF32. On, the H100 ran the
+# mamba2-130m backward 1.35x faster but gave a wrong dB at one test shape (docs/kernels.md): off until that is
+# understood.
+SSD_BWD_LOW = False
+SSD_BWD_WARPS = 4
 # The walk over chunks and the pass over segments go along each sequence: their parallelism is (sequences x
 # heads x blocks of SSD_PASS_BLOCK_P state rows), each program carrying a (SSD_PASS_BLOCK_P, N) running state.
 # At 64 a program of a 64-wide head walks its whole state.
@@ -140,10 +154,35 @@ def _operand16(t, like_ptr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _mm(a, b, like_ptr, DOT: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr):
+    """a @ b, summed in fp32: of fp32 operands (``DOT``), or LOW: of operands rounded to ``like_ptr``'s 16-bit dtype
+    (EMULATE as in ``_operand16``)."""
+    if LOW:
+        return tl.dot(_operand16(a, like_ptr, EMULATE), _operand16(b, like_ptr, EMULATE), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT)
+
+
+@triton.jit
 def _state_tile(ptr, index, offs_p, offs_n, headdim, d_state):
     """Pointers and mask of the (BLOCK_P, BLOCK_N) state number ``index`` of a contiguous (..., P, N) tensor."""
     ptrs = ptr + index.to(tl.int64) * headdim * d_state + offs_p[:, None] * d_state + offs_n[None, :]
     return ptrs, (offs_p < headdim)[:, None] & (offs_n < d_state)[None, :]
+
+
+@triton.jit
+def _first_state(init_ptr, index, offs_p, offs_n, headdim, d_state, HAS_INIT: tl.constexpr):
+    """A walk's running state at its start: state number ``index`` of ``init`` (HAS_INIT), else zeros; fp32."""
+    ptrs, mask = _state_tile(init_ptr, index, offs_p, offs_n, headdim, d_state)
+    if HAS_INIT:
+        return tl.load(ptrs, mask=mask, other=0.0)
+    return tl.zeros((offs_p.shape[0], offs_n.shape[0]), dtype=tl.float32)
+
+
+@triton.jit
+def _store_state(ptr, index, state, offs_p, offs_n, headdim, d_state):
+    """``state`` into state number ``index`` of a contiguous (..., P, N) tensor."""
+    ptrs, mask = _state_tile(ptr, index, offs_p, offs_n, headdim, d_state)
+    tl.store(ptrs, state, mask=mask)
 
 
 # --- forward -------------------------------------------------------------------------------------
@@ -164,19 +203,14 @@ def _ssd_state_passing_kernel(
     count = tl.load(span_off_ptr + seq + 1) - first
     offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
-    seq_ptrs, mask = _state_tile(init_ptr, seq * n_heads + head, offs_p, offs_n, headdim, d_state)
-    if HAS_INIT:
-        running = tl.load(seq_ptrs, mask=mask, other=0.0)
-    else:
-        running = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    running = _first_state(init_ptr, seq * n_heads + head, offs_p, offs_n, headdim, d_state, HAS_INIT)
     for span in range(first, first + count):
-        row_ptrs, _ = _state_tile(states_ptr, span * n_heads + head, offs_p, offs_n, headdim, d_state)
+        row_ptrs, mask = _state_tile(states_ptr, span * n_heads + head, offs_p, offs_n, headdim, d_state)
         row = tl.load(row_ptrs, mask=mask, other=0.0)
         tl.store(row_ptrs, running, mask=mask)
         running = tl.exp(tl.load(log_decay_ptr + span * n_heads + head)) * running + row
     if STORE_LAST:
-        last_ptrs, _ = _state_tile(last_ptr, seq * n_heads + head, offs_p, offs_n, headdim, d_state)
-        tl.store(last_ptrs, running, mask=mask)
+        _store_state(last_ptr, seq * n_heads + head, running, offs_p, offs_n, headdim, d_state)
 
 
 @triton.jit
@@ -206,11 +240,7 @@ def _ssd_state_walk_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     A = tl.load(a_ptr + head)
     k_col = (head // heads_per_group) * stride_k_g
-    seq_ptrs, mask = _state_tile(init_ptr, seq * n_heads + head, offs_p, offs_n, headdim, d_state)
-    if HAS_INIT:
-        running = tl.load(seq_ptrs, mask=mask, other=0.0)
-    else:
-        running = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    running = _first_state(init_ptr, seq * n_heads + head, offs_p, offs_n, headdim, d_state, HAS_INIT)
     for i in range(0, count):
         if REVERSE:
             chunk = first + count - 1 - i
@@ -232,18 +262,15 @@ def _ssd_state_walk_kernel(
         if LOW:  # v's own values back in its dtype: only w k is rounded
             v = _operand16(v, v_ptr, EMULATE)
             k = _operand16(k, v_ptr, EMULATE)
-        row_ptrs, _ = _state_tile(states_ptr, chunk * n_heads + head, offs_p, offs_n, headdim, d_state)
-        tl.store(row_ptrs, running, mask=mask)
+        _store_state(states_ptr, chunk * n_heads + head, running, offs_p, offs_n, headdim, d_state)
         running = tl.exp(cum_last) * running + tl.dot(tl.trans(v), k, input_precision=DOT)
     if STORE_LAST:
-        last_ptrs, _ = _state_tile(last_ptr, seq * n_heads + head, offs_p, offs_n, headdim, d_state)
-        tl.store(last_ptrs, running, mask=mask)
+        _store_state(last_ptr, seq * n_heads + head, running, offs_p, offs_n, headdim, d_state)
     # A packed batch's table ends in empty rows (its length is a bound). The chunk kernels mask everything a
     # chunk without tokens gives, but they do load its rows: zeros rather than whatever memory held.
     if seq == n_seq - 1:
         for chunk in range(tl.load(chunk_off_ptr + n_seq), n_table):
-            row_ptrs, _ = _state_tile(states_ptr, chunk * n_heads + head, offs_p, offs_n, headdim, d_state)
-            tl.store(row_ptrs, tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32), mask=mask)
+            _store_state(states_ptr, chunk * n_heads + head, tl.zeros_like(running), offs_p, offs_n, headdim, d_state)
 
 
 @triton.jit
@@ -326,11 +353,7 @@ def _ssd_fused_fwd_kernel(
     b_col = (head // heads_per_group) * stride_b_g
     c_col = (head // heads_per_group) * stride_c_g
     A = tl.load(a_ptr + head)
-    state_ptrs, state_mask = _state_tile(init_ptr, span * n_heads + head, offs_p, offs_n, headdim, d_state)
-    if HAS_INIT:
-        running = tl.load(state_ptrs, mask=state_mask, other=0.0)
-    else:
-        running = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    running = _first_state(init_ptr, span * n_heads + head, offs_p, offs_n, headdim, d_state, HAS_INIT)
     if HAS_D:
         if D_PER_P:
             D = tl.load(d_ptr + head * headdim + offs_p, mask=mask_p, other=0.0)[None, :]
@@ -371,8 +394,7 @@ def _ssd_fused_fwd_kernel(
         running = tl.exp(cum_last) * running + tl.dot(tl.trans(xo), weighted_b, input_precision="ieee")
         total_log_decay += cum_last
     if STORE_LAST:
-        last_ptrs, _ = _state_tile(last_ptr, span * n_heads + head, offs_p, offs_n, headdim, d_state)
-        tl.store(last_ptrs, running, mask=state_mask)
+        _store_state(last_ptr, span * n_heads + head, running, offs_p, offs_n, headdim, d_state)
     if STORE_DECAY:
         if tl.program_id(2) == 0:
             tl.store(log_decay_ptr + span * n_heads + head, total_log_decay)
@@ -386,22 +408,24 @@ def _ssd_chunk_scan_bwd_kernel(
     x_ptr, dt_ptr, a_ptr, bias_ptr, b_ptr, c_ptr, d_ptr, dy_ptr, states_ptr, dstates_ptr,
     chunk_start_ptr, chunk_len_ptr,
     dx_ptr, ddt_ptr, da_ptr, dd_ptr, dbias_ptr,
-    n_heads, n_groups, heads_per_group, headdim, d_state, dt_min, dt_max,
+    n_heads, n_groups, heads_per_group, heads_a_program, headdim, d_state, dt_min, dt_max,
     stride_x_t, stride_x_h, stride_dt_t, stride_dt_h, stride_b_t, stride_b_g, stride_c_t, stride_c_g,
     stride_dy_t, stride_dy_h,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_LIMIT: tl.constexpr, FAST: tl.constexpr, DOT: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, FAST: tl.constexpr, DOT: tl.constexpr, LOW: tl.constexpr, EMULATE: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One (chunk, group): the gradients of x and dt, and the chunk's shares of dA, dD and ddt_bias, for the
-    group's heads one after another (dB and dC: ``_ssd_chunk_scan_bwd_bc_kernel``).
+    """One (chunk, block of ``heads_a_program`` heads of one group): the gradients of x and dt, and the chunk's
+    shares of dA, dD and ddt_bias, for the block's heads one after another (dB and dC:
+    ``_ssd_chunk_scan_bwd_bc_kernel``).
 
     Reads each chunk's start state (``states``) and its end state's gradient (``dstates``). Writes dx and
     ddt (in the dtypes of x and dt) and, per (chunk, head), the shares of dA, dD (per channel) and ddt_bias
     that the host sums.
     """
     chunk = tl.program_id(0)
-    group = tl.program_id(1)
+    first_head = tl.program_id(1) * heads_a_program
+    group = first_head // heads_per_group
     t0, offs_q, valid = _chunk_span(chunk_start_ptr, chunk_len_ptr, chunk, CHUNK)
     rows = t0 + offs_q
     offs_p = tl.arange(0, BLOCK_P)
@@ -409,10 +433,9 @@ def _ssd_chunk_scan_bwd_kernel(
     mask_p = offs_p < headdim
     Bm = _load_tile(b_ptr, rows, stride_b_t, group * stride_b_g, offs_n, d_state, valid)  # (CHUNK, BLOCK_N)
     Cm = _load_tile(c_ptr, rows, stride_c_t, group * stride_c_g, offs_n, d_state, valid)
-    CB = tl.dot(Cm, tl.trans(Bm), input_precision=DOT)  # (CHUNK, CHUNK): [t, s], shared by the group's heads
+    CB = _mm(Cm, tl.trans(Bm), x_ptr, DOT, LOW, EMULATE)  # (CHUNK, CHUNK): [t, s], shared by the block's heads
     causal = offs_q[:, None] >= offs_q[None, :]
-    for head_in_group in range(0, heads_per_group):
-        head = group * heads_per_group + head_in_group
+    for head in range(first_head, first_head + heads_a_program):
         A = tl.load(a_ptr + head)
         raw, delta, cum = _chunk_decays(
             dt_ptr, a_ptr, bias_ptr, head, rows, valid, stride_dt_t, stride_dt_h, dt_min, dt_max,
@@ -432,17 +455,17 @@ def _ssd_chunk_scan_bwd_kernel(
         to_end = tl.exp(cum_last - cum)  # exp(cum_last - cum_s): how much of u_s B_s^T reaches S_end
 
         # u_s reaches y_t (t >= s) through W[t, s], and S_end through to_end_s B_s^T.
-        dend_b = tl.dot(Bm, tl.trans(dend), input_precision=DOT)  # (CHUNK, BLOCK_P): dS_end B_s
-        du = tl.dot(tl.trans(scores), dy, input_precision=DOT) + to_end[:, None] * dend_b
+        dend_b = _mm(Bm, tl.trans(dend), x_ptr, DOT, LOW, EMULATE)  # (CHUNK, BLOCK_P): dS_end B_s
+        du = _mm(tl.trans(scores), dy, x_ptr, DOT, LOW, EMULATE) + to_end[:, None] * dend_b
         dx = du * delta[:, None]
         ddelta = tl.sum(du * x, axis=1)  # through u = delta x; through the decays below
-        dscores = tl.dot(dy, tl.trans(u), input_precision=DOT)  # (CHUNK, CHUNK): dy_t . u_s
+        dscores = _mm(dy, tl.trans(u), x_ptr, DOT, LOW, EMULATE)  # (CHUNK, CHUNK): dy_t . u_s
 
         # The gradient of each cum_t. W[t, s] grows with cum_t and shrinks with cum_s; the start state's
         # share of y_t grows with cum_t; u_s's share of S_end shrinks with cum_s and, like S_start's
         # share, grows with cum_last.
         through_scores = dscores * scores
-        y_from_start = from_start[:, None] * tl.dot(Cm, tl.trans(start), input_precision=DOT)  # (CHUNK, BLOCK_P)
+        y_from_start = from_start[:, None] * _mm(Cm, tl.trans(start), x_ptr, DOT, LOW, EMULATE)  # (CHUNK, BLOCK_P)
         into_end = to_end * tl.sum(u * dend_b, axis=1)  # (CHUNK,)
         dcum = tl.sum(through_scores, axis=1) - tl.sum(through_scores, axis=0) + tl.sum(dy * y_from_start, axis=1)
         dcum -= into_end
@@ -482,20 +505,24 @@ def _ssd_chunk_scan_bwd_kernel(
 def _ssd_chunk_scan_bwd_bc_kernel(
     x_ptr, dt_ptr, a_ptr, bias_ptr, b_ptr, c_ptr, dy_ptr, states_ptr, dstates_ptr,
     chunk_start_ptr, chunk_len_ptr, db_ptr, dc_ptr,
-    n_heads, n_groups, heads_per_group, headdim, d_state, dt_min, dt_max,
+    n_tokens, n_heads, n_groups, heads_per_group, heads_a_program, headdim, d_state, dt_min, dt_max,
     stride_x_t, stride_x_h, stride_dt_t, stride_dt_h, stride_b_t, stride_b_g, stride_c_t, stride_c_g,
     stride_dy_t, stride_dy_h,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, FAST: tl.constexpr, DOT: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    LOW: tl.constexpr, EMULATE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One (chunk, group, block of BLOCK_N states): dB and dC (fp32), summed over the group's heads.
+    """One (chunk, block of ``heads_a_program`` heads of one group, block of BLOCK_N states): the block's shares
+    of dB and dC (fp32), summed over its heads. With k blocks of heads a group, ``db`` and ``dc`` are (k, T, G, N):
+    block i writes [i], and the host sums them.
 
     C_t reaches y_t through S_start (exp(cum_t) S_start^T) and through W[t, s] = C_t . B_s decay[t, s]; B_s
     reaches y_t (t >= s) through W and S_end through exp(cum_last - cum_s) u_s B_s^T. Each of these is a
     product over the state index alone, so the blocks of states are independent.
     """
     chunk = tl.program_id(0)
-    group = tl.program_id(1)
+    first_head = tl.program_id(1) * heads_a_program
+    group = first_head // heads_per_group
+    share = first_head % heads_per_group // heads_a_program  # which of the group's blocks of heads
     t0, offs_q, valid = _chunk_span(chunk_start_ptr, chunk_len_ptr, chunk, CHUNK)
     rows = t0 + offs_q
     offs_p = tl.arange(0, BLOCK_P)
@@ -505,8 +532,7 @@ def _ssd_chunk_scan_bwd_bc_kernel(
     causal = offs_q[:, None] >= offs_q[None, :]
     dB = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
     dC = tl.zeros((CHUNK, BLOCK_N), dtype=tl.float32)
-    for head_in_group in range(0, heads_per_group):
-        head = group * heads_per_group + head_in_group
+    for head in range(first_head, first_head + heads_a_program):
         _, delta, cum = _chunk_decays(
             dt_ptr, a_ptr, bias_ptr, head, rows, valid, stride_dt_t, stride_dt_h, dt_min, dt_max,
             HAS_BIAS, SOFTPLUS, HAS_LIMIT, FAST,
@@ -520,12 +546,14 @@ def _ssd_chunk_scan_bwd_bc_kernel(
         dend = tl.load(dend_ptrs, mask=state_mask, other=0.0)  # ... of the gradient of S_end
         u = x * delta[:, None]
         decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
-        dCB = tl.dot(dy, tl.trans(u), input_precision=DOT) * decay  # (CHUNK, CHUNK): dW[t, s] decay[t, s]
-        dC += tl.dot(dCB, Bm, input_precision=DOT) + tl.exp(cum)[:, None] * tl.dot(dy, start, input_precision=DOT)
+        dCB = _mm(dy, tl.trans(u), x_ptr, DOT, LOW, EMULATE) * decay  # (CHUNK, CHUNK): dW[t, s] decay[t, s]
+        dC += _mm(dCB, Bm, x_ptr, DOT, LOW, EMULATE)
+        dC += tl.exp(cum)[:, None] * _mm(dy, start, x_ptr, DOT, LOW, EMULATE)
         to_end = tl.exp(cum_last - cum)
-        dB += tl.dot(tl.trans(dCB), Cm, input_precision=DOT) + to_end[:, None] * tl.dot(u, dend, input_precision=DOT)
-    # dB and dC are contiguous (T, G, N).
-    bc_ptrs = (rows[:, None] * n_groups + group) * d_state + offs_n[None, :]
+        dB += _mm(tl.trans(dCB), Cm, x_ptr, DOT, LOW, EMULATE)
+        dB += to_end[:, None] * _mm(u, dend, x_ptr, DOT, LOW, EMULATE)
+    # dB and dC are contiguous (k, T, G, N).
+    bc_ptrs = ((share * n_tokens + rows[:, None]) * n_groups + group) * d_state + offs_n[None, :]
     bc_mask = valid[:, None] & (offs_n < d_state)[None, :]
     tl.store(db_ptr + bc_ptrs, dB, mask=bc_mask)
     tl.store(dc_ptr + bc_ptrs, dC, mask=bc_mask)
@@ -607,6 +635,12 @@ class _Inputs:
             self._chunks = _Chunks(self.batch, self.length, self.cu_seqlens, SSD_CHUNK, self.x.device)
         return self._chunks
 
+    @property
+    def backward_products(self) -> dict:
+        """How the backward's chunk kernels multiply (``_mm``): SSD_BWD_LOW for 16-bit inputs, else ``dot``."""
+        low = SSD_BWD_LOW and self.dtypes[0] in (torch.float16, torch.bfloat16)
+        return dict(DOT=self.dot, LOW=low, EMULATE=not self.common["FAST"])
+
     def new_states(self) -> Tensor:
         """A (chunks, H, P, N) fp32 buffer, one state per chunk and head."""
         return self.x.new_empty(self.chunks.n_chunks, self.nheads, self.headdim, self.d_state, dtype=torch.float32)
@@ -655,6 +689,11 @@ class _Inputs:
             self.x.stride(0), self.x.stride(1), self.dt.stride(0), self.dt.stride(1),
             self.B.stride(0), self.B.stride(1), self.C.stride(0), self.C.stride(1),
         )  # fmt: skip
+
+
+def _heads_a_program(heads_per_group: int, most: int) -> int:
+    """The largest divisor of ``heads_per_group`` that is at most ``most`` (and at least 1)."""
+    return max(h for h in range(1, min(heads_per_group, max(most, 1)) + 1) if heads_per_group % h == 0)
 
 
 def _or(t: Tensor | None, stand_in: Tensor) -> Tensor:
@@ -772,29 +811,34 @@ def _ssd_backward(inp: _Inputs, dy: Tensor, dfinal: Tensor | None) -> tuple:
     # 3. Everything else, chunk by chunk. Shares of dA, dD, ddt_bias per (chunk, head): zeros, since the
     # empty rows of a packed batch's chunk table write nothing.
     n_chunks = inp.chunks.n_chunks
+    heads_per_group = inp.nheads // inp.ngroups
+    heads, bc_heads = (_heads_a_program(heads_per_group, most) for most in (SSD_BWD_HEADS, SSD_BWD_BC_HEADS))
+    shares = heads_per_group // bc_heads
     dx = inp.x.new_empty(inp.x.shape, dtype=inp.dtypes[0])
     ddt = inp.x.new_empty(tokens, inp.nheads, dtype=inp.dtypes[1])
-    dB = torch.empty(tokens, inp.ngroups, inp.d_state, **f32)
-    dC = torch.empty(tokens, inp.ngroups, inp.d_state, **f32)
+    dB = torch.empty(shares, tokens, inp.ngroups, inp.d_state, **f32)
+    dC = torch.empty(shares, tokens, inp.ngroups, inp.d_state, **f32)
     dA = torch.zeros(n_chunks, inp.nheads, **f32)
     dD = torch.zeros(n_chunks, inp.nheads, inp.headdim, **f32) if inp.D is not None else None
     dbias = torch.zeros(n_chunks, inp.nheads, **f32) if inp.dt_bias is not None else None
-    _ssd_chunk_scan_bwd_kernel[(n_chunks, inp.ngroups)](
+    _ssd_chunk_scan_bwd_kernel[(n_chunks, inp.nheads // heads)](
         *inp.param_args(), dy, states, dstates, inp.chunks.start, inp.chunks.length,
         dx, ddt, dA, _or(dD, dA), _or(dbias, dA),
-        inp.nheads, inp.ngroups, inp.nheads // inp.ngroups, inp.headdim, inp.d_state, inp.dt_min, inp.dt_max,
+        inp.nheads, inp.ngroups, heads_per_group, heads, inp.headdim, inp.d_state, inp.dt_min, inp.dt_max,
         *inp.stride_args(), dy.stride(0), dy.stride(1),
-        HAS_D=inp.D is not None, D_PER_P=inp.D is not None and inp.D.dim() == 2, DOT=inp.dot, **inp.common,
-        num_stages=SSD_BWD_STAGES,
+        HAS_D=inp.D is not None, D_PER_P=inp.D is not None and inp.D.dim() == 2, **inp.backward_products,
+        **{**inp.common, "num_warps": SSD_BWD_WARPS}, num_stages=SSD_BWD_STAGES,
     )  # fmt: skip
     block_n = min(inp.block_n, SSD_BWD_BLOCK_N)
-    _ssd_chunk_scan_bwd_bc_kernel[(n_chunks, inp.ngroups, triton.cdiv(inp.d_state, block_n))](
+    _ssd_chunk_scan_bwd_bc_kernel[(n_chunks, inp.nheads // bc_heads, triton.cdiv(inp.d_state, block_n))](
         inp.x, inp.dt, inp.A, _or(inp.dt_bias, inp.A), inp.B, inp.C, dy, states, dstates,
         inp.chunks.start, inp.chunks.length, dB, dC,
-        inp.nheads, inp.ngroups, inp.nheads // inp.ngroups, inp.headdim, inp.d_state, inp.dt_min, inp.dt_max,
+        tokens, inp.nheads, inp.ngroups, heads_per_group, bc_heads, inp.headdim, inp.d_state, inp.dt_min, inp.dt_max,
         *inp.stride_args(), dy.stride(0), dy.stride(1),
-        DOT=inp.dot, **{**inp.common, "BLOCK_N": block_n}, num_stages=SSD_BWD_STAGES,
+        **inp.backward_products, **{**inp.common, "BLOCK_N": block_n, "num_warps": SSD_BWD_WARPS},
+        num_stages=SSD_BWD_STAGES,
     )  # fmt: skip
+    dB, dC = (t[0] if shares == 1 else t.sum(0) for t in (dB, dC))
     shape = inp.shape
     dD_sum = None
     if dD is not None:

@@ -80,12 +80,17 @@ def _small_chunks(monkeypatch) -> None:
 
 @pytest.fixture(params=["chunk 16", "default chunk"])
 def chunk(request, monkeypatch):
-    """Chunks of 16 tokens (many chunk boundaries inside each sequence) and the pass over states and the fused
-    forward 8 rows a program (a state's rows split over several programs), or the settings as shipped."""
+    """Chunks of 16 tokens (many chunk boundaries inside each sequence), the pass over states and the fused
+    forward 8 rows a program (a state's rows split over several programs), the backward's programs up to two heads
+    (dB and dC too, so that a group's heads leave several shares to sum) and its products of 16-bit inputs taking
+    16-bit operands if they do not by default (or fp32 if they do); or the settings as shipped."""
     if request.param == "chunk 16":
         _small_chunks(monkeypatch)
         monkeypatch.setattr(triton_ssd, "SSD_PASS_BLOCK_P", 8)
         monkeypatch.setattr(triton_ssd, "SSD_FUSED_BLOCK_P", 8)
+        monkeypatch.setattr(triton_ssd, "SSD_BWD_HEADS", 2)
+        monkeypatch.setattr(triton_ssd, "SSD_BWD_BC_HEADS", 2)
+        monkeypatch.setattr(triton_ssd, "SSD_BWD_LOW", not triton_ssd.SSD_BWD_LOW)
     return triton_ssd.SSD_CHUNK
 
 
@@ -250,6 +255,9 @@ def test_fused_forward_takes_16_bit_inputs_and_cuts_too_few_walks_into_segments(
         monkeypatch.setattr(triton_ssd, "SSD_FUSED_MIN_WALKS_PER_SM", per_sm)
         monkeypatch.setattr(triton_ssd, "SSD_FUSED_MIN_SEGMENT", min_segment)
         assert triton_ssd._segment_tokens(inp, block_p=8) == expected, (per_sm, min_segment)
+    # The kernels (a GPU's products take chunks of at least 16 tokens): sequences of three segments and a bit.
+    monkeypatch.setattr(triton_ssd, "SSD_FUSED_CHUNK", 16)
+    x, dt, A, B, C, D, dt_bias, h0 = _ssd_inputs(2, 100, 4, 16, 2, 8, torch.bfloat16, 9, True)
     kw = dict(dt_bias=dt_bias, dt_softplus=True, initial_state=h0, return_final_state=True)
     outputs = {}
     for forward in ("fused", "segmented", "walk and outputs"):
@@ -259,6 +267,12 @@ def test_fused_forward_takes_16_bit_inputs_and_cuts_too_few_walks_into_segments(
     for forward in ("fused", "segmented"):
         assert_close(f"{forward} y", outputs[forward][0], outputs["walk and outputs"][0], rtol, atol)
         assert_close(f"{forward} final_state", outputs[forward][1], outputs["walk and outputs"][1], rtol, atol)
+
+
+def test_backward_heads_a_program_divide_the_group():
+    most = [1, 2, 5, 7, 8, 24, 1 << 30, 0]
+    assert [triton_ssd._heads_a_program(24, m) for m in most] == [1, 2, 4, 6, 8, 24, 24, 1]
+    assert [triton_ssd._heads_a_program(3, m) for m in (1, 2, 3)] == [1, 1, 3]
 
 
 def test_ssd_scan_rejects_bad_inputs():
