@@ -33,6 +33,7 @@ FORWARD_SETTINGS = {
     "walk and outputs": {"SSD_FUSED": False},
     "fused, whole sequences": {"SSD_FUSED_MIN_WALKS_PER_SM": 0},
     "fused, 2 walks a SM": {"SSD_FUSED_MIN_WALKS_PER_SM": 2.0},
+    "fused, 4 walks a SM": {"SSD_FUSED_MIN_WALKS_PER_SM": 4.0},
     "fused, 2 stages": {"SSD_FUSED_STAGES": 2},
     "fused, chunk 16": {"SSD_FUSED_CHUNK": 16},
     "fused, chunk 64": {"SSD_FUSED_CHUNK": 64},

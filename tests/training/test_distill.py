@@ -193,6 +193,31 @@ def test_training_reads_whole_texts_and_gives_the_chunk_size_back(tokenizer_dir,
     assert streamed
 
 
+@pytest.mark.parametrize("share", [0.0, 0.25])
+def test_the_token_table_learns_at_its_share_of_the_rate(share, tokenizer_dir):
+    """``table_learning_rate``: 0 keeps the table as it starts (the rest trains); a share moves it, less than at 1."""
+
+    def moved(table_share: float) -> tuple[float, float]:
+        model = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+        generator = torch.Generator().manual_seed(0)
+        ids = [torch.randint(1, 400, (30,), generator=generator).numpy() for _ in range(6)]
+        targets = torch.nn.functional.normalize(torch.randn(6, 384, generator=generator), dim=-1)
+        table = model[0].backbone.embeddings.weight
+        before = table.detach().clone(), model[1].linear.weight.detach().clone()
+        train.train_student(model, "mamba", train.TrainData(ids, targets, list(range(6)), [], 0), "cpu", 4, 60.0,
+                            [], table_learning_rate=table_share)  # fmt: skip
+        head = model[1].linear.weight.detach()
+        return float((table.detach() - before[0]).abs().max()), float((head - before[1]).abs().max())
+
+    table_moved, head_moved = moved(share)
+    full_table_moved, full_head_moved = moved(1.0)
+    assert head_moved > 0 and full_table_moved > 0
+    if share == 0:
+        assert table_moved == 0.0
+    else:
+        assert 0 < table_moved < full_table_moved
+
+
 def test_embedding_std_redraws_only_the_token_embedding(tokenizer_dir):
     plain = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
     unit = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, embedding_std=1.0)

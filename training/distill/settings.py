@@ -25,9 +25,10 @@ TRAIN_SECONDS = 150  # Mamba student's training time; its steps are the Transfor
 TRANSFORMER_MAX_SHARE = 1.35  # the control stops after this many times the Mamba student's time if it is slower
 # Mamba students that `sweep` compares, each trained for the same time (SWEEP_SECONDS) on the same first
 # batches; `train` trains STUDENT.
-# Keys: the backbone config, the pooling, and optionally the peak learning rate and the token embedding's
-# initial standard deviation (mamba_ssm's 0.02 makes the token a few percent of the residual stream
-# after 12 layers; 1.0 keeps it dominant, as BERT's LayerNorm on its embeddings does).
+# Keys: the backbone config, the pooling, and optionally the peak learning rate, the token table's share of it
+# (``table_learning_rate``) and the token embedding's initial standard deviation (mamba_ssm's 0.02 makes the
+# token a few percent of the residual stream after 12 layers; 1.0 keeps it dominant, as BERT's LayerNorm on its
+# embeddings does).
 STUDENT_VARIANTS = {
     "mamba2-eos": {"config": MAMBA2, "pooling": "eos"},
     "mamba2-mean": {"config": MAMBA2, "pooling": "mean"},
@@ -54,6 +55,17 @@ STUDENT_VARIANTS = {
         "pooling": "mean",
         "init": "teacher",
         "do_lower_case": True,
+    },
+    # The same with the token table kept near the teacher's view of each token (``table_learning_rate``: the
+    # table's peak learning rate as a share of the student's; 0 freezes it). Trained at the full rate, a row
+    # read 10 or more times in training moves about as far as its own length (cosine 0.73-0.77 to its start)
+    # while rarer rows stay put: at a tenth, what the layers learn to read stays close to the teacher's view.
+    "mamba1-mean-teacher-init-x4-slow-table": {
+        "config": {**MAMBA1, "expand": 4, "n_layer": 11},
+        "pooling": "mean",
+        "init": "teacher",
+        "do_lower_case": True,
+        "table_learning_rate": 0.1,
     },
 }
 SIF_COEFFICIENT = 1e-4  # a in a / (a + p): Model2Vec's default (not tuned on any collection we score)

@@ -82,6 +82,7 @@ def train_student(
     checkpoint_meta: dict | None = None,
     extend_to: float | None = None,
     stop_at: float | None = None,
+    table_learning_rate: float = 1.0,
 ) -> dict:
     """Train for ``total_steps``, or with ``total_steps=None`` for ``seconds`` of wall time.
 
@@ -90,7 +91,8 @@ def train_student(
     ``checkpoint_meta`` (the student's config and pooling) goes into the checkpoints with the progress.
     A resumed run keeps its checkpoint's plan; ``extend_to`` stretches a timed one to that many seconds of
     training in all, finished or not: the learning rate goes back up to the schedule's value at the share
-    already trained and decays to 0 over the rest. ``stop_at`` (a ``time.time()``) ends training early, so
+    already trained and decays to 0 over the rest. ``table_learning_rate``: the token table's rate as a share
+    of the others' (0: the table stays as it starts). ``stop_at`` (a ``time.time()``) ends training early, so
     that what was trained is still evaluated: the result's ``stopped_early`` says so.
     """
     model.to(device).train()
@@ -100,11 +102,18 @@ def train_student(
     saved_chunk_size = getattr(model[0], "chunk_size", None)
     if saved_chunk_size is not None:
         model[0].chunk_size = None
-    # No decay on the token table: rows of tokens a batch does not hold would shrink towards 0 unread.
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not is_token_embedding(n)]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or is_token_embedding(n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=peak_learning_rate, betas=(0.9, 0.98), eps=1e-6)  # fmt: skip
+    # No decay on the token table: rows of tokens a batch does not hold would shrink towards 0 unread. The table
+    # learns at ``table_learning_rate`` times the others' rate; at 0 it is fixed and out of the optimiser.
+    table = [p for n, p in model.named_parameters() if is_token_embedding(n)]
+    if table_learning_rate == 0:
+        for param in table:
+            param.requires_grad_(False)
+    rest = [(n, p) for n, p in model.named_parameters() if not is_token_embedding(n)]
+    groups = [{"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": settings.WEIGHT_DECAY, "share": 1.0},
+              {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0, "share": 1.0}]  # fmt: skip
+    if table_learning_rate > 0:
+        groups.append({"params": table, "weight_decay": 0.0, "share": table_learning_rate})
+    optimizer = torch.optim.AdamW(groups, lr=peak_learning_rate, betas=(0.9, 0.98), eps=1e-6)
     mse, mnrl = MSELoss(model), MultipleNegativesRankingLoss(model)
     first_step, seconds_before = 0, 0.0
     if extend_to is not None and resume is None:
@@ -152,7 +161,7 @@ def train_student(
     while (done := progress()) < 1.0:
         epoch, batch = next(stream)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(done, peak_learning_rate)
+            group["lr"] = learning_rate(done, peak_learning_rate) * group["share"]
         # The host prepares and queues the step without waiting for the GPU (no sync in the step; the
         # loss is read every 10th step), so collating the next batch overlaps the GPU's work.
         collated = collate([data.ids[i] for i in batch], kind, data.pad_id, model.max_seq_length)
