@@ -650,6 +650,24 @@ def test_agreement_measures_how_close_a_student_comes_to_the_teacher(work_folder
     assert all(values["queries"] < 0.9 for values in random_student.values())
 
 
+def test_crossed_sides_pair_each_models_queries_with_each_models_documents(work_folder, tiny_teacher, tokenizer_dir):
+    """The same pairing scores as a plain search with that model; one model on both sides scores the same four times."""
+    from st_mamba.evaluation.metrics import evaluate as evaluate_run
+    from st_mamba.evaluation.retrieval import dense_search
+
+    student = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+    crossed = evaluate.crossed_sides(student, tiny_teacher, work_folder / "data")
+    assert set(crossed) == {"scifact", "trec-dl-2019"}
+    for name, scores in crossed.items():
+        assert len(scores) == 4 and all(0.0 <= value <= 1.0 for value in scores.values())
+        dataset = evaluate.load_beir(work_folder / "data" / name, "test")
+        for label, model in (("student", student), ("teacher", tiny_teacher)):
+            plain = evaluate_run(dataset.qrels, dense_search(model, dataset, k=100, show_progress=False), ["nDCG@10"])
+            assert scores[f"{label} queries, {label} documents"] == pytest.approx(plain.scores["nDCG@10"], abs=2e-4)
+    alone = evaluate.crossed_sides(tiny_teacher, tiny_teacher, work_folder / "data")
+    assert all(len(set(scores.values())) == 1 for scores in alone.values())
+
+
 def test_the_score_plot_draws_the_control_only_where_the_run_trained_one(tmp_path):
     pytest.importorskip("matplotlib")
     scores = {"scifact/mamba": {"nDCG@10": 0.5}, "scifact/teacher": {"nDCG@10": 0.64}, "scifact/bm25": {"nDCG@10": 0.68},

