@@ -206,16 +206,24 @@ def test_the_token_table_learns_at_its_share_of_the_rate(share, tokenizer_dir):
         before = table.detach().clone(), model[1].linear.weight.detach().clone()
         train.train_student(model, "mamba", train.TrainData(ids, targets, list(range(6)), [], 0), "cpu", 4, 60.0,
                             [], table_learning_rate=table_share)  # fmt: skip
+        assert table.requires_grad  # a fixed table is trainable again afterwards (fine-tuning the saved model)
         head = model[1].linear.weight.detach()
         return float((table.detach() - before[0]).abs().max()), float((head - before[1]).abs().max())
 
     table_moved, head_moved = moved(share)
-    full_table_moved, full_head_moved = moved(1.0)
+    full_table_moved, _ = moved(1.0)
     assert head_moved > 0 and full_table_moved > 0
     if share == 0:
         assert table_moved == 0.0
     else:
         assert 0 < table_moved < full_table_moved
+
+
+def test_a_negative_share_of_the_rate_is_refused(tokenizer_dir):
+    model = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+    data = train.TrainData([np.arange(1, 9, dtype=np.int32)], torch.ones(1, 384) / 384**0.5, [0], [], 0)
+    with pytest.raises(ValueError, match="table_learning_rate"):
+        train.train_student(model, "mamba", data, "cpu", 1, 60.0, [], table_learning_rate=-0.1)
 
 
 def test_embedding_std_redraws_only_the_token_embedding(tokenizer_dir):

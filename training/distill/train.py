@@ -104,6 +104,8 @@ def train_student(
         model[0].chunk_size = None
     # No decay on the token table: rows of tokens a batch does not hold would shrink towards 0 unread. The table
     # learns at ``table_learning_rate`` times the others' rate; at 0 it is fixed and out of the optimiser.
+    if table_learning_rate < 0:
+        raise ValueError(f"table_learning_rate is a share of the learning rate, >= 0, not {table_learning_rate}")
     table = [p for n, p in model.named_parameters() if is_token_embedding(n)]
     if table_learning_rate == 0:
         for param in table:
@@ -206,6 +208,8 @@ def train_student(
         save()
     if saved_chunk_size is not None:
         model[0].chunk_size = saved_chunk_size
+    for param in table:
+        param.requires_grad_(True)
     model.eval()
     return {"steps": step, "planned_steps": total_steps or step, "seconds": round(elapsed, 1), "tokens": tokens,
             "tokens_per_second": round(tokens / max(elapsed, 1e-9)),
