@@ -8,7 +8,8 @@ left-to-right pass over the whole text what the teacher can only see in pieces.
 
 Students (same GPT-NeoX-20B tokenizer, same batches, same number of steps, both in fp32 with TF32
 matrix products): an st-mamba encoder (one of ``STUDENT_VARIANTS``, by default ``STUDENT``: Mamba-1
-with mean pooling, its token table initialised from the teacher, lower-cased input) and a
+with mean pooling, its token table initialised from the teacher, lower-cased input; a variant may give
+the table a share of the learning rate, ``table_learning_rate``) and a
 BERT-shaped Transformer (mean pooling), each followed by a Dense layer to the teacher's 384
 dimensions and Normalize. Loss: ST's ``MSELoss`` to the targets (times ``MSE_WEIGHT``) plus, every
 ``MNRL_EVERY`` steps, ST's ``MultipleNegativesRankingLoss`` on the corpus's real pairs (WordNet's
@@ -21,7 +22,7 @@ that time if it is slower).
 
 Checkpoints (``--output``/checkpoint-0000k-of-0000n.safetensors) hold the Mamba student in fp16, the
 AdamW moments of every non-embedding tensor in bf16 and the embedding's second moment averaged per
-row, in shards of at most 16 MiB (55 MiB in all); ``--resume`` continues a run from them (not
+row, in shards of at most 16 MiB (80 MiB in all for ``STUDENT``); ``--resume`` continues a run from them (not
 bit-exact: the fp32 master weights come back from fp16 and the embedding's first moment restarts at 0).
 
 Subcommands:
@@ -33,6 +34,9 @@ Subcommands:
 - ``export``: the final model folder from a checkpoint, with a model card that carries the scores.
 - ``score``: scores the runs in ``results.json.gz`` with st_mamba.evaluation (ir-measures), plus BM25.
 - ``baselines``: what needs no student, on any machine: BM25 and the teacher on QMSum.
+- ``agreement``: a saved student's cosine to the teacher's targets on the evaluation collections' texts.
+- ``sides``: nDCG@10 with queries and documents embedded by the student or the teacher, crossed: which
+  side of a collection the student loses on.
 - ``speed``: encoding speed of a saved student and the teacher on this machine (e.g. on CPU).
 - ``init``: a Mamba student as training would start it, saved as a model folder, to score its starting
   point (e.g. ``python -m st_mamba.evaluation beir --model FOLDER --data ...``).
@@ -45,7 +49,7 @@ card), ``prepare`` (what the GPU run reads), ``__main__`` (the command line).
 Run from the repository's root (after training/build_distillation_corpus.py; the second command runs
 on a GPU; docs/distillation.md has the details):
     python -m training.distill prepare
-    python -m training.distill train --work .distill --output OUT --seconds 840 --no-control --run-seconds 1150
+    python -m training.distill train --output OUT --seconds 700 --batch-tokens 32768 --no-control --run-seconds 1080
     python -m training.distill score --results OUT/results.json.gz --output OUT/scores.json --plot OUT/scores.png
     python -m training.distill export --checkpoint OUT --results OUT/results.json.gz --scores OUT/scores.json
 """
