@@ -72,8 +72,18 @@ def test_a_killed_job_resumes_to_the_uninterrupted_result(model_dir, tmp_path):
 
 
 def _encode_on_one_thread(*args, **kwargs):
-    import torch
+    import threading
 
+    import torch
+    import tqdm.auto
+    import tqdm.std
+
+    # tqdm's write lock holds a multiprocessing lock that the forked job shares with this process: killed while
+    # holding it (every progress bar takes it, disabled ones too), the job would leave this process's next bar
+    # waiting forever. The job takes a lock of its own, for tqdm's bars (Sentence-Transformers') and tqdm.auto's.
+    lock = threading.RLock()
+    for bar in (tqdm.std.tqdm, tqdm.auto.tqdm):
+        bar.set_lock(lock)
     torch.set_num_threads(1)
     encode_corpus(*args, **kwargs)
 
