@@ -144,11 +144,9 @@ def sweep(work: Path, output: Path, names: list[str], seconds: float, scratch: P
     results = run.record.results
     results["sweep"] = {}
     for name in names:
-        model, kind, peak = build_student(name, work, scratch, run.teacher, lower_case, run.data)
+        model, kind, training = build_student(name, work, scratch, run.teacher, lower_case, run.data)
         try:
-            table_share = settings.STUDENT_VARIANTS.get(name, {}).get("table_learning_rate", 1.0)
-            train = train_student(model, kind, run.data, run.device, None, seconds, results["log"],
-                                  peak_learning_rate=peak, table_learning_rate=table_share)  # fmt: skip
+            train = train_student(model, kind, run.data, run.device, None, seconds, results["log"], **training)
         except Exception as error:  # one failing student (a kernel, memory) must not cost the others' results
             logger.exception("%s failed", name)
             results["sweep"][name] = {"error": repr(error)}
@@ -196,16 +194,15 @@ def run_training(
     data, held_out, kinds, device = run.data, run.held_out, run.kinds, run.device
 
     # 4. The Mamba student
-    mamba, _, peak = build_student(student, work, output, teacher, lower_case, data)
+    mamba, _, training = build_student(student, work, output, teacher, lower_case, data)
     results["parameters"] = {"mamba": parameter_count(mamba)}
     results["held_out_cosine"] = {
         "mamba@init": held_out_cosine(mamba.to(device), "mamba", data, held_out, kinds, device)
     }
     meta = {"student": student, "config": variant["config"], "pooling": variant["pooling"], "do_lower_case": lower_case}
     results["train"] = {"mamba": train_student(mamba, "mamba", data, device, None, seconds, results["log"],
-                                               checkpoint_dir=output, resume=resume, peak_learning_rate=peak,
-                                               checkpoint_meta=meta, extend_to=extend_to, stop_at=stop_training,
-                                               table_learning_rate=variant.get("table_learning_rate", 1.0))}  # fmt: skip
+                                               checkpoint_dir=output, resume=resume, checkpoint_meta=meta,
+                                               extend_to=extend_to, stop_at=stop_training, **training)}  # fmt: skip
     results["held_out_cosine"]["mamba"] = held_out_cosine(mamba, "mamba", data, held_out, kinds, device)
     run.record.mark("mamba_trained")
 

@@ -213,8 +213,9 @@ def build_student(
     lower_case: bool = False,
     data: TrainData | None = None,
     like: str | None = None,
-) -> tuple[SentenceTransformer, str, float]:
-    """A ``STUDENT_VARIANTS`` entry or ``"transformer"``: the model, its collate kind, its peak learning rate.
+) -> tuple[SentenceTransformer, str, dict]:
+    """A ``STUDENT_VARIANTS`` entry or ``"transformer"``: the model, its collate kind and how it trains (the
+    keyword arguments of ``train_student``: its peak learning rate and the token table's share of it).
 
     The Transformer control lower-cases its input when the run's ids are lower-cased (``lower_case``) and
     starts as the Mamba student ``like`` starts: from the teacher where that one does, with its pooling where
@@ -231,11 +232,13 @@ def build_student(
         model = build_transformer_student(work / "gpt-neox-20b", scratch, do_lower_case=lower_case, pooling=pooling)
         if variant.get("init") == "teacher":
             initialise_transformer_from_teacher(model, teacher, counts)
-        return model, "transformer", settings.LEARNING_RATE
+        return model, "transformer", {"peak_learning_rate": settings.LEARNING_RATE}
     model = build_mamba_student(work / "gpt-neox-20b", **variant)
     if variant.get("init") == "teacher":
         initialise_from_teacher(model, teacher, counts)
-    return model, "mamba", variant.get("learning_rate", settings.LEARNING_RATE)
+    training = {"peak_learning_rate": variant.get("learning_rate", settings.LEARNING_RATE),
+                "table_learning_rate": variant.get("table_learning_rate", 1.0)}  # fmt: skip
+    return model, "mamba", training
 
 
 def lower_cases(names: list[str]) -> bool:
