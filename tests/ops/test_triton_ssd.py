@@ -249,12 +249,15 @@ def test_fused_forward_takes_16_bit_inputs_and_cuts_too_few_walks_into_segments(
     assert triton_ssd._fused_forward(inp)
     assert not triton_ssd._fused_forward(triton_ssd._Inputs(x.float(), dt, A, B, C, D, dt_bias, True, limit, h0, None))
     # Walks: 2 sequences x 4 heads x 2 blocks of 8 of the 16 state rows = 16, enough for 1.6 a multiprocessor.
-    # For 4 (40 walks) segments of 2 x 21 x 8 / 40 = 8.4 tokens, rounded down to chunks of 4: 8; for 8, 4.2 -> 4,
-    # or the minimum; none as long as a sequence.
-    for per_sm, min_segment, expected in [(1.6, 4, None), (4, 4, 8), (8, 4, 4), (8, 6, 6), (4, 21, None)]:
-        monkeypatch.setattr(triton_ssd, "SSD_FUSED_MIN_WALKS_PER_SM", per_sm)
+    # Below the bound, segments for the target (at least the bound): for 4 (40 walks) segments of 2 x 21 x 8 / 40 =
+    # 8.4 tokens, rounded down to chunks of 4: 8; for 8, 4.2 -> 4, or the minimum; none as long as a sequence.
+    cases = [(1.6, 4, 4, None), (1.7, 4, 4, 8), (4, 1, 4, 8), (4, 4, 4, 8), (8, 4, 4, 4), (2, 8, 4, 4), (8, 4, 6, 6),
+             (4, 4, 21, None)]  # fmt: skip
+    for bound, target, min_segment, expected in cases:
+        monkeypatch.setattr(triton_ssd, "SSD_FUSED_MIN_WALKS_PER_SM", bound)
+        monkeypatch.setattr(triton_ssd, "SSD_FUSED_SEGMENT_WALKS_PER_SM", target)
         monkeypatch.setattr(triton_ssd, "SSD_FUSED_MIN_SEGMENT", min_segment)
-        assert triton_ssd._segment_tokens(inp, block_p=8) == expected, (per_sm, min_segment)
+        assert triton_ssd._segment_tokens(inp, block_p=8) == expected, (bound, target, min_segment)
     # The kernels (a GPU's products take chunks of at least 16 tokens): sequences of three segments and a bit.
     monkeypatch.setattr(triton_ssd, "SSD_FUSED_CHUNK", 16)
     x, dt, A, B, C, D, dt_bias, h0 = _ssd_inputs(2, 100, 4, 16, 2, 8, torch.bfloat16, 9, True)
