@@ -3,7 +3,7 @@
 For each batch shape of the distillation run (many short texts ... a few 8K-token segments, each at
 most 32,768 padded tokens), the Mamba and the Transformer student take the recipe's step (forward,
 MSELoss against fixed targets, backward, gradient clipping, AdamW) on random token ids, fp32 with
-TF32 matmuls as in the recipe. Reported per shape: wall milliseconds per step (median after
+TF32 matmuls as in the recipe (or, with ``--precision bf16``, the forward and loss under bf16 autocast). Reported per shape: wall milliseconds per step (median after
 warm-up, the batch already on the GPU, a sync after each step), the GPU's busy time within it (the
 summed kernel times of one profiled step, from torch.profiler), so that the rest, wall minus busy,
 is time the GPU waited on the host; and the mean step time in a loop like the recipe's (the
@@ -37,7 +37,10 @@ SHAPES = [(512, 8), (512, 48), (128, 256), (32, 1024), (4, 8192)]
 
 def train_step(model, loss, optimizer, features: dict, labels: torch.Tensor) -> None:
     optimizer.zero_grad(set_to_none=True)
-    (settings.MSE_WEIGHT * loss([features], labels)).backward()
+    # as train.train_student: with TRAIN_PRECISION "bf16" the forward and the loss run under autocast
+    with torch.autocast("cuda", torch.bfloat16, enabled=settings.TRAIN_PRECISION == "bf16"):
+        value = loss([features], labels)
+    (settings.MSE_WEIGHT * value).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), settings.MAX_GRAD_NORM)
     optimizer.step()
 
@@ -119,7 +122,10 @@ def main() -> None:
     p.add_argument("--tokenizer", type=Path, default=ROOT / ".bench_data" / "gpt-neox-20b")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--json", type=Path, help="write the rows here")
+    p.add_argument("--precision", choices=settings.PRECISIONS, default=settings.TRAIN_PRECISION,
+                   help="the students' arithmetic, as `train --precision`")  # fmt: skip
     a = p.parse_args()
+    settings.TRAIN_PRECISION = a.precision
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     mamba = students.build_mamba_student(a.tokenizer, pooling="mean")

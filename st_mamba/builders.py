@@ -36,6 +36,8 @@ def from_backbone(
     chunk_size: int | None = None,
     pooling: str = "eos",
     do_lower_case: bool = False,
+    normalize_whitespace: bool = False,
+    add_prefix_space: bool = False,
     device: str | None = None,
     revision: str | None = None,
     token: bool | str | None = None,
@@ -56,6 +58,8 @@ def from_backbone(
         pooling: ``"eos"`` (the hidden state at the appended EOS, as in the paper), ``"mean"`` or
             ``"weighted-mean"`` (see ``MambaEncoder``).
         do_lower_case: lower-case texts before tokenising (saved with the model; see ``MambaEncoder``).
+        normalize_whitespace, add_prefix_space: how texts are read before tokenising (saved with the model;
+            see ``MambaEncoder``).
         device: where to put the model ("cpu", "cuda", ...); ST picks one if None.
     """
     backbone, folder = load_backbone(
@@ -65,7 +69,8 @@ def from_backbone(
         has_own = any((folder / f).is_file() for f in _TOKENIZER_FILES)
         tokenizer_name_or_path = folder if has_own else GPT_NEOX_TOKENIZER
     tokenizer = load_tokenizer(tokenizer_name_or_path, backbone.config.eos_token_id)
-    encoder = MambaEncoder(backbone, tokenizer, max_seq_length, chunk_size, pooling, do_lower_case)
+    encoder = MambaEncoder(backbone, tokenizer, max_seq_length, chunk_size, pooling, do_lower_case,
+                           normalize_whitespace=normalize_whitespace, add_prefix_space=add_prefix_space)  # fmt: skip
     base = str(name_or_path) if not os.path.isdir(name_or_path) else None
     return _assemble(encoder, prompts, device, base)
 
@@ -78,13 +83,16 @@ def from_config(
     chunk_size: int | None = None,
     pooling: str = "eos",
     do_lower_case: bool = False,
+    normalize_whitespace: bool = False,
+    add_prefix_space: bool = False,
     seed: int | None = None,
     device: str | None = None,
 ) -> SentenceTransformer:
     """A randomly initialised st-mamba SentenceTransformer (for training from scratch and for tests)."""
     backbone = MambaBackbone(config).reset_parameters(seed)
     tokenizer = load_tokenizer(tokenizer_name_or_path, config.eos_token_id)
-    encoder = MambaEncoder(backbone, tokenizer, max_seq_length, chunk_size, pooling, do_lower_case)
+    encoder = MambaEncoder(backbone, tokenizer, max_seq_length, chunk_size, pooling, do_lower_case,
+                           normalize_whitespace=normalize_whitespace, add_prefix_space=add_prefix_space)  # fmt: skip
     return _assemble(encoder, prompts, device, None)
 
 

@@ -15,6 +15,7 @@ exact: no position before a text's EOS can see the padding after it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,11 @@ def load_tokenizer(name_or_path: str | os.PathLike, eos_token_id: int = 0) -> Pr
     return tokenizer
 
 
+# ``MambaEncoder.prepare_text``: a run of whitespace, and whether it breaks the line (str.splitlines' breaks)
+_WHITESPACE_RUN = re.compile(r"\s+")
+_LINE_BREAK = re.compile(r"[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
 class MambaEncoder(InputModule):
     """Mamba backbone + EOS (or mean) pooling, as a Sentence-Transformers input module.
 
@@ -78,6 +84,13 @@ class MambaEncoder(InputModule):
         do_lower_case: lower-case every text (prompt included) before tokenising, as an uncased
             model does. GPT-NeoX's tokenizer is cased: without this, "PAIN" and "pain" are different
             tokens, and a model trained on lower-case text reads capitals as unseen tokens.
+        normalize_whitespace: read every run of whitespace as one line break if it holds one, else as
+            one space, and drop whitespace at both ends. GPT-NeoX's tokenizer keeps whitespace: without
+            this, "a  b" (two spaces) and "a b" are different tokens. Line breaks stay, since a model
+            trained on text as it is written reads them as structure (turns of a transcript, lines).
+        add_prefix_space: put a space before every non-empty text (after the prompt and the other
+            settings), so that its first word is read as the same token as anywhere else in a text
+            (" pain", not "pain"), as GPT-2-style tokenizers' ``add_prefix_space`` does.
         cuda_graphs: on a CUDA GPU, run packed inference batches of up to 16,384 tokens and 256 texts as
             replays of CUDA graphs captured per size bucket (``st_mamba/cuda_graphs.py``), batches of one
             text included (they are then packed too). On by default; ``ST_MAMBA_CUDA_GRAPHS=0`` (or ``1``)
@@ -85,7 +98,10 @@ class MambaEncoder(InputModule):
     """
 
     config_file_name = "st_mamba_config.json"
-    config_keys = ["max_seq_length", "chunk_size", "pooling", "do_lower_case", "cuda_graphs"]
+    config_keys = [
+        "max_seq_length", "chunk_size", "pooling", "do_lower_case", "normalize_whitespace", "add_prefix_space",
+        "cuda_graphs",
+    ]  # fmt: skip
     poolings = ("eos", "mean", "weighted-mean")
     weights_file_name = "token_weights.safetensors"
 
@@ -98,6 +114,8 @@ class MambaEncoder(InputModule):
         pooling: str = "eos",
         do_lower_case: bool = False,
         cuda_graphs: bool = True,
+        normalize_whitespace: bool = False,
+        add_prefix_space: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in self.poolings:
@@ -108,6 +126,8 @@ class MambaEncoder(InputModule):
         self.chunk_size = chunk_size
         self.pooling = pooling
         self.do_lower_case = do_lower_case
+        self.normalize_whitespace = normalize_whitespace
+        self.add_prefix_space = add_prefix_space
         self.eos_token_id = tokenizer.eos_token_id
         self._staging = PinnedStaging()
         self._graphs = CudaGraphs()
@@ -161,8 +181,19 @@ class MambaEncoder(InputModule):
 
     # --- preprocess ---------------------------------------------------------------------------
 
+    def prepare_text(self, text: str) -> str:
+        """What the tokenizer reads of ``text``: lower-cased (``do_lower_case``), whitespace runs as one space or
+        one line break (``normalize_whitespace``), a leading space (``add_prefix_space``), each as set."""
+        if self.do_lower_case:
+            text = text.lower()
+        if self.normalize_whitespace:
+            text = _WHITESPACE_RUN.sub(lambda run: "\n" if _LINE_BREAK.search(run[0]) else " ", text.strip())
+        if self.add_prefix_space and text and not text[0].isspace():
+            text = " " + text
+        return text
+
     def preprocess(self, inputs: Sequence[str], prompt: str | None = None, **kwargs) -> dict[str, Tensor]:
-        """(Lower-case if ``do_lower_case``,) tokenise, truncate to ``max_seq_length - 1``, append EOS, right-pad with EOS.
+        """Prepare the texts (``prepare_text``), tokenise, truncate to ``max_seq_length - 1``, append EOS, right-pad with EOS.
 
         Returns ``input_ids`` and ``attention_mask``, both (B, L_max) int64. Where the backbone reads
         packed batches in one pass (Mamba-1 on a CUDA GPU with Triton or on the compiled CPU kernels), no
@@ -176,8 +207,8 @@ class MambaEncoder(InputModule):
             if not isinstance(text, str):
                 raise TypeError(f"text {index} of the batch is {type(text).__name__} ({text!r:.40}), expected str")
         texts = [prompt + text for text in inputs] if prompt else list(inputs)
-        if self.do_lower_case:
-            texts = [text.lower() for text in texts]
+        if self.do_lower_case or self.normalize_whitespace or self.add_prefix_space:
+            texts = [self.prepare_text(text) for text in texts]
         if not texts:
             empty = torch.zeros(0, 1, dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty.clone()}

@@ -336,3 +336,30 @@ def test_do_lower_case_makes_the_embedding_blind_to_case_and_is_saved(tokenizer_
     loaded = SentenceTransformer(str(tmp_path / "m"), trust_remote_code=True, device="cpu")
     assert encoder_of(loaded).do_lower_case
     np.testing.assert_array_equal(loaded.encode(texts), embeddings)
+
+
+def test_normalize_whitespace_and_add_prefix_space_are_applied_and_saved(tokenizer_dir, tmp_path):
+    texts = ["pain relief after surgery", "  pain\trelief \t after   surgery ", "pain  relief after surgery"]
+    plain = st_mamba.from_config(tiny_config(1), tokenizer_dir, seed=0, device="cpu")
+    assert not encoder_of(plain).normalize_whitespace and not encoder_of(plain).add_prefix_space  # the defaults
+    assert not np.allclose(*plain.encode(texts[::2]))  # GPT-NeoX reads two spaces as another token
+    model = st_mamba.from_config(tiny_config(1), tokenizer_dir, seed=0, normalize_whitespace=True,
+                                 add_prefix_space=True, device="cpu")  # fmt: skip
+    encoder = encoder_of(model)
+    assert [encoder.prepare_text(text) for text in texts] == [" pain relief after surgery"] * 3
+    assert encoder.prepare_text("") == "" and encoder.prepare_text(" \n ") == ""  # an empty text stays empty
+    # a run of whitespace with a line break in it is one line break: lines (a transcript's turns) stay lines
+    assert encoder.prepare_text("A: hi .  \n\n B: yes\r\nC:\u2028ok\t") == " A: hi .\nB: yes\nC:\nok"
+    # the first word is read as the token it is inside a text, the same ids as the text after a space
+    tokens = encoder.preprocess(["pain"])["input_ids"][0].tolist()
+    assert tokens == encoder_of(plain).preprocess([" pain"])["input_ids"][0].tolist()
+    assert tokens != encoder_of(plain).preprocess(["pain"])["input_ids"][0].tolist()
+    embeddings = model.encode(texts)
+    np.testing.assert_array_equal(embeddings[0], embeddings[1])
+    np.testing.assert_array_equal(embeddings[0], embeddings[2])
+    # the prompt is part of the text that is prepared
+    assert encoder.prepare_text("query:  " + "x") == " query: x"
+    model.save(str(tmp_path / "m"))
+    loaded = SentenceTransformer(str(tmp_path / "m"), trust_remote_code=True, device="cpu")
+    assert encoder_of(loaded).normalize_whitespace and encoder_of(loaded).add_prefix_space
+    np.testing.assert_array_equal(loaded.encode(texts), embeddings)

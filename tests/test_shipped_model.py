@@ -68,3 +68,12 @@ def test_queries_typed_in_capitals_find_the_same_answers(model):
     assert model[0].do_lower_case
     shouted = model.encode_query([question.upper() for question in QUESTIONS], convert_to_tensor=True)
     torch.testing.assert_close(shouted, model.encode_query(QUESTIONS, convert_to_tensor=True))
+
+
+def test_careless_whitespace_reads_as_clean_text(model):
+    """The shipped model reads runs of spaces and tabs as one space and puts a space before a text."""
+    assert model[0].normalize_whitespace and model[0].add_prefix_space
+    careless = [f"  {question.replace(' ', '  ')}\t" for question in QUESTIONS]
+    torch.testing.assert_close(
+        model.encode_query(careless, convert_to_tensor=True), model.encode_query(QUESTIONS, convert_to_tensor=True)
+    )

@@ -226,6 +226,40 @@ def test_a_negative_share_of_the_rate_is_refused(tokenizer_dir):
         train.train_student(model, "mamba", data, "cpu", 1, 60.0, [], table_learning_rate=-0.1)
 
 
+def test_bf16_precision_trains_under_autocast_with_fp32_weights(tokenizer_dir, monkeypatch):
+    """``TRAIN_PRECISION = "bf16"``: the head reads bf16 activations (autocast), every weight stays fp32 and moves,
+    and the steps' losses are close to those of fp32 training from the same start."""
+    generator = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, 400, (30,), generator=generator).numpy() for _ in range(6)]
+    targets = torch.nn.functional.normalize(torch.randn(6, 384, generator=generator), dim=-1)
+
+    def trained(precision: str) -> tuple[SentenceTransformer, set, list]:
+        monkeypatch.setattr(settings, "TRAIN_PRECISION", precision)
+        model = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+        seen = set()
+        model[1].linear.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+        log = []
+        train.train_student(model, "mamba", train.TrainData(ids, targets, list(range(6)), [], 0), "cpu", 10, 60.0, log)
+        return model, seen, [entry["mse_x384"] for entry in log]
+
+    start = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+    half, half_dtypes, half_losses = trained("bf16")
+    full, full_dtypes, full_losses = trained("fp32")
+    assert half_dtypes == {torch.bfloat16} and full_dtypes == {torch.float32}
+    for (name, before), after in zip(start.named_parameters(), half.parameters(), strict=True):
+        assert after.dtype == torch.float32, name
+        assert not torch.equal(before, after), name
+    assert half_losses == pytest.approx(full_losses, rel=0.05)
+
+
+def test_an_unknown_precision_is_refused(tokenizer_dir, monkeypatch):
+    monkeypatch.setattr(settings, "TRAIN_PRECISION", "fp8")
+    model = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+    data = train.TrainData([np.arange(1, 9, dtype=np.int32)], torch.ones(1, 384) / 384**0.5, [0], [], 0)
+    with pytest.raises(ValueError, match="fp8"):
+        train.train_student(model, "mamba", data, "cpu", 1, 60.0, [])
+
+
 def test_embedding_std_redraws_only_the_token_embedding(tokenizer_dir):
     plain = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
     unit = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, embedding_std=1.0)
@@ -355,6 +389,7 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     assert checkpoints.checkpoint_meta(out) == meta  # the same metadata, without reading the tensors
     assert meta["total_steps"] is None and meta["trained_seconds"] >= meta["seconds"] == 2.0  # a timed run, done
     assert (meta["student"], meta["pooling"], meta["do_lower_case"]) == ("tiny-mean", "mean", True)
+    assert meta["precision"] == results["settings"]["precision"] == "fp32"
     assert results["corpus"]["lower_case"] is True
     stepped = dict(meta, total_steps=meta["step"] + 2)  # a run planned in steps: 2 to go
     checkpoints.save_checkpoint(tensors, stepped, tmp_path / "resume")
@@ -386,6 +421,8 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     assert (folder / "README.md").read_text() == "# card\n"
     loaded = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
     assert loaded[0].pooling == "mean" and loaded[0].do_lower_case
+    # it reads texts as the run evaluated them (SAVED_TEXT_READING)
+    assert all(getattr(loaded[0], key) == value for key, value in settings.SAVED_TEXT_READING.items())
     from safetensors.torch import load_file
 
     assert all(t.dtype == torch.float16 for t in load_file(folder / "model.safetensors").values())
@@ -400,6 +437,9 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     card = export.model_card(results, scores, manifest)
     assert "# st-mamba-distilled" in card and f"{scores['scifact/mamba']['nDCG@10']:.3f}" in card
     assert "real pairs (1,200 WordNet (lemmas, gloss), 3 Gene Ontology (term, definition))" in card
+    assert (
+        "it reads a text lower-cased, each run of whitespace as one space or line break, with a space before it" in card
+    )
 
 
 @pytest.mark.slow
@@ -686,3 +726,18 @@ def test_the_score_plot_draws_the_control_only_where_the_run_trained_one(tmp_pat
     drawn = evaluate.plot_scores(scores, tmp_path / "with.png")
     assert drawn == ["st-mamba student", "Transformer student (control)", "teacher all-MiniLM-L6-v2", "BM25"]
     assert (tmp_path / "with.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reading_agreement_compares_ways_of_reading_whitespace(tiny_teacher, tokenizer_dir):
+    """Every reading with and without doubled spaces; collapsing whitespace makes doubled spaces cost nothing; the
+    student's own settings come back afterwards."""
+    student = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+    texts = random_texts(6, seed=3, max_words=30)
+    kinds = ["passage", "query"] * 3
+    cosines = evaluate.reading_agreement(student, tiny_teacher, texts, kinds)
+    assert set(cosines) == {f"{r}{d}" for r in evaluate.READINGS for d in ("", ", spaces doubled")}
+    assert all(set(values) == {"passage", "query", "all"} for values in cosines.values())
+    assert cosines["both, spaces doubled"] == cosines["both"]
+    assert cosines["whitespace normalised, spaces doubled"] == cosines["whitespace normalised"]
+    assert cosines["as given, spaces doubled"] != cosines["as given"]
+    assert not student[0].normalize_whitespace and not student[0].add_prefix_space

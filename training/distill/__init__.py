@@ -7,7 +7,7 @@ embeddings of its consecutive 256-token windows, renormalised. The student learn
 left-to-right pass over the whole text what the teacher can only see in pieces.
 
 Students (same GPT-NeoX-20B tokenizer, same batches, same number of steps, both in fp32 with TF32
-matrix products): an st-mamba encoder (one of ``STUDENT_VARIANTS``, by default ``STUDENT``: Mamba-1
+matrix products, or under bf16 autocast with ``--precision bf16``): an st-mamba encoder (one of ``STUDENT_VARIANTS``, by default ``STUDENT``: Mamba-1
 with mean pooling, its token table initialised from the teacher, lower-cased input; a variant may give
 the table a share of the learning rate, ``table_learning_rate``) and a
 BERT-shaped Transformer (mean pooling), each followed by a Dense layer to the teacher's 384
@@ -18,7 +18,8 @@ corpus holds no text of the collections scored here (zero-shot: see
 training/build_distillation_corpus.py). Training length is set by time: the Mamba student trains
 ``TRAIN_SECONDS`` (or ``--seconds``) of wall time, its learning rate following the share of that
 time spent; the Transformer then takes the same steps (stopped at ``TRANSFORMER_MAX_SHARE`` times
-that time if it is slower).
+that time if it is slower). The saved student reads texts as ``SAVED_TEXT_READING`` says (whitespace runs
+as one, a space before the text); the run evaluates it so.
 
 Checkpoints (``--output``/checkpoint-0000k-of-0000n.safetensors) hold the Mamba student in fp16, the
 AdamW moments of every non-embedding tensor in bf16 and the embedding's second moment averaged per
@@ -35,6 +36,8 @@ Subcommands:
 - ``score``: scores the runs in ``results.json.gz`` with st_mamba.evaluation (ir-measures), plus BM25.
 - ``baselines``: what needs no student, on any machine: BM25 and the teacher on QMSum.
 - ``agreement``: a saved student's cosine to the teacher's targets on the evaluation collections' texts.
+- ``readings``: a saved student's cosine to the teacher's targets on the held-out training texts, for each
+  way of reading whitespace (``MambaEncoder``'s ``normalize_whitespace``, ``add_prefix_space``).
 - ``sides``: nDCG@10 with queries and documents embedded by the student or the teacher, crossed: which
   side of a collection the student loses on.
 - ``speed``: encoding speed of a saved student and the teacher on this machine (e.g. on CPU).

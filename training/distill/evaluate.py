@@ -250,3 +250,38 @@ def crossed_sides(
                 out[name][f"{query_side} queries, {document_side} documents"] = round(score, 4)
                 logger.info("%s: %s queries, %s documents: nDCG@10 %.4f", name, query_side, document_side, score)
     return out
+
+
+# Ways the Mamba student may read a text (``MambaEncoder``'s normalize_whitespace, add_prefix_space).
+READINGS = {
+    "as given": {"normalize_whitespace": False, "add_prefix_space": False},
+    "whitespace normalised": {"normalize_whitespace": True, "add_prefix_space": False},
+    "a space before": {"normalize_whitespace": False, "add_prefix_space": True},
+    "both": {"normalize_whitespace": True, "add_prefix_space": True},
+}
+
+
+def reading_agreement(
+    student: SentenceTransformer, teacher: SentenceTransformer, texts: list[str], kinds: list[str]
+) -> dict[str, dict[str, float]]:
+    """Mean cosine between the student's embedding and the teacher's target, per kind of text and over all, for
+    each of ``READINGS``, with the texts as they are and with every space doubled (a careless input)."""
+    targets = teacher_targets(teacher, texts, batch_size=64)
+    encoder, saved = student[0], {key: getattr(student[0], key) for key in READINGS["both"]}
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for label, reading in READINGS.items():
+            for name, given in ((label, texts), (f"{label}, spaces doubled", [t.replace(" ", "  ") for t in texts])):
+                for key, value in reading.items():
+                    setattr(encoder, key, value)
+                embedded = student.encode(given, batch_size=32, convert_to_tensor=True, normalize_embeddings=True)
+                cosines = (embedded.float().cpu() * targets).sum(-1)
+                out[name] = {
+                    kind: round(float(cosines[[k == kind for k in kinds]].mean()), 4) for kind in sorted(set(kinds))
+                }
+                out[name]["all"] = round(float(cosines.mean()), 4)
+                logger.info("%s: %s", name, out[name])
+    finally:
+        for key, value in saved.items():
+            setattr(encoder, key, value)
+    return out

@@ -10,7 +10,7 @@ from sentence_transformers import SentenceTransformer
 from st_mamba import MambaConfig
 from training.distill import settings
 from training.distill.checkpoints import load_checkpoint, restore
-from training.distill.students import build_mamba_student
+from training.distill.students import as_saved, build_mamba_student
 
 
 def export(checkpoint: Path, output: Path, tokenizer_dir: Path, card: str | None = None) -> SentenceTransformer:
@@ -19,7 +19,7 @@ def export(checkpoint: Path, output: Path, tokenizer_dir: Path, card: str | None
     model = build_mamba_student(tokenizer_dir, config=meta["config"], pooling=meta.get("pooling", "eos"),
                                 do_lower_case=meta.get("do_lower_case", False))  # fmt: skip
     restore(model, None, tensors, meta["step"])
-    model.max_seq_length = settings.SAVED_MAX_SEQ_LENGTH
+    as_saved(model)
     model.half()
     if output.exists():
         shutil.rmtree(output)
@@ -122,6 +122,11 @@ def model_card(
         for row in [*results.get("speed", []), *more_speed]
     ]
     newline = "\n"
+    ways = (("lower-cased", student.get("do_lower_case")),
+            ("each run of whitespace as one space or line break", settings.SAVED_TEXT_READING.get("normalize_whitespace")),
+            ("with a space before it", settings.SAVED_TEXT_READING.get("add_prefix_space")))  # fmt: skip
+    reading = ", ".join(words for words, on in ways if on)
+    reading = f"; it reads a text {reading}" if reading else ""
     window_words = (
         ", each weighted by its word pieces" if results["settings"].get("target_window_weights") == "tokens" else ""
     )
@@ -136,7 +141,7 @@ A Mamba-{student["config"]["version"]} retriever ({student["config"]["n_layer"]}
 Dense to 384, L2 normalised, cosine) distilled from all-MiniLM-L6-v2 by `python -m training.distill` (docs/distillation.md).
 {results["parameters"]["mamba"]["total"]:,} parameters ({results["parameters"]["mamba"]["token_embedding"]:,} of them the
 GPT-NeoX-20B token embedding), fp16. Reads any length in one pass (long texts stream in chunks of
-{settings.SAVED_CHUNK_SIZE} tokens carrying the state).
+{settings.SAVED_CHUNK_SIZE} tokens carrying the state){reading}.
 
 ```python
 from sentence_transformers import SentenceTransformer

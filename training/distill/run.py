@@ -20,6 +20,7 @@ from training.distill.checkpoints import checkpoint_meta
 from training.distill.data import read_jsonl_xz, split_held_out, teacher_targets, token_counts, tokenize
 from training.distill.evaluate import encoding_speed, evaluate_all, fixed_length_texts
 from training.distill.students import (
+    as_saved,
     build_mamba_student,
     build_student,
     initialise_from_teacher,
@@ -74,7 +75,7 @@ def prepare_training(work: Path, output: Path, run_settings: dict, lower_case: b
     output.mkdir(parents=True, exist_ok=True)
     results: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                      "settings": {**run_settings, "transformer": settings.TRANSFORMER, "max_batch_tokens": settings.MAX_BATCH_TOKENS,
-                                  "target_window_weights": settings.TARGET_WINDOW_WEIGHTS,
+                                  "target_window_weights": settings.TARGET_WINDOW_WEIGHTS, "precision": settings.TRAIN_PRECISION,
                                   "mse_weight": settings.MSE_WEIGHT, "mnrl": [settings.MNRL_EVERY, settings.MNRL_BATCH, settings.MNRL_WEIGHT]},
                      "log": [], "timings": {}}  # fmt: skip
 
@@ -122,7 +123,7 @@ def untrained_student(name: str, work: Path, teacher_dir: Path) -> SentenceTrans
             ids = tokenize(model.tokenizer, texts, settings.MAX_TRAIN_TOKENS - 1, variant.get("do_lower_case", False))
             counts = token_counts(ids, list(range(len(ids))), variant["config"]["vocab_size"])
         initialise_from_teacher(model, SentenceTransformer(str(teacher_dir), device="cpu").float(), counts)
-    model.max_seq_length = settings.SAVED_MAX_SEQ_LENGTH
+    as_saved(model)
     return model
 
 
@@ -226,7 +227,7 @@ def run_training(
         models["transformer"] = transformer
 
     # 6. Evaluation (runs only; scored with ir-measures by the `score` subcommand)
-    mamba.max_seq_length = settings.SAVED_MAX_SEQ_LENGTH
+    as_saved(mamba)
     results["runs"] = evaluate_all(models, work / "data", deadline - 25)
     run.record.mark("evaluated")
 

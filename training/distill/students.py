@@ -18,6 +18,15 @@ if TYPE_CHECKING:
     from training.distill.train import TrainData
 
 
+def as_saved(model: SentenceTransformer) -> SentenceTransformer:
+    """The Mamba student set to read texts as the exported model does: up to ``SAVED_MAX_SEQ_LENGTH`` tokens, with
+    ``SAVED_TEXT_READING``'s settings (after training and for evaluation; training reads the ids it is given)."""
+    model.max_seq_length = settings.SAVED_MAX_SEQ_LENGTH
+    for key, value in settings.SAVED_TEXT_READING.items():
+        setattr(model[0], key, value)
+    return model
+
+
 def build_mamba_student(
     tokenizer_dir: str | Path, seed: int = settings.SEED, config: dict | None = None, pooling: str = "eos",
     embedding_std: float | None = None, do_lower_case: bool = False, **_: object,

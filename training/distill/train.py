@@ -116,6 +116,10 @@ def train_student(
     if table_learning_rate > 0:
         groups.append({"params": table, "weight_decay": 0.0, "share": table_learning_rate})
     optimizer = torch.optim.AdamW(groups, lr=peak_learning_rate, betas=(0.9, 0.98), eps=1e-6)
+    if settings.TRAIN_PRECISION not in settings.PRECISIONS:
+        raise ValueError(f"training precision {settings.TRAIN_PRECISION!r} is not one of {settings.PRECISIONS}")
+    # bf16: the forward and the losses under autocast; the weights, their gradients and AdamW stay fp32.
+    autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=settings.TRAIN_PRECISION == "bf16")
     mse, mnrl = MSELoss(model), MultipleNegativesRankingLoss(model)
     first_step, seconds_before = 0, 0.0
     if extend_to is not None and resume is None:
@@ -156,7 +160,7 @@ def train_student(
 
     def save() -> None:
         meta = {"step": step, "total_steps": total_steps, "seconds": seconds, "max_batch_tokens": settings.MAX_BATCH_TOKENS,
-                "target_window_weights": settings.TARGET_WINDOW_WEIGHTS,
+                "target_window_weights": settings.TARGET_WINDOW_WEIGHTS, "precision": settings.TRAIN_PRECISION,
                 "trained_seconds": round(seconds_before + time.perf_counter() - start, 2), **(checkpoint_meta or {})}  # fmt: skip
         save_checkpoint(checkpoint_tensors(model, optimizer), meta, checkpoint_dir)
 
@@ -170,14 +174,16 @@ def train_student(
         tokens += int(collated["attention_mask"].sum())
         features, labels = _to(collated, device), _move(data.targets[batch], device)
         optimizer.zero_grad(set_to_none=True)
-        loss_mse = mse([features], labels)
+        with autocast:
+            loss_mse = mse([features], labels)
         (settings.MSE_WEIGHT * loss_mse).backward()
         loss_mnrl = None
         if (
             data.pairs and step % settings.MNRL_EVERY == settings.MNRL_EVERY - 1
         ):  # a second backward: one graph in memory at a time
             pair_features = [_to(collate(texts, kind, data.pad_id), device) for texts in mnrl_batch(data.pairs, rng)]
-            loss_mnrl = mnrl(pair_features, None)
+            with autocast:
+                loss_mnrl = mnrl(pair_features, None)
             (settings.MNRL_WEIGHT * loss_mnrl).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.MAX_GRAD_NORM)
         optimizer.step()
