@@ -122,22 +122,26 @@ def main() -> None:
     p.add_argument("--tokenizer", type=Path, default=ROOT / ".bench_data" / "gpt-neox-20b")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--json", type=Path, help="write the rows here")
+    p.add_argument("--shapes", default=",".join(f"{t}x{n}" for t, n in SHAPES),
+                   help="batch shapes, texts x tokens a text, comma-separated")  # fmt: skip
     p.add_argument("--precision", choices=settings.PRECISIONS, default=settings.TRAIN_PRECISION,
                    help="the students' arithmetic, as `train --precision`")  # fmt: skip
     a = p.parse_args()
     settings.TRAIN_PRECISION = a.precision
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in a.shapes.split(",")]
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     mamba = students.build_mamba_student(a.tokenizer, pooling="mean")
     mamba[0].chunk_size = None  # as train.train_student trains it: one pass
-    rows = measure("mamba", "mamba", mamba, a.reps)
+    rows = measure("mamba", "mamba", mamba, a.reps, shapes)
     # With the saved chunk_size, longer texts stream in chunks (the same gradients): what that costs a step.
     mamba[0].chunk_size = settings.SAVED_CHUNK_SIZE
-    long = [shape for shape in SHAPES if shape[1] > settings.SAVED_CHUNK_SIZE]
-    rows += measure("mamba", f"mamba, {settings.SAVED_CHUNK_SIZE}-token chunks", mamba, a.reps, long)
+    long = [shape for shape in shapes if shape[1] > settings.SAVED_CHUNK_SIZE]
+    if long:
+        rows += measure("mamba", f"mamba, {settings.SAVED_CHUNK_SIZE}-token chunks", mamba, a.reps, long)
     with tempfile.TemporaryDirectory() as scratch:  # where the Transformer student is built
         transformer = students.build_transformer_student(a.tokenizer, Path(scratch))
-    rows += measure("transformer", "transformer", transformer, a.reps)
+    rows += measure("transformer", "transformer", transformer, a.reps, shapes)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
