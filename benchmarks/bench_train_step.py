@@ -3,10 +3,10 @@
 For each batch shape of the distillation run (many short texts ... a few 8K-token segments, each at
 most 32,768 padded tokens), the Mamba and the Transformer student take the recipe's step (forward,
 MSELoss against fixed targets, backward, gradient clipping, AdamW) on random token ids, fp32 with
-TF32 matmuls as in the recipe (or, with ``--precision bf16``, the forward and loss under bf16 autocast). Reported per shape: wall milliseconds per step (median after
-warm-up, the batch already on the GPU, a sync after each step), the GPU's busy time within it (the
-summed kernel times of one profiled step, from torch.profiler), so that the rest, wall minus busy,
-is time the GPU waited on the host; and the mean step time in a loop like the recipe's (the
+TF32 matmuls as in the recipe (or, with ``--precision bf16``, the forward and loss under bf16 autocast).
+Reported per shape: wall milliseconds per step (median after warm-up, the batch already on the GPU, a
+sync after each step), the GPU's busy time within it (the summed kernel times of one profiled step, from
+torch.profiler), so that the rest, wall minus busy, is time the GPU waited on the host; and the mean step time in a loop like the recipe's (the
 batch collated from token ids on the host and sent to the GPU each step, no sync between steps).
 
 Run on the GPU machine (prints a table last; ``--json`` keeps the rows):
@@ -37,8 +37,7 @@ SHAPES = [(512, 8), (512, 48), (128, 256), (32, 1024), (4, 8192)]
 
 def train_step(model, loss, optimizer, features: dict, labels: torch.Tensor) -> None:
     optimizer.zero_grad(set_to_none=True)
-    # as train.train_student: with TRAIN_PRECISION "bf16" the forward and the loss run under autocast
-    with torch.autocast("cuda", torch.bfloat16, enabled=settings.TRAIN_PRECISION == "bf16"):
+    with train.training_autocast("cuda"):  # as train.train_student runs the forward and the loss
         value = loss([features], labels)
     (settings.MSE_WEIGHT * value).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), settings.MAX_GRAD_NORM)

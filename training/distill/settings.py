@@ -19,9 +19,9 @@ MAX_TRAIN_TOKENS = 8192  # longest text a student reads in training (the corpus 
 SAVED_MAX_SEQ_LENGTH = 32768  # what the exported Mamba student reads by default; long texts stream...
 SAVED_CHUNK_SIZE = 2048  # ...in chunks of this many tokens, carrying the state (bounded memory)
 # How the saved Mamba student reads a text besides lower-casing it (``MambaEncoder``): each run of whitespace as one
-# space or one line break, and a space before the text, so that its first word is the token it is inside a text. The students train
-# on the texts as they are; read so, the shipped model came closer to its teacher on held-out training texts, and
-# doubled spaces stopped costing it (docs/distillation.md, "How the student reads whitespace").
+# space or one line break, and a space before the text, so that its first word is the token it is inside a text.
+# The students train on the texts as they are; read so, the shipped model came closer to its teacher on held-out
+# training texts, and doubled spaces stopped costing it (docs/distillation.md, "How the student reads whitespace").
 SAVED_TEXT_READING = {"normalize_whitespace": True, "add_prefix_space": True}
 # A GPU call holds ``--run-seconds``: tokenising and teacher targets, the students, then evaluation and
 # speed. Read in one pass, the Mamba student is faster per step than the Transformer on long batches and

@@ -68,6 +68,14 @@ def mnrl_batch(
     return [query for query, _ in chosen], [document for _, document in chosen]
 
 
+def training_autocast(device: str) -> torch.autocast:
+    """Where a student's forward and losses run: under bf16 autocast with ``TRAIN_PRECISION`` "bf16" (the weights,
+    their gradients and AdamW stay fp32), else as they are (a disabled autocast)."""
+    if settings.TRAIN_PRECISION not in settings.PRECISIONS:
+        raise ValueError(f"training precision {settings.TRAIN_PRECISION!r} is not one of {settings.PRECISIONS}")
+    return torch.autocast(torch.device(device).type, torch.bfloat16, enabled=settings.TRAIN_PRECISION == "bf16")
+
+
 def train_student(
     model: SentenceTransformer,
     kind: str,
@@ -116,10 +124,7 @@ def train_student(
     if table_learning_rate > 0:
         groups.append({"params": table, "weight_decay": 0.0, "share": table_learning_rate})
     optimizer = torch.optim.AdamW(groups, lr=peak_learning_rate, betas=(0.9, 0.98), eps=1e-6)
-    if settings.TRAIN_PRECISION not in settings.PRECISIONS:
-        raise ValueError(f"training precision {settings.TRAIN_PRECISION!r} is not one of {settings.PRECISIONS}")
-    # bf16: the forward and the losses under autocast; the weights, their gradients and AdamW stay fp32.
-    autocast = torch.autocast(torch.device(device).type, torch.bfloat16, enabled=settings.TRAIN_PRECISION == "bf16")
+    autocast = training_autocast(device)
     mse, mnrl = MSELoss(model), MultipleNegativesRankingLoss(model)
     first_step, seconds_before = 0, 0.0
     if extend_to is not None and resume is None:
