@@ -65,6 +65,21 @@ _WHITESPACE_RUN = re.compile(r"\s+")
 _LINE_BREAK = re.compile(r"[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
+def prepare_text(
+    text: str, do_lower_case: bool = False, normalize_whitespace: bool = False, add_prefix_space: bool = False
+) -> str:
+    """What a ``MambaEncoder`` with these settings hands its tokenizer of ``text``: lower-cased
+    (``do_lower_case``); each run of whitespace as one line break if it holds one, else one space, the ends
+    dropped (``normalize_whitespace``); a space before a non-empty text (``add_prefix_space``)."""
+    if do_lower_case:
+        text = text.lower()
+    if normalize_whitespace:
+        text = _WHITESPACE_RUN.sub(lambda run: "\n" if _LINE_BREAK.search(run[0]) else " ", text.strip())
+    if add_prefix_space and text and not text[0].isspace():
+        text = " " + text
+    return text
+
+
 class MambaEncoder(InputModule):
     """Mamba backbone + EOS (or mean) pooling, as a Sentence-Transformers input module.
 
@@ -181,16 +196,15 @@ class MambaEncoder(InputModule):
 
     # --- preprocess ---------------------------------------------------------------------------
 
+    @property
+    def text_reading(self) -> dict[str, bool]:
+        """The settings that decide what the tokenizer reads of a text (``prepare_text``'s keyword arguments)."""
+        return {"do_lower_case": self.do_lower_case, "normalize_whitespace": self.normalize_whitespace,
+                "add_prefix_space": self.add_prefix_space}  # fmt: skip
+
     def prepare_text(self, text: str) -> str:
-        """What the tokenizer reads of ``text``: lower-cased (``do_lower_case``), whitespace runs as one space or
-        one line break (``normalize_whitespace``), a leading space (``add_prefix_space``), each as set."""
-        if self.do_lower_case:
-            text = text.lower()
-        if self.normalize_whitespace:
-            text = _WHITESPACE_RUN.sub(lambda run: "\n" if _LINE_BREAK.search(run[0]) else " ", text.strip())
-        if self.add_prefix_space and text and not text[0].isspace():
-            text = " " + text
-        return text
+        """What the tokenizer reads of ``text``: the module-level ``prepare_text`` with this encoder's settings."""
+        return prepare_text(text, **self.text_reading)
 
     def preprocess(self, inputs: Sequence[str], prompt: str | None = None, **kwargs) -> dict[str, Tensor]:
         """Prepare the texts (``prepare_text``), tokenise, truncate to ``max_seq_length - 1``, append EOS, right-pad with EOS.
@@ -207,8 +221,9 @@ class MambaEncoder(InputModule):
             if not isinstance(text, str):
                 raise TypeError(f"text {index} of the batch is {type(text).__name__} ({text!r:.40}), expected str")
         texts = [prompt + text for text in inputs] if prompt else list(inputs)
-        if self.do_lower_case or self.normalize_whitespace or self.add_prefix_space:
-            texts = [self.prepare_text(text) for text in texts]
+        reading = self.text_reading
+        if any(reading.values()):
+            texts = [prepare_text(text, **reading) for text in texts]
         if not texts:
             empty = torch.zeros(0, 1, dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty.clone()}

@@ -120,8 +120,14 @@ def test_collate_matches_the_students_own_preprocess(kind, tokenizer_dir, tmp_pa
         model = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
     else:
         model = students.build_transformer_student(tokenizer_dir, tmp_path / "bert", config=TINY_TRANSFORMER)
-    texts = random_texts(5, seed=3) + [""]
-    ids = data.tokenize(model.tokenizer, texts, limit=10_000)
+    texts = random_texts(5, seed=3) + ["", "  Two  Spaces,\n\n a Line break\tand A TAB "]
+    reading = None
+    if kind == "mamba":  # the ids a run reads as the saved model does are the ones its encoder makes
+        model[0].do_lower_case = model[0].normalize_whitespace = model[0].add_prefix_space = True
+        reading = model[0].text_reading
+        read, given = (data.tokenize(model.tokenizer, texts[-1:], 10_000, r)[0].tolist() for r in (reading, None))
+        assert read != given
+    ids = data.tokenize(model.tokenizer, texts, limit=10_000, reading=reading)
     ours = data.collate(ids, kind, pad_id=model.tokenizer.eos_token_id)
     theirs = model.preprocess(texts)
     for key in ("input_ids", "attention_mask"):
@@ -390,7 +396,8 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     assert meta["total_steps"] is None and meta["trained_seconds"] >= meta["seconds"] == 2.0  # a timed run, done
     assert (meta["student"], meta["pooling"], meta["do_lower_case"]) == ("tiny-mean", "mean", True)
     assert meta["precision"] == results["settings"]["precision"] == "fp32"
-    assert results["corpus"]["lower_case"] is True
+    as_given = {"do_lower_case": True, "normalize_whitespace": False, "add_prefix_space": False}
+    assert results["corpus"]["text_reading"] == meta["text_reading"] == as_given
     stepped = dict(meta, total_steps=meta["step"] + 2)  # a run planned in steps: 2 to go
     checkpoints.save_checkpoint(tensors, stepped, tmp_path / "resume")
     resumed = train.train_student(model, "mamba", train_data, "cpu", None, 1.0, log, resume=tmp_path / "resume")
@@ -444,7 +451,12 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
 
 @pytest.mark.slow
 def test_a_run_without_the_control_trains_and_evaluates_the_mamba_student_only(work_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(settings, "STUDENT_VARIANTS", {"tiny-mean": {"config": TINY_MAMBA, "pooling": "mean"}})
+    """Here the student also reads its training texts as the saved model does, which the control cannot."""
+    variant = {"config": TINY_MAMBA, "pooling": "mean", "do_lower_case": True, "reads_as_saved": True}
+    monkeypatch.setattr(settings, "STUDENT_VARIANTS", {"tiny-mean": variant})
+    monkeypatch.setattr(settings, "SAVED_TEXT_READING", {"normalize_whitespace": True, "add_prefix_space": True})
+    with pytest.raises(SystemExit, match="--no-control"):  # refused before any data is read
+        run.run_training(tmp_path / "nowhere", tmp_path / "refused", None, "tiny-mean", smoke=True, seconds=1.0)
     monkeypatch.setattr(settings, "MAX_BATCH_TOKENS", 2048)
     monkeypatch.setattr(settings, "TOKENS_PER_TEXT", 4)
     monkeypatch.setattr(settings, "HELD_OUT", 6)
@@ -453,7 +465,10 @@ def test_a_run_without_the_control_trains_and_evaluates_the_mamba_student_only(w
     results = run.run_training(work_folder, tmp_path / "out", None, "tiny-mean", smoke=True, seconds=1.0, control=False)  # fmt: skip
     assert set(results["train"]) == {"mamba"} and results["train"]["mamba"]["seconds"] >= 1.0
     assert results["settings"]["target_window_weights"] == "tokens"
-    assert checkpoints.checkpoint_meta(tmp_path / "out")["target_window_weights"] == "tokens"  # what --resume reads
+    meta = checkpoints.checkpoint_meta(tmp_path / "out")
+    assert meta["target_window_weights"] == "tokens"  # what --resume reads
+    saved = {"do_lower_case": True, "normalize_whitespace": True, "add_prefix_space": True}
+    assert results["corpus"]["text_reading"] == meta["text_reading"] == saved
     assert results["settings"]["train_seconds"] == 1.0 and results["settings"]["control"] is False
     assert not any("transformer" in name for name in results["runs"])
     assert {row["model"] for row in results["speed"]} == {"mamba", "teacher"}
@@ -583,6 +598,21 @@ def test_the_control_starts_where_the_mamba_student_starts(tiny_teacher, tokeniz
     assert cosines.min() > 0.9
 
 
+def test_the_students_of_a_run_must_read_their_texts_alike(monkeypatch):
+    monkeypatch.setattr(settings, "SAVED_TEXT_READING", {"normalize_whitespace": True, "add_prefix_space": False})
+    variants = {"given": {"do_lower_case": True}, "saved": {"do_lower_case": True, "reads_as_saved": True},
+                "saved-too": {"do_lower_case": True, "reads_as_saved": True}}  # fmt: skip
+    monkeypatch.setattr(settings, "STUDENT_VARIANTS", variants)
+    saved = {"do_lower_case": True, "normalize_whitespace": True, "add_prefix_space": False}
+    assert students.training_reading(["saved", "saved-too"]) == saved
+    assert students.training_reading(["given", "transformer"]) == dict(saved, normalize_whitespace=False)
+    with pytest.raises(SystemExit, match="read their texts differently"):
+        students.training_reading(["given", "saved"])
+    for names, control in ((["saved", "transformer"], False), (["saved"], True)):
+        with pytest.raises(SystemExit, match="Transformer control cannot"):
+            students.training_reading(names, control)
+
+
 def test_token_counts_count_the_chosen_texts_and_their_eos():
     ids = [np.array([5, 6, 5], np.int32), np.array([7], np.int32), np.array([], np.int32)]
     counts = data.token_counts(ids, [0, 2], vocab_size=9)
@@ -614,7 +644,7 @@ def test_init_saves_the_student_as_training_starts_it(work_folder, tmp_path, mon
     model = run.untrained_student("tiny-wmean", work_folder, work_folder / "teacher")
     records = data.read_jsonl_xz(work_folder / "corpus" / "corpus.jsonl.xz")
     train_texts, _ = data.split_held_out(records, 6, settings.SEED)
-    ids = data.tokenize(model.tokenizer, [records[i]["text"] for i in train_texts], 8191, lower_case=True)
+    ids = data.tokenize(model.tokenizer, [records[i]["text"] for i in train_texts], 8191, {"do_lower_case": True})
     counts = data.token_counts(ids, list(range(len(ids))), TINY_MAMBA["vocab_size"])
     torch.testing.assert_close(model[0].token_log_weights.detach(), students.sif_log_weights(counts))
     assert all(not layer.mixer.out_proj.weight.any() for layer in model[0].backbone.layers)  # as initialised

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 
+from st_mamba.module import prepare_text
 from training.distill import settings
 
 
@@ -86,13 +87,17 @@ def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     raise ValueError(f"cannot find the text's ids {plain} among {full}: unknown special-token layout")
 
 
-def tokenize(tokenizer, texts: list[str], limit: int, lower_case: bool = False, batch: int = 20000) -> list[np.ndarray]:
-    """GPT-NeoX ids of each text (lower-cased first if ``lower_case``; no special tokens), cut to ``limit`` tokens."""
+def tokenize(
+    tokenizer, texts: list[str], limit: int, reading: dict | None = None, batch: int = 20000
+) -> list[np.ndarray]:
+    """GPT-NeoX ids of each text as a ``MambaEncoder`` with the settings ``reading`` reads it (``prepare_text``'s
+    keyword arguments: lower case, whitespace, a space before; none by default), without EOS, cut to ``limit`` tokens."""
     ids: list[np.ndarray] = []
+    reading = reading or {}
     for start in range(0, len(texts), batch):
         chunk = texts[start : start + batch]
-        if lower_case:
-            chunk = [text.lower() for text in chunk]
+        if any(reading.values()):
+            chunk = [prepare_text(text, **reading) for text in chunk]
         encoded = tokenizer(chunk, add_special_tokens=False, return_attention_mask=False)
         ids += [np.asarray(row[:limit], dtype=np.int32) for row in encoded["input_ids"]]
     return ids

@@ -24,8 +24,9 @@ from training.distill.students import (
     build_mamba_student,
     build_student,
     initialise_from_teacher,
-    lower_cases,
     parameter_count,
+    text_reading,
+    training_reading,
 )
 from training.distill.train import TrainData, held_out_cosine, train_student
 
@@ -63,11 +64,12 @@ class Prepared:
     record: RunRecord
 
 
-def prepare_training(work: Path, output: Path, run_settings: dict, lower_case: bool = False) -> Prepared:
+def prepare_training(work: Path, output: Path, run_settings: dict, reading: dict | None = None) -> Prepared:
     """Steps 2-3 on the best device: the corpus, a held-out set, GPT-NeoX ids, the teacher's targets.
 
-    ``lower_case``: the students read lower-cased texts (the ids); the teacher reads them as they are.
+    ``reading``: how the students read the texts (the ids; ``training_reading``); the teacher reads them as they are.
     """
+    reading = reading or text_reading({})
     started = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -87,14 +89,14 @@ def prepare_training(work: Path, output: Path, run_settings: dict, lower_case: b
     tokenizer = st_mamba.load_tokenizer(work / "gpt-neox-20b", settings.EOS_ID)
 
     def student_ids(strings: list[str], limit: int) -> list[np.ndarray]:
-        return tokenize(tokenizer, strings, limit, lower_case)
+        return tokenize(tokenizer, strings, limit, reading)
 
     ids = student_ids(texts, settings.MAX_TRAIN_TOKENS - 1)
     pairs = list(zip(student_ids([row["query"] for row in pair_rows], settings.MNRL_MAX_TOKENS - 1),
                      student_ids([row["document"] for row in pair_rows], settings.MNRL_MAX_TOKENS - 1), strict=True))  # fmt: skip
     results["corpus"] = {"texts": len(texts), "train_texts": len(train), "held_out": len(held_out),
                          "gpt_neox_tokens": int(sum(len(row) for row in ids)), "pairs": len(pairs),
-                         "lower_case": lower_case}  # fmt: skip
+                         "text_reading": reading}  # fmt: skip
     record = RunRecord(results, started, output)
     record.mark("tokenized")
 
@@ -120,7 +122,7 @@ def untrained_student(name: str, work: Path, teacher_dir: Path) -> SentenceTrans
             records = read_jsonl_xz(work / "corpus" / "corpus.jsonl.xz")
             train, _ = split_held_out(records, settings.HELD_OUT, settings.SEED)
             texts = [records[i]["text"] for i in train]
-            ids = tokenize(model.tokenizer, texts, settings.MAX_TRAIN_TOKENS - 1, variant.get("do_lower_case", False))
+            ids = tokenize(model.tokenizer, texts, settings.MAX_TRAIN_TOKENS - 1, text_reading(variant))
             counts = token_counts(ids, list(range(len(ids))), variant["config"]["vocab_size"])
         initialise_from_teacher(model, SentenceTransformer(str(teacher_dir), device="cpu").float(), counts)
     as_saved(model)
@@ -135,17 +137,17 @@ def sweep(work: Path, output: Path, names: list[str], seconds: float, scratch: P
     unknown = sorted(set(names) - set(settings.STUDENT_VARIANTS) - {"transformer"})
     if unknown:
         raise SystemExit(f"unknown students {unknown}; known: {sorted(settings.STUDENT_VARIANTS)} and 'transformer'")
-    lower_case = lower_cases(names)
+    reading = training_reading(names)
     run = prepare_training(
         work,
         output,
         {"sweep_seconds": seconds, "variants": {n: settings.STUDENT_VARIANTS.get(n) for n in names}},
-        lower_case,
+        reading,
     )
     results = run.record.results
     results["sweep"] = {}
     for name in names:
-        model, kind, training = build_student(name, work, scratch, run.teacher, lower_case, run.data)
+        model, kind, training = build_student(name, work, scratch, run.teacher, reading["do_lower_case"], run.data)
         try:
             train = train_student(model, kind, run.data, run.device, None, seconds, results["log"], **training)
         except Exception as error:  # one failing student (a kernel, memory) must not cost the others' results
@@ -187,20 +189,21 @@ def run_training(
         if resumed.get("student", student) != student:
             raise SystemExit(f"{resume} holds a checkpoint of student {resumed['student']!r}, not {student!r}")
         run_settings |= {"resumed_from": resumed, "extend_to": extend_to}
-    lower_case = lower_cases([student])
-    run = prepare_training(work, output, run_settings, lower_case)
+    reading = training_reading([student], control)  # refused before the data and the targets are made
+    run = prepare_training(work, output, run_settings, reading)
     deadline = run.record.started + run_seconds
     stop_training = deadline - settings.EVALUATION_RESERVE_SECONDS  # what was trained is always evaluated
     results, teacher = run.record.results, run.teacher
     data, held_out, kinds, device = run.data, run.held_out, run.kinds, run.device
 
     # 4. The Mamba student
-    mamba, _, training = build_student(student, work, output, teacher, lower_case, data)
+    mamba, _, training = build_student(student, work, output, teacher, reading["do_lower_case"], data)
     results["parameters"] = {"mamba": parameter_count(mamba)}
     results["held_out_cosine"] = {
         "mamba@init": held_out_cosine(mamba.to(device), "mamba", data, held_out, kinds, device)
     }
-    meta = {"student": student, "config": variant["config"], "pooling": variant["pooling"], "do_lower_case": lower_case}
+    meta = {"student": student, "config": variant["config"], "pooling": variant["pooling"],
+            "do_lower_case": reading["do_lower_case"], "text_reading": reading}  # fmt: skip
     results["train"] = {"mamba": train_student(mamba, "mamba", data, device, None, seconds, results["log"],
                                                checkpoint_dir=output, resume=resume, checkpoint_meta=meta,
                                                extend_to=extend_to, stop_at=stop_training, **training)}  # fmt: skip
@@ -211,7 +214,9 @@ def run_training(
     models = {"mamba": mamba, "teacher": teacher}  # in the order they are evaluated
     if control:
         scratch = Path(tempfile.mkdtemp(prefix="distill-transformer-")) if not smoke else output / "tf"
-        transformer, _, _ = build_student("transformer", work, scratch, teacher, lower_case, data, like=student)
+        transformer, _, _ = build_student(
+            "transformer", work, scratch, teacher, reading["do_lower_case"], data, like=student
+        )
         results["parameters"]["transformer"] = parameter_count(transformer)
         results["held_out_cosine"]["transformer@init"] = held_out_cosine(
             transformer.to(device), "transformer", data, held_out, kinds, device

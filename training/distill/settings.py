@@ -20,8 +20,9 @@ SAVED_MAX_SEQ_LENGTH = 32768  # what the exported Mamba student reads by default
 SAVED_CHUNK_SIZE = 2048  # ...in chunks of this many tokens, carrying the state (bounded memory)
 # How the saved Mamba student reads a text besides lower-casing it (``MambaEncoder``): each run of whitespace as one
 # space or one line break, and a space before the text, so that its first word is the token it is inside a text.
-# The students train on the texts as they are; read so, the shipped model came closer to its teacher on held-out
-# training texts, and doubled spaces stopped costing it (docs/distillation.md, "How the student reads whitespace").
+# Read so, the shipped model (trained on the texts as they are) came closer to its teacher on held-out training texts,
+# and doubled spaces stopped costing it (docs/distillation.md, "How the student reads whitespace"). A variant with
+# ``reads_as_saved`` also trains on the texts read so (``students.text_reading``).
 SAVED_TEXT_READING = {"normalize_whitespace": True, "add_prefix_space": True}
 # A GPU call holds ``--run-seconds``: tokenising and teacher targets, the students, then evaluation and
 # speed. Read in one pass, the Mamba student is faster per step than the Transformer on long batches and
@@ -31,9 +32,9 @@ TRANSFORMER_MAX_SHARE = 1.35  # the control stops after this many times the Mamb
 # Mamba students that `sweep` compares, each trained for the same time (SWEEP_SECONDS) on the same first
 # batches; `train` trains STUDENT.
 # Keys: the backbone config, the pooling, and optionally the peak learning rate, the token table's share of it
-# (``table_learning_rate``) and the token embedding's initial standard deviation (mamba_ssm's 0.02 makes the
+# (``table_learning_rate``), the token embedding's initial standard deviation (mamba_ssm's 0.02 makes the
 # token a few percent of the residual stream after 12 layers; 1.0 keeps it dominant, as BERT's LayerNorm on its
-# embeddings does).
+# embeddings does), the table's start (``init``) and how the texts are read (``do_lower_case``, ``reads_as_saved``).
 STUDENT_VARIANTS = {
     "mamba2-eos": {"config": MAMBA2, "pooling": "eos"},
     "mamba2-mean": {"config": MAMBA2, "pooling": "mean"},
@@ -60,6 +61,14 @@ STUDENT_VARIANTS = {
         "pooling": "mean",
         "init": "teacher",
         "do_lower_case": True,
+    },
+    # The same trained on its texts as the exported model reads them (SAVED_TEXT_READING), not as they are.
+    "mamba1-mean-teacher-init-x4-as-saved": {
+        "config": {**MAMBA1, "expand": 4, "n_layer": 11},
+        "pooling": "mean",
+        "init": "teacher",
+        "do_lower_case": True,
+        "reads_as_saved": True,
     },
     # The 12-layer recipe with the token table kept near the teacher's view of each token
     # (``table_learning_rate``: the table's peak learning rate as a share of the student's; 0 freezes it).

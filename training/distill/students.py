@@ -250,9 +250,27 @@ def build_student(
     return model, "mamba", training
 
 
-def lower_cases(names: list[str]) -> bool:
-    """Whether the run's ids are lower-cased: as its Mamba students read (they must agree; the control follows)."""
-    flags = {settings.STUDENT_VARIANTS[name].get("do_lower_case", False) for name in names if name != "transformer"}
-    if len(flags) > 1:
-        raise SystemExit(f"students {names} disagree on do_lower_case: sweep them in separate runs")
-    return flags.pop() if flags else False
+def text_reading(variant: dict) -> dict[str, bool]:
+    """How a ``STUDENT_VARIANTS`` entry reads its training texts (``st_mamba.module.prepare_text``'s settings):
+    lower-cased if it says ``do_lower_case``; with ``reads_as_saved``, also as the exported model reads a text
+    (``SAVED_TEXT_READING``), else with its whitespace as given."""
+    saved = settings.SAVED_TEXT_READING if variant.get("reads_as_saved") else {}
+    return {"do_lower_case": bool(variant.get("do_lower_case")),
+            "normalize_whitespace": bool(saved.get("normalize_whitespace")),
+            "add_prefix_space": bool(saved.get("add_prefix_space"))}  # fmt: skip
+
+
+def training_reading(names: list[str], control: bool = False) -> dict[str, bool]:
+    """How the run's ids read the texts: as its Mamba students read them (they must agree). The Transformer
+    control (``control`` or ``"transformer"`` among ``names``) reads through Sentence-Transformers' Transformer
+    module, which lower-cases but cannot change whitespace, so it cannot be trained on such ids."""
+    readings = {tuple(text_reading(settings.STUDENT_VARIANTS[name]).items()) for name in names if name != "transformer"}
+    if len(readings) > 1:
+        raise SystemExit(
+            f"students {names} read their texts differently ({sorted(readings)}): sweep them in separate runs"
+        )
+    reading = dict(readings.pop()) if readings else text_reading({})
+    if (control or "transformer" in names) and (reading["normalize_whitespace"] or reading["add_prefix_space"]):
+        raise SystemExit(f"the students read texts as the saved model does ({reading}), which the Transformer "
+                         "control cannot: train without it (--no-control)")  # fmt: skip
+    return reading
