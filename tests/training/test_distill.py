@@ -444,9 +444,8 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     card = export.model_card(results, scores, manifest)
     assert "# st-mamba-distilled" in card and f"{scores['scifact/mamba']['nDCG@10']:.3f}" in card
     assert "real pairs (1,200 WordNet (lemmas, gloss), 3 Gene Ontology (term, definition))" in card
-    assert (
-        "it reads a text lower-cased, each run of whitespace as one space or line break, with a space before it" in card
-    )
+    reads = "it reads a text lower-cased, each run of whitespace as one space or line break, with a space before it"
+    assert f"{reads} (it trained on texts with their whitespace as given)" in card
 
 
 @pytest.mark.slow
@@ -476,6 +475,7 @@ def test_a_run_without_the_control_trains_and_evaluates_the_mamba_student_only(w
     scores = evaluate.score(results, work_folder / "data")
     card = export.model_card(results, scores, {})
     assert "Transformer student" not in card and "no Transformer control" in card
+    assert "with a space before it, as it read its training texts" in card
     assert "256-token windows, each weighted by its word pieces" in card
     # with the scores of a run that did train the control: its two students get rows of their own
     control = ({"train": {"mamba": {"steps": 7}, "transformer": {"steps": 7}}, "settings": {"train_seconds": 150.0}},

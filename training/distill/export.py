@@ -126,6 +126,12 @@ def model_card(
             ("each run of whitespace as one space or line break", settings.SAVED_TEXT_READING.get("normalize_whitespace")),
             ("with a space before it", settings.SAVED_TEXT_READING.get("add_prefix_space")))  # fmt: skip
     reading = ", ".join(words for words, on in ways if on)
+    trained = results.get("corpus", {}).get("text_reading", {})
+    if any(settings.SAVED_TEXT_READING.values()):  # how its training read the texts' whitespace, beside it
+        as_saved = all(trained.get(key) == value for key, value in settings.SAVED_TEXT_READING.items())
+        reading += (
+            ", as it read its training texts" if as_saved else " (it trained on texts with their whitespace as given)"
+        )
     reading = f"; it reads a text {reading}" if reading else ""
     window_words = (
         ", each weighted by its word pieces" if results["settings"].get("target_window_weights") == "tokens" else ""
