@@ -718,6 +718,15 @@ def test_train_resumes_with_the_checkpoints_student_and_batches(tmp_path, monkey
     assert calls[-1][0][3] == settings.STUDENT and calls[-1][1] == default_batch
 
 
+def test_a_resume_must_read_its_texts_as_the_checkpoint_did(tmp_path):
+    """Resuming the as-given student from a checkpoint that trained on texts read otherwise is refused up front."""
+    student = "mamba1-mean-teacher-init-x4"
+    reading = dict(students.text_reading(settings.STUDENT_VARIANTS[student]), add_prefix_space=True)
+    checkpoints.save_checkpoint({"w": torch.zeros(2)}, {"student": student, "text_reading": reading}, tmp_path / "ck")
+    with pytest.raises(SystemExit, match="trained on texts read as"):
+        run.run_training(tmp_path / "nowhere", tmp_path / "out", tmp_path / "ck", student, control=False)
+
+
 def test_agreement_measures_how_close_a_student_comes_to_the_teacher(work_folder, tiny_teacher, tokenizer_dir):
     """The teacher agrees with itself on short texts (one window each); a random student does not."""
     itself = evaluate.teacher_agreement(tiny_teacher, tiny_teacher, work_folder / "data", documents=5)

@@ -184,12 +184,14 @@ def run_training(
     variant = settings.STUDENT_VARIANTS[student]
     seconds = settings.TRAIN_SECONDS if seconds is None else seconds
     run_settings = {"student": student, "mamba": variant, "train_seconds": seconds, "control": control}
+    reading = training_reading([student], control)  # refused before the data and the targets are made
     if resume is not None:  # checked before the data and the teacher's targets are made
         resumed = checkpoint_meta(resume)
         if resumed.get("student", student) != student:
             raise SystemExit(f"{resume} holds a checkpoint of student {resumed['student']!r}, not {student!r}")
+        if resumed.get("text_reading", reading) != reading:
+            raise SystemExit(f"{resume} trained on texts read as {resumed['text_reading']}, this run reads {reading}")
         run_settings |= {"resumed_from": resumed, "extend_to": extend_to}
-    reading = training_reading([student], control)  # refused before the data and the targets are made
     run = prepare_training(work, output, run_settings, reading)
     deadline = run.record.started + run_seconds
     stop_training = deadline - settings.EVALUATION_RESERVE_SECONDS  # what was trained is always evaluated
