@@ -60,7 +60,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, eos_token_id: int = 0) -> Pr
     return tokenizer
 
 
-# ``MambaEncoder.prepare_text``: a run of whitespace, and whether it breaks the line (str.splitlines' breaks)
+# ``prepare_text``: a run of whitespace, and whether it breaks the line (str.splitlines' breaks)
 _WHITESPACE_RUN = re.compile(r"\s+")
 _LINE_BREAK = re.compile(r"[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 

@@ -128,9 +128,9 @@ def model_card(
     reading = ", ".join(words for words, on in ways if on)
     trained = results.get("corpus", {}).get("text_reading", {})
     if any(settings.SAVED_TEXT_READING.values()):  # how its training read the texts' whitespace, beside it
-        as_saved = all(trained.get(key) == value for key, value in settings.SAVED_TEXT_READING.items())
+        trained_so = all(trained.get(key) == value for key, value in settings.SAVED_TEXT_READING.items())
         reading += (
-            ", as it read its training texts" if as_saved else " (it trained on texts with their whitespace as given)"
+            ", as it read its training texts" if trained_so else " (it trained on texts with their whitespace as given)"
         )
     reading = f"; it reads a text {reading}" if reading else ""
     window_words = (

@@ -64,12 +64,11 @@ class Prepared:
     record: RunRecord
 
 
-def prepare_training(work: Path, output: Path, run_settings: dict, reading: dict | None = None) -> Prepared:
+def prepare_training(work: Path, output: Path, run_settings: dict, reading: dict[str, bool]) -> Prepared:
     """Steps 2-3 on the best device: the corpus, a held-out set, GPT-NeoX ids, the teacher's targets.
 
     ``reading``: how the students read the texts (the ids; ``training_reading``); the teacher reads them as they are.
     """
-    reading = reading or text_reading({})
     started = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = True
