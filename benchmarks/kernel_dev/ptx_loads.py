@@ -153,9 +153,9 @@ SSD_SETTINGS = {
     "fused, 8 warps, 2 stages": {"SSD_FUSED_WARPS": 8, "SSD_FUSED_STAGES": 2},
     "fused, Q = 64": {"SSD_FUSED_CHUNK": 64},
     "fused, Q = 64, 8 warps": {"SSD_FUSED_CHUNK": 64, "SSD_FUSED_WARPS": 8},
-    "backward 16-bit products": {"SSD_BWD_LOW": True},
+    "backward fp32 products": {"SSD_BWD_LOW": False},
     "backward 8 warps": {"SSD_BWD_WARPS": 8},
-    "backward 8 warps, 16-bit products": {"SSD_BWD_WARPS": 8, "SSD_BWD_LOW": True},
+    "backward 8 warps, fp32 products": {"SSD_BWD_WARPS": 8, "SSD_BWD_LOW": False},
 }
 
 

@@ -41,14 +41,16 @@ FORWARD_SETTINGS = {
 }
 BACKWARD_SETTINGS = {
     **PASS_SETTINGS,
-    "bwd whole groups": {"SSD_BWD_HEADS": 1 << 30},
+    "bwd one head": {"SSD_BWD_HEADS": 1},
     "bwd 4 heads": {"SSD_BWD_HEADS": 4},
     "bwd dB/dC 4 heads": {"SSD_BWD_BC_HEADS": 4},
     "bwd dB/dC 8 heads": {"SSD_BWD_BC_HEADS": 8},
-    "bwd 16-bit products": {"SSD_BWD_LOW": True},
-    "bwd whole groups, 16-bit products": {"SSD_BWD_HEADS": 1 << 30, "SSD_BWD_LOW": True},
+    "bwd fp32 products": {"SSD_BWD_LOW": False},
+    "bwd one head, fp32 products": {"SSD_BWD_HEADS": 1, "SSD_BWD_LOW": False},
     "bwd 8 warps": {"SSD_BWD_WARPS": 8},
-    "bwd 8 warps, 16-bit products": {"SSD_BWD_WARPS": 8, "SSD_BWD_LOW": True},
+    "bwd dx states whole": {"SSD_BWD_DX_BLOCK_N": 1 << 30},
+    "bwd dx states by 32": {"SSD_BWD_DX_BLOCK_N": 32},
+    "bwd dx states by 64": {"SSD_BWD_DX_BLOCK_N": 64},
 }
 
 

@@ -62,18 +62,24 @@ SSD_WARPS = 4
 # pipeline stages: with Triton's default three the other gradients' kernel needs 296 KB in fp32 at d_state
 # 128; with two it needs 197 KB (fp32) and 123 KB (bf16), the dB/dC kernel 132 KB and 148 KB.
 SSD_BWD_BLOCK_N = 64
+# The states a step of the dx/ddt kernel's loops over the state index (B, C, the chunk's start state and its end
+# state's gradient read a block at a time). Whole mamba2-130m forward + backward at 2K on an H100: 32 states a
+# step 268 ms, 64 273, all 128 at once 300 (ptxas: 600, 728 and 988 bytes spilled; 44, 80 and 152 KB of shared
+# memory).
+SSD_BWD_DX_BLOCK_N = 32
 # Heads a program of the backward's kernels (at most: the largest divisor of the heads a group that is not more).
 # A program computes its chunk's C . B^T once for its heads, and the dB/dC kernel sums its heads' shares in
 # registers; with k blocks of heads a group, the dB/dC kernel writes k (T, G, N) fp32 shares that the host sums.
-# Whole mamba2-130m forward + backward on an H100 (docs/kernels.md): one head a program 4% faster than the whole
-# group of 24; dB/dC in blocks of 4 or 8 heads slower than whole groups.
-SSD_BWD_HEADS = 1
+# Whole mamba2-130m forward + backward on an H100 (docs/kernels.md): with 16-bit products the whole group of 24
+# heads a program 5% faster than one head (with fp32 products one head was 4% faster); dB/dC in blocks of 4 or 8
+# heads slower than whole groups.
+SSD_BWD_HEADS = 1 << 30
 SSD_BWD_BC_HEADS = 1 << 30
 # The backward's products of 16-bit inputs: 16-bit operands (the states, scores and weighted inputs rounded to the
-# inputs' dtype, as the fused forward does) with fp32 sums; off, fp32 operands in TF32. On, the H100 ran the
-# mamba2-130m backward 1.35x faster but gave a wrong dB at one test shape (docs/kernels.md): off until that is
-# understood.
-SSD_BWD_LOW = False
+# inputs' dtype, as the fused forward does) with fp32 sums; off, fp32 operands in TF32. On, the H100 runs the
+# mamba2-130m forward + backward 1.3x faster. The dB/dC kernel keeps fp32 products at the blocks where its 16-bit
+# ones went wrong (``_low_bc_blocks``).
+SSD_BWD_LOW = True
 SSD_BWD_WARPS = 4
 # The walk over chunks and the pass over segments go along each sequence: their parallelism is (sequences x
 # heads x blocks of SSD_PASS_BLOCK_P state rows), each program carrying a (SSD_PASS_BLOCK_P, N) running state.
@@ -435,11 +441,15 @@ def _ssd_chunk_scan_bwd_kernel(
     t0, offs_q, valid = _chunk_span(chunk_start_ptr, chunk_len_ptr, chunk, CHUNK)
     rows = t0 + offs_q
     offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
     mask_p = offs_p < headdim
-    Bm = _load_tile(b_ptr, rows, stride_b_t, group * stride_b_g, offs_n, d_state, valid)  # (CHUNK, BLOCK_N)
-    Cm = _load_tile(c_ptr, rows, stride_c_t, group * stride_c_g, offs_n, d_state, valid)
-    CB = _mm(Cm, tl.trans(Bm), x_ptr, DOT, LOW, EMULATE)  # (CHUNK, CHUNK): [t, s], shared by the block's heads
+    # The products over the state index go a block of BLOCK_N states at a time: B, C and the states are read
+    # a block at a time and never held whole.
+    CB = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)  # [t, s] = C_t . B_s, shared by the block's heads
+    for n0 in range(0, d_state, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        Bm = _load_tile(b_ptr, rows, stride_b_t, group * stride_b_g, offs_n, d_state, valid)  # (CHUNK, BLOCK_N)
+        Cm = _load_tile(c_ptr, rows, stride_c_t, group * stride_c_g, offs_n, d_state, valid)
+        CB += _mm(Cm, tl.trans(Bm), x_ptr, DOT, LOW, EMULATE)
     causal = offs_q[:, None] >= offs_q[None, :]
     for head in range(first_head, first_head + heads_a_program):
         A = tl.load(a_ptr + head)
@@ -450,10 +460,22 @@ def _ssd_chunk_scan_bwd_kernel(
         cum_last = tl.sum(delta) * A
         x = _load_tile(x_ptr, rows, stride_x_t, head * stride_x_h, offs_p, headdim, valid)  # (CHUNK, BLOCK_P)
         dy = _load_tile(dy_ptr, rows, stride_dy_t, head * stride_dy_h, offs_p, headdim, valid)
-        start_ptrs, state_mask = _state_tile(states_ptr, chunk * n_heads + head, offs_p, offs_n, headdim, d_state)
-        start = tl.load(start_ptrs, mask=state_mask, other=0.0)  # (BLOCK_P, BLOCK_N): S_start
-        dend_ptrs, _ = _state_tile(dstates_ptr, chunk * n_heads + head, offs_p, offs_n, headdim, d_state)
-        dend = tl.load(dend_ptrs, mask=state_mask, other=0.0)  # the gradient of S_end
+        # Through the chunk's ends: dend_b[s] = dS_end B_s, c_start[t] = S_start C_t (CHUNK, BLOCK_P), and the
+        # sum of dS_end * S_start.
+        dend_b = tl.zeros((CHUNK, BLOCK_P), dtype=tl.float32)
+        c_start = tl.zeros((CHUNK, BLOCK_P), dtype=tl.float32)
+        end_start = 0.0
+        for n0 in range(0, d_state, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            Bm = _load_tile(b_ptr, rows, stride_b_t, group * stride_b_g, offs_n, d_state, valid)
+            Cm = _load_tile(c_ptr, rows, stride_c_t, group * stride_c_g, offs_n, d_state, valid)
+            start_ptrs, state_mask = _state_tile(states_ptr, chunk * n_heads + head, offs_p, offs_n, headdim, d_state)
+            start = tl.load(start_ptrs, mask=state_mask, other=0.0)  # (BLOCK_P, BLOCK_N) of S_start
+            dend_ptrs, _ = _state_tile(dstates_ptr, chunk * n_heads + head, offs_p, offs_n, headdim, d_state)
+            dend = tl.load(dend_ptrs, mask=state_mask, other=0.0)  # ... of the gradient of S_end
+            dend_b += _mm(Bm, tl.trans(dend), x_ptr, DOT, LOW, EMULATE)
+            c_start += _mm(Cm, tl.trans(start), x_ptr, DOT, LOW, EMULATE)
+            end_start += tl.sum(dend * start)
         u = x * delta[:, None]  # (CHUNK, BLOCK_P)
         decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
         scores = CB * decay  # W[t, s]: y_t = sum_s W[t, s] u_s + ...
@@ -461,7 +483,6 @@ def _ssd_chunk_scan_bwd_kernel(
         to_end = tl.exp(cum_last - cum)  # exp(cum_last - cum_s): how much of u_s B_s^T reaches S_end
 
         # u_s reaches y_t (t >= s) through W[t, s], and S_end through to_end_s B_s^T.
-        dend_b = _mm(Bm, tl.trans(dend), x_ptr, DOT, LOW, EMULATE)  # (CHUNK, BLOCK_P): dS_end B_s
         du = _mm(tl.trans(scores), dy, x_ptr, DOT, LOW, EMULATE) + to_end[:, None] * dend_b
         dx = du * delta[:, None]
         ddelta = tl.sum(du * x, axis=1)  # through u = delta x; through the decays below
@@ -471,11 +492,11 @@ def _ssd_chunk_scan_bwd_kernel(
         # share of y_t grows with cum_t; u_s's share of S_end shrinks with cum_s and, like S_start's
         # share, grows with cum_last.
         through_scores = dscores * scores
-        y_from_start = from_start[:, None] * _mm(Cm, tl.trans(start), x_ptr, DOT, LOW, EMULATE)  # (CHUNK, BLOCK_P)
+        y_from_start = from_start[:, None] * c_start  # (CHUNK, BLOCK_P)
         into_end = to_end * tl.sum(u * dend_b, axis=1)  # (CHUNK,)
         dcum = tl.sum(through_scores, axis=1) - tl.sum(through_scores, axis=0) + tl.sum(dy * y_from_start, axis=1)
         dcum -= into_end
-        dcum_last = tl.sum(into_end) + tl.exp(cum_last) * tl.sum(dend * start)
+        dcum_last = tl.sum(into_end) + tl.exp(cum_last) * end_start
         # cum_t sums the log decays delta_s A of s <= t, cum_last all of them: dlog_decay_s = sum_{t >= s} dcum_t + dcum_last.
         dlog_decay = tl.sum(dcum) - tl.cumsum(dcum, axis=0) + dcum + dcum_last
         dlog_decay = tl.where(valid, dlog_decay, 0.0)
@@ -703,6 +724,13 @@ def _heads_a_program(heads_per_group: int, most: int) -> int:
     return max(h for h in range(1, min(heads_per_group, max(most, 1)) + 1) if heads_per_group % h == 0)
 
 
+def _low_bc_blocks(block_p: int, block_n: int) -> bool:
+    """Whether the dB/dC kernel may take 16-bit operands at these blocks of head channels and states: only at
+    blocks where they measured right on Hopper (32 x 16, and 64 x 64, the blocks of real checkpoints). At 64 x 16
+    and 64 x 32 they came out wrong or the launch faulted (docs/kernels.md); other blocks are untried."""
+    return block_p <= 32 or (block_p == 64 and block_n == 64)
+
+
 def _or(t: Tensor | None, stand_in: Tensor) -> Tensor:
     """``t``, or a stand-in pointer for a kernel argument that a constexpr flag leaves unread."""
     return stand_in if t is None else t
@@ -836,15 +864,19 @@ def _ssd_backward(inp: _Inputs, dy: Tensor, dfinal: Tensor | None) -> tuple:
         inp.nheads, inp.ngroups, heads_per_group, heads, inp.headdim, inp.d_state, inp.dt_min, inp.dt_max,
         *inp.stride_args(), dy.stride(0), dy.stride(1),
         HAS_D=inp.D is not None, D_PER_P=inp.D is not None and inp.D.dim() == 2, **inp.backward_products,
-        **{**inp.common, "num_warps": SSD_BWD_WARPS}, num_stages=SSD_BWD_STAGES,
+        **{**inp.common, "BLOCK_N": min(inp.block_n, SSD_BWD_DX_BLOCK_N), "num_warps": SSD_BWD_WARPS},
+        num_stages=SSD_BWD_STAGES,
     )  # fmt: skip
     block_n = min(inp.block_n, SSD_BWD_BLOCK_N)
+    products = inp.backward_products
+    if products["LOW"] and not _low_bc_blocks(inp.block_p, block_n):
+        products = {**products, "LOW": False}
     _ssd_chunk_scan_bwd_bc_kernel[(n_chunks, inp.nheads // bc_heads, triton.cdiv(inp.d_state, block_n))](
         inp.x, inp.dt, inp.A, _or(inp.dt_bias, inp.A), inp.B, inp.C, dy, states, dstates,
         inp.chunks.start, inp.chunks.length, dB, dC,
         tokens, inp.nheads, inp.ngroups, heads_per_group, bc_heads, inp.headdim, inp.d_state, inp.dt_min, inp.dt_max,
         *inp.stride_args(), dy.stride(0), dy.stride(1),
-        **inp.backward_products, **{**inp.common, "BLOCK_N": block_n, "num_warps": SSD_BWD_WARPS},
+        **products, **{**inp.common, "BLOCK_N": block_n, "num_warps": SSD_BWD_WARPS},
         num_stages=SSD_BWD_STAGES,
     )  # fmt: skip
     dB, dC = (t[0] if shares == 1 else t.sum(0) for t in (dB, dC))

@@ -82,8 +82,9 @@ def _small_chunks(monkeypatch) -> None:
 def chunk(request, monkeypatch):
     """Chunks of 16 tokens (many chunk boundaries inside each sequence), the pass over states and the fused
     forward 8 rows a program (a state's rows split over several programs), the backward's programs up to two heads
-    (dB and dC too, so that a group's heads leave several shares to sum) and its products of 16-bit inputs taking
-    16-bit operands if they do not by default (or fp32 if they do); or the settings as shipped."""
+    (dB and dC too, so that a group's heads leave several shares to sum), its products of 16-bit inputs taking
+    16-bit operands if they do not by default (or fp32 if they do) and the dx kernel's loops over the states 16
+    states a step (several steps, the last one partial, where d_state is 40); or the settings as shipped."""
     if request.param == "chunk 16":
         _small_chunks(monkeypatch)
         monkeypatch.setattr(triton_ssd, "SSD_PASS_BLOCK_P", 8)
@@ -91,6 +92,7 @@ def chunk(request, monkeypatch):
         monkeypatch.setattr(triton_ssd, "SSD_BWD_HEADS", 2)
         monkeypatch.setattr(triton_ssd, "SSD_BWD_BC_HEADS", 2)
         monkeypatch.setattr(triton_ssd, "SSD_BWD_LOW", not triton_ssd.SSD_BWD_LOW)
+        monkeypatch.setattr(triton_ssd, "SSD_BWD_DX_BLOCK_N", 16)
     return triton_ssd.SSD_CHUNK
 
 
@@ -114,8 +116,9 @@ def _dtype_forward_id(value) -> str:
 
 # (batch, length, nheads, headdim, ngroups, d_state): one token; lengths not a multiple of the chunk;
 # exactly one and two chunks of 16; two groups of two heads; headdim and d_state not powers of two;
-# headdim over the pass's 8 rows a program and not a multiple of them.
-SSD_SHAPES = [(1, 1, 2, 4, 1, 4), (2, 37, 4, 8, 2, 8), (1, 32, 2, 16, 1, 16), (2, 21, 3, 5, 1, 6), (2, 40, 2, 40, 1, 8)]
+# headdim over the pass's 8 rows a program and not a multiple of them; d_state over one block of states.
+SSD_SHAPES = [(1, 1, 2, 4, 1, 4), (2, 37, 4, 8, 2, 8), (1, 32, 2, 16, 1, 16), (2, 21, 3, 5, 1, 6), (2, 40, 2, 40, 1, 8),
+              (1, 24, 2, 8, 1, 40)]  # fmt: skip
 if not INTERPRETED:
     SSD_SHAPES += [(4, 300, 8, 64, 2, 64), (2, 1000, 24, 64, 1, 128)]
 
