@@ -450,7 +450,8 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
 
 @pytest.mark.slow
 def test_a_run_without_the_control_trains_and_evaluates_the_mamba_student_only(work_folder, tmp_path, monkeypatch):
-    """Here the student also reads its training texts as the saved model does, which the control cannot."""
+    """Here the student also reads its training texts as the saved model does, which the control cannot, and the
+    run is planned in steps."""
     variant = {"config": TINY_MAMBA, "pooling": "mean", "do_lower_case": True, "reads_as_saved": True}
     monkeypatch.setattr(settings, "STUDENT_VARIANTS", {"tiny-mean": variant})
     monkeypatch.setattr(settings, "SAVED_TEXT_READING", {"normalize_whitespace": True, "add_prefix_space": True})
@@ -461,14 +462,20 @@ def test_a_run_without_the_control_trains_and_evaluates_the_mamba_student_only(w
     monkeypatch.setattr(settings, "HELD_OUT", 6)
     monkeypatch.setattr(settings, "TEACHER_DIM", 384)
     monkeypatch.setattr(settings, "TARGET_WINDOW_WEIGHTS", "tokens")
-    results = run.run_training(work_folder, tmp_path / "out", None, "tiny-mean", smoke=True, seconds=1.0, control=False)  # fmt: skip
-    assert set(results["train"]) == {"mamba"} and results["train"]["mamba"]["seconds"] >= 1.0
+    for wrong in (dict(steps=0), dict(steps=3, seconds=1.0), dict(steps=3, resume=tmp_path / "ck")):
+        with pytest.raises(SystemExit, match="plans a new run in steps"):  # refused before any data is read
+            run.run_training(tmp_path / "nowhere", tmp_path / "refused", **{"resume": None, **wrong},
+                             student="tiny-mean", smoke=True, control=False)  # fmt: skip
+    results = run.run_training(work_folder, tmp_path / "out", None, "tiny-mean", smoke=True, steps=3, control=False)
+    assert set(results["train"]) == {"mamba"}
+    assert results["train"]["mamba"]["steps"] == results["train"]["mamba"]["planned_steps"] == 3
     assert results["settings"]["target_window_weights"] == "tokens"
     meta = checkpoints.checkpoint_meta(tmp_path / "out")
-    assert meta["target_window_weights"] == "tokens"  # what --resume reads
+    assert meta["target_window_weights"] == "tokens" and meta["total_steps"] == meta["step"] == 3  # what --resume reads
     saved = {"do_lower_case": True, "normalize_whitespace": True, "add_prefix_space": True}
     assert results["corpus"]["text_reading"] == meta["text_reading"] == saved
-    assert results["settings"]["train_seconds"] == 1.0 and results["settings"]["control"] is False
+    assert results["settings"]["train_steps"] == 3 and results["settings"]["train_seconds"] is None
+    assert results["settings"]["control"] is False
     assert not any("transformer" in name for name in results["runs"])
     assert {row["model"] for row in results["speed"]} == {"mamba", "teacher"}
     pytest.importorskip("ir_measures")
@@ -484,6 +491,8 @@ def test_a_run_without_the_control_trains_and_evaluates_the_mamba_student_only(w
     assert "| Mamba student, the same 7 steps and batches (control run) | 0.250 | - |" in card
     assert "| Transformer student, the same 7 steps and batches (control run) | 0.375 | - |" in card
     assert "a run of 150 s that trained both students" in card
+    control[0]["settings"] = {"train_seconds": None, "train_steps": 1200}
+    assert "a run of 1,200 steps that trained both students" in export.model_card(results, scores, {}, control=control)
 
 
 @pytest.mark.slow
@@ -716,6 +725,24 @@ def test_train_resumes_with_the_checkpoints_student_and_batches(tmp_path, monkey
     monkeypatch.setattr(sys, "argv", argv[:4])
     cli.main()  # no checkpoint: the default student and batch size
     assert calls[-1][0][3] == settings.STUDENT and calls[-1][1] == default_batch
+
+
+def test_train_passes_steps_on_and_refuses_them_beside_seconds_or_resume(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(cli, "run_training", lambda *args, **kw: calls.append(kw) or {})
+    monkeypatch.setattr(cli, "print_table", lambda results: None)
+    monkeypatch.setattr(settings, "MAX_BATCH_TOKENS", settings.MAX_BATCH_TOKENS)  # the command sets it
+    argv = ["distill", "train", "--output", str(tmp_path / "out"), "--steps", "1200"]
+    monkeypatch.setattr(sys, "argv", argv)
+    cli.main()
+    assert calls[-1]["steps"] == 1200 and calls[-1]["seconds"] is None
+    checkpoints.save_checkpoint({"w": torch.zeros(2)}, {"student": settings.STUDENT}, tmp_path / "ck")
+    for extra in (["--seconds", "60"], ["--resume", str(tmp_path / "ck")]):
+        monkeypatch.setattr(sys, "argv", [*argv, *extra])
+        with pytest.raises(SystemExit):
+            cli.main()
+        assert "--steps plans a new run in steps" in capsys.readouterr().err
+    assert len(calls) == 1
 
 
 def test_a_resume_must_read_its_texts_as_the_checkpoint_did(tmp_path):

@@ -78,6 +78,8 @@ def main() -> None:
         default=None,
         help=f"the Mamba student's training time (default {settings.TRAIN_SECONDS} s)",
     )
+    p.add_argument("--steps", type=int, default=None,
+                   help="train the Mamba student this many steps instead of --seconds: the same schedule on any card")  # fmt: skip
     p.add_argument(
         "--no-control", action="store_true", help="train no Transformer control (a longer Mamba run in one call)"
     )
@@ -177,11 +179,14 @@ def main() -> None:
 
     if getattr(args, "extend_to", None) is not None and args.resume is None:
         parser.error("--extend-to continues a checkpoint: it needs --resume")
+    if getattr(args, "steps", None) is not None and (args.seconds is not None or args.resume is not None):
+        parser.error("--steps plans a new run in steps: not with --seconds or --resume")
     if args.command == "prepare":
         prepare(args.corpus, args.data, args.output, args.teacher or default_teacher(), args.tokenizer)
     elif args.command == "train":
         results = run_training(args.work, args.output, args.resume, args.student, seconds=args.seconds,
-                               control=not args.no_control, run_seconds=args.run_seconds, extend_to=args.extend_to)  # fmt: skip
+                               control=not args.no_control, run_seconds=args.run_seconds, extend_to=args.extend_to,
+                               steps=args.steps)  # fmt: skip
         print_table(results)
     elif args.command == "sweep":
         results = sweep(

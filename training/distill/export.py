@@ -80,8 +80,12 @@ def model_card(
                  (f"Transformer student, {same} (control run)", control_scores, "transformer")]  # fmt: skip
         qmsum += [(f"Mamba student, {same}, whole meeting", control_scores, "mamba:one-pass"),
                   (f"Transformer student, {same}, first 8,192 tokens", control_scores, "transformer:model")]  # fmt: skip
+        planned = control_results["settings"]
+        length = (
+            f"{planned['train_steps']:,} steps" if planned.get("train_steps") else f"{planned['train_seconds']:g} s"
+        )
         note = (f"\nThis run trained no Transformer (`train --no-control`): the control rows come from a run of "
-                f"{control_results['settings']['train_seconds']:g} s that trained both students on {same}.\n")  # fmt: skip
+                f"{length} that trained both students on {same}.\n")  # fmt: skip
     else:
         note = "\nThis run trained no Transformer control (`train --no-control`).\n"
     rows += [("BM25 (bm25s, the same corpus)", scores, "bm25"),

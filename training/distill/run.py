@@ -172,6 +172,7 @@ def run_training(
     control: bool = True,
     run_seconds: float = settings.RUN_SECONDS,
     extend_to: float | None = None,
+    steps: int | None = None,
 ) -> dict:
     """Steps 2-7 on the best device: targets, both students, evaluation, speed; writes results as it goes.
 
@@ -179,10 +180,15 @@ def run_training(
     no Transformer: a longer Mamba run in one call, compared with a control from another run.
     ``run_seconds``: the whole command's time, after which no evaluation or speed test starts.
     ``extend_to``: with ``resume``, train the checkpoint's student until it has trained this many seconds in all.
+    ``steps``: train the Mamba student this many steps instead of ``seconds``: the same schedule and batches on
+    any card (a new run only; a resumed one keeps its checkpoint's plan).
     """
     variant = settings.STUDENT_VARIANTS[student]
+    if steps is not None and (resume is not None or seconds is not None or steps < 1):
+        raise SystemExit(f"steps={steps} plans a new run in steps (at least 1), without seconds or resume")
     seconds = settings.TRAIN_SECONDS if seconds is None else seconds
-    run_settings = {"student": student, "mamba": variant, "train_seconds": seconds, "control": control}
+    run_settings = {"student": student, "mamba": variant, "train_seconds": None if steps else seconds,
+                    "train_steps": steps, "control": control}  # fmt: skip
     reading = training_reading([student], control)  # refused before the data and the targets are made
     if resume is not None:  # checked before the data and the teacher's targets are made
         resumed = checkpoint_meta(resume)
@@ -205,7 +211,7 @@ def run_training(
     }
     meta = {"student": student, "config": variant["config"], "pooling": variant["pooling"],
             "do_lower_case": reading["do_lower_case"], "text_reading": reading}  # fmt: skip
-    results["train"] = {"mamba": train_student(mamba, "mamba", data, device, None, seconds, results["log"],
+    results["train"] = {"mamba": train_student(mamba, "mamba", data, device, steps, seconds, results["log"],
                                                checkpoint_dir=output, resume=resume, checkpoint_meta=meta,
                                                extend_to=extend_to, stop_at=stop_training, **training)}  # fmt: skip
     results["held_out_cosine"]["mamba"] = held_out_cosine(mamba, "mamba", data, held_out, kinds, device)
