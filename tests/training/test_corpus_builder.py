@@ -425,3 +425,50 @@ def test_debian_descriptions_give_new_paragraphs_synopses_and_pairs(tmp_path):
     assert len(texts) == 2 * len(pairs)
     assert builder.read_debian_descriptions(tmp_path / "elsewhere") == ([], [])
     assert builder.licence_of("debian-descriptions") == builder.DEBIAN_DESCRIPTIONS_LICENCE
+
+
+def _write_mail(folder: Path, name: str, subject: str, body: str, html: bool = False) -> None:
+    path = folder / "data" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kind = "html" if html else "plain"
+    header = f"From: someone@example.org\nSubject: {subject}\nContent-Type: text/{kind}; charset=us-ascii\n\n"
+    path.write_text(header + body)
+
+
+def test_mail_gives_bodies_subjects_and_pairs_of_threads_it_starts(data_dir, tokenizer_dir, tmp_path):
+    mail = tmp_path / "spam-assassin"
+    story = ("The city council voted on Tuesday to rebuild the old river bridge, which has been closed to heavy "
+             "traffic since the spring floods damaged two of its piers.")  # fmt: skip
+    _write_mail(mail, "easy-ham-1/00001.a.txt", "[News] Council votes to rebuild bridge",
+                f"http://example.org/story/1\nURL: http://example.org/story/1\nDate: 2002-10-06\n\n{story}\n\n"
+                "-- \nJo, who sends these\n")  # fmt: skip
+    reply = "I walked over it last week and the railings were already gone, so this is overdue if you ask me."
+    _write_mail(mail, "easy-ham-2/00002.b.txt", "Re: [News] Council votes to rebuild bridge",
+                f"On Tue, Oct 8, Jo wrote:\n> The city council voted\nJo> to rebuild it\n\n{reply}\n"
+                "_______________________________________________\nNews mailing list\nNews@example.org\n")  # fmt: skip
+    _write_mail(mail, "hard-ham-1/00003.c.txt", "Autumn sale at the garden centre",
+                "<html><body><p>Bulbs, trees and hedges are half price this weekend at every one of our shops "
+                "across the county.</p><script>track()</script></body></html>", html=True)  # fmt: skip
+    _write_mail(mail, "easy-ham-1/00004.d.txt", "Lunch today", "Pizza at noon?\n")  # too short to keep
+    _write_mail(mail, "spam-1/00005.e.txt", "Make money fast", "Send us your bank details today " * 5)  # not ham
+    texts, pairs = builder.read_mail(mail)
+    bodies = [t.text for t in texts if t.kind == "document"]
+    shop = "Bulbs, trees and hedges are half price this weekend at every one of our shops across the county."
+    assert bodies == [story, reply, shop]
+    assert [t.text for t in texts if t.kind == "query"] == [
+        "Council votes to rebuild bridge", "Council votes to rebuild bridge", "Autumn sale at the garden centre"
+    ]  # fmt: skip
+    # the thread's first message and the shop's pair up; the reply's subject names the thread, not the reply
+    assert [(p["query"], p["document"]) for p in pairs] == [
+        ("Council votes to rebuild bridge", story), ("Autumn sale at the garden centre", shop)
+    ]  # fmt: skip
+    assert builder.read_mail(tmp_path / "elsewhere") == ([], [])
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    records, kept_pairs, manifest = builder.build(data_dir, tokenizer, sources=("mail",), doc_root=tmp_path, mail=mail)
+    mail_records = [r for r in records if r["source"] == "mail"]
+    assert {r["kind"] for r in mail_records} >= {"query", "passage"}
+    assert " ".join(r["text"] for r in mail_records if r["kind"] == "passage").count("river bridge") == 1
+    assert len(kept_pairs) == 2 and manifest["package_licences"]["mail"]["licence"] == builder.MAIL_LICENCE
