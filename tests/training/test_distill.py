@@ -731,7 +731,8 @@ def test_train_passes_steps_on_and_refuses_them_beside_seconds_or_resume(tmp_pat
     calls = []
     monkeypatch.setattr(cli, "run_training", lambda *args, **kw: calls.append(kw) or {})
     monkeypatch.setattr(cli, "print_table", lambda results: None)
-    monkeypatch.setattr(settings, "MAX_BATCH_TOKENS", settings.MAX_BATCH_TOKENS)  # the command sets it
+    for name in ("MAX_BATCH_TOKENS", "TARGET_WINDOW_WEIGHTS", "TRAIN_PRECISION"):  # the command sets them
+        monkeypatch.setattr(settings, name, getattr(settings, name))
     argv = ["distill", "train", "--output", str(tmp_path / "out"), "--steps", "1200"]
     monkeypatch.setattr(sys, "argv", argv)
     cli.main()
