@@ -80,6 +80,13 @@ def prepare_text(
     return text
 
 
+def prepare_texts(texts: Sequence[str], **reading: bool) -> list[str]:
+    """``prepare_text`` of each text with the settings ``reading``; the texts as they are where none is on."""
+    if not any(reading.values()):
+        return list(texts)
+    return [prepare_text(text, **reading) for text in texts]
+
+
 class MambaEncoder(InputModule):
     """Mamba backbone + EOS (or mean) pooling, as a Sentence-Transformers input module.
 
@@ -220,10 +227,7 @@ class MambaEncoder(InputModule):
         for index, text in enumerate(inputs):
             if not isinstance(text, str):
                 raise TypeError(f"text {index} of the batch is {type(text).__name__} ({text!r:.40}), expected str")
-        texts = [prompt + text for text in inputs] if prompt else list(inputs)
-        reading = self.text_reading
-        if any(reading.values()):
-            texts = [prepare_text(text, **reading) for text in texts]
+        texts = prepare_texts([prompt + text for text in inputs] if prompt else inputs, **self.text_reading)
         if not texts:
             empty = torch.zeros(0, 1, dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty.clone()}

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 
-from st_mamba.module import prepare_text
+from st_mamba.module import prepare_texts
 from training.distill import settings
 
 
@@ -93,11 +93,8 @@ def tokenize(
     """GPT-NeoX ids of each text as a ``MambaEncoder`` with the settings ``reading`` reads it (``prepare_text``'s
     keyword arguments: lower case, whitespace, a space before; none by default), without EOS, cut to ``limit`` tokens."""
     ids: list[np.ndarray] = []
-    reading = reading or {}
     for start in range(0, len(texts), batch):
-        chunk = texts[start : start + batch]
-        if any(reading.values()):
-            chunk = [prepare_text(text, **reading) for text in chunk]
+        chunk = prepare_texts(texts[start : start + batch], **(reading or {}))
         encoded = tokenizer(chunk, add_special_tokens=False, return_attention_mask=False)
         ids += [np.asarray(row[:limit], dtype=np.int32) for row in encoded["input_ids"]]
     return ids
