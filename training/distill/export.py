@@ -37,9 +37,11 @@ POOLING_WORDS = {
 }
 
 
-# What the corpus builder's pairs are, by source (build_distillation_corpus.PAIRED_SOURCES).
+# What the corpus builder's pairs are, by source.
 PAIR_KINDS = {"wordnet": "WordNet (lemmas, gloss)", "gene-ontology": "Gene Ontology (term, definition)",
-              "debian-descriptions": "Debian package (synopsis, description)"}  # fmt: skip
+              "debian-descriptions": "Debian package (synopsis, description)", "mail": "mail (subject, body)",
+              "wikipedia": "Wikipedia (title, lead section)", "factbook": "CIA World Factbook (country and field, text)",
+              "recipes": "Wikibooks Cookbook (title, recipe)"}  # fmt: skip
 
 
 def model_card(
