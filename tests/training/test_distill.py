@@ -402,6 +402,17 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     checkpoints.save_checkpoint(tensors, stepped, tmp_path / "resume")
     resumed = train.train_student(model, "mamba", train_data, "cpu", None, 1.0, log, resume=tmp_path / "resume")
     assert resumed["steps"] == stepped["total_steps"]
+    # a run planned in steps, extended: it trains on to extend_to_steps, the rate back up where the schedule was
+    extended = train.train_student(model, "mamba", train_data, "cpu", None, 1.0, log, resume=tmp_path / "resume",
+                                   extend_to_steps=stepped["total_steps"] + 3, checkpoint_dir=tmp_path / "extended")  # fmt: skip
+    assert extended["steps"] == extended["planned_steps"] == stepped["total_steps"] + 3
+    assert checkpoints.checkpoint_meta(tmp_path / "extended")["total_steps"] == stepped["total_steps"] + 3
+    with pytest.raises(ValueError, match="has trained"):
+        train.train_student(model, "mamba", train_data, "cpu", None, 1.0, log, resume=tmp_path / "resume",
+                            extend_to_steps=meta["step"])  # fmt: skip
+    with pytest.raises(ValueError, match="not both"):
+        train.train_student(model, "mamba", train_data, "cpu", None, 1.0, log, resume=tmp_path / "resume",
+                            extend_to=5.0, extend_to_steps=meta["step"] + 5)  # fmt: skip
     timed = dict(meta, trained_seconds=meta["seconds"] - 0.5)  # a timed run with half a second to go
     checkpoints.save_checkpoint(tensors, timed, tmp_path / "resume")
     resumed = train.train_student(model, "mamba", train_data, "cpu", None, 60.0, log, resume=tmp_path / "resume")
@@ -414,6 +425,9 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     with pytest.raises(ValueError, match="has trained"):
         train.train_student(model, "mamba", train_data, "cpu", None, 1.0, log, resume=tmp_path / "resume",
                             extend_to=meta["trained_seconds"] - 0.1)  # fmt: skip
+    with pytest.raises(ValueError, match="planned in seconds"):  # a timed run is extended in seconds
+        train.train_student(model, "mamba", train_data, "cpu", None, 1.0, log, resume=tmp_path / "resume",
+                            extend_to_steps=meta["step"] + 5)  # fmt: skip
     with pytest.raises(ValueError, match="pass resume"):
         train.train_student(model, "mamba", train_data, "cpu", None, 1.0, log, extend_to=5.0)
     assert meta["max_batch_tokens"] == 2048  # the batches it skips on resume must be the ones it saw

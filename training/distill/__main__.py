@@ -70,6 +70,8 @@ def main() -> None:
     p.add_argument("--resume", type=Path, default=None, help="folder of checkpoint shards to continue from")
     p.add_argument("--extend-to", type=float, default=None, metavar="SECONDS",
                    help="with --resume: train until the student has trained this many seconds in all (a longer schedule)")  # fmt: skip
+    p.add_argument("--extend-to-steps", type=int, default=None, metavar="STEPS",
+                   help="with --resume of a run planned in steps: train until it has trained this many steps in all")  # fmt: skip
     p.add_argument("--student", default=None, choices=sorted(settings.STUDENT_VARIANTS),
                    help=f"which Mamba student (default: the checkpoint's with --resume, else {settings.STUDENT})")  # fmt: skip
     p.add_argument(
@@ -179,6 +181,8 @@ def main() -> None:
 
     if getattr(args, "extend_to", None) is not None and args.resume is None:
         parser.error("--extend-to continues a checkpoint: it needs --resume")
+    if getattr(args, "extend_to_steps", None) is not None and (args.resume is None or args.extend_to is not None):
+        parser.error("--extend-to-steps continues a checkpoint planned in steps: it needs --resume, not --extend-to")
     if getattr(args, "steps", None) is not None and (args.seconds is not None or args.resume is not None):
         parser.error("--steps plans a new run in steps: not with --seconds or --resume")
     if args.command == "prepare":
@@ -186,7 +190,7 @@ def main() -> None:
     elif args.command == "train":
         results = run_training(args.work, args.output, args.resume, args.student, seconds=args.seconds,
                                control=not args.no_control, run_seconds=args.run_seconds, extend_to=args.extend_to,
-                               steps=args.steps)  # fmt: skip
+                               steps=args.steps, extend_to_steps=args.extend_to_steps)  # fmt: skip
         print_table(results)
     elif args.command == "sweep":
         results = sweep(

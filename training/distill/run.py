@@ -173,13 +173,15 @@ def run_training(
     run_seconds: float = settings.RUN_SECONDS,
     extend_to: float | None = None,
     steps: int | None = None,
+    extend_to_steps: int | None = None,
 ) -> dict:
     """Steps 2-7 on the best device: targets, both students, evaluation, speed; writes results as it goes.
 
     ``seconds``: the Mamba student's training time (default ``TRAIN_SECONDS``). ``control=False`` trains
     no Transformer: a longer Mamba run in one call, compared with a control from another run.
     ``run_seconds``: the whole command's time, after which no evaluation or speed test starts.
-    ``extend_to``: with ``resume``, train the checkpoint's student until it has trained this many seconds in all.
+    ``extend_to``: with ``resume``, train the checkpoint's student until it has trained this many seconds in all;
+    ``extend_to_steps``: likewise for a checkpoint of a run planned in steps, until this many steps in all.
     ``steps``: train the Mamba student this many steps instead of ``seconds``: the same schedule and batches on
     any card (a new run only; a resumed one keeps its checkpoint's plan).
     """
@@ -196,7 +198,7 @@ def run_training(
             raise SystemExit(f"{resume} holds a checkpoint of student {resumed['student']!r}, not {student!r}")
         if resumed.get("text_reading", reading) != reading:
             raise SystemExit(f"{resume} trained on texts read as {resumed['text_reading']}, this run reads {reading}")
-        run_settings |= {"resumed_from": resumed, "extend_to": extend_to}
+        run_settings |= {"resumed_from": resumed, "extend_to": extend_to, "extend_to_steps": extend_to_steps}
     run = prepare_training(work, output, run_settings, reading)
     deadline = run.record.started + run_seconds
     stop_training = deadline - settings.EVALUATION_RESERVE_SECONDS  # what was trained is always evaluated
@@ -213,7 +215,8 @@ def run_training(
             "do_lower_case": reading["do_lower_case"], "text_reading": reading}  # fmt: skip
     results["train"] = {"mamba": train_student(mamba, "mamba", data, device, steps, seconds, results["log"],
                                                checkpoint_dir=output, resume=resume, checkpoint_meta=meta,
-                                               extend_to=extend_to, stop_at=stop_training, **training)}  # fmt: skip
+                                               extend_to=extend_to, extend_to_steps=extend_to_steps,
+                                               stop_at=stop_training, **training)}  # fmt: skip
     results["held_out_cosine"]["mamba"] = held_out_cosine(mamba, "mamba", data, held_out, kinds, device)
     run.record.mark("mamba_trained")
 

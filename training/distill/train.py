@@ -91,6 +91,7 @@ def train_student(
     extend_to: float | None = None,
     stop_at: float | None = None,
     table_learning_rate: float = 1.0,
+    extend_to_steps: int | None = None,
 ) -> dict:
     """Train for ``total_steps``, or with ``total_steps=None`` for ``seconds`` of wall time.
 
@@ -98,8 +99,9 @@ def train_student(
     a stall (Triton compiling a kernel the first time it meets a shape) costs steps, not the schedule.
     ``checkpoint_meta`` (the student's config and pooling) goes into the checkpoints with the progress.
     A resumed run keeps its checkpoint's plan; ``extend_to`` stretches a timed one to that many seconds of
-    training in all, finished or not: the learning rate goes back up to the schedule's value at the share
-    already trained and decays to 0 over the rest. ``table_learning_rate``: the token table's rate as a share
+    training in all, finished or not, and ``extend_to_steps`` one planned in steps to that many steps: the
+    learning rate goes back up to the schedule's value at the share already trained and decays to 0 over the
+    rest. ``table_learning_rate``: the token table's rate as a share
     of the others' (0: the table stays as it starts). ``stop_at`` (a ``time.time()``) ends training early, so
     that what was trained is still evaluated: the result's ``stopped_early`` says so.
     """
@@ -127,8 +129,10 @@ def train_student(
     autocast = training_autocast(device)
     mse, mnrl = MSELoss(model), MultipleNegativesRankingLoss(model)
     first_step, seconds_before = 0, 0.0
-    if extend_to is not None and resume is None:
-        raise ValueError("extend_to continues a checkpoint: pass resume too")
+    if (extend_to is not None or extend_to_steps is not None) and resume is None:
+        raise ValueError("extend_to and extend_to_steps continue a checkpoint: pass resume too")
+    if extend_to is not None and extend_to_steps is not None:
+        raise ValueError("a run is extended in seconds (extend_to) or in steps (extend_to_steps), not both")
     if resume is not None:
         tensors, meta = load_checkpoint(resume)
         if meta.get("max_batch_tokens", settings.MAX_BATCH_TOKENS) != settings.MAX_BATCH_TOKENS:
@@ -141,6 +145,11 @@ def train_student(
                 raise ValueError(f"cannot extend {resume} to {extend_to:g} s: it is planned in steps "
                                  f"({total_steps}) or has trained {seconds_before:g} s already")  # fmt: skip
             seconds = extend_to
+        if extend_to_steps is not None:
+            if total_steps is None or extend_to_steps <= first_step:
+                raise ValueError(f"cannot extend {resume} to {extend_to_steps} steps: it is planned in seconds "
+                                 f"or has trained {first_step} steps already")  # fmt: skip
+            total_steps = extend_to_steps
         restore(model, optimizer, tensors, first_step)
     lengths = np.array(
         [min(len(row) + 1, settings.MAX_TRAIN_TOKENS) for row in data.ids]
