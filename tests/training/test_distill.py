@@ -458,6 +458,7 @@ def test_a_whole_tiny_run_on_cpu_then_export_and_score(work_folder, tmp_path, mo
     card = export.model_card(results, scores, manifest)
     assert "# st-mamba-distilled" in card and f"{scores['scifact/mamba']['nDCG@10']:.3f}" in card
     assert "real pairs (1,200 WordNet (lemmas, gloss), 3 Gene Ontology (term, definition))" in card
+    assert "each source's licence is recorded in the corpus's manifest" in card
     reads = "it reads a text lower-cased, each run of whitespace as one space or line break, with a space before it"
     assert f"{reads} (it trained on texts with their whitespace as given)" in card
 

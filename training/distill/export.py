@@ -162,7 +162,8 @@ model = SentenceTransformer("models/st-mamba-distilled", trust_remote_code=True)
 
 ## Training
 Corpus: {manifest.get("gpt_neox_tokens", 0):,} GPT-NeoX tokens of offline text ({manifest.get("records", 0):,} texts from
-{sources}). {init}Target: the teacher's embedding, or for long texts the mean of
+{sources}; each source's licence is recorded in the corpus's manifest and listed in st-mamba's docs/distillation.md,
+"The corpus"). {init}Target: the teacher's embedding, or for long texts the mean of
 its embeddings over consecutive 256-token windows{window_words}. Loss: MSELoss x {settings.MSE_WEIGHT:g}, plus
 MultipleNegativesRankingLoss x {settings.MNRL_WEIGHT} every {settings.MNRL_EVERY} steps on {results["corpus"]["pairs"]:,} {pair_words}.
 {train["steps"]:,} steps, {train["tokens"]:,} tokens, {train["seconds"]} s on {results["device"]}.
