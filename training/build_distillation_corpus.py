@@ -767,6 +767,7 @@ def read_recipes(wheel: Path) -> tuple[list[Text], list[dict]]:
 
 
 WHEEL_READERS = {"wikipedia": read_wikipedia, "factbook": read_factbook, "recipes": read_recipes}
+WEB_PASSAGE_SOURCES = ("wikipedia", "factbook")  # wheels whose texts are all passages and queries: nothing to cut
 
 
 def licence_of(source: str, root: Path = Path("/")) -> str:
@@ -863,7 +864,7 @@ def sentence_run(text: str, rng: random.Random) -> str | None:
 
 # 6. Assembling ---------------------------------------------------------------------------------------------
 # Besides the MS MARCO queries, which are read whenever data holds them:
-SOURCES = ("wordnet", "fortunes", "gene-ontology", "debian-descriptions", "wikipedia", "factbook", *DOC_TOKEN_BUDGET)
+SOURCES = ("wordnet", "fortunes", "gene-ontology", "debian-descriptions", *WEB_PASSAGE_SOURCES, *DOC_TOKEN_BUDGET)
 PAIRED_SOURCES = {"wordnet": read_wordnet, "gene-ontology": read_gene_ontology,
                   "debian-descriptions": read_debian_descriptions}  # fmt: skip
 
@@ -964,23 +965,28 @@ def build(
     )
     for item, ids in zip(short, lengths, strict=True):
         keep(item, len(ids))
+
+    def keep_sentences(runs: list[Text]) -> None:
+        """Keep each sentence run that holds ``SENTENCE_TOKENS`` tokens."""
+        if not runs:
+            return
+        ids = tokenizer([run.text for run in runs], add_special_tokens=False, return_attention_mask=False)
+        for run, row in zip(runs, ids["input_ids"], strict=True):
+            if SENTENCE_TOKENS[0] <= len(row) <= SENTENCE_TOKENS[1]:
+                keep(run, len(row))
+
     # Sentence runs of the web passages, drawn from a generator of their own (the other sources' draws stay as
     # they were without them).
     web_rng = random.Random(seed + 1)
-    runs = [
-        (item.source, run)
+    keep_sentences([
+        Text(run, item.source, "sentence")
         for item in short
-        if item.source in ("wikipedia", "factbook") and item.kind == "passage"
+        if item.source in WEB_PASSAGE_SOURCES and item.kind == "passage"
         if web_rng.random() < SENTENCE_PROBABILITY and (run := sentence_run(item.text, web_rng)) is not None
-    ]
-    if runs:
-        ids = tokenizer([run for _, run in runs], add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        for (source, run), row in zip(runs, ids, strict=True):
-            if SENTENCE_TOKENS[0] <= len(row) <= SENTENCE_TOKENS[1]:
-                keep(Text(run, source, "sentence"), len(row))
+    ])  # fmt: skip
 
     for source in sources:
-        if source in ("fortunes", "wikipedia", "factbook", *PAIRED_SOURCES):
+        if source in ("fortunes", *WEB_PASSAGE_SOURCES, *PAIRED_SOURCES):
             continue
         if source in ("mail", *WHEEL_READERS):
             documents = documents_of.get(source, [])
@@ -1007,12 +1013,8 @@ def build(
         for piece, tokens in cut_documents(documents, tokenizer, rng, budget[source], tally):
             keep(piece, tokens)
             if rng.random() < SENTENCE_PROBABILITY and (run := sentence_run(piece.text, rng)) is not None:
-                runs.append(run)
-        if runs:
-            ids = tokenizer(runs, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-            for run, row in zip(runs, ids, strict=True):
-                if SENTENCE_TOKENS[0] <= len(row) <= SENTENCE_TOKENS[1]:
-                    keep(Text(run, source, "sentence"), len(row))
+                runs.append(Text(run, source, "sentence"))
+        keep_sentences(runs)
         logger.info("%s: %d tokens so far", source, sum(tokens_by.values()))
 
     kept_pairs = []
