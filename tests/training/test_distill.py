@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import lzma
 import math
@@ -508,6 +509,46 @@ def test_a_run_without_the_control_trains_and_evaluates_the_mamba_student_only(w
     assert "a run of 150 s that trained both students" in card
     control[0]["settings"] = {"train_seconds": None, "train_steps": 1200}
     assert "a run of 1,200 steps that trained both students" in export.model_card(results, scores, {}, control=control)
+
+
+@pytest.mark.slow
+def test_a_run_can_go_on_from_a_saved_model(work_folder, tmp_path, monkeypatch, tokenizer_dir):
+    """``init_from``: the student starts from an exported model's weights (checked against it), at its own peak rate."""
+    variant = {"config": TINY_MAMBA, "pooling": "mean", "do_lower_case": True, "init": "teacher"}
+    monkeypatch.setattr(settings, "STUDENT_VARIANTS", {"tiny-mean": variant, "tiny-eos": {**variant, "pooling": "eos"}})
+    monkeypatch.setattr(settings, "MAX_BATCH_TOKENS", 2048)
+    monkeypatch.setattr(settings, "TOKENS_PER_TEXT", 4)
+    monkeypatch.setattr(settings, "HELD_OUT", 6)
+    first = run.run_training(work_folder, tmp_path / "first", None, "tiny-mean", smoke=True, steps=4, control=False)
+    earlier = tmp_path / "earlier"
+    export.export(
+        tmp_path / "first", earlier, tokenizer_dir, card="# card\n\n## Training\nFour tiny steps.\n\n## Scores\n"
+    )
+    other = tmp_path / "other"  # the same shape, pooled at EOS
+    students.build_mamba_student(tokenizer_dir, **settings.STUDENT_VARIANTS["tiny-eos"]).save(str(other))
+    for folder, control, refused in ((earlier, True, "--no-control"), (other, False, "pooling='eos'"),
+                                     (tmp_path, False, "no model.safetensors")):  # fmt: skip
+        with pytest.raises(SystemExit, match=refused):  # before the data and the teacher's targets
+            run.run_training(work_folder, tmp_path / "refused", None, "tiny-mean", smoke=True, steps=2,
+                             control=control, init_from=folder)  # fmt: skip
+    assert not (tmp_path / "refused").exists()
+
+    results = run.run_training(work_folder, tmp_path / "second", None, "tiny-mean", smoke=True, steps=2,
+                               control=False, init_from=earlier, learning_rate=5e-4)  # fmt: skip
+    started = results["settings"]["init_from"]
+    assert started["sha256"] == hashlib.sha256((earlier / "model.safetensors").read_bytes()).hexdigest()
+    assert started["path"] == "earlier" and started["training"] == "Four tiny steps."
+    # it starts where the first run ended (its weights rounded to fp16), not where a new student starts
+    cosines = first["held_out_cosine"]
+    for kind, value in results["held_out_cosine"]["mamba@init"].items():
+        assert value == pytest.approx(cosines["mamba"][kind], abs=5e-3)
+    assert results["held_out_cosine"]["mamba@init"] != pytest.approx(cosines["mamba@init"], abs=5e-3)
+    rates = [entry["learning_rate"] for entry in results["log"] if entry["model"] == "mamba"]
+    assert rates and max(rates) <= 5e-4
+    card = export.model_card(results, {}, {})
+    assert f"from an earlier model (its model.safetensors: SHA-256 {started['sha256']})" in card
+    assert "the earlier model may have trained on some of them" in card
+    assert "peak learning rate of 0.0005" in card and "> Four tiny steps." in card
 
 
 @pytest.mark.slow

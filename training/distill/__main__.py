@@ -96,6 +96,15 @@ def main() -> None:
     )
     p.add_argument("--precision", choices=settings.PRECISIONS, default=None,
                    help=f"{precision_help}; with --resume, the checkpoint's")  # fmt: skip
+    p.add_argument("--init-from", type=Path, default=None, metavar="MODEL",
+                   help="a saved model folder of this student (e.g. models/st-mamba-distilled): start from its weights, "
+                        "not from the teacher's token table (a new run, with --no-control)")  # fmt: skip
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help=f"the peak learning rate (default the student's, {settings.LEARNING_RATE:g} for most)",
+    )
     p = sub.add_parser("sweep", help="train each student for the same time; held-out cosines (GPU)")
     p.add_argument("--work", type=Path, default=repo / ".distill")
     p.add_argument("--output", type=Path, required=True)
@@ -190,7 +199,8 @@ def main() -> None:
     elif args.command == "train":
         results = run_training(args.work, args.output, args.resume, args.student, seconds=args.seconds,
                                control=not args.no_control, run_seconds=args.run_seconds, extend_to=args.extend_to,
-                               steps=args.steps, extend_to_steps=args.extend_to_steps)  # fmt: skip
+                               steps=args.steps, extend_to_steps=args.extend_to_steps, init_from=args.init_from,
+                               learning_rate=args.learning_rate)  # fmt: skip
         print_table(results)
     elif args.command == "sweep":
         results = sweep(

@@ -139,6 +139,14 @@ def model_card(
             ", as it read its training texts" if trained_so else " (it trained on texts with their whitespace as given)"
         )
     reading = f"; it reads a text {reading}" if reading else ""
+    continued = ""
+    if started := results["settings"].get("init_from"):
+        peak = results["settings"].get("learning_rate", student.get("learning_rate", settings.LEARNING_RATE))
+        earlier = "\n".join(f"> {line}" if line else ">" for line in (started.get("training") or "").splitlines())
+        continued = (f"\nThese steps went on from an earlier model (its model.safetensors: SHA-256 {started['sha256']}), "
+                     f"not from the teacher's table, at a peak learning rate of {peak:g}. That model's training, as its "
+                     f"card gives it:\n\n{earlier or '> (no card)'}\n")  # fmt: skip
+    held_out_words = " (texts this run held out; the earlier model may have trained on some of them)" if started else ""
     window_words = (
         ", each weighted by its word pieces" if results["settings"].get("target_window_weights") == "tokens" else ""
     )
@@ -167,7 +175,7 @@ Corpus: {manifest.get("gpt_neox_tokens", 0):,} GPT-NeoX tokens of offline text (
 its embeddings over consecutive 256-token windows{window_words}. Loss: MSELoss x {settings.MSE_WEIGHT:g}, plus
 MultipleNegativesRankingLoss x {settings.MNRL_WEIGHT} every {settings.MNRL_EVERY} steps on {results["corpus"]["pairs"]:,} {pair_words}.
 {train["steps"]:,} steps, {train["tokens"]:,} tokens, {train["seconds"]} s on {results["device"]}.
-
+{continued}
 ## Scores (nDCG@10, zero-shot)
 {zero_shot}
 
@@ -187,7 +195,7 @@ QMSum test meetings (35), nDCG@10:
 |---|---|---|
 {newline.join(qmsum)}
 
-Held-out cosine to the teacher's target: {results["held_out_cosine"].get("mamba")}.
+Held-out cosine to the teacher's target: {results["held_out_cosine"].get("mamba")}{held_out_words}.
 
 ## Encoding speed
 GPU rows in fp16, CPU rows in fp32; the teacher reads long texts in 256-token windows.

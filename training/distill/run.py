@@ -25,6 +25,7 @@ from training.distill.students import (
     build_student,
     initialise_from_teacher,
     parameter_count,
+    start_from_model,
     text_reading,
     training_reading,
 )
@@ -174,6 +175,8 @@ def run_training(
     extend_to: float | None = None,
     steps: int | None = None,
     extend_to_steps: int | None = None,
+    init_from: Path | None = None,
+    learning_rate: float | None = None,
 ) -> dict:
     """Steps 2-7 on the best device: targets, both students, evaluation, speed; writes results as it goes.
 
@@ -184,6 +187,10 @@ def run_training(
     ``extend_to_steps``: likewise for a checkpoint of a run planned in steps, until this many steps in all.
     ``steps``: train the Mamba student this many steps instead of ``seconds``: the same schedule and batches on
     any card (a new run only; a resumed one keeps its checkpoint's plan).
+    ``init_from``: a saved model folder of this student (the shipped model, say) whose weights the student starts
+    from instead of the teacher's token table: training goes on from an earlier run's model, on this run's corpus
+    and schedule (a new run, without the control, which would start from the teacher). ``learning_rate``: the peak
+    learning rate, instead of the student's.
     """
     variant = settings.STUDENT_VARIANTS[student]
     if steps is not None and (resume is not None or seconds is not None or steps < 1):
@@ -192,6 +199,17 @@ def run_training(
     run_settings = {"student": student, "mamba": variant, "train_seconds": None if steps else seconds,
                     "train_steps": steps, "control": control}  # fmt: skip
     reading = training_reading([student], control)  # refused before the data and the targets are made
+    start = None
+    if init_from is not None:  # checked before the data and the teacher's targets are made
+        if resume is not None or control:
+            raise SystemExit("--init-from starts a new run from a saved model: not with --resume, and --no-control")
+        bare = build_mamba_student(work / "gpt-neox-20b", **variant)
+        run_settings["init_from"] = start_from_model(bare, init_from, variant)
+        start = bare.state_dict()
+    if learning_rate is not None:
+        if not learning_rate > 0:
+            raise SystemExit(f"the peak learning rate is positive, not {learning_rate}")
+        run_settings["learning_rate"] = learning_rate
     if resume is not None:  # checked before the data and the teacher's targets are made
         resumed = checkpoint_meta(resume)
         if resumed.get("student", student) != student:
@@ -207,6 +225,10 @@ def run_training(
 
     # 4. The Mamba student
     mamba, _, training = build_student(student, work, output, teacher, reading["do_lower_case"], data)
+    if start is not None:
+        mamba.load_state_dict(start)
+    if learning_rate is not None:
+        training["peak_learning_rate"] = learning_rate
     results["parameters"] = {"mamba": parameter_count(mamba)}
     results["held_out_cosine"] = {
         "mamba@init": held_out_cosine(mamba.to(device), "mamba", data, held_out, kinds, device)

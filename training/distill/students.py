@@ -250,6 +250,42 @@ def build_student(
     return model, "mamba", training
 
 
+def model_card_section(folder: Path, heading: str) -> str | None:
+    """The text under ``## heading`` in a model folder's README.md (None without one)."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return None
+    section = card.read_text(encoding="utf-8").split(f"\n## {heading}\n", 1)
+    return section[1].split("\n## ", 1)[0].strip() if len(section) == 2 else None
+
+
+@torch.no_grad()
+def start_from_model(model: SentenceTransformer, folder: Path, variant: dict) -> dict:
+    """Put a saved model's weights into the student ``model`` (built for ``variant``): a run that goes on from an
+    earlier model, not from the teacher's token table. The saved model must be this student (same shape, pooling
+    and casing); its weights are read with safetensors. Returns what the run records of where it started."""
+    import hashlib
+
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise SystemExit(f"{folder} holds no model.safetensors: --init-from takes a saved st-mamba student folder")
+    saved = SentenceTransformer(str(folder), device="cpu", trust_remote_code=True)
+    encoder = saved[0]
+    if not isinstance(encoder, st_mamba.MambaEncoder):
+        raise SystemExit(f"{folder} is not an st-mamba model (its first module is {type(encoder).__name__})")
+    ours = model[0]
+    for key in ("pooling", "do_lower_case"):
+        if getattr(encoder, key) != getattr(ours, key):
+            raise SystemExit(f"{folder} has {key}={getattr(encoder, key)!r}, the student {getattr(ours, key)!r}")
+    mismatched = [key for key, value in variant["config"].items() if getattr(encoder.config, key) != value]
+    if mismatched or len(saved) != len(model):
+        shown = {key: getattr(encoder.config, key) for key in mismatched}
+        raise SystemExit(f"{folder} is not this student: its {shown or 'modules'} differ from {variant['config']}")
+    model.load_state_dict(saved.state_dict(), strict=True)  # fp16 weights copied into the fp32 student
+    return {"path": folder.name, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+            "training": model_card_section(folder, "Training")}  # fmt: skip
+
+
 def text_reading(variant: dict) -> dict[str, bool]:
     """How a ``STUDENT_VARIANTS`` entry reads its training texts (``st_mamba.module.prepare_text``'s settings):
     lower-cased if it says ``do_lower_case``; with ``reads_as_saved``, also as the exported model reads a text

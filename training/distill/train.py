@@ -204,6 +204,7 @@ def train_student(
         step += 1
         if step % 10 == 0 or step == total_steps:
             entry = {"model": kind, "step": step, "epoch": epoch, "seconds": round(time.perf_counter() - start, 2),
+                     "learning_rate": round(learning_rate(done, peak_learning_rate), 7),
                      "mse_x384": round(float(loss_mse.detach()) * settings.MSE_WEIGHT, 5),
                      "mnrl": None if loss_mnrl is None else round(float(loss_mnrl.detach()), 4)}  # fmt: skip
             log.append(entry)
