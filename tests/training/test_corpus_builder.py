@@ -560,3 +560,38 @@ def test_a_text_sharing_a_run_of_words_with_an_evaluation_text_is_dropped(data_d
     assert [p["query"] for p in pairs] == ["Near"]
     assert manifest["dropped"]["sharing 13 words in a row with a text of an evaluation collection"] >= 1
     assert manifest["package_licences"]["wikipedia"]["licence"] == builder.WHEEL_LICENCES["wikipedia"]
+
+
+def test_brown_corpus_samples_of_informative_genres_are_read_untagged(tmp_path):
+    folder = tmp_path / "brown"
+    folder.mkdir()
+    (folder / "cats.txt").write_text("ca01 news\ncp01 romance\ncj01 learned\n")
+    (folder / "ca01").write_text(
+        "\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' was/bedz found/vbn ,/, Mr./np Allen/np "
+        "Jr./np ./.\n\n\n\tIt/pps (/( the/at jury/nn )/) isn't/bez* done/vbn ?/.\n"
+    )
+    (folder / "cp01").write_text("\n\n\tShe/pps smiled/vbd ./.\n")  # fiction: not read
+    (folder / "cj01").write_text("\n\n\tThe/at 1/2/cd inch/nn pipe/nn cost/vbd $/$ 5/cd ./.\n")
+    documents = builder.read_brown(folder)
+    assert [(d.text, d.source, d.kind) for d in documents] == [
+        ('The jury said "no evidence" was found, Mr. Allen Jr.\n\nIt (the jury) isn\'t done?', "brown", "document"),
+        ("The 1/2 inch pipe cost $5.", "brown", "document"),
+    ]  # fmt: skip
+
+
+def test_state_of_the_union_addresses_are_documents(data_dir, tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    data = tmp_path / "npm" / "sotu" / "data"
+    data.mkdir(parents=True)
+    address = "Mr. Speaker, the state of the Union is strong, and the harbours of the republic are busy again. " * 40
+    (data / "1901_example_president_n.txt").write_text(address + "\n")
+    (data / "1901_example_president_n.json").write_text(json.dumps({"text": address}))  # the same, not read twice
+    assert [d.text for d in builder.read_sotu(tmp_path / "npm" / "sotu")] == [address.strip()]
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    records, _, manifest = builder.build(data_dir, tokenizer, sources=("sotu", "brown"), npm_sources=tmp_path / "npm")
+    sotu = [r for r in records if r["source"] == "sotu"]
+    assert {r["source"] for r in records} <= {"sotu", "msmarco-queries"}  # brown: nothing unpacked, nothing read
+    assert sotu and {r["kind"] for r in sotu} <= {"passage", "segment", "sentence"}  # cut like documentation
+    assert manifest["package_licences"] == {"sotu": {"package": builder.NPM_PACKAGES["sotu"],
+                                                     "licence": builder.NPM_LICENCES["sotu"]}}  # fmt: skip
