@@ -202,7 +202,7 @@ def run_training(
     start = None
     if init_from is not None:  # checked before the data and the teacher's targets are made
         if resume is not None or control:
-            raise SystemExit("--init-from starts a new run from a saved model: not with --resume, and --no-control")
+            raise SystemExit("--init-from starts a new run from a saved model: it takes --no-control, and no --resume")
         bare = build_mamba_student(work / "gpt-neox-20b", **variant)
         run_settings["init_from"] = start_from_model(bare, init_from, variant)
         start = bare.state_dict()
