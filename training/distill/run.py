@@ -28,6 +28,7 @@ from training.distill.students import (
     start_from_model,
     text_reading,
     training_reading,
+    training_settings,
 )
 from training.distill.train import TrainData, held_out_cosine, train_student
 
@@ -199,13 +200,12 @@ def run_training(
     run_settings = {"student": student, "mamba": variant, "train_seconds": None if steps else seconds,
                     "train_steps": steps, "control": control}  # fmt: skip
     reading = training_reading([student], control)  # refused before the data and the targets are made
-    start = None
-    if init_from is not None:  # checked before the data and the teacher's targets are made
+    started = None  # the student with a saved model's weights: checked before the data and the targets are made
+    if init_from is not None:
         if resume is not None or control:
             raise SystemExit("--init-from starts a new run from a saved model: it takes --no-control, and no --resume")
-        bare = build_mamba_student(work / "gpt-neox-20b", **variant)
-        run_settings["init_from"] = start_from_model(bare, init_from, variant)
-        start = bare.state_dict()
+        started = build_mamba_student(work / "gpt-neox-20b", **variant)
+        run_settings["init_from"] = start_from_model(started, init_from, variant)
     if learning_rate is not None:
         if not learning_rate > 0:
             raise SystemExit(f"the peak learning rate is positive, not {learning_rate}")
@@ -224,9 +224,10 @@ def run_training(
     data, held_out, kinds, device = run.data, run.held_out, run.kinds, run.device
 
     # 4. The Mamba student
-    mamba, _, training = build_student(student, work, output, teacher, reading["do_lower_case"], data)
-    if start is not None:
-        mamba.load_state_dict(start)
+    if started is None:
+        mamba, _, training = build_student(student, work, output, teacher, reading["do_lower_case"], data)
+    else:  # not started from the teacher: no token table to make
+        mamba, training = started, training_settings(variant)
     if learning_rate is not None:
         training["peak_learning_rate"] = learning_rate
     results["parameters"] = {"mamba": parameter_count(mamba)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -245,9 +246,14 @@ def build_student(
     model = build_mamba_student(work / "gpt-neox-20b", **variant)
     if variant.get("init") == "teacher":
         initialise_from_teacher(model, teacher, counts)
-    training = {"peak_learning_rate": variant.get("learning_rate", settings.LEARNING_RATE),
-                "table_learning_rate": variant.get("table_learning_rate", 1.0)}  # fmt: skip
-    return model, "mamba", training
+    return model, "mamba", training_settings(variant)
+
+
+def training_settings(variant: dict) -> dict:
+    """How a ``STUDENT_VARIANTS`` entry trains (``train_student``'s keywords): its peak learning rate and the token
+    table's share of it."""
+    return {"peak_learning_rate": variant.get("learning_rate", settings.LEARNING_RATE),
+            "table_learning_rate": variant.get("table_learning_rate", 1.0)}  # fmt: skip
 
 
 def model_card_section(folder: Path, heading: str) -> str | None:
@@ -264,8 +270,6 @@ def start_from_model(model: SentenceTransformer, folder: Path, variant: dict) ->
     """Put a saved model's weights into the student ``model`` (built for ``variant``): a run that goes on from an
     earlier model, not from the teacher's token table. The saved model must be this student (same shape, pooling
     and casing); its weights are read with safetensors. Returns what the run records of where it started."""
-    import hashlib
-
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise SystemExit(f"{folder} holds no model.safetensors: --init-from takes a saved st-mamba student folder")

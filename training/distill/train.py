@@ -180,8 +180,9 @@ def train_student(
 
     while (done := progress()) < 1.0:
         epoch, batch = next(stream)
+        rate = learning_rate(done, peak_learning_rate)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(done, peak_learning_rate) * group["share"]
+            group["lr"] = rate * group["share"]
         # The host prepares and queues the step without waiting for the GPU (no sync in the step; the
         # loss is read every 10th step), so collating the next batch overlaps the GPU's work.
         collated = collate([data.ids[i] for i in batch], kind, data.pad_id, model.max_seq_length)
@@ -204,7 +205,7 @@ def train_student(
         step += 1
         if step % 10 == 0 or step == total_steps:
             entry = {"model": kind, "step": step, "epoch": epoch, "seconds": round(time.perf_counter() - start, 2),
-                     "learning_rate": round(learning_rate(done, peak_learning_rate), 7),
+                     "learning_rate": round(rate, 7),
                      "mse_x384": round(float(loss_mse.detach()) * settings.MSE_WEIGHT, 5),
                      "mnrl": None if loss_mnrl is None else round(float(loss_mnrl.detach()), 4)}  # fmt: skip
             log.append(entry)
