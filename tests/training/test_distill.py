@@ -267,6 +267,86 @@ def test_an_unknown_precision_is_refused(tokenizer_dir, monkeypatch):
         train.train_student(model, "mamba", data, "cpu", 1, 60.0, [])
 
 
+def _relation_reference(student: torch.Tensor, teacher: torch.Tensor, scale: float) -> float:
+    """The KL divergence of ``train.relation_loss`` written out text by text, over the other texts only."""
+    student = torch.nn.functional.normalize(student.double(), dim=-1)
+    teacher = torch.nn.functional.normalize(teacher.double(), dim=-1)
+    total = 0.0
+    for i in range(len(student)):
+        others = [j for j in range(len(student)) if j != i]
+        p = torch.softmax(scale * teacher[others] @ teacher[i], dim=0)
+        q = torch.softmax(scale * student[others] @ student[i], dim=0)
+        total += float((p * (p.log() - q.log())).sum())
+    return total / len(student)
+
+
+@pytest.mark.parametrize("texts", [3, 7, 64])
+def test_the_relation_loss_is_the_mean_kl_over_each_texts_batch_mates(texts):
+    generator = torch.Generator().manual_seed(texts)
+    teacher = torch.nn.functional.normalize(torch.randn(texts, 384, generator=generator), dim=-1)
+    student = (teacher + 0.5 * torch.randn(texts, 384, generator=generator)).requires_grad_(True)
+    loss = train.relation_loss(student, teacher, 20.0)
+    assert float(loss.detach()) == pytest.approx(
+        _relation_reference(student.detach(), teacher, 20.0), rel=1e-4, abs=1e-6
+    )
+    assert float(loss.detach()) > 0
+    loss.backward()
+    assert student.grad is not None and torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+    # the teacher's own view costs nothing, at any length of the vectors
+    assert float(train.relation_loss(3.0 * teacher, teacher, 20.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_relation_loss_needs_three_texts_and_matching_shapes():
+    assert float(train.relation_loss(torch.randn(2, 8), torch.randn(2, 8), 20.0)) == 0.0
+    with pytest.raises(ValueError, match=r"\(4, 8\) and \(4, 6\)"):
+        train.relation_loss(torch.randn(4, 8), torch.randn(4, 6), 20.0)
+
+
+def test_the_relation_term_trains_beside_the_mse_and_goes_into_the_checkpoint(tokenizer_dir, tmp_path, monkeypatch):
+    """With ``RELATION_WEIGHT`` > 0 the step's loss has the term (logged, with gradients that change the steps);
+    at 0 the steps are those of the MSE alone. The checkpoint records the weight, which ``--resume`` reads."""
+    generator = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, 400, (12 + i,), generator=generator).numpy() for i in range(8)]
+    targets = torch.nn.functional.normalize(torch.randn(8, 384, generator=generator), dim=-1)
+
+    def trained(weight: float, folder: Path) -> tuple[SentenceTransformer, list]:
+        monkeypatch.setattr(settings, "RELATION_WEIGHT", weight)
+        torch.manual_seed(0)
+        model = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+        log = []
+        data = train.TrainData(ids, targets, list(range(8)), [], 0)
+        train.train_student(model, "mamba", data, "cpu", 10, 60.0, log, checkpoint_dir=folder)
+        return model, log
+
+    plain, plain_log = trained(0.0, tmp_path / "plain")
+    related, related_log = trained(1.0, tmp_path / "related")
+    assert all("relation" not in entry for entry in plain_log)
+    assert related_log and all(entry["relation"] > 0 for entry in related_log)
+    assert checkpoints.checkpoint_meta(tmp_path / "related")["relation_weight"] == 1.0
+    assert checkpoints.checkpoint_meta(tmp_path / "plain")["relation_weight"] == 0.0
+    moved = [not torch.equal(a, b) for a, b in zip(plain.parameters(), related.parameters(), strict=True)]
+    assert any(moved)
+
+
+def test_train_takes_the_relation_weight_from_the_checkpoint_unless_given(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "run_training", lambda *args, **kw: {})
+    monkeypatch.setattr(cli, "print_table", lambda results: None)
+    for name in ("MAX_BATCH_TOKENS", "TARGET_WINDOW_WEIGHTS", "TRAIN_PRECISION", "RELATION_WEIGHT"):
+        monkeypatch.setattr(settings, name, getattr(settings, name))  # the command sets them
+    checkpoints.save_checkpoint({"w": torch.zeros(2)}, {"student": settings.STUDENT, "relation_weight": 0.5}, tmp_path)
+    argv = ["distill", "train", "--output", str(tmp_path / "out"), "--resume", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    cli.main()
+    assert settings.RELATION_WEIGHT == 0.5
+    monkeypatch.setattr(sys, "argv", [*argv, "--relation-weight", "2"])
+    cli.main()
+    assert settings.RELATION_WEIGHT == 2.0
+    monkeypatch.setattr(sys, "argv", [*argv, "--relation-weight", "-1"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert "--relation-weight is a weight, >= 0, not -1.0" in capsys.readouterr().err
+
+
 def test_embedding_std_redraws_only_the_token_embedding(tokenizer_dir):
     plain = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
     unit = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA, embedding_std=1.0)
@@ -549,6 +629,11 @@ def test_a_run_can_go_on_from_a_saved_model(work_folder, tmp_path, monkeypatch, 
     assert f"from an earlier model (its model.safetensors: SHA-256 {started['sha256']})" in card
     assert "the earlier model may have trained on some of them" in card
     assert "peak learning rate of 0.0005" in card and "> Four tiny steps." in card
+    assert "KL divergence" not in card
+    results["settings"] |= {"relation_weight": 0.5, "relation_scale": 20.0}
+    assert "MSELoss x 384 + 0.5 x the KL divergence from the teacher's to the student's softmax" in export.model_card(
+        results, {}, {}
+    )
 
 
 @pytest.mark.slow

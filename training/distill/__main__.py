@@ -96,6 +96,9 @@ def main() -> None:
     )
     p.add_argument("--precision", choices=settings.PRECISIONS, default=None,
                    help=f"{precision_help}; with --resume, the checkpoint's")  # fmt: skip
+    p.add_argument("--relation-weight", type=float, default=None, metavar="W",
+                   help="weight of the batch-similarity term (train.relation_loss) beside the MSE; default "
+                        f"{settings.RELATION_WEIGHT:g}; with --resume, the checkpoint's")  # fmt: skip
     p.add_argument("--init-from", type=Path, default=None, metavar="MODEL",
                    help="a saved model folder of this student (e.g. models/st-mamba-distilled): start from its weights, "
                         "not from the teacher's token table (a new run, with --no-control)")  # fmt: skip
@@ -181,12 +184,18 @@ def main() -> None:
             args.window_weights = resumed.get("target_window_weights", "equal")
         if args.precision is None:
             args.precision = resumed.get("precision", "fp32")
+        if args.relation_weight is None:
+            args.relation_weight = resumed.get("relation_weight", 0.0)
     if getattr(args, "batch_tokens", None) is not None:
         settings.MAX_BATCH_TOKENS = args.batch_tokens
     if getattr(args, "window_weights", None) is not None:
         settings.TARGET_WINDOW_WEIGHTS = args.window_weights
     if getattr(args, "precision", None) is not None:
         settings.TRAIN_PRECISION = args.precision
+    if getattr(args, "relation_weight", None) is not None:
+        if not args.relation_weight >= 0:
+            parser.error(f"--relation-weight is a weight, >= 0, not {args.relation_weight}")
+        settings.RELATION_WEIGHT = args.relation_weight
 
     if getattr(args, "extend_to", None) is not None and args.resume is None:
         parser.error("--extend-to continues a checkpoint: it needs --resume")

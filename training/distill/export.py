@@ -150,6 +150,13 @@ def model_card(
     window_words = (
         ", each weighted by its word pieces" if results["settings"].get("target_window_weights") == "tokens" else ""
     )
+    relation = results["settings"].get("relation_weight", 0.0)
+    relation_words = (
+        f" + {relation:g} x the KL divergence from the teacher's to the student's softmax over each text's cosines "
+        f"x {results['settings'].get('relation_scale', settings.RELATION_SCALE):g} to its batch mates"
+        if relation
+        else ""
+    )
     return f"""---
 library_name: sentence-transformers
 pipeline_tag: sentence-similarity
@@ -172,7 +179,7 @@ model = SentenceTransformer("models/st-mamba-distilled", trust_remote_code=True)
 Corpus: {manifest.get("gpt_neox_tokens", 0):,} GPT-NeoX tokens of offline text ({manifest.get("records", 0):,} texts from
 {sources}; each source's licence is recorded in the corpus's manifest and listed in st-mamba's docs/distillation.md,
 "The corpus"). {init}Target: the teacher's embedding, or for long texts the mean of
-its embeddings over consecutive 256-token windows{window_words}. Loss: MSELoss x {settings.MSE_WEIGHT:g}, plus
+its embeddings over consecutive 256-token windows{window_words}. Loss: MSELoss x {settings.MSE_WEIGHT:g}{relation_words}, plus
 MultipleNegativesRankingLoss x {settings.MNRL_WEIGHT} every {settings.MNRL_EVERY} steps on {results["corpus"]["pairs"]:,} {pair_words}.
 {train["steps"]:,} steps, {train["tokens"]:,} tokens, {train["seconds"]} s on {results["device"]}.
 {continued}

@@ -104,6 +104,10 @@ WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
 MSE_WEIGHT = float(TEACHER_DIM)  # MSE over 384 coordinates x 384 = squared distance of the unit vectors
 MNRL_EVERY, MNRL_BATCH, MNRL_WEIGHT = 4, 32, 0.1
+# The batch's similarity structure (``train.relation_loss``): the KL divergence from the teacher's to the student's
+# distribution over a text's batch mates by cosine x RELATION_SCALE (MNRL's scale), times RELATION_WEIGHT. At 0, the
+# recipe of every model so far, training matches each text's target alone.
+RELATION_WEIGHT, RELATION_SCALE = 0.0, 20.0
 MNRL_MAX_TOKENS = 512  # abstracts are cut here in the MNRL batches
 HELD_OUT = 2000  # texts kept out of training, to measure how close students come to the teacher
 SHARD_BYTES = 16 * 2**20  # most bytes in one checkpoint file...

@@ -1,4 +1,5 @@
-"""Training a student on the teacher's targets (plus MNRL on real pairs), and its held-out cosine."""
+"""Training a student on the teacher's targets (plus MNRL on real pairs, and optionally the batch's similarities),
+and its held-out cosine."""
 
 from __future__ import annotations
 
@@ -66,6 +67,29 @@ def mnrl_batch(
         picked.setdefault(pairs[index][1].tobytes(), index)
     chosen = [pairs[index] for index in picked.values()]
     return [query for query, _ in chosen], [document for _, document in chosen]
+
+
+def relation_loss(student: torch.Tensor, teacher: torch.Tensor, scale: float) -> torch.Tensor:
+    """How far the student's view of a batch is from the teacher's: for each text, the KL divergence from the
+    teacher's to the student's softmax over its cosines x ``scale`` to the batch's other texts, averaged over the
+    texts (0 for a batch of fewer than three texts, where each has at most one batch mate).
+
+    Matching each target alone weighs every direction of the error alike; this term weighs the error by what it does
+    to the order of a text's neighbours, the order that retrieval reads.
+    """
+    if student.shape != teacher.shape or student.dim() != 2:
+        raise ValueError(f"student and teacher embeddings are (texts, dim) of one shape, not {tuple(student.shape)} "
+                         f"and {tuple(teacher.shape)}")  # fmt: skip
+    if len(student) < 3:
+        return student.new_zeros((), dtype=torch.float32)
+    with torch.autocast(student.device.type, enabled=False):  # in fp32 under a bf16 step too
+        student = torch.nn.functional.normalize(student.float(), dim=-1)
+        teacher = torch.nn.functional.normalize(teacher.float(), dim=-1)
+        itself = torch.eye(len(student), dtype=torch.bool, device=student.device)
+        # A text is not its own neighbour: a large finite logit, not -inf, so that 0 x (its log-ratio) stays 0.
+        student_log = torch.log_softmax((scale * student @ student.T).masked_fill(itself, -1e4), dim=-1)
+        teacher_log = torch.log_softmax((scale * teacher @ teacher.T).masked_fill(itself, -1e4), dim=-1)
+        return torch.nn.functional.kl_div(student_log, teacher_log, log_target=True, reduction="batchmean")
 
 
 def training_autocast(device: str) -> torch.autocast:
@@ -175,7 +199,7 @@ def train_student(
     def save() -> None:
         meta = {"step": step, "total_steps": total_steps, "seconds": seconds, "max_batch_tokens": settings.MAX_BATCH_TOKENS,
                 "target_window_weights": settings.TARGET_WINDOW_WEIGHTS, "precision": settings.TRAIN_PRECISION,
-                "trained_seconds": round(seconds_before + time.perf_counter() - start, 2), **(checkpoint_meta or {})}  # fmt: skip
+                "relation_weight": settings.RELATION_WEIGHT, "trained_seconds": round(seconds_before + time.perf_counter() - start, 2), **(checkpoint_meta or {})}  # fmt: skip
         save_checkpoint(checkpoint_tensors(model, optimizer), meta, checkpoint_dir)
 
     while (done := progress()) < 1.0:
@@ -190,8 +214,14 @@ def train_student(
         features, labels = _to(collated, device), _move(data.targets[batch], device)
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss_mse = mse([features], labels)
-        (settings.MSE_WEIGHT * loss_mse).backward()
+            embeddings = model(features)["sentence_embedding"]
+            loss_mse = mse.compute_loss_from_embeddings([embeddings], [labels])
+            loss = settings.MSE_WEIGHT * loss_mse
+            loss_relation = None
+            if settings.RELATION_WEIGHT:
+                loss_relation = relation_loss(embeddings, labels, settings.RELATION_SCALE)
+                loss = loss + settings.RELATION_WEIGHT * loss_relation
+        loss.backward()
         loss_mnrl = None
         if (
             data.pairs and step % settings.MNRL_EVERY == settings.MNRL_EVERY - 1
@@ -208,6 +238,8 @@ def train_student(
                      "learning_rate": round(rate, 7),
                      "mse_x384": round(float(loss_mse.detach()) * settings.MSE_WEIGHT, 5),
                      "mnrl": None if loss_mnrl is None else round(float(loss_mnrl.detach()), 4)}  # fmt: skip
+            if loss_relation is not None:
+                entry["relation"] = round(float(loss_relation.detach()), 5)
             log.append(entry)
             logger.info("%s", entry)
         elapsed = time.perf_counter() - start
