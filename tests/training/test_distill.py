@@ -630,6 +630,8 @@ def test_a_run_can_go_on_from_a_saved_model(work_folder, tmp_path, monkeypatch, 
     assert "the earlier model may have trained on some of them" in card
     assert "peak learning rate of 0.0005" in card and "> Four tiny steps." in card
     assert "KL divergence" not in card
+    cosines = ", ".join(f"{kind} {value:.3f}" for kind, value in results["held_out_cosine"]["mamba"].items())
+    assert f"Held-out cosine to the teacher's target: {cosines} (texts this run held out" in card
     results["settings"] |= {"relation_weight": 0.5, "relation_scale": 20.0}
     assert "MSELoss x 384 + 0.5 x the KL divergence from the teacher's to the student's softmax" in export.model_card(
         results, {}, {}

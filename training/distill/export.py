@@ -150,6 +150,8 @@ def model_card(
     window_words = (
         ", each weighted by its word pieces" if results["settings"].get("target_window_weights") == "tokens" else ""
     )
+    cosines = results["held_out_cosine"].get("mamba") or {}
+    held_out = ", ".join(f"{kind} {value:.3f}" for kind, value in cosines.items()) or "not measured"
     relation = results["settings"].get("relation_weight", 0.0)
     relation_words = (
         f" + {relation:g} x the KL divergence from the teacher's to the student's softmax over each text's cosines "
@@ -202,7 +204,7 @@ QMSum test meetings (35), nDCG@10:
 |---|---|---|
 {newline.join(qmsum)}
 
-Held-out cosine to the teacher's target: {results["held_out_cosine"].get("mamba")}{held_out_words}.
+Held-out cosine to the teacher's target: {held_out}{held_out_words}.
 
 ## Encoding speed
 GPU rows in fp16, CPU rows in fp32; the teacher reads long texts in 256-token windows.
