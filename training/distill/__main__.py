@@ -47,6 +47,16 @@ def _student_and_teacher(args: argparse.Namespace) -> tuple[SentenceTransformer,
     return student, SentenceTransformer(str(args.teacher or default_teacher()), device="cpu").float()
 
 
+# Recipe settings a command may set: (argument, its key in a checkpoint's metadata, what a checkpoint without the key
+# trained with (None: the current default), the ``settings`` name). A resumed run takes the checkpoint's unless given.
+RECIPE_ARGUMENTS = (
+    ("batch_tokens", "max_batch_tokens", None, "MAX_BATCH_TOKENS"),
+    ("window_weights", "target_window_weights", "equal", "TARGET_WINDOW_WEIGHTS"),
+    ("precision", "precision", "fp32", "TRAIN_PRECISION"),
+    ("relation_weight", "relation_weight", 0.0, "RELATION_WEIGHT"),
+)
+
+
 def main() -> None:
     repo = Path(__file__).resolve().parents[2]
     parser = argparse.ArgumentParser(
@@ -178,24 +188,14 @@ def main() -> None:
     if args.command == "train":  # a resumed run goes on as it was planned unless told otherwise
         resumed = checkpoint_meta(args.resume) if args.resume is not None else {}
         args.student = args.student or resumed.get("student", settings.STUDENT)
-        if args.batch_tokens is None:
-            args.batch_tokens = resumed.get("max_batch_tokens")
-        if args.window_weights is None:
-            args.window_weights = resumed.get("target_window_weights", "equal")
-        if args.precision is None:
-            args.precision = resumed.get("precision", "fp32")
-        if args.relation_weight is None:
-            args.relation_weight = resumed.get("relation_weight", 0.0)
-    if getattr(args, "batch_tokens", None) is not None:
-        settings.MAX_BATCH_TOKENS = args.batch_tokens
-    if getattr(args, "window_weights", None) is not None:
-        settings.TARGET_WINDOW_WEIGHTS = args.window_weights
-    if getattr(args, "precision", None) is not None:
-        settings.TRAIN_PRECISION = args.precision
-    if getattr(args, "relation_weight", None) is not None:
-        if not args.relation_weight >= 0:
-            parser.error(f"--relation-weight is a weight, >= 0, not {args.relation_weight}")
-        settings.RELATION_WEIGHT = args.relation_weight
+        for argument, key, absent, _ in RECIPE_ARGUMENTS:
+            if getattr(args, argument) is None:
+                setattr(args, argument, resumed.get(key, absent))
+    if getattr(args, "relation_weight", None) is not None and not args.relation_weight >= 0:
+        parser.error(f"--relation-weight is a weight, >= 0, not {args.relation_weight}")
+    for argument, _, _, name in RECIPE_ARGUMENTS:
+        if getattr(args, argument, None) is not None:
+            setattr(settings, name, getattr(args, argument))
 
     if getattr(args, "extend_to", None) is not None and args.resume is None:
         parser.error("--extend-to continues a checkpoint: it needs --resume")
