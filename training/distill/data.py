@@ -29,17 +29,25 @@ def split_held_out(records: list[dict], count: int, seed: int) -> tuple[list[int
     return sorted(order[count:]), sorted(order[:count])
 
 
-def teacher_targets(teacher: SentenceTransformer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """(N, 384) float32: each text's mean teacher embedding over windows of its word pieces, renormalised.
+def teacher_targets(
+    teacher: SentenceTransformer,
+    texts: list[str],
+    batch_size: int = 256,
+    window: int | None = None,
+    dim: int | None = None,
+) -> torch.Tensor:
+    """(N, dim) float32: each text's mean teacher embedding over windows of its word pieces, renormalised.
 
-    Each text is tokenised once and cut into consecutive windows of ``TEACHER_WINDOW - 2`` word pieces;
+    ``window`` (default ``TEACHER_WINDOW``) and ``dim`` (default ``TEACHER_DIM``): the teacher's tokens a window, its
+    special tokens included, and its embedding's width.
+    Each text is tokenised once and cut into consecutive windows of ``window - 2`` word pieces;
     a window's ids, between the tokenizer's special tokens, go to the teacher as they are (no decoding and
     re-encoding of pieces: that second tokenisation was most of the time). An empty text is one empty window.
     The windows' unit vectors are averaged with weights ``TARGET_WINDOW_WEIGHTS``: 1 each, or their word pieces.
     """
     tokenizer = teacher.tokenizer
     prefix, suffix = _special_tokens(tokenizer)
-    size = settings.TEACHER_WINDOW - 2
+    size = (window or settings.TEACHER_WINDOW) - 2
     if teacher.max_seq_length is not None and size + len(prefix) + len(suffix) > teacher.max_seq_length:
         raise ValueError(f"a window of {size} word pieces and {len(prefix) + len(suffix)} special tokens is longer "
                          f"than the teacher's max_seq_length ({teacher.max_seq_length})")  # fmt: skip
@@ -54,7 +62,7 @@ def teacher_targets(teacher: SentenceTransformer, texts: list[str], batch_size: 
     order = np.argsort(-lengths, kind="stable")  # longest first: little padding, and memory peaks at once
     extra = {key: value for key, value in teacher.preprocess([""]).items() if not isinstance(value, torch.Tensor)}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    vectors = torch.empty(len(windows), settings.TEACHER_DIM, device=teacher.device)
+    vectors = torch.empty(len(windows), dim or settings.TEACHER_DIM, device=teacher.device)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]

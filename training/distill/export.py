@@ -152,10 +152,16 @@ def model_card(
     )
     cosines = results["held_out_cosine"].get("mamba") or {}
     held_out = ", ".join(f"{kind} {value:.3f}" for kind, value in cosines.items()) or "not measured"
-    relation = results["settings"].get("relation_weight", 0.0)
+    relation, bank = results["settings"].get("relation_weight", 0.0), results["settings"].get("relation_bank", 0)
+    others = (f"{bank:,} training texts drawn at random each step (their targets)" if bank
+              else "its batch mates")  # fmt: skip
+    if second := results["settings"].get("relation_teacher"):
+        checked = ", the published model's" if second.get("verified") else ""
+        others += (f", the teacher's cosines those of {second['name']} (model.safetensors SHA-256 "
+                   f"{second['sha256']}{checked}), read in windows of {second['window']} tokens")  # fmt: skip
     relation_words = (
         f" + {relation:g} x the KL divergence from the teacher's to the student's softmax over each text's cosines "
-        f"x {results['settings'].get('relation_scale', settings.RELATION_SCALE):g} to its batch mates"
+        f"x {results['settings'].get('relation_scale', settings.RELATION_SCALE):g} to {others}"
         if relation
         else ""
     )

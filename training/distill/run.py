@@ -19,6 +19,7 @@ from training.distill import settings
 from training.distill.checkpoints import checkpoint_meta
 from training.distill.data import read_jsonl_xz, split_held_out, teacher_targets, token_counts, tokenize
 from training.distill.evaluate import encoding_speed, evaluate_all, fixed_length_texts
+from training.distill.prepare import relation_teacher_source
 from training.distill.students import (
     as_saved,
     build_mamba_student,
@@ -80,6 +81,7 @@ def prepare_training(work: Path, output: Path, run_settings: dict, reading: dict
                      "settings": {**run_settings, "transformer": settings.TRANSFORMER, "max_batch_tokens": settings.MAX_BATCH_TOKENS,
                                   "target_window_weights": settings.TARGET_WINDOW_WEIGHTS, "precision": settings.TRAIN_PRECISION,
                                   "relation_weight": settings.RELATION_WEIGHT, "relation_scale": settings.RELATION_SCALE,
+                                  "relation_bank": settings.RELATION_BANK,
                                   "mse_weight": settings.MSE_WEIGHT, "mnrl": [settings.MNRL_EVERY, settings.MNRL_BATCH, settings.MNRL_WEIGHT]},
                      "log": [], "timings": {}}  # fmt: skip
 
@@ -110,6 +112,15 @@ def prepare_training(work: Path, output: Path, run_settings: dict, reading: dict
         teacher.float()  # saved in fp16, which is slow on CPU
     data = TrainData(ids, teacher_targets(teacher, texts), train, pairs, pad_id=tokenizer.eos_token_id)
     record.mark("teacher_targets")
+    if settings.RELATION_TEACHER:  # a second teacher, whose cosines the relation term teaches
+        folder = work / settings.RELATION_TEACHER  # an absolute path stays as it is
+        second = SentenceTransformer(str(folder), device=device)
+        second.half() if device == "cuda" else second.float()
+        dim, window = second.get_embedding_dimension(), second.max_seq_length
+        data.relation_targets = teacher_targets(second, texts, window=window, dim=dim)
+        results["settings"]["relation_teacher"] = {**relation_teacher_source(folder), "dim": dim, "window": window}
+        del second
+        record.mark("relation_targets")
     return Prepared(data, held_out, kinds, texts, teacher, device, record)
 
 
@@ -218,6 +229,9 @@ def run_training(
         if resumed.get("text_reading", reading) != reading:
             raise SystemExit(f"{resume} trained on texts read as {resumed['text_reading']}, this run reads {reading}")
         run_settings |= {"resumed_from": resumed, "extend_to": extend_to, "extend_to_steps": extend_to_steps}
+    if settings.RELATION_TEACHER and not (work / settings.RELATION_TEACHER / "modules.json").is_file():
+        raise SystemExit(f"the relation teacher {work / settings.RELATION_TEACHER} is not a Sentence-Transformers folder "
+                         "(python -m training.distill relation-teacher writes one)")  # fmt: skip
     run = prepare_training(work, output, run_settings, reading)
     deadline = run.record.started + run_seconds
     stop_training = deadline - settings.EVALUATION_RESERVE_SECONDS  # what was trained is always evaluated

@@ -106,8 +106,13 @@ MSE_WEIGHT = float(TEACHER_DIM)  # MSE over 384 coordinates x 384 = squared dist
 MNRL_EVERY, MNRL_BATCH, MNRL_WEIGHT = 4, 32, 0.1
 # The batch's similarity structure (``train.relation_loss``): the KL divergence from the teacher's to the student's
 # distribution over a text's batch mates by cosine x RELATION_SCALE (MNRL's scale), times RELATION_WEIGHT. At 0, the
-# recipe of every model so far, training matches each text's target alone.
-RELATION_WEIGHT, RELATION_SCALE = 0.0, 20.0
+# recipe of every model so far, training matches each text's target alone. RELATION_BANK > 0 puts a text's cosines
+# to that many training texts drawn at random each step (their teacher targets) in place of its batch mates: batches
+# are cut from texts of one length, so batch mates are texts of one kind, where the bank mixes every kind.
+# RELATION_TEACHER, a Sentence-Transformers folder (relative to the run's work folder, or absolute), gives the teacher
+# side of the term from a second teacher's embeddings of the texts (all-mpnet-base-v2: `python -m training.distill
+# relation-teacher`), while the MSE still matches the first teacher's targets; None: the targets' own cosines.
+RELATION_WEIGHT, RELATION_SCALE, RELATION_BANK, RELATION_TEACHER = 0.0, 20.0, 0, None
 MNRL_MAX_TOKENS = 512  # abstracts are cut here in the MNRL batches
 HELD_OUT = 2000  # texts kept out of training, to measure how close students come to the teacher
 SHARD_BYTES = 16 * 2**20  # most bytes in one checkpoint file...

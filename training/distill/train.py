@@ -47,6 +47,8 @@ class TrainData:
         tuple[np.ndarray, np.ndarray]
     ]  # GPT-NeoX ids of (claim, abstract), abstracts cut to settings.MNRL_MAX_TOKENS
     pad_id: int  # EOS of GPT-NeoX (also the Transformer's pad)
+    # (N, dim) a second teacher's embeddings of the texts, whose cosines the relation term teaches (settings.RELATION_TEACHER)
+    relation_targets: torch.Tensor | None = None
 
 
 def learning_rate(progress: float, peak: float = settings.LEARNING_RATE) -> float:
@@ -69,27 +71,71 @@ def mnrl_batch(
     return [query for query, _ in chosen], [document for _, document in chosen]
 
 
-def relation_loss(student: torch.Tensor, teacher: torch.Tensor, scale: float) -> torch.Tensor:
+def relation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    scale: float,
+    bank: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
+    teacher_bank: torch.Tensor | None = None,
+) -> torch.Tensor:
     """How far the student's view of a batch is from the teacher's: for each text, the KL divergence from the
-    teacher's to the student's softmax over its cosines x ``scale`` to the batch's other texts, averaged over the
-    texts (0 for a batch of fewer than three texts, where each has at most one batch mate).
+    teacher's to the student's softmax over its cosines x ``scale`` to other texts, averaged over the texts.
+
+    ``student`` and ``teacher`` hold one row per text; the teacher's rows may have another width (a second teacher
+    whose cosines the student learns, beside targets in the first one's space). Without ``bank`` the other texts
+    are the batch's (0 for a batch of fewer than three texts, where each has at most one batch mate): student cosines
+    between students, teacher cosines between teacher rows. With ``bank``, (K, student width) embeddings of other
+    texts in the student's space (their targets), each text's cosines go to the bank's rows: the student's against
+    ``bank``, the teacher's against ``teacher_bank``, the same texts in the teacher's space (default ``bank``).
+    ``exclude``, (texts, K) bool, leaves out rows that are the text itself.
 
     Matching each target alone weighs every direction of the error alike; this term weighs the error by what it does
     to the order of a text's neighbours, the order that retrieval reads.
     """
-    if student.shape != teacher.shape or student.dim() != 2:
-        raise ValueError(f"student and teacher embeddings are (texts, dim) of one shape, not {tuple(student.shape)} "
-                         f"and {tuple(teacher.shape)}")  # fmt: skip
-    if len(student) < 3:
+    if student.dim() != 2 or teacher.dim() != 2 or len(student) != len(teacher):
+        raise ValueError(f"student and teacher embeddings are (texts, dim) with one row per text, not "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")  # fmt: skip
+    if bank is None and (exclude is not None or teacher_bank is not None):
+        raise ValueError("exclude and teacher_bank name bank rows: they need a bank")
+    if bank is not None:
+        teacher_bank = bank if teacher_bank is None else teacher_bank
+        if bank.dim() != 2 or bank.shape[1] != student.shape[1]:
+            raise ValueError(f"the bank is (rows, {student.shape[1]}) embeddings, not {tuple(bank.shape)}")
+        if teacher_bank.dim() != 2 or tuple(teacher_bank.shape) != (len(bank), teacher.shape[1]):
+            raise ValueError(f"the teacher's bank is {(len(bank), teacher.shape[1])}, not {tuple(teacher_bank.shape)}")
+        if exclude is not None and tuple(exclude.shape) != (len(student), len(bank)):
+            raise ValueError(f"exclude is (texts, bank rows) = {(len(student), len(bank))}, not {tuple(exclude.shape)}")
+    elif len(student) < 3:
         return student.new_zeros((), dtype=torch.float32)
     with torch.autocast(student.device.type, enabled=False):  # in fp32 under a bf16 step too
         student = torch.nn.functional.normalize(student.float(), dim=-1)
         teacher = torch.nn.functional.normalize(teacher.float(), dim=-1)
-        itself = torch.eye(len(student), dtype=torch.bool, device=student.device)
-        # A text is not its own neighbour: a large finite logit, not -inf, so that 0 x (its log-ratio) stays 0.
-        student_log = torch.log_softmax((scale * student @ student.T).masked_fill(itself, -1e4), dim=-1)
-        teacher_log = torch.log_softmax((scale * teacher @ teacher.T).masked_fill(itself, -1e4), dim=-1)
+        if bank is None:
+            keys_student, keys_teacher = student, teacher
+            # A text is not its own neighbour.
+            exclude = torch.eye(len(student), dtype=torch.bool, device=student.device)
+        else:
+            keys_student = torch.nn.functional.normalize(bank.float(), dim=-1)
+            keys_teacher = torch.nn.functional.normalize(teacher_bank.float(), dim=-1)
+        # Left-out keys take a large finite logit, not -inf, so that 0 x (their log-ratio) stays 0.
+        student_logits, teacher_logits = scale * student @ keys_student.T, scale * teacher @ keys_teacher.T
+        if exclude is not None:
+            student_logits = student_logits.masked_fill(exclude, -1e4)
+            teacher_logits = teacher_logits.masked_fill(exclude, -1e4)
+        student_log = torch.log_softmax(student_logits, dim=-1)
+        teacher_log = torch.log_softmax(teacher_logits, dim=-1)
         return torch.nn.functional.kl_div(student_log, teacher_log, log_target=True, reduction="batchmean")
+
+
+def relation_bank(train: np.ndarray, batch: list[int], step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bank of step ``step``: ``size`` of the ``train`` texts (corpus indices) drawn at random without
+    replacement, the same draw for a step however often it is made (a resumed run draws as the first did), and
+    which of them are the batch's own texts, (len(batch), size) bool."""
+    if not 0 < size <= len(train):
+        raise ValueError(f"a relation bank holds 1 to {len(train):,} texts (the training texts), not {size}")
+    rows = train[np.random.default_rng((settings.SEED, step)).choice(len(train), size, replace=False)]
+    return torch.from_numpy(rows), torch.from_numpy(np.asarray(batch)[:, None] == rows[None, :])
 
 
 def training_autocast(device: str) -> torch.autocast:
@@ -179,6 +225,7 @@ def train_student(
         [min(len(row) + 1, settings.MAX_TRAIN_TOKENS) for row in data.ids]
     )  # the same batches for both students
     stream = batch_schedule(lengths, data.train, settings.SEED)
+    train_rows = np.asarray(data.train)  # the relation term's bank is drawn from these
     rng = random.Random(settings.SEED + 1)
     start = time.perf_counter()
     last_checkpoint = start
@@ -199,7 +246,8 @@ def train_student(
     def save() -> None:
         meta = {"step": step, "total_steps": total_steps, "seconds": seconds, "max_batch_tokens": settings.MAX_BATCH_TOKENS,
                 "target_window_weights": settings.TARGET_WINDOW_WEIGHTS, "precision": settings.TRAIN_PRECISION,
-                "relation_weight": settings.RELATION_WEIGHT, "trained_seconds": round(seconds_before + time.perf_counter() - start, 2), **(checkpoint_meta or {})}  # fmt: skip
+                "relation_weight": settings.RELATION_WEIGHT, "relation_bank": settings.RELATION_BANK,
+                "relation_teacher": settings.RELATION_TEACHER, "trained_seconds": round(seconds_before + time.perf_counter() - start, 2), **(checkpoint_meta or {})}  # fmt: skip
         save_checkpoint(checkpoint_tensors(model, optimizer), meta, checkpoint_dir)
 
     while (done := progress()) < 1.0:
@@ -219,7 +267,15 @@ def train_student(
             loss = settings.MSE_WEIGHT * loss_mse
             loss_relation = None
             if settings.RELATION_WEIGHT:
-                loss_relation = relation_loss(embeddings, labels, settings.RELATION_SCALE)
+                # the teacher's view: its targets, or a second teacher's embeddings of the same texts
+                second = data.relation_targets
+                views = labels if second is None else _move(second[batch], device)
+                bank = exclude = teacher_bank = None
+                if settings.RELATION_BANK:
+                    rows, exclude = relation_bank(train_rows, batch, step, settings.RELATION_BANK)
+                    bank, exclude = _move(data.targets[rows], device), _move(exclude, device)
+                    teacher_bank = None if second is None else _move(second[rows], device)
+                loss_relation = relation_loss(embeddings, views, settings.RELATION_SCALE, bank, exclude, teacher_bank)
                 loss = loss + settings.RELATION_WEIGHT * loss_relation
         loss.backward()
         loss_mnrl = None
