@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -336,6 +337,52 @@ def test_do_lower_case_makes_the_embedding_blind_to_case_and_is_saved(tokenizer_
     loaded = SentenceTransformer(str(tmp_path / "m"), trust_remote_code=True, device="cpu")
     assert encoder_of(loaded).do_lower_case
     np.testing.assert_array_equal(loaded.encode(texts), embeddings)
+
+
+def test_token_ids_equal_the_tokenizers_own_call(tokenizer_dir):
+    """The encoder's direct call of the fast tokenizer gives the ids that transformers' call gives, cut alike; with
+    truncation set on the tokenizer itself (transformers leaves it set after a truncating call), the encoder goes
+    through transformers' call, which resets it."""
+    import copy
+
+    encoder = encoder_of(st_mamba.from_config(tiny_config(1), tokenizer_dir, seed=0, device="cpu"))
+    backend = encoder.tokenizer._tokenizer
+    assert encoder.tokenizer.is_fast and backend.truncation is None and backend.padding is None  # the direct call
+    texts = random_texts(40, seed=8, max_words=60) + ["", " ", "naïve café, 東京\n\tx", "a" * 300]
+    for limit in (None, 1, 7, 40):
+        reference = copy.deepcopy(encoder.tokenizer)(
+            texts, add_special_tokens=False, truncation=limit is not None, max_length=limit
+        )["input_ids"]
+        assert encoder._token_ids(texts, limit) == reference
+    assert encoder._token_ids(texts, 0) == [[] for _ in texts]
+    full = encoder._token_ids(texts, None)
+    backend.enable_truncation(3)
+    assert encoder._token_ids(texts, None) == full and backend.truncation is None
+
+
+def _fold_whitespace_reference(text: str) -> str:
+    """The rule written plainly: strip, then each run of whitespace as a line break if it holds one, else a space."""
+    breaks = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+    return re.sub(r"\s+", lambda run: "\n" if any(c in breaks for c in run[0]) else " ", text.strip())
+
+
+def test_whitespace_folds_as_the_plain_rule_on_random_texts():
+    """``module._fold_whitespace`` (linear, no call per run) against the plain rule, on random texts drawn from
+    letters and every whitespace character there is (line breaks among them), runs of any length."""
+    from st_mamba.module import _fold_whitespace
+
+    spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
+    assert len(spaces) == 29 and set(re.findall(r"\s", "".join(map(chr, range(0x110000))))) == set(spaces)
+    rng = np.random.default_rng(11)
+    for _ in range(3000):
+        pieces = []
+        for _ in range(rng.integers(0, 12)):
+            pool = spaces if rng.random() < 0.5 else list("ab\u00e9Z.")
+            pieces += rng.choice(pool, size=rng.integers(1, 6)).tolist()
+        text = "".join(pieces)
+        assert _fold_whitespace(text) == _fold_whitespace_reference(text), repr(text)
+    long_run = "a" + " \t" * 200_000 + "\r\n" + " " * 200_000 + "b"  # linear time: no backtracking over runs
+    assert _fold_whitespace(long_run) == "a\nb"
 
 
 def test_normalize_whitespace_and_add_prefix_space_are_applied_and_saved(tokenizer_dir, tmp_path):
