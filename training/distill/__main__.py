@@ -53,15 +53,10 @@ def _student_and_teacher(args: argparse.Namespace) -> tuple[SentenceTransformer,
     return student, SentenceTransformer(str(args.teacher or default_teacher()), device="cpu").float()
 
 
-# Recipe settings a command may set: (argument, its key in a checkpoint's metadata, what a checkpoint without the key
-# trained with (None: the current default), the ``settings`` name). A resumed run takes the checkpoint's unless given.
-RECIPE_ARGUMENTS = (
-    ("batch_tokens", "max_batch_tokens", None, "MAX_BATCH_TOKENS"),
-    ("window_weights", "target_window_weights", "equal", "TARGET_WINDOW_WEIGHTS"),
-    ("precision", "precision", "fp32", "TRAIN_PRECISION"),
-    ("relation_weight", "relation_weight", 0.0, "RELATION_WEIGHT"),
-    ("relation_bank", "relation_bank", 0, "RELATION_BANK"),
-    ("relation_teacher", "relation_teacher", None, "RELATION_TEACHER"),
+# The command-line argument of each of ``settings.CHECKPOINT_RECIPE``'s settings, by its metadata key.
+RECIPE_ARGUMENT = {"max_batch_tokens": "batch_tokens", "target_window_weights": "window_weights"}
+RECIPE_ARGUMENTS = tuple(
+    (RECIPE_ARGUMENT.get(key, key), key, absent, name) for key, name, absent in settings.CHECKPOINT_RECIPE
 )
 
 

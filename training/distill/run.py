@@ -78,11 +78,9 @@ def prepare_training(work: Path, output: Path, run_settings: dict, reading: dict
     torch.backends.cudnn.allow_tf32 = True
     output.mkdir(parents=True, exist_ok=True)
     results: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-                     "settings": {**run_settings, "transformer": settings.TRANSFORMER, "max_batch_tokens": settings.MAX_BATCH_TOKENS,
-                                  "target_window_weights": settings.TARGET_WINDOW_WEIGHTS, "precision": settings.TRAIN_PRECISION,
-                                  "relation_weight": settings.RELATION_WEIGHT, "relation_scale": settings.RELATION_SCALE,
-                                  "relation_bank": settings.RELATION_BANK,
-                                  "mse_weight": settings.MSE_WEIGHT, "mnrl": [settings.MNRL_EVERY, settings.MNRL_BATCH, settings.MNRL_WEIGHT]},
+                     "settings": {**run_settings, "transformer": settings.TRANSFORMER,
+                                  **{key: getattr(settings, name) for key, name, _ in settings.CHECKPOINT_RECIPE},
+                                  "relation_scale": settings.RELATION_SCALE, "mse_weight": settings.MSE_WEIGHT, "mnrl": [settings.MNRL_EVERY, settings.MNRL_BATCH, settings.MNRL_WEIGHT]},
                      "log": [], "timings": {}}  # fmt: skip
 
     # 2. Data: the corpus, a held-out set, GPT-NeoX ids

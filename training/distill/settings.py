@@ -113,6 +113,16 @@ MNRL_EVERY, MNRL_BATCH, MNRL_WEIGHT = 4, 32, 0.1
 # side of the term from a second teacher's embeddings of the texts (all-mpnet-base-v2: `python -m training.distill
 # relation-teacher`), while the MSE still matches the first teacher's targets; None: the targets' own cosines.
 RELATION_WEIGHT, RELATION_SCALE, RELATION_BANK, RELATION_TEACHER = 0.0, 20.0, 0, None
+# The recipe settings a checkpoint records and a resumed run takes from it unless told otherwise: its metadata key,
+# the setting's name here, and what a checkpoint without the key trained with (None: the current default).
+CHECKPOINT_RECIPE = (
+    ("max_batch_tokens", "MAX_BATCH_TOKENS", None),
+    ("target_window_weights", "TARGET_WINDOW_WEIGHTS", "equal"),
+    ("precision", "TRAIN_PRECISION", "fp32"),
+    ("relation_weight", "RELATION_WEIGHT", 0.0),
+    ("relation_bank", "RELATION_BANK", 0),
+    ("relation_teacher", "RELATION_TEACHER", None),
+)
 MNRL_MAX_TOKENS = 512  # abstracts are cut here in the MNRL batches
 HELD_OUT = 2000  # texts kept out of training, to measure how close students come to the teacher
 SHARD_BYTES = 16 * 2**20  # most bytes in one checkpoint file...

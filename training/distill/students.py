@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +13,7 @@ from sentence_transformers.base.modules import Dense, Module, Normalize
 import st_mamba
 from training.distill import settings
 from training.distill.data import token_counts
+from training.distill.prepare import sha256_of
 
 if TYPE_CHECKING:
     from training.distill.train import TrainData
@@ -286,7 +286,7 @@ def start_from_model(model: SentenceTransformer, folder: Path, variant: dict) ->
         shown = {key: getattr(encoder.config, key) for key in mismatched}
         raise SystemExit(f"{folder} is not this student: its {shown or 'modules'} differ from {variant['config']}")
     model.load_state_dict(saved.state_dict(), strict=True)  # fp16 weights copied into the fp32 student
-    return {"path": folder.name, "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    return {"path": folder.name, "sha256": sha256_of(weights),
             "training": model_card_section(folder, "Training")}  # fmt: skip
 
 

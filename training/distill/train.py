@@ -244,10 +244,9 @@ def train_student(
         return step / total_steps
 
     def save() -> None:
-        meta = {"step": step, "total_steps": total_steps, "seconds": seconds, "max_batch_tokens": settings.MAX_BATCH_TOKENS,
-                "target_window_weights": settings.TARGET_WINDOW_WEIGHTS, "precision": settings.TRAIN_PRECISION,
-                "relation_weight": settings.RELATION_WEIGHT, "relation_bank": settings.RELATION_BANK,
-                "relation_teacher": settings.RELATION_TEACHER, "trained_seconds": round(seconds_before + time.perf_counter() - start, 2), **(checkpoint_meta or {})}  # fmt: skip
+        meta = {"step": step, "total_steps": total_steps, "seconds": seconds,
+                **{key: getattr(settings, name) for key, name, _ in settings.CHECKPOINT_RECIPE},
+                "trained_seconds": round(seconds_before + time.perf_counter() - start, 2), **(checkpoint_meta or {})}  # fmt: skip
         save_checkpoint(checkpoint_tensors(model, optimizer), meta, checkpoint_dir)
 
     while (done := progress()) < 1.0:
