@@ -268,17 +268,25 @@ def test_an_unknown_precision_is_refused(tokenizer_dir, monkeypatch):
         train.train_student(model, "mamba", data, "cpu", 1, 60.0, [])
 
 
-def _relation_reference(student: torch.Tensor, teacher: torch.Tensor, scale: float) -> torch.Tensor:
-    """The KL divergence of ``train.relation_loss`` written out text by text in fp64, over the other texts only."""
-    student = torch.nn.functional.normalize(student.double(), dim=-1)
-    teacher = torch.nn.functional.normalize(teacher.double(), dim=-1)
+def _bank_reference(student, teacher, bank, teacher_bank, exclude, scale):
+    """``train.relation_loss`` written out text by text in fp64: each text against the rows of ``bank`` (the
+    student's side) and ``teacher_bank`` (the teacher's) that ``exclude`` keeps."""
+    student, teacher, bank, teacher_bank = (
+        torch.nn.functional.normalize(x.double(), dim=-1) for x in (student, teacher, bank, teacher_bank)
+    )
     total = student.new_zeros(())
     for i in range(len(student)):
-        others = [j for j in range(len(student)) if j != i]
-        p = torch.softmax(scale * teacher[others] @ teacher[i], dim=0)
-        q = torch.softmax(scale * student[others] @ student[i], dim=0)
+        keep = ~exclude[i]
+        p = torch.softmax(scale * teacher_bank[keep] @ teacher[i], dim=0)
+        q = torch.softmax(scale * bank[keep] @ student[i], dim=0)
         total = total + (p * (p.log() - q.log())).sum()
     return total / len(student)
+
+
+def _relation_reference(student: torch.Tensor, teacher: torch.Tensor, scale: float) -> torch.Tensor:
+    """The batch form: each text against the batch's other texts, students' against students, teacher's against
+    teacher's."""
+    return _bank_reference(student, teacher, student, teacher, torch.eye(len(student), dtype=torch.bool), scale)
 
 
 @pytest.mark.parametrize("texts", [3, 7, 64])
@@ -324,20 +332,6 @@ def test_the_relation_loss_takes_a_teacher_of_another_width():
     assert float(loss.detach()) == pytest.approx(float(_relation_reference(student.detach(), teacher, 20.0)), rel=1e-4)
     loss.backward()
     assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
-
-
-def _bank_reference(student, teacher, bank, teacher_bank, exclude, scale):
-    """The bank form of ``train.relation_loss`` text by text in fp64: each text against the bank rows it keeps."""
-    student, teacher, bank, teacher_bank = (
-        torch.nn.functional.normalize(x.double(), dim=-1) for x in (student, teacher, bank, teacher_bank)
-    )
-    total = student.new_zeros(())
-    for i in range(len(student)):
-        keep = ~exclude[i]
-        p = torch.softmax(scale * teacher_bank[keep] @ teacher[i], dim=0)
-        q = torch.softmax(scale * bank[keep] @ student[i], dim=0)
-        total = total + (p * (p.log() - q.log())).sum()
-    return total / len(student)
 
 
 @pytest.mark.parametrize("texts, rows, teacher_width", [(1, 5, 384), (2, 64, 384), (9, 300, 384), (4, 50, 768)])
